@@ -1,0 +1,76 @@
+"""Sampling parameters, their validation, and the per-row sampler used by the engine's decode loop.
+
+Logprobs are always those of the *unmodified* model distribution (log_softmax of the raw logits), as in
+OpenAI's API and vLLM's default. The trainer computes the same quantity, so the sampler-vs-trainer drift
+diagnostic compares like with like whatever temperature the rollout used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class SamplingError(ValueError):
+    """Invalid sampling parameters; the message says which and what range is allowed."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int | None = None  # None: up to the context limit, capped by the engine's default
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    n: int = 1
+    top_logprobs: int = 0  # OpenAI's top_logprobs (0..20); the sampled token's logprob is always returned
+
+    def validate(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise SamplingError(f"max_tokens must be >= 1, got {self.max_tokens}.")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise SamplingError(f"temperature must be in [0, 2], got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 1 <= self.n <= 64:
+            raise SamplingError(f"n must be in [1, 64], got {self.n}.")
+        if not 0 <= self.top_logprobs <= 20:
+            raise SamplingError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}.")
+        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise SamplingError("stop must be at most 4 non-empty strings.")
+
+
+def sample_next(
+    logits_BV: torch.Tensor,
+    temperature_B: torch.Tensor,
+    top_p_B: torch.Tensor,
+    generators: list[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row. Returns (token ids (B,), raw-model logprobs of those tokens (B,))."""
+    logprobs_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+    greedy_B = temperature_B <= 0
+    tokens_B = logprobs_BV.argmax(dim=-1)
+    if not bool(greedy_B.all()):
+        scaled_BV = logprobs_BV / temperature_B.clamp_min(1e-5).unsqueeze(1)
+        probs_BV = torch.softmax(scaled_BV, dim=-1)
+        if bool((top_p_B < 1.0).any()):
+            probs_BV = _top_p_filter(probs_BV, top_p_B)
+        if all(g is None for g in generators):
+            sampled_B = torch.multinomial(probs_BV, 1).squeeze(1)
+        else:
+            sampled_B = torch.stack(
+                [torch.multinomial(probs_BV[i], 1, generator=g).squeeze(0) for i, g in enumerate(generators)]
+            )
+        tokens_B = torch.where(greedy_B, tokens_B, sampled_B)
+    return tokens_B, logprobs_BV.gather(1, tokens_B.unsqueeze(1)).squeeze(1)
+
+
+def _top_p_filter(probs_BV: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
+    sorted_BV, idx_BV = probs_BV.sort(dim=-1, descending=True)
+    cum_BV = sorted_BV.cumsum(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    drop_BV = (cum_BV - sorted_BV) >= top_p_B.unsqueeze(1)
+    sorted_BV = sorted_BV.masked_fill(drop_BV, 0.0)
+    out_BV = torch.zeros_like(probs_BV).scatter(1, idx_BV, sorted_BV)
+    return out_BV / out_BV.sum(dim=-1, keepdim=True)

@@ -1,0 +1,433 @@
+"""A continuous-batching inference engine on plain torch + transformers (CPU or CUDA).
+
+One background thread owns the model. Requests queue up; between decode steps the loop admits every
+waiting request that uses the running batch's adapter, prefills them (identical prompts once: the 8
+rollouts of a GRPO group share one prefill), left-pads them into the running KV cache and decodes all rows
+together. Finished rows leave the batch at once, and columns that no row needs any more are cropped.
+
+Rows in one batch share one LoRA adapter (peft's active adapter); a request for another adapter waits until
+the rows ahead of it drain, so FIFO order is kept. Adapters are loaded and removed by name without a
+restart; those commands run on the engine thread between steps, so a swap never tears a running batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
+
+log = logging.getLogger(__name__)
+
+TokenCallback = Callable[[int, str], None]  # (choice index, text delta), called on the engine thread
+
+
+class ContextLengthError(ValueError):
+    """The prompt (plus max_tokens) does not fit the model's context."""
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "length"]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new: int
+    adapter: str | None
+    future: concurrent.futures.Future[list[Completion]]
+    on_token: TokenCallback | None
+    results: list[Completion | None]
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Row:
+    req: _Request
+    index: int
+    generator: torch.Generator | None
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish: Literal["stop", "length"] | None = None
+
+
+class TorchEngine:
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        dtype: str = "bfloat16",
+        device: str | None = None,
+        max_batch_size: int = 32,
+        max_context: int | None = None,
+        default_max_tokens: int = 1024,
+    ) -> None:
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        self.model: Any = model.to(self.device).eval()
+        cfg_len = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.context_len = min(max_context or cfg_len, cfg_len)
+        self.max_batch_size = max_batch_size
+        self.default_max_tokens = default_max_tokens
+        self.stop_token_ids = self._stop_token_ids(model)
+        self._adapters: dict[str, str] = {}  # adapter name -> path
+        self._pending: deque[_Request] = deque()
+        self._commands: deque[tuple[Callable[[], None], concurrent.futures.Future[None]]] = deque()
+        self._cv = threading.Condition()
+        self._rows: list[_Row] = []
+        self._batch_adapter: str | None = None
+        self._cache: DynamicCache | None = None
+        self._attn: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token
+        self._last: torch.Tensor | None = None  # (B,) token to feed at the next decode step
+        self._closed = False
+        self.stats = {"decode_steps": 0, "prefill_rows": 0, "prefill_prompts": 0, "generated_tokens": 0}
+        self._thread = threading.Thread(target=self._loop, name="advantage-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- public API
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> concurrent.futures.Future[list[Completion]]:
+        params.validate()
+        max_new = self.check_fits(len(prompt_ids), params.max_tokens)
+        if adapter is not None and adapter not in self._adapters:
+            raise KeyError(f"adapter {adapter!r} is not loaded")
+        fut: concurrent.futures.Future[list[Completion]] = concurrent.futures.Future()
+        req = _Request(list(prompt_ids), params, max_new, adapter, fut, on_token, [None] * params.n)
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._pending.append(req)
+            self._cv.notify()
+        return fut
+
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> list[Completion]:
+        return await asyncio.wrap_future(self.submit(prompt_ids, params, adapter, on_token))
+
+    def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
+        """Return the number of new tokens allowed, or raise ContextLengthError saying what to change."""
+        room = self.context_len - prompt_len
+        if room < 1:
+            raise ContextLengthError(
+                f"The prompt has {prompt_len} tokens but the model's context is {self.context_len}; "
+                "shorten the messages."
+            )
+        if max_tokens is None:
+            return min(room, self.default_max_tokens)
+        if max_tokens > room:
+            raise ContextLengthError(
+                f"The prompt has {prompt_len} tokens and max_tokens is {max_tokens}, which exceeds the "
+                f"model's context of {self.context_len}; lower max_tokens to at most {room} or shorten the prompt."
+            )
+        return max_tokens
+
+    def load_adapter(self, name: str, path: str | Path) -> None:
+        """Load (or replace) a LoRA adapter by name; requests may use it as soon as this returns."""
+        self._run_on_engine(lambda: self._load_adapter(name, str(path)))
+
+    def remove_adapter(self, name: str) -> None:
+        self._run_on_engine(lambda: self._remove_adapter(name))
+
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # ---------------------------------------------------------------- engine thread
+    def _run_on_engine(self, fn: Callable[[], None]) -> None:
+        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._cv:
+            self._commands.append((fn, fut))
+            self._cv.notify()
+        fut.result()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._pending or self._rows or self._commands or self._closed):
+                    self._cv.wait()
+                if self._closed:
+                    self._fail_all(RuntimeError("engine closed"))
+                    return
+            try:
+                self._run_commands()
+                batch = self._take_admissible()
+                with torch.inference_mode(), self._adapter_context():
+                    if batch:
+                        self._prefill(batch)
+                    if self._rows:
+                        self._decode_step()
+            except Exception as exc:  # a failed forward fails its rows, never the engine
+                log.exception("engine step failed")
+                self._fail_rows(exc)
+
+    def _run_commands(self) -> None:
+        while self._commands:
+            with self._cv:
+                fn, fut = self._commands.popleft()
+            try:
+                fn()
+                fut.set_result(None)
+            except Exception as exc:
+                fut.set_exception(exc)
+
+    @contextlib.contextmanager
+    def _adapter_context(self):  # type: ignore[no-untyped-def]
+        if self._batch_adapter is None and self._adapters:
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+    def _load_adapter(self, name: str, path: str) -> None:
+        from peft import PeftModel
+
+        if name in self._adapters:
+            self._remove_adapter(name)
+        if not self._adapters and not isinstance(self.model, PeftModel):
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+        else:
+            self.model.load_adapter(path, adapter_name=name)
+        self._adapters[name] = path
+        if self._batch_adapter is not None:
+            self.model.set_adapter(self._batch_adapter)
+
+    def _remove_adapter(self, name: str) -> None:
+        if name not in self._adapters:
+            return
+        if self._rows and self._batch_adapter == name:
+            raise RuntimeError(f"adapter {name!r} is serving requests; retry when they finish")
+        if name in self.model.peft_config and len(self.model.peft_config) > 1:
+            if self.model.active_adapter == name:
+                self.model.set_adapter(next(a for a in self._adapters if a != name))
+            self.model.delete_adapter(name)
+        # The last adapter stays in peft (deleting it is not allowed) but is no longer served.
+        del self._adapters[name]
+
+    def _take_admissible(self) -> list[_Request]:
+        """Pop the waiting requests that can join the running batch (same adapter, room left, FIFO)."""
+        with self._cv:
+            if not self._rows and self._pending:
+                self._batch_adapter = self._pending[0].adapter
+                if self._batch_adapter is not None:
+                    self.model.set_adapter(self._batch_adapter)
+            batch: list[_Request] = []
+            n_rows = len(self._rows)
+            while self._pending and self._pending[0].adapter == self._batch_adapter:
+                req = self._pending[0]
+                if n_rows + req.params.n > self.max_batch_size and (n_rows or batch):
+                    break
+                self._pending.popleft()
+                if req.future.set_running_or_notify_cancel():
+                    batch.append(req)
+                    n_rows += req.params.n
+        return batch
+
+    def _prefill(self, batch: list[_Request]) -> None:
+        prompts: dict[tuple[int, ...], int] = {}
+        rows: list[_Row] = []
+        src: list[int] = []
+        for req in batch:
+            key = tuple(req.prompt_ids)
+            u = prompts.setdefault(key, len(prompts))
+            for i in range(req.params.n):
+                gen = None
+                if req.params.seed is not None:
+                    gen = torch.Generator().manual_seed(req.params.seed + i)
+                rows.append(_Row(req, i, gen))
+                src.append(u)
+        unique = list(prompts)
+        width = max(len(p) for p in unique)
+        ids_UP = torch.full((len(unique), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attn_UP = torch.zeros((len(unique), width), dtype=torch.long)
+        for u, p in enumerate(unique):  # left padding
+            ids_UP[u, width - len(p) :] = torch.tensor(p)
+            attn_UP[u, width - len(p) :] = 1
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids_UP.to(self.device),
+            attention_mask=attn_UP.to(self.device),
+            position_ids=(attn_UP.cumsum(-1) - 1).clamp_min(0).to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        src_t = torch.tensor(src, device=self.device)
+        cache.batch_select_indices(src_t)
+        attn_RP = attn_UP.to(self.device)[src_t]
+        logits_RV = out.logits[:, -1, :][src_t]
+        self.stats["prefill_prompts"] += len(unique)
+        self.stats["prefill_rows"] += len(rows)
+        self._merge(cache, attn_RP)
+        self._rows.extend(rows)
+        first = len(self._rows) - len(rows)
+        self._sample_and_advance(logits_RV, range(first, len(self._rows)))
+
+    def _merge(self, cache: DynamicCache, attn_RP: torch.Tensor) -> None:
+        """Append freshly prefilled rows to the running batch, left-padding whichever side is shorter."""
+        if self._cache is None or self._attn is None or not self._rows:
+            self._cache, self._attn = cache, attn_RP
+            self._last = torch.zeros(attn_RP.shape[0], dtype=torch.long, device=self.device)
+            return
+        old_len, new_len = self._attn.shape[1], attn_RP.shape[1]
+        width = max(old_len, new_len)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
+            for attr in ("keys", "values"):
+                a = _left_pad(getattr(old_layer, attr), width - old_len, dim=-2)
+                b = _left_pad(getattr(new_layer, attr), width - new_len, dim=-2)
+                setattr(old_layer, attr, torch.cat([a, b], dim=0))
+        self._attn = torch.cat(
+            [_left_pad(self._attn, width - old_len, dim=1), _left_pad(attn_RP, width - new_len, dim=1)], dim=0
+        )
+        assert self._last is not None
+        self._last = torch.cat([self._last, torch.zeros(attn_RP.shape[0], dtype=torch.long, device=self.device)])
+
+    def _decode_step(self) -> None:
+        assert self._cache is not None and self._attn is not None and self._last is not None
+        pos_B1 = self._attn.sum(-1, keepdim=True)  # real tokens so far = position of the fed token
+        self._attn = torch.cat([self._attn, torch.ones_like(self._attn[:, :1])], dim=1)
+        out = self.model(
+            input_ids=self._last.unsqueeze(1),
+            attention_mask=self._attn,
+            position_ids=pos_B1,
+            past_key_values=self._cache,
+            use_cache=True,
+        )
+        self.stats["decode_steps"] += 1
+        self._sample_and_advance(out.logits[:, -1, :], range(len(self._rows)))
+
+    def _sample_and_advance(self, logits_RV: torch.Tensor, row_ids: range) -> None:
+        rows = [self._rows[i] for i in row_ids]
+        temp = torch.tensor([r.req.params.temperature for r in rows], device=logits_RV.device)
+        top_p = torch.tensor([r.req.params.top_p for r in rows], device=logits_RV.device)
+        tokens_R, lp_R = sample_next(logits_RV, temp, top_p, [r.generator for r in rows])
+        k = max(r.req.params.top_logprobs for r in rows)
+        top_vals = top_idx = None
+        if k:
+            top_vals, top_idx = torch.log_softmax(logits_RV.float(), -1).topk(k, dim=-1)
+        assert self._last is not None
+        self._last[row_ids.start : row_ids.stop] = tokens_R
+        for j, row in enumerate(rows):
+            self._advance_row(row, int(tokens_R[j]), float(lp_R[j]))
+            if row.req.params.top_logprobs and top_vals is not None and top_idx is not None:
+                n = row.req.params.top_logprobs
+                row.top.append(list(zip(top_idx[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True)))
+        self.stats["generated_tokens"] += len(rows)
+        self._retire_finished()
+
+    def _advance_row(self, row: _Row, token: int, logprob: float) -> None:
+        row.ids.append(token)
+        row.logprobs.append(logprob)
+        stops = row.req.params.stop
+        if token in self.stop_token_ids:
+            row.finish = "stop"
+        else:
+            row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+            hits = [row.text.find(s) for s in stops if s in row.text]
+            if hits:
+                row.text = row.text[: min(hits)]
+                row.finish = "stop"
+            elif len(row.ids) >= row.req.max_new:
+                row.finish = "length"
+        if row.req.on_token is not None:
+            hold = 0 if row.finish else max((len(s) - 1 for s in stops), default=0)
+            end = len(row.text) - hold
+            if not row.finish and row.text.endswith("\ufffd"):
+                end = min(end, len(row.text) - 1)
+            if end > row.emitted:
+                row.req.on_token(row.index, row.text[row.emitted : end])
+                row.emitted = end
+
+    def _retire_finished(self) -> None:
+        keep = [i for i, r in enumerate(self._rows) if r.finish is None]
+        if len(keep) == len(self._rows):
+            return
+        for r in self._rows:
+            if r.finish is not None:
+                r.req.results[r.index] = Completion(r.ids, r.logprobs, r.text, r.finish, r.top)
+                if all(c is not None for c in r.req.results) and not r.req.future.done():
+                    r.req.future.set_result([c for c in r.req.results if c is not None])
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
+            self._cache = self._attn = self._last = None
+            return
+        assert self._cache is not None and self._attn is not None and self._last is not None
+        idx = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(idx)
+        self._attn, self._last = self._attn[idx], self._last[idx]
+        first_used = int(self._attn.any(dim=0).nonzero()[0])
+        if first_used:  # columns no remaining row attends to
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[..., first_used:, :]
+                layer.values = layer.values[..., first_used:, :]
+            self._attn = self._attn[:, first_used:]
+
+    def _fail_rows(self, exc: Exception) -> None:
+        for r in self._rows:
+            if not r.req.future.done():
+                r.req.future.set_exception(exc)
+        self._rows, self._cache, self._attn, self._last = [], None, None, None
+
+    def _fail_all(self, exc: Exception) -> None:
+        self._fail_rows(exc)
+        while self._pending:
+            req = self._pending.popleft()
+            if not req.future.done():
+                req.future.set_exception(exc)
+
+    def _stop_token_ids(self, model: Any) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(model.generation_config, "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(tok)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                ids.add(tid)
+        return {i for i in ids if i is not None}
+
+
+def _left_pad(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    if k == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = k
+    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+
+__all__ = ["Completion", "ContextLengthError", "SamplingError", "SamplingParams", "TorchEngine"]

@@ -1,0 +1,166 @@
+"""`POST /v1/chat/completions`: render the request, run it on the engine, answer in OpenAI's shape.
+
+Besides the standard fields, every choice carries extension fields that the official SDK keeps in
+`choice.model_extra`: `token_ids` (the exact sampled ids), `token_logprobs` (their logprobs under the
+unmodified model distribution), `prompt_token_ids`, and `weights` ({"model", "step"}), which say which
+weights produced it. Training uses these ids; it never re-tokenizes the model's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from advantage.engine.chat import parse_assistant_output, render_prompt, validate_messages
+from advantage.engine.sampling import SamplingError, SamplingParams
+from advantage.engine.torch_engine import Completion, ContextLengthError
+from advantage.server.schemas import APIError, ChatCompletionRequest
+from advantage.service import Service, UnknownServedModel, Weights
+
+
+class PreparedRequest:
+    def __init__(self, req: ChatCompletionRequest, weights: Weights, prompt_ids: list[int], params: SamplingParams):
+        self.req, self.weights, self.prompt_ids, self.params = req, weights, prompt_ids, params
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.tools_enabled = bool(req.tools) and req.tool_choice != "none"
+
+
+def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
+    """Validate everything up front so that a bad request is a 4xx before any compute is spent."""
+    try:
+        weights = service.resolve(req.model)
+    except UnknownServedModel as exc:
+        raise APIError(404, str(exc.args[0]), "not_found_error", "model", "model_not_found") from None
+    try:
+        validate_messages(req.messages)
+        prompt = render_prompt(weights.engine.tokenizer, req.messages, req.tools, req.tool_choice)
+    except (ValueError, TypeError) as exc:
+        raise APIError(400, str(exc), param="messages") from None
+    prompt_ids = weights.engine.tokenizer.encode(prompt, add_special_tokens=False)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
+    params = SamplingParams(
+        max_tokens=req.max_completion_tokens or req.max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        stop=stop,
+        seed=req.seed,
+        n=req.n,
+        top_logprobs=req.top_logprobs or 0,
+    )
+    try:
+        params.validate()
+        weights.engine.check_fits(len(prompt_ids), params.max_tokens)
+    except SamplingError as exc:
+        raise APIError(400, str(exc)) from None
+    except ContextLengthError as exc:
+        raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
+    return PreparedRequest(req, weights, prompt_ids, params)
+
+
+async def complete(p: PreparedRequest) -> dict[str, Any]:
+    outs = await p.weights.engine.generate(p.prompt_ids, p.params, p.weights.adapter)
+    choices = [_choice(p, i, c) for i, c in enumerate(outs)]
+    n_out = sum(len(c.token_ids) for c in outs)
+    return {
+        "id": p.id,
+        "object": "chat.completion",
+        "created": p.created,
+        "model": p.req.model,
+        "choices": choices,
+        "usage": _usage(len(p.prompt_ids), n_out),
+        "weights": p.weights.info(),
+        "prompt_token_ids": p.prompt_ids,
+    }
+
+
+def _choice(p: PreparedRequest, index: int, c: Completion) -> dict[str, Any]:
+    parsed = parse_assistant_output(c.text, p.tools_enabled)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    finish = c.finish_reason
+    if parsed.tool_calls:
+        message["tool_calls"] = parsed.tool_calls
+        if finish == "stop":
+            finish = "tool_calls"
+    return {
+        "index": index,
+        "message": message,
+        "finish_reason": finish,
+        "logprobs": _logprobs(p, c) if p.req.logprobs else None,
+        **_extensions(p, c),
+    }
+
+
+def _extensions(p: PreparedRequest, c: Completion) -> dict[str, Any]:
+    return {
+        "token_ids": c.token_ids,
+        "token_logprobs": c.logprobs,
+        "prompt_token_ids": p.prompt_ids,
+        "weights": p.weights.info(),
+    }
+
+
+def _logprobs(p: PreparedRequest, c: Completion) -> dict[str, Any]:
+    tok = p.weights.engine.tokenizer
+
+    def entry(tid: int, lp: float) -> dict[str, Any]:
+        s = tok.decode([tid])
+        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+
+    content = []
+    for i, (tid, lp) in enumerate(zip(c.token_ids, c.logprobs, strict=True)):
+        e = entry(tid, lp)
+        e["top_logprobs"] = [entry(t, v) for t, v in c.top_logprobs[i]] if c.top_logprobs else []
+        content.append(e)
+    return {"content": content, "refusal": None}
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def stream(p: PreparedRequest) -> AsyncIterator[str]:
+    """SSE chunks. Content streams token by token; with tools, the reply is parsed whole and then sent, so
+    a half-written `<tool_call>` never reaches the client as content."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
+    def on_token(index: int, delta: str) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, (index, delta))
+
+    base = {"id": p.id, "object": "chat.completion.chunk", "created": p.created, "model": p.req.model}
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(p.params.n)])
+    task = asyncio.ensure_future(
+        p.weights.engine.generate(p.prompt_ids, p.params, p.weights.adapter, None if p.tools_enabled else on_token)
+    )
+    while not task.done() or not queue.empty():
+        getter = asyncio.ensure_future(queue.get())
+        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            index, delta = getter.result()
+            yield chunk([{"index": index, "delta": {"content": delta}, "finish_reason": None}])
+        else:
+            getter.cancel()
+    outs = task.result()
+    for i, c in enumerate(outs):
+        full = _choice(p, i, c)
+        delta: dict[str, Any] = {}
+        if p.tools_enabled:
+            delta["content"] = full["message"]["content"]
+            if "tool_calls" in full["message"]:
+                delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(full["message"]["tool_calls"])]
+        yield chunk([{"index": i, "delta": delta, "finish_reason": full["finish_reason"],
+                      "logprobs": full["logprobs"], **_extensions(p, c)}])
+    if p.req.stream_options and p.req.stream_options.include_usage:
+        yield chunk([], usage=_usage(len(p.prompt_ids), sum(len(c.token_ids) for c in outs)))
+    yield "data: [DONE]\n\n"

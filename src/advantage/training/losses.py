@@ -1,0 +1,226 @@
+"""Policy-gradient losses as pure functions of per-token logprobs.
+
+Every loss has the signature `(logp, old_logp, adv, mask, cfg, ref_logp=None) -> (loss, metrics)`:
+`logp` (B, T) are the trainer's logprobs of the sampled tokens (with grad), `old_logp` (B, T) the sampler's
+recorded logprobs, `adv` (B,) one advantage per sequence, `mask` (B, T) 1.0 on trained tokens. B is the
+number of sequences and T the number of token positions; shapes are written as `# (B, T)` comments.
+`LOSSES` maps names to these functions; `get_loss(name)` picks one.
+
+How this departs from the GRPO paper (DeepSeekMath: PPO-clip with ε = 0.2, per-sequence mean then mean,
+a k3 KL penalty to the reference model with β = 0.04, std-scaled group advantages):
+
+- **Default loss is CISPO** (MiniMax-M1, ScaleRL's and later ART's default), not PPO-clip. PPO's clip
+  zeroes the gradient of a token whose ratio left the trust region, which silences exactly the rare
+  "fork" tokens that matter; CISPO instead clips the *importance weight* sg(clip(ρ, 0, ε_max)) and keeps a
+  gradient on every token. PPO/GRPO, GSPO and plain importance sampling are available by name.
+- **Clip-higher**: PPO and GSPO clip ρ to [1 − ε, 1 + ε_high] with ε = 0.2 and ε_high = 0.28 (DAPO), so
+  a token whose probability is rising gets more room than one that is falling, which slows entropy
+  collapse. Set ε_high = ε for the paper's symmetric clip. GSPO's paper uses much smaller ranges (~3e-4,
+  4e-4) because its ratio is a per-token geometric mean; set them in the config when using it.
+- **Aggregation is a choice** (`LossConfig.agg`): "seq_mean" (the paper: mean over each sequence's tokens,
+  then over sequences), "token_mean" (DAPO: Σℓ / Σtokens; the default, as in CISPO's own formulation, so
+  a long answer's tokens are not down-weighted), or "dr_grpo" (Σℓ / (B·L_max), a constant normaliser).
+- **KL is off by default** (β = 0). When β > 0 it is the k3 estimator exp(ref − logp) − (ref − logp) − 1
+  against the base model (the adapter disabled), aggregated like the policy term and added times β.
+- **The ratio is against the sampler's logprobs**, not a trainer recompute, so it also corrects for the
+  sampler/trainer mismatch (different kernels, quantisation).
+- **Zero-variance groups are skipped upstream** (see `advantages.py`): their advantage is zero, so they
+  would add no gradient here, only tokens to the denominators.
+
+Masked positions never matter: their log-ratio and logprob are replaced by 0 before use, so any value
+there, even -inf, changes neither the loss nor the gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+from torch import Tensor
+
+Agg = Literal["seq_mean", "token_mean", "dr_grpo"]
+AGGS: tuple[Agg, ...] = ("seq_mean", "token_mean", "dr_grpo")
+DEFAULT_LOSS = "cispo"
+
+
+@dataclass
+class LossConfig:
+    eps: float = 0.2
+    """Lower clip range for PPO/GSPO: ρ is clipped below at 1 − eps."""
+    eps_high: float = 0.28
+    """Upper clip range for PPO/GSPO: ρ is clipped above at 1 + eps_high (DAPO's clip-higher)."""
+    cispo_eps_max: float = 4.0
+    """CISPO's cap on the importance weight: sg(clip(ρ, 0, cispo_eps_max))."""
+    agg: Agg = "token_mean"
+    """How per-token losses become one number: "seq_mean" (GRPO), "token_mean" (DAPO), "dr_grpo"."""
+    kl_beta: float = 0.0
+    """Weight of the k3 KL penalty to the base model; 0 turns it off (and ref_logp is not needed)."""
+    max_len: int | None = None
+    """L_max for "dr_grpo": the constant length in Σℓ / (B·L_max). None uses the batch's T."""
+
+    def __post_init__(self) -> None:
+        if self.agg not in AGGS:
+            raise ValueError(f"agg must be one of {AGGS}, got {self.agg!r}")
+        if not 0.0 <= self.eps < 1.0:
+            raise ValueError(f"eps must be in [0, 1), got {self.eps}")
+        if self.eps_high < 0.0:
+            raise ValueError(f"eps_high must be >= 0, got {self.eps_high}")
+        if self.cispo_eps_max <= 0.0:
+            raise ValueError(f"cispo_eps_max must be > 0, got {self.cispo_eps_max}")
+        if self.kl_beta < 0.0:
+            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
+        if self.max_len is not None and self.max_len <= 0:
+            raise ValueError(f"max_len must be a positive int or None, got {self.max_len}")
+
+
+class LossFn(Protocol):
+    def __call__(
+        self, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig,
+        ref_logp: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+
+def aggregate(per_token: Tensor, mask: Tensor, cfg: LossConfig) -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar over the masked tokens, as `cfg.agg` says."""
+    m = mask.to(per_token.dtype)  # (B, T)
+    masked = per_token * m  # (B, T)
+    if cfg.agg == "seq_mean":
+        # A sequence with no trained tokens contributes 0 but still counts in the mean over B.
+        per_seq = masked.sum(-1) / m.sum(-1).clamp(min=1.0)  # (B,)
+        return per_seq.mean()
+    if cfg.agg == "token_mean":
+        return masked.sum() / m.sum().clamp(min=1.0)
+    b, t = per_token.shape
+    return masked.sum() / (b * (cfg.max_len or t))
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> float:
+    m = mask.to(x.dtype)
+    return float((x * m).sum() / m.sum().clamp(min=1.0))
+
+
+def _prepare(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, ref_logp: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Check shapes; return (logp, logp − old_logp), both with 0 at masked positions."""
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be (B, T), got shape {tuple(logp.shape)}")
+    for name, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
+        if x is not None and x.shape != logp.shape:
+            raise ValueError(f"{name} must have logp's shape {tuple(logp.shape)}, got {tuple(x.shape)}")
+    if adv.shape != logp.shape[:1]:
+        raise ValueError(f"adv must be (B,) = {tuple(logp.shape[:1])}, got {tuple(adv.shape)}")
+    keep = mask > 0  # (B, T) bool
+    zero = logp.new_zeros(())
+    logp_m = torch.where(keep, logp, zero)  # (B, T)
+    log_ratio = torch.where(keep, logp - old_logp.detach(), zero)  # (B, T)
+    return logp_m, log_ratio
+
+
+def _finish(
+    policy_tok: Tensor, logp: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None,
+    ratio: Tensor, clipped: Tensor,
+) -> tuple[Tensor, dict[str, float]]:
+    """Aggregate the (B, T) policy loss, add β·KL, and report the shared metrics."""
+    loss = aggregate(policy_tok, mask, cfg)
+    metrics = {
+        "clip_frac": _masked_mean(clipped.to(logp.dtype), mask),
+        "ratio_mean": _masked_mean(ratio.detach(), mask),
+    }
+    if cfg.kl_beta > 0.0:
+        if ref_logp is None:
+            raise ValueError("kl_beta > 0 needs ref_logp (the base model's logprobs, adapter disabled)")
+        keep = mask > 0
+        d = torch.where(keep, ref_logp.detach() - logp, logp.new_zeros(()))  # (B, T)
+        kl = aggregate(torch.exp(d) - d - 1.0, mask, cfg)  # k3 estimator, >= 0
+        loss = loss + cfg.kl_beta * kl
+        metrics["kl"] = float(kl.detach())
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics
+
+
+def ppo_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO-clip / GRPO: ℓ = −min(ρA, clip(ρ, 1−eps, 1+eps_high)·A) per token."""
+    _, log_ratio = _prepare(logp, old_logp, adv, mask, ref_logp)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    a = adv.detach()[:, None]  # (B, 1)
+    unclipped = ratio * a  # (B, T)
+    clipped_obj = ratio.clamp(1.0 - cfg.eps, 1.0 + cfg.eps_high) * a  # (B, T)
+    # Where the clip is active the min picks the constant clipped term: no gradient for that token.
+    clipped = clipped_obj < unclipped  # (B, T)
+    return _finish(-torch.minimum(unclipped, clipped_obj), logp, mask, cfg, ref_logp, ratio, clipped)
+
+
+def cispo_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """CISPO: ℓ = −sg(clip(ρ, 0, cispo_eps_max))·A·logp per token; every token keeps a gradient."""
+    logp_m, log_ratio = _prepare(logp, old_logp, adv, mask, ref_logp)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    weight = ratio.detach().clamp(0.0, cfg.cispo_eps_max)  # (B, T), no grad
+    per_token = -weight * adv.detach()[:, None] * logp_m  # (B, T)
+    return _finish(per_token, logp, mask, cfg, ref_logp, ratio, ratio > cfg.cispo_eps_max)
+
+
+def gspo_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """GSPO: PPO-clip on the sequence ratio s = exp(mean over masked tokens of (logp − old_logp)).
+
+    Each sequence's loss is spread over its tokens, so "seq_mean" gives the paper's mean over sequences
+    and the other aggregations weight sequences by length. Metrics count a clipped sequence's tokens.
+    """
+    _, log_ratio = _prepare(logp, old_logp, adv, mask, ref_logp)
+    n_tok = mask.to(logp.dtype).sum(-1).clamp(min=1.0)  # (B,)
+    seq_ratio = torch.exp(log_ratio.sum(-1) / n_tok)  # (B,)
+    a = adv.detach()
+    unclipped = seq_ratio * a  # (B,)
+    clipped_obj = seq_ratio.clamp(1.0 - cfg.eps, 1.0 + cfg.eps_high) * a  # (B,)
+    per_seq = -torch.minimum(unclipped, clipped_obj)  # (B,)
+    per_token = per_seq[:, None].expand_as(logp)  # (B, T)
+    ratio_tok = seq_ratio[:, None].expand_as(logp)  # (B, T)
+    clipped_tok = (clipped_obj < unclipped)[:, None].expand_as(logp)  # (B, T)
+    return _finish(per_token, logp, mask, cfg, ref_logp, ratio_tok, clipped_tok)
+
+
+def importance_sampling_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Plain off-policy REINFORCE: ℓ = −ρ·A per token, no clip (so clip_frac is always 0)."""
+    _, log_ratio = _prepare(logp, old_logp, adv, mask, ref_logp)
+    ratio = torch.exp(log_ratio)  # (B, T)
+    per_token = -ratio * adv.detach()[:, None]  # (B, T)
+    return _finish(per_token, logp, mask, cfg, ref_logp, ratio, torch.zeros_like(mask, dtype=torch.bool))
+
+
+def cross_entropy_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """SFT: mean negative logprob over the masked tokens. Ignores old_logp, adv, cfg and ref_logp."""
+    if logp.shape != mask.shape:
+        raise ValueError(f"mask must have logp's shape {tuple(logp.shape)}, got {tuple(mask.shape)}")
+    logp_m = torch.where(mask > 0, logp, logp.new_zeros(()))  # (B, T)
+    m = mask.to(logp.dtype)  # (B, T)
+    loss = -(logp_m * m).sum() / m.sum().clamp(min=1.0)
+    return loss, {"loss": float(loss.detach())}
+
+
+LOSSES: dict[str, LossFn] = {
+    "ppo": ppo_loss,
+    "grpo": ppo_loss,
+    "cispo": cispo_loss,
+    "gspo": gspo_loss,
+    "importance_sampling": importance_sampling_loss,
+    "cross_entropy": cross_entropy_loss,
+}
+
+
+def get_loss(name: str) -> LossFn:
+    """The loss registered under `name`; raises ValueError listing the choices otherwise."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}") from None
