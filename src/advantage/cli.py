@@ -1,0 +1,47 @@
+"""The `advantage` command line: thin typer commands over library calls."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train LLM agents with reinforcement learning.")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7999,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="ADVANTAGE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
+    ] = None,
+    base_model: Annotated[
+        list[str], typer.Option(help="Base model(s) to load at start: a bundled name or an HF model dir.")
+    ] = ["smollm2-135m-instruct"],  # noqa: B006 - typer needs a literal default
+    root: Annotated[Path, typer.Option(help="Checkpoint root.")] = Path(".advantage"),
+) -> None:
+    """Serve base models and trained adapters through an OpenAI-compatible API."""
+    from advantage.server.runner import serve_forever
+    from advantage.service import Service
+
+    service = Service(root)
+    for name in base_model:
+        service.engine(name)
+    serve_forever(service, host, port, api_key)
+
+
+@app.command()
+def convert(base_model: Annotated[str, typer.Argument(help="Bundled model name.")] = "smollm2-135m-instruct") -> None:
+    """Convert a bundled GGUF model to a cached safetensors HF dir (done automatically on first use)."""
+    from advantage.engine.models import resolve_model_path
+
+    typer.echo(resolve_model_path(base_model))
+
+
+if __name__ == "__main__":
+    app()
