@@ -10,12 +10,16 @@ import typer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Train LLM agents with reinforcement learning.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Train LLM agents with reinforcement learning."
+)
 
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 7999,
     api_key: Annotated[
         str | None, typer.Option(envvar="ADVANTAGE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
@@ -36,7 +40,9 @@ def serve(
 
 
 @app.command()
-def convert(base_model: Annotated[str, typer.Argument(help="Bundled model name.")] = "smollm2-135m-instruct") -> None:
+def convert(
+    base_model: Annotated[str, typer.Argument(help="Bundled model name.")] = "smollm2-135m-instruct",
+) -> None:
     """Convert a bundled GGUF model to a cached safetensors HF dir (done automatically on first use)."""
     from advantage.engine.models import resolve_model_path
 

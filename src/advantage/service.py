@@ -8,14 +8,22 @@ Step 0 of a trainable model is the empty adapter, i.e. the base weights.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from advantage.config import LoRAConfig, TrainConfig
 from advantage.engine.models import resolve_model_path
 from advantage.engine.torch_engine import TorchEngine
+from advantage.tracking import RunLog, group_metrics
+from advantage.training import checkpoints as ckpt
+from advantage.training.grpo import Progress, train_step
+from advantage.training.trainer import Trainer
+from advantage.trajectory import TrajectoryGroup
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -52,10 +60,18 @@ class ModelEntry:
     name: str
     base_model: str
     steps: dict[int, Path] = field(default_factory=dict)  # step -> adapter dir (step 0 has none)
+    trainer: Trainer | None = None
+    run_dir: Path | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one train step at a time per model
 
     @property
     def latest(self) -> int:
         return max(self.steps, default=0)
+
+    @property
+    def log(self) -> RunLog:
+        assert self.run_dir is not None
+        return RunLog(self.run_dir)
 
 
 class Service:
@@ -95,6 +111,74 @@ class Service:
         entry = self.model_entry(name)
         self.engine(entry.base_model).load_adapter(f"{name}@{step}", adapter_dir)
         entry.steps[step] = adapter_dir
+        # Keep the engine's memory bounded: older steps stay on disk and load again on demand.
+        for old in [s for s in entry.steps if s < step - 1]:
+            with contextlib.suppress(RuntimeError):  # still serving a batch: it goes on the next publish
+                self.engine(entry.base_model).remove_adapter(f"{name}@{old}")
+
+    # ------------------------------------------------------------------ training
+    def register(self, project: str, name: str, base_model: str, lora: LoRAConfig | None = None) -> int:
+        """Register a trainable model; resume from its newest complete checkpoint. Returns the step."""
+        check_name("project", project)
+        check_name("model name", name)
+        if name in self._models and self._models[name].trainer is not None:
+            return self._models[name].latest
+        mdir = ckpt.model_dir(self.root, project, name)
+        ckpt.sweep_partial(mdir)
+        entry = ModelEntry(project, name, base_model, run_dir=mdir)
+        self.add_model(entry)
+        trainer = Trainer(resolve_model_path(base_model), lora or LoRAConfig())
+        steps = ckpt.list_steps(mdir)
+        if not steps:  # step 0: the freshly initialised (empty) adapter, i.e. the base weights
+            ckpt.write_step(
+                mdir, 0, trainer.save, {"base_model": base_model, "lora": (lora or LoRAConfig()).model_dump()}
+            )
+            steps = [0]
+        else:
+            trainer.load(ckpt.step_dir(mdir, steps[-1]))
+        entry.trainer = trainer
+        entry.steps = {s: ckpt.step_dir(mdir, s) for s in steps if s > 0}
+        return entry.latest
+
+    def train(
+        self, name: str, groups: list[TrajectoryGroup], config: TrainConfig, progress: Progress | None = None
+    ) -> tuple[int, dict[str, float]]:
+        """One training step; the new adapter is checkpointed and served before this returns."""
+        entry = self.model_entry(name)
+        if entry.trainer is None or entry.run_dir is None:
+            raise UnknownServedModel(f"Model {name!r} is not trainable on this backend; register it first.")
+        with entry.lock:
+            metrics = train_step(entry.trainer, groups, config, progress)
+            metrics.update(group_metrics(groups, "train"))
+            step = entry.latest
+            if not metrics.get("skipped_step"):
+                step += 1
+                state = {"metrics": metrics, "config": config.model_dump()}
+                adir = ckpt.write_step(entry.run_dir, step, entry.trainer.save, state)
+                self.publish_step(name, step, adir)
+            entry.log.append(step, "train", metrics)
+            entry.log.write_trajectories("train", step, groups)
+            return step, metrics
+
+    def log_groups(self, name: str, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
+        entry = self.model_entry(name)
+        metrics = group_metrics(groups, split)
+        entry.log.append(entry.latest, split, metrics)
+        entry.log.write_trajectories(split, entry.latest, groups)
+        return metrics
+
+    def delete_checkpoints(
+        self, name: str, keep: str = "best+latest", metric: str = "val/reward"
+    ) -> list[int]:
+        entry = self.model_entry(name)
+        assert entry.run_dir is not None
+        scores: dict[int, float | None] = {s: None for s in entry.steps}
+        scores.update({s: v for s, v in entry.log.metric_by_step(metric).items() if s in entry.steps})
+        doomed = ckpt.steps_to_delete(scores, entry.latest, keep)
+        for s in doomed:
+            self.unpublish_step(name, s)
+            shutil.rmtree(ckpt.step_dir(entry.run_dir, s), ignore_errors=True)
+        return doomed
 
     def unpublish_step(self, name: str, step: int) -> None:
         entry = self.model_entry(name)
@@ -125,6 +209,9 @@ class Service:
                     f"Step {step} of {name!r} is not available; served steps: {sorted([0, *entry.steps])}."
                 )
             adapter = f"{name}@{step}" if step else None
+            engine = self._engines[entry.base_model]
+            if adapter and adapter not in engine.adapters():  # an older step on disk: load it on first use
+                engine.load_adapter(adapter, entry.steps[step])
             return Weights(self._engines[entry.base_model], adapter, name, step)
 
     def served_names(self) -> list[str]:

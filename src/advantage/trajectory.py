@@ -58,7 +58,8 @@ class Trajectory:
 
     def to_dict(self) -> dict[str, Any]:
         items = [
-            {"choice": m.model_dump()} if isinstance(m, Choice) else {"message": m} for m in self.messages_and_choices
+            {"choice": m.model_dump()} if isinstance(m, Choice) else {"message": m}
+            for m in self.messages_and_choices
         ]
         return {
             "messages_and_choices": items,
@@ -73,7 +74,8 @@ class Trajectory:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Trajectory:
         items: list[MessageOrChoice] = [
-            Choice.model_validate(i["choice"]) if "choice" in i else i["message"] for i in d["messages_and_choices"]
+            Choice.model_validate(i["choice"]) if "choice" in i else i["message"]
+            for i in d["messages_and_choices"]
         ]
         return cls(
             messages_and_choices=items,

@@ -63,7 +63,9 @@ def resolve_model_path(base_model: str) -> Path:
     path = Path(base_model).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise UnknownModelError(f"{path} is a directory but has no config.json; pass an HF model directory.")
+            raise UnknownModelError(
+                f"{path} is a directory but has no config.json; pass an HF model directory."
+            )
         return path
     if base_model not in BUNDLED:
         choices = ", ".join(sorted(BUNDLED))

@@ -316,7 +316,9 @@ class TorchEngine:
             [_left_pad(self._attn, width - old_len, dim=1), _left_pad(attn_RP, width - new_len, dim=1)], dim=0
         )
         assert self._last is not None
-        self._last = torch.cat([self._last, torch.zeros(attn_RP.shape[0], dtype=torch.long, device=self.device)])
+        self._last = torch.cat(
+            [self._last, torch.zeros(attn_RP.shape[0], dtype=torch.long, device=self.device)]
+        )
 
     def _decode_step(self) -> None:
         assert self._cache is not None and self._attn is not None and self._last is not None

@@ -36,7 +36,9 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), api_key.encode()):
                 return error_response(
-                    401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.", "authentication_error"
+                    401,
+                    "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+                    "authentication_error",
                 )
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
@@ -51,7 +53,9 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error_response(400, f"Invalid request: {where}: {first.get('msg', 'bad value')}", param=where or None)
+        return error_response(
+            400, f"Invalid request: {where}: {first.get('msg', 'bad value')}", param=where or None
+        )
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
@@ -64,7 +68,10 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": n, "object": "model", "created": 0, "owned_by": "advantage"} for n in service.served_names()]
+        data = [
+            {"id": n, "object": "model", "created": 0, "owned_by": "advantage"}
+            for n in service.served_names()
+        ]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", response_model=None)

@@ -23,7 +23,9 @@ from advantage.service import Service, UnknownServedModel, Weights
 
 
 class PreparedRequest:
-    def __init__(self, req: ChatCompletionRequest, weights: Weights, prompt_ids: list[int], params: SamplingParams):
+    def __init__(
+        self, req: ChatCompletionRequest, weights: Weights, prompt_ids: list[int], params: SamplingParams
+    ):
         self.req, self.weights, self.prompt_ids, self.params = req, weights, prompt_ids, params
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
@@ -141,7 +143,9 @@ async def stream(p: PreparedRequest) -> AsyncIterator[str]:
 
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(p.params.n)])
     task = asyncio.ensure_future(
-        p.weights.engine.generate(p.prompt_ids, p.params, p.weights.adapter, None if p.tools_enabled else on_token)
+        p.weights.engine.generate(
+            p.prompt_ids, p.params, p.weights.adapter, None if p.tools_enabled else on_token
+        )
     )
     while not task.done() or not queue.empty():
         getter = asyncio.ensure_future(queue.get())
@@ -158,9 +162,20 @@ async def stream(p: PreparedRequest) -> AsyncIterator[str]:
         if p.tools_enabled:
             delta["content"] = full["message"]["content"]
             if "tool_calls" in full["message"]:
-                delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(full["message"]["tool_calls"])]
-        yield chunk([{"index": i, "delta": delta, "finish_reason": full["finish_reason"],
-                      "logprobs": full["logprobs"], **_extensions(p, c)}])
+                delta["tool_calls"] = [
+                    {"index": k, **tc} for k, tc in enumerate(full["message"]["tool_calls"])
+                ]
+        yield chunk(
+            [
+                {
+                    "index": i,
+                    "delta": delta,
+                    "finish_reason": full["finish_reason"],
+                    "logprobs": full["logprobs"],
+                    **_extensions(p, c),
+                }
+            ]
+        )
     if p.req.stream_options and p.req.stream_options.include_usage:
         yield chunk([], usage=_usage(len(p.prompt_ids), sum(len(c.token_ids) for c in outs)))
     yield "data: [DONE]\n\n"

@@ -25,7 +25,11 @@ class BackgroundServer:
     def __init__(self, service: Service, api_key: str | None = None, host: str = "127.0.0.1", port: int = 0):
         self.host, self.port = host, port or free_port(host)
         config = uvicorn.Config(
-            create_app(service, api_key), host=self.host, port=self.port, log_level="warning", timeout_keep_alive=30
+            create_app(service, api_key),
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            timeout_keep_alive=30,
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="advantage-server", daemon=True)

@@ -58,7 +58,11 @@ class APIError(Exception):
 
 
 def error_response(
-    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(status_code=status, content=body)

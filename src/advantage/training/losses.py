@@ -76,7 +76,12 @@ class LossConfig:
 
 class LossFn(Protocol):
     def __call__(
-        self, logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig,
+        self,
+        logp: Tensor,
+        old_logp: Tensor,
+        adv: Tensor,
+        mask: Tensor,
+        cfg: LossConfig,
         ref_logp: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, float]]: ...
 
@@ -119,8 +124,13 @@ def _prepare(
 
 
 def _finish(
-    policy_tok: Tensor, logp: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None,
-    ratio: Tensor, clipped: Tensor,
+    policy_tok: Tensor,
+    logp: Tensor,
+    mask: Tensor,
+    cfg: LossConfig,
+    ref_logp: Tensor | None,
+    ratio: Tensor,
+    clipped: Tensor,
 ) -> tuple[Tensor, dict[str, float]]:
     """Aggregate the (B, T) policy loss, add β·KL, and report the shared metrics."""
     loss = aggregate(policy_tok, mask, cfg)

@@ -1,0 +1,75 @@
+"""The embedded backend: the engine, trainer and OpenAI-compatible server, in this process.
+
+Inference goes through the real HTTP server on a free 127.0.0.1 port, so rollouts use exactly the same
+client code against LocalBackend as against a remote `advantage serve`. Training runs on a worker thread;
+the server keeps answering (from the previous weights) while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tqdm.auto import tqdm
+
+from advantage.backends.base import TrainResult
+from advantage.config import TrainConfig
+from advantage.server.runner import BackgroundServer
+from advantage.service import Service
+from advantage.trajectory import TrajectoryGroup
+
+if TYPE_CHECKING:
+    from advantage.model import TrainableModel
+
+
+class LocalBackend:
+    def __init__(
+        self, root: str | Path = ".advantage", *, progress: bool = True, **engine_kwargs: object
+    ) -> None:
+        self.root = Path(root)
+        self.service = Service(self.root, engine_kwargs=dict(engine_kwargs))
+        self.api_key: str | None = secrets.token_hex(16)  # loopback only, but not open to other local users
+        self._server = BackgroundServer(self.service, api_key=self.api_key).start()
+        self.base_url = self._server.base_url
+        self.progress = progress
+
+    async def register(self, model: TrainableModel) -> int:
+        return await asyncio.to_thread(
+            self.service.register, model.project, model.name, model.base_model, model.lora
+        )
+
+    async def train(
+        self, model: TrainableModel, groups: list[TrajectoryGroup], config: TrainConfig
+    ) -> TrainResult:
+        bar = tqdm(total=0, desc=f"train {model.name}", unit="mb", leave=False, disable=not self.progress)
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            step, metrics = await asyncio.to_thread(self.service.train, model.name, groups, config, progress)
+        finally:
+            bar.close()
+        return TrainResult(step, metrics)
+
+    async def get_step(self, model: TrainableModel) -> int:
+        return self.service.model_entry(model.name).latest
+
+    async def log(self, model: TrainableModel, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
+        return await asyncio.to_thread(self.service.log_groups, model.name, groups, split)
+
+    async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]:
+        return await asyncio.to_thread(self.service.delete_checkpoints, model.name, keep, metric)
+
+    def run_dir(self, model: TrainableModel) -> Path:
+        entry = self.service.model_entry(model.name)
+        assert entry.run_dir is not None
+        return entry.run_dir
+
+    async def close(self) -> None:
+        self._server.stop()
+        self.service.close()

@@ -1,0 +1,99 @@
+"""`Model` (a prompted model at any OpenAI-compatible URL) and `TrainableModel` (a LoRA trained on a
+backend). Both hand out a real `openai.AsyncOpenAI`, so baselines and trained models run through the same
+rollout code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+
+from advantage.backends.base import Backend, TrainResult
+from advantage.config import LoRAConfig, TrainConfig
+from advantage.trajectory import TrajectoryGroup
+
+
+class Model:
+    """A model served anywhere that speaks the OpenAI chat API (OpenAI, vLLM, our own server...)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        inference_model_name: str | None = None,
+        project: str = "default",
+        timeout: float = 600.0,
+    ) -> None:
+        self.name = name
+        self.project = project
+        self.base_url = base_url
+        self.api_key = api_key
+        self.inference_model_name = inference_model_name or name
+        self.timeout = timeout
+        self._client: openai.AsyncOpenAI | None = None
+
+    def openai_client(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            self._client = openai.AsyncOpenAI(
+                base_url=self.base_url, api_key=self.api_key or "unused", timeout=self.timeout, max_retries=2
+            )
+        return self._client
+
+    def get_inference_name(self) -> str:
+        return self.inference_model_name
+
+
+class TrainableModel(Model):
+    """A LoRA on `base_model`, trained with GRPO on a backend and served by it after every step."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        project: str = "default",
+        base_model: str = "smollm2-135m-instruct",
+        lora: LoRAConfig | None = None,
+    ) -> None:
+        super().__init__(name, project=project)
+        self.base_model = base_model
+        self.lora = lora or LoRAConfig()
+        self._backend: Backend | None = None
+        self._step = 0
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise RuntimeError(
+                f"{self.name!r} is not registered: call `await model.register(backend)` first."
+            )
+        return self._backend
+
+    async def register(self, backend: Backend) -> None:
+        self._backend = backend
+        self._step = await backend.register(self)
+        self.base_url, self.api_key = backend.base_url, backend.api_key
+        self._client = None
+
+    def get_inference_name(self, step: int | None = None) -> str:
+        """`name@step`: the explicit weight version (defaults to the latest step)."""
+        return f"{self.name}@{self._step if step is None else step}"
+
+    async def get_step(self) -> int:
+        self._step = await self.backend.get_step(self)
+        return self._step
+
+    async def train(self, groups: list[TrajectoryGroup], config: TrainConfig | None = None) -> TrainResult:
+        """One GRPO step on `groups`; returns the new step, which is served before this returns."""
+        result = await self.backend.train(self, list(groups), config or TrainConfig())
+        self._step = result.step
+        return result
+
+    async def log(self, groups: list[TrajectoryGroup], split: str = "val") -> dict[str, Any]:
+        """Record evaluation groups (metrics `<split>/reward` etc. at the current step, and the trajectories)."""
+        return await self.backend.log(self, list(groups), split)
+
+    async def delete_checkpoints(self, keep: str = "best+latest", metric: str = "val/reward") -> list[int]:
+        """Delete checkpoints except the latest and the best by `metric`; returns the deleted steps."""
+        return await self.backend.delete_checkpoints(self, keep, metric)

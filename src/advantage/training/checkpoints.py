@@ -1,0 +1,88 @@
+"""Checkpoint directories: `<root>/<project>/models/<name>/<step:04d>/`.
+
+A step dir holds the adapter (peft's `adapter_model.safetensors` + `adapter_config.json`), the optimizer
+state and `trainer_state.json`. It is written under a temporary name and renamed into place, so a dir with
+a step name is always complete; a process killed mid-write leaves only a `.tmp-*` dir, which is ignored and
+swept on the next start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+
+
+def model_dir(root: Path, project: str, name: str) -> Path:
+    return root / project / "models" / name
+
+
+def step_dir(mdir: Path, step: int) -> Path:
+    return mdir / f"{step:04d}"
+
+
+def list_steps(mdir: Path) -> list[int]:
+    """Complete steps on disk, ascending."""
+    if not mdir.is_dir():
+        return []
+    return sorted(
+        int(p.name) for p in mdir.iterdir() if p.is_dir() and p.name.isdigit() and (p / STATE_FILE).exists()
+    )
+
+
+def sweep_partial(mdir: Path) -> list[Path]:
+    """Remove leftovers of interrupted writes; returns what was removed."""
+    removed = [p for p in mdir.glob(".tmp-*") if p.is_dir()] if mdir.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def write_step(mdir: Path, step: int, write: Callable[[Path], None], state: dict[str, Any]) -> Path:
+    """Atomically create step dir `step`: `write(tmp_dir)` fills it, then it is renamed into place."""
+    mdir.mkdir(parents=True, exist_ok=True)
+    final = step_dir(mdir, step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step:04d}-", dir=mdir))
+    try:
+        write(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():  # a step is immutable once complete; a re-run of the same step replaces it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(mdir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def read_state(mdir: Path, step: int) -> dict[str, Any]:
+    return dict(json.loads((step_dir(mdir, step) / STATE_FILE).read_text()))
+
+
+def steps_to_delete(scores: dict[int, float | None], latest: int, keep: str = "best+latest") -> list[int]:
+    """Which steps `delete_checkpoints` removes. `scores` maps step -> metric (None when unmeasured).
+
+    keep="best+latest" keeps the latest step and the best-scoring one; "latest" keeps only the latest.
+    Step 0 (the base weights) is never deleted."""
+    if keep not in ("best+latest", "latest"):
+        raise ValueError(f"keep must be 'best+latest' or 'latest', got {keep!r}.")
+    kept = {0, latest}
+    measured = {s: v for s, v in scores.items() if v is not None}
+    if keep == "best+latest" and measured:
+        kept.add(max(measured, key=lambda s: (measured[s], s)))
+    return sorted(s for s in scores if s not in kept)
+
+
+def _fsync_dir(path: Path) -> None:
+    for p in path.iterdir() if path.is_dir() else []:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

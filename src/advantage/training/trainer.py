@@ -1,0 +1,205 @@
+"""The LoRA trainer's primitives: per-token logprobs, forward_backward with any loss, and an AdamW step.
+
+`train_step` (in `grpo.py`) composes these; the low-level API exposes them as they are.
+
+Prefix sharing: the sequences of a micro-batch (members of one group) share their prompt. The shared part
+runs once, its KV cache is repeated for every member, and only the members' own suffixes run per row. The
+gradient flows through the shared prompt too, so the update equals the one over full sequences (checked in
+tests). Logprobs are computed only where the loss mask is on: the vocabulary head never runs over the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from advantage.config import LoRAConfig
+
+# A loss over one micro-batch: (logp (B,T), datums' tensors) -> (scalar loss, metrics)
+BatchLossFn = Callable[["Batch"], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class Datum:
+    """One training sequence: token ids, a loss mask over them, and per-token extras."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    old_logprobs: list[float] | None = None  # the sampler's logprobs (masked positions)
+    advantage: float = 0.0
+    group: int = 0  # sequences with the same group share a prompt (prefix sharing)
+
+
+@dataclass
+class Batch:
+    """A micro-batch laid out for the loss: suffix-aligned tensors, all (B, S)."""
+
+    logp: torch.Tensor  # new logprobs of the suffix tokens (grad), 0 where mask is 0
+    old_logp: torch.Tensor
+    mask: torch.Tensor
+    adv: torch.Tensor  # (B,)
+    ref_logp: torch.Tensor | None = None
+    weight: float = 1.0  # this micro-batch's share of the whole batch, for the aggregation
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model_path: str | Path,
+        lora: LoRAConfig,
+        *,
+        dtype: str = "bfloat16",
+        device: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        base.config.use_cache = True
+        torch.manual_seed(seed)
+        peft_cfg = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        self.model: Any = get_peft_model(base, peft_cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------ logprobs
+    def sequence_logprobs(self, datums: list[Datum], *, use_adapter: bool = True) -> tuple[torch.Tensor, int]:
+        """New logprobs of each datum's tokens after the shared prefix: ((B, S), prefix length P).
+
+        Position j of the suffix is token input_ids[P + j]; its logprob is filled where loss_mask is 1."""
+        P = shared_prefix_len(datums)
+        B = len(datums)
+        S = max(len(d.input_ids) for d in datums) - P
+        inner = self.model.get_base_model().model  # the decoder; LoRA layers are injected in place
+        head = self.model.get_base_model().lm_head
+        ctx = self.model.disable_adapter() if not use_adapter else _nullcontext()
+        with ctx:
+            cache = DynamicCache()
+            h_last_B1H = None
+            if P > 0:
+                prefix = torch.tensor([datums[0].input_ids[:P]], device=self.device)
+                out = inner(input_ids=prefix, past_key_values=cache, use_cache=True)
+                h_last_B1H = out.last_hidden_state[:, -1:, :].expand(B, 1, -1)
+                cache.batch_repeat_interleave(B)
+            suffix_BS = torch.full((B, S), self.pad_id, dtype=torch.long)
+            attn_BS = torch.zeros((B, S), dtype=torch.long)
+            mask_BS = torch.zeros((B, S), dtype=torch.bool)
+            for i, d in enumerate(datums):
+                n = len(d.input_ids) - P
+                suffix_BS[i, :n] = torch.tensor(d.input_ids[P:])
+                attn_BS[i, :n] = 1
+                mask_BS[i, :n] = torch.tensor(d.loss_mask[P:], dtype=torch.bool)
+            attn = torch.cat([torch.ones((B, P), dtype=torch.long), attn_BS], dim=1).to(self.device)
+            pos = (P + torch.arange(S)).unsqueeze(0).expand(B, S).to(self.device)
+            out = inner(
+                input_ids=suffix_BS.to(self.device),
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=cache if P > 0 else None,
+                use_cache=P > 0,
+            )
+            h_BSH = out.last_hidden_state
+            if h_last_B1H is None:  # no shared prefix: position 0 is never a trained token
+                h_last_B1H = torch.zeros_like(h_BSH[:, :1, :])
+            pred_BSH = torch.cat(
+                [h_last_B1H, h_BSH[:, :-1, :]], dim=1
+            )  # hidden state that predicts each token
+            mask_BS = mask_BS.to(self.device)
+            logits_NV = head(pred_BSH[mask_BS]).float()
+            targets_N = suffix_BS.to(self.device)[mask_BS]
+            lp_N = torch.log_softmax(logits_NV, dim=-1).gather(1, targets_N.unsqueeze(1)).squeeze(1)
+            logp_BS = torch.zeros((B, S), dtype=lp_N.dtype, device=self.device).masked_scatter(mask_BS, lp_N)
+        return logp_BS, P
+
+    # ------------------------------------------------------------------ primitives
+    def forward_backward(
+        self, datums: list[Datum], loss_fn: BatchLossFn, *, weight: float = 1.0, ref_model: bool = False
+    ) -> tuple[dict[str, float], list[list[float]]]:
+        """Accumulate gradients of `loss_fn` on one micro-batch. Returns its metrics and the new per-token
+        logprobs (one list per datum, over its masked tokens)."""
+        self.model.train()
+        logp_BS, P = self.sequence_logprobs(datums)
+        batch = _layout(datums, logp_BS, P, weight)
+        if ref_model:
+            with torch.no_grad():
+                batch.ref_logp = self.sequence_logprobs(datums, use_adapter=False)[0]
+        loss, metrics = loss_fn(batch)
+        (loss * weight).backward()
+        new_lp = [logp_BS[i][batch.mask[i] > 0].tolist() for i in range(len(datums))]
+        return metrics, new_lp
+
+    def optim_step(
+        self, lr: float, betas: tuple[float, float], weight_decay: float, max_grad_norm: float
+    ) -> float:
+        for group in self.optimizer.param_groups:
+            group.update(lr=lr, betas=betas, weight_decay=weight_decay)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
+        if math.isfinite(norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    # ------------------------------------------------------------------ state
+    def save(self, out: Path) -> None:
+        self.model.save_pretrained(out)
+        torch.save(self.optimizer.state_dict(), out / "optimizer.pt")
+
+    def load(self, src: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(src / "adapter_model.safetensors"))
+        opt = src / "optimizer.pt"
+        if opt.exists():
+            self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
+
+
+def shared_prefix_len(datums: list[Datum]) -> int:
+    """Longest common prefix of the datums' ids, stopped before the first trained token of any of them."""
+    first = datums[0].input_ids
+    limit = min(min((i for i, m in enumerate(d.loss_mask) if m), default=len(d.input_ids)) for d in datums)
+    limit = min(limit, *(len(d.input_ids) for d in datums))
+    n = 0
+    while n < limit and all(d.input_ids[n] == first[n] for d in datums[1:]):
+        n += 1
+    return n
+
+
+def _layout(datums: list[Datum], logp_BS: torch.Tensor, P: int, weight: float) -> Batch:
+    B, S = logp_BS.shape
+    old_BS = torch.zeros((B, S))
+    mask_BS = torch.zeros((B, S))
+    for i, d in enumerate(datums):
+        n = len(d.input_ids) - P
+        mask_BS[i, :n] = torch.tensor(d.loss_mask[P:], dtype=torch.float32)
+        if d.old_logprobs is not None:
+            old_BS[i, :n] = torch.tensor(d.old_logprobs[P:], dtype=torch.float32)
+    adv_B = torch.tensor([d.advantage for d in datums], dtype=torch.float32)
+    dev = logp_BS.device
+    return Batch(
+        logp=logp_BS, old_logp=old_BS.to(dev), mask=mask_BS.to(dev), adv=adv_B.to(dev), weight=weight
+    )
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
