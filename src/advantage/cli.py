@@ -39,6 +39,38 @@ def serve(
     serve_forever(service, host, port, api_key)
 
 
+def _demo_module():  # the demo is an example (public API only); it lives in the repository, not the package
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    if not (repo / "examples" / "tool_use" / "train.py").exists():
+        raise typer.BadParameter("`advantage demo` runs examples/tool_use; run it from a clone of the repository.")
+    sys.path.insert(0, str(repo))
+    from examples.tool_use import train
+
+    return train
+
+
+def _help(field: str) -> str:
+    return str(_demo_module().DemoConfig.model_fields[field].description)
+
+
+@app.command()
+def demo(
+    steps: Annotated[int, typer.Option(help=_help("steps"))] = 20,
+    name: Annotated[str, typer.Option(help=_help("name"))] = "tool-use-001",
+    root: Annotated[Path, typer.Option(help=_help("root"))] = Path(".advantage"),
+    learning_rate: Annotated[float, typer.Option(help=_help("learning_rate"))] = 2e-4,
+    groups_per_step: Annotated[int, typer.Option(help=_help("groups_per_step"))] = 8,
+    group_size: Annotated[int, typer.Option(help=_help("group_size"))] = 8,
+    val_size: Annotated[int, typer.Option(help=_help("val_size"))] = 32,
+) -> None:
+    """Train the bundled model on the tool-use demo task on CPU, with a held-out baseline and final eval."""
+    train = _demo_module()
+    train.main(train.DemoConfig(steps=steps, name=name, root=root, learning_rate=learning_rate,
+                                groups_per_step=groups_per_step, group_size=group_size, val_size=val_size))
+
+
 @app.command()
 def convert(
     base_model: Annotated[str, typer.Argument(help="Bundled model name.")] = "smollm2-135m-instruct",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,8 @@ def write_step(mdir: Path, step: int, write: Callable[[Path], None], state: dict
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step:04d}-", dir=mdir))
     try:
         write(tmp)
+        if os.environ.get("ADVANTAGE_FAULT") == "kill-in-checkpoint-write":  # fault injection for the resume test
+            os.kill(os.getpid(), signal.SIGKILL)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
         _fsync_dir(tmp)
         if final.exists():  # a step is immutable once complete; a re-run of the same step replaces it whole

