@@ -128,3 +128,31 @@ def test_kill_9_between_steps_and_during_checkpoint_write_then_resume(tiny_model
         assert ckpt.read_state(mdir, s)["step"] == s
         if s > 0:
             assert (ckpt.step_dir(mdir, s) / "adapter_model.safetensors").stat().st_size > 0
+
+
+async def test_log_and_delete_checkpoints_keep_best_and_latest(tiny_model_dir: Path, tmp_path: Path) -> None:
+    backend = adv.LocalBackend(tmp_path, progress=False)
+    model = adv.TrainableModel("keep", project="t", base_model=str(tiny_model_dir))
+    await model.register(backend)
+    try:
+        val_rewards = {1: 0.9, 2: 0.1, 3: 0.4}
+        for step in (1, 2, 3):
+            groups = await adv.gather_trajectory_groups(
+                [[_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+            )
+            assert (await model.train(groups, adv.TrainConfig(learning_rate=1e-3))).step == step
+            val = adv.TrajectoryGroup([adv.Trajectory(PROMPT, reward=val_rewards[step])])
+            logged = await model.log([val], split="val")
+            assert logged["val/reward"] == pytest.approx(val_rewards[step])
+        assert await model.delete_checkpoints() == [2]  # step 1 is the best by val/reward, 3 the latest
+        mdir = ckpt.model_dir(tmp_path, "t", "keep")
+        assert ckpt.list_steps(mdir) == [0, 1, 3]
+        served = [m.id for m in (await model.openai_client().models.list()).data]
+        assert "keep@2" not in served and "keep@1" in served
+        resp = await model.openai_client().chat.completions.create(model="keep@1", messages=PROMPT, max_tokens=1)
+        assert resp.choices[0].model_extra["weights"]["step"] == 1  # an older kept step still serves
+        rows = (mdir / "metrics.jsonl").read_text().splitlines()
+        assert len(rows) == 6  # 3 train steps + 3 evaluations
+        assert (mdir / "trajectories" / "val" / "0003.jsonl").exists()
+    finally:
+        await backend.close()
