@@ -1,0 +1,227 @@
+"""The ScaleRL ceiling fit: predict where a run's reward will level off from its early part.
+
+    R(C) = R0 + (A - R0) / (1 + (C_mid / C)^B)
+
+C is compute on any axis (steps, tokens, seconds), R0 the starting reward, A the asymptotic reward, B > 0
+the compute efficiency and C_mid the compute at half the gain. R0 is held fixed (the mean of the first
+three rewards by compute, unless given) and A, B, log(C_mid) are fit by bounded least squares: a coarse
+grid over (B, C_mid), where A has a closed form, then Levenberg-Marquardt. The sigmoid is written in
+log C, so C_mid is fit as log(C_mid) and steps in it are scale-free. The interval on A comes from
+resampling the residuals around the fit and refitting (with R0 redrawn too when it was estimated, since A
+leans on it). Plain numpy: no scipy needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+
+from advantage.tracking import RunLog
+
+Array = NDArray[np.float64]
+R0_POINTS = 3  # how many of the earliest rewards are averaged into R0 when it is not given
+B_MAX = 10.0
+AXES = {"step": "step", "seconds": "seconds", "tokens": "sequence_tokens"}  # axis -> metrics.jsonl field
+
+
+@dataclass(frozen=True)
+class ScalingFit:
+    a: float  # asymptotic reward
+    b: float  # compute efficiency (> 0)
+    c_mid: float  # compute at half the gain from r0 to a
+    r0: float  # starting reward (held fixed in the fit)
+    a_interval: tuple[float, float]  # 90% bootstrap interval on a; (nan, nan) with no bootstrap
+    n_points: int  # points used in the fit (after skip_frac)
+    rmse: float  # root-mean-square residual on those points
+
+    def predict(self, c: float | Sequence[float] | Array) -> float | Array:
+        """The fitted curve at compute `c` (a float for a scalar, an array otherwise)."""
+        with np.errstate(divide="ignore"):  # C = 0 gives log C = -inf and so R0, the curve's limit
+            log_c = np.log(np.asarray(c, dtype=np.float64))
+        out = self.r0 + (self.a - self.r0) * _sigmoid(log_c, self.b, math.log(self.c_mid))
+        return float(out) if out.ndim == 0 else out
+
+    def summary(self, compute_so_far: float) -> str:
+        """One line: the parameters and the predicted reward at 2x and 10x `compute_so_far`."""
+        lo, hi = self.a_interval
+        at2, at10 = self.predict(2 * compute_so_far), self.predict(10 * compute_so_far)
+        return (
+            f"A={self.a:.4f} (90% CI {lo:.4f}..{hi:.4f}), B={self.b:.3f}, C_mid={self.c_mid:.4g}, "
+            f"R0={self.r0:.4f}, rmse={self.rmse:.4f} on {self.n_points} points; predicted reward "
+            f"{at2:.4f} at 2x ({2 * compute_so_far:.4g}) and {at10:.4f} at 10x ({10 * compute_so_far:.4g})"
+        )
+
+
+def _sigmoid(log_c: Array, b: Array | float, log_c_mid: Array | float) -> Array:
+    """1 / (1 + (C_mid / C)^B), a logistic in log C; exp overflowing to inf gives the right limit, 0."""
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(np.multiply(b, np.subtract(log_c_mid, log_c))))
+
+
+def _residual(log_c: Array, y: Array, r0: float, p: Array) -> Array:
+    return y - (r0 + (p[0] - r0) * _sigmoid(log_c, p[1], p[2]))
+
+
+def _levenberg_marquardt(
+    log_c: Array, y: Array, r0: float, p: Array, lo: Array, hi: Array, iters: int = 200
+) -> Array:
+    """Minimise |y - f(p)|^2 over p = (A, B, log C_mid) within [lo, hi] (steps are clipped to the box)."""
+    res = _residual(log_c, y, r0, p)
+    cost, lam = float(res @ res), 1e-3
+    for _ in range(iters):
+        s = _sigmoid(log_c, p[1], p[2])
+        ds = -s * (1.0 - s) * (p[0] - r0)  # (n,) d f / d z, where z = B (log C_mid - log C)
+        jac = np.stack([s, ds * (p[2] - log_c), ds * p[1]], axis=1)  # (n, 3) d f / d (A, B, log C_mid)
+        h, g = jac.T @ jac, jac.T @ res
+        while lam < 1e12:
+            try:
+                step = np.linalg.solve(h + lam * np.diag(np.diag(h) + 1e-12), g)
+            except np.linalg.LinAlgError:
+                lam *= 10.0
+                continue
+            p_new = np.clip(p + step, lo, hi)
+            res_new = _residual(log_c, y, r0, p_new)
+            cost_new = float(res_new @ res_new)
+            if cost_new < cost:
+                break
+            lam *= 4.0
+        else:
+            return p  # no step lowers the cost: converged (or stuck on a bound)
+        done = cost - cost_new <= 1e-12 * max(cost, 1e-30)
+        p, res, cost, lam = p_new, res_new, cost_new, max(lam / 3.0, 1e-9)
+        if done:
+            break
+    return p
+
+
+def _fit(log_c: Array, y: Array, r0: float, lo: Array, hi: Array) -> Array:
+    """Best of a (B, log C_mid) grid, with A solved in closed form at each node, refined by LM."""
+    b_grid = np.array([0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0])
+    l_grid = np.linspace(lo[2], min(hi[2], log_c.max() + math.log(30.0)), 24)
+    s = _sigmoid(log_c[None, None, :], b_grid[:, None, None], l_grid[None, :, None])  # (nB, nL, n)
+    # f = r0 + (A - r0) s is linear in A, so for fixed (B, C_mid): A - r0 = <s, y - r0> / <s, s>.
+    gain = (s @ (y - r0)) / np.maximum((s * s).sum(-1), 1e-300)  # (nB, nL)
+    a = np.clip(r0 + gain, lo[0], hi[0])
+    cost = (((r0 + (a - r0)[..., None] * s) - y) ** 2).sum(-1)  # (nB, nL)
+    best: Array | None = None
+    best_cost = math.inf
+    for flat in np.argsort(cost, axis=None)[:3]:
+        i, j = np.unravel_index(flat, cost.shape)
+        p = _levenberg_marquardt(log_c, y, r0, np.array([a[i, j], b_grid[i], l_grid[j]]), lo, hi)
+        res = _residual(log_c, y, r0, p)
+        if float(res @ res) < best_cost:
+            best, best_cost = p, float(res @ res)
+    assert best is not None
+    return best
+
+
+def fit_scaling_curve(
+    compute: Sequence[float] | Array,
+    reward: Sequence[float] | Array,
+    *,
+    r0: float | None = None,
+    skip_frac: float = 0.0,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> ScalingFit:
+    """Fit the ScaleRL curve to (compute, reward) points; see the module docstring.
+
+    Points are sorted by compute. R0 defaults to the mean of the first three rewards of the whole series
+    (before `skip_frac`), the run's starting level. `skip_frac` then drops that fraction of the earliest
+    points from the fit. The 90% interval on A is the 5th..95th percentile of `n_bootstrap` refits to the
+    fitted curve plus resampled residuals (`seed` fixes the resampling).
+    """
+    c = np.asarray(compute, dtype=np.float64).ravel()
+    y = np.asarray(reward, dtype=np.float64).ravel()
+    if c.shape != y.shape:
+        raise ValueError(f"compute and reward differ in length ({c.size} vs {y.size})")
+    if not np.all(np.isfinite(y)):
+        raise ValueError("reward contains NaN or inf")
+    if not np.all(np.isfinite(c)) or np.any(c <= 0):
+        raise ValueError("compute must be finite and > 0 (C = 0 is the curve's R0 limit, not a point)")
+    if not 0.0 <= skip_frac < 1.0:
+        raise ValueError(f"skip_frac must be in [0, 1), got {skip_frac}")
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    order = np.argsort(c, kind="stable")
+    c, y = c[order], y[order]
+    r0_value = float(y[:R0_POINTS].mean()) if r0 is None else float(r0)
+    if not math.isfinite(r0_value):
+        raise ValueError("r0 must be finite")
+    skip = int(skip_frac * c.size)
+    c, y = c[skip:], y[skip:]
+    if c.size < 4:
+        raise ValueError(f"need at least 4 points to fit 3 parameters, got {c.size} (after skip_frac)")
+
+    log_c = np.log(c)
+    span = log_c.max() - log_c.min()
+    lo = np.array([min(y.min(), r0_value) - 1.0, 1e-3, log_c.min() - max(span, 1.0) - math.log(10.0)])
+    hi = np.array([max(y.max(), r0_value) + 1.0, B_MAX, log_c.max() + max(span, 1.0) + math.log(1e3)])
+    p = _fit(log_c, y, r0_value, lo, hi)
+    res = _residual(log_c, y, r0_value, p)
+    fitted = y - res
+
+    interval = (math.nan, math.nan)
+    if n_bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        a_boot = np.empty(n_bootstrap)
+        for k in range(n_bootstrap):
+            y_k = fitted + rng.choice(res, size=res.size, replace=True)
+            # A estimated R0 is noisy too and A leans on it, so it is redrawn from the same residuals.
+            r0_k = r0_value + (0.0 if r0 is not None else float(rng.choice(res, size=R0_POINTS).mean()))
+            # Refit from the point estimate: the resampled curve is near it, so the grid is not needed.
+            a_boot[k] = _levenberg_marquardt(log_c, y_k, r0_k, p.copy(), lo, hi)[0]
+        interval = (float(np.percentile(a_boot, 5)), float(np.percentile(a_boot, 95)))
+    return ScalingFit(
+        a=float(p[0]),
+        b=float(p[1]),
+        c_mid=float(math.exp(p[2])),
+        r0=r0_value,
+        a_interval=interval,
+        n_points=int(c.size),
+        rmse=float(np.sqrt(np.mean(res * res))),
+    )
+
+
+def fit_run(
+    run_dir: Path,
+    metric: str = "train/reward",
+    axis: str = "step",
+    *,
+    r0: float | None = None,
+    skip_frac: float = 0.0,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+) -> ScalingFit:
+    """Fit `metric` from the train rows of `<run_dir>/metrics.jsonl` against `axis`.
+
+    axis "step" uses each row's step; "seconds" and "tokens" are cumulative sums of the rows' "seconds"
+    and "sequence_tokens" in file order, counting rows that lack `metric` (a skipped step still spent
+    compute). The keyword arguments are those of `fit_scaling_curve`.
+    """
+    if axis not in AXES:
+        raise ValueError(f"axis must be one of {sorted(AXES)}, got {axis!r}")
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise ValueError(f"no metrics log at {path}")
+    compute: list[float] = []
+    reward: list[float] = []
+    total = 0.0
+    for row in RunLog(Path(run_dir)).rows():
+        if row.get("split") != "train":
+            continue
+        if axis == "step":
+            total = float(row["step"])
+        else:
+            total += float(row.get(AXES[axis], 0.0))
+        if metric in row:
+            compute.append(total)
+            reward.append(float(row[metric]))
+    if not reward:
+        raise ValueError(f"no train rows with {metric!r} in {path}")
+    return fit_scaling_curve(compute, reward, r0=r0, skip_frac=skip_frac, n_bootstrap=n_bootstrap, seed=seed)
