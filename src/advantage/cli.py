@@ -72,6 +72,20 @@ def demo(
 
 
 @app.command()
+def fit(
+    run_dir: Annotated[Path, typer.Argument(help="A run dir holding metrics.jsonl.")],
+    metric: Annotated[str, typer.Option(help="Metric to fit.")] = "train/reward",
+    axis: Annotated[str, typer.Option(help="Compute axis: step, seconds or tokens.")] = "step",
+    skip_frac: Annotated[float, typer.Option(help="Fraction of the earliest points to drop.")] = 0.0,
+) -> None:
+    """Fit the ScaleRL curve to a run and predict its reward ceiling."""
+    from advantage.scaling import fit_run
+
+    result = fit_run(run_dir, metric=metric, axis=axis, skip_frac=skip_frac)
+    typer.echo(result.summary(result.c_max))
+
+
+@app.command()
 def convert(
     base_model: Annotated[str, typer.Argument(help="Bundled model name.")] = "smollm2-135m-instruct",
 ) -> None:

@@ -38,6 +38,7 @@ class ScalingFit:
     a_interval: tuple[float, float]  # 90% bootstrap interval on a; (nan, nan) with no bootstrap
     n_points: int  # points used in the fit (after skip_frac)
     rmse: float  # root-mean-square residual on those points
+    c_max: float = float("nan")  # the largest compute fitted: the run's compute so far
 
     def predict(self, c: float | Sequence[float] | Array) -> float | Array:
         """The fitted curve at compute `c` (a float for a scalar, an array otherwise)."""
@@ -184,6 +185,7 @@ def fit_scaling_curve(
         r0=r0_value,
         a_interval=interval,
         n_points=int(c.size),
+        c_max=float(np.max(c)),
         rmse=float(np.sqrt(np.mean(res * res))),
     )
 
