@@ -4,6 +4,7 @@ PYTHON ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: demo test install bench clean
 
