@@ -13,10 +13,19 @@ from advantage.backends.local import LocalBackend
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.gather import RolloutError, gather_trajectory_groups
 from advantage.model import Model, TrainableModel
+from advantage.rewards import JudgeVerdict, RulerError, RulerJudge, ruler, ruler_score_group
+from advantage.scaling import ScalingFit, fit_scaling_curve
 from advantage.trajectory import Trajectory, TrajectoryGroup
 
 __all__ = [
     "Backend",
+    "JudgeVerdict",
+    "RulerError",
+    "RulerJudge",
+    "ScalingFit",
+    "fit_scaling_curve",
+    "ruler",
+    "ruler_score_group",
     "LocalBackend",
     "LoRAConfig",
     "Model",
