@@ -25,6 +25,7 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     top_logprobs: int = 0  # OpenAI's top_logprobs (0..20); the sampled token's logprob is always returned
+    grammar: str | None = None  # an llguidance grammar (from response_format): output is constrained to it
 
     def validate(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -46,13 +47,17 @@ def sample_next(
     temperature_B: torch.Tensor,
     top_p_B: torch.Tensor,
     generators: list[torch.Generator | None],
+    allowed_BV: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row. Returns (token ids (B,), raw-model logprobs of those tokens (B,))."""
+    """Pick one token per row, only among `allowed_BV` where given (constrained decoding).
+
+    Returns (token ids (B,), raw-model logprobs of those tokens (B,))."""
     logprobs_BV = torch.log_softmax(logits_BV.float(), dim=-1)
+    pick_BV = logprobs_BV if allowed_BV is None else logprobs_BV.masked_fill(~allowed_BV, float("-inf"))
     greedy_B = temperature_B <= 0
-    tokens_B = logprobs_BV.argmax(dim=-1)
+    tokens_B = pick_BV.argmax(dim=-1)
     if not bool(greedy_B.all()):
-        scaled_BV = logprobs_BV / temperature_B.clamp_min(1e-5).unsqueeze(1)
+        scaled_BV = pick_BV / temperature_B.clamp_min(1e-5).unsqueeze(1)
         probs_BV = torch.softmax(scaled_BV, dim=-1)
         if bool((top_p_B < 1.0).any()):
             probs_BV = _top_p_filter(probs_BV, top_p_B)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from advantage.engine.grammar import Constraint, GrammarCompiler
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class _Row:
     req: _Request
     index: int
     generator: torch.Generator | None
+    constraint: Constraint | None = None
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -92,6 +94,7 @@ class TorchEngine:
         self.max_batch_size = max_batch_size
         self.default_max_tokens = default_max_tokens
         self.stop_token_ids = self._stop_token_ids(model)
+        self.grammars = GrammarCompiler(self.tokenizer, int(model.config.vocab_size))
         self._adapters: dict[str, str] = {}  # adapter name -> path
         self._pending: deque[_Request] = deque()
         self._commands: deque[tuple[Callable[[], None], concurrent.futures.Future[None]]] = deque()
@@ -116,6 +119,8 @@ class TorchEngine:
     ) -> concurrent.futures.Future[list[Completion]]:
         params.validate()
         max_new = self.check_fits(len(prompt_ids), params.max_tokens)
+        if params.grammar is not None:
+            self.grammars.validate(params.grammar)
         if adapter is not None and adapter not in self._adapters:
             raise KeyError(f"adapter {adapter!r} is not loaded")
         fut: concurrent.futures.Future[list[Completion]] = concurrent.futures.Future()
@@ -270,7 +275,8 @@ class TorchEngine:
                 gen = None
                 if req.params.seed is not None:
                     gen = torch.Generator().manual_seed(req.params.seed + i)
-                rows.append(_Row(req, i, gen))
+                constraint = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
+                rows.append(_Row(req, i, gen, constraint))
                 src.append(u)
         unique = list(prompts)
         width = max(len(p) for p in unique)
@@ -338,7 +344,14 @@ class TorchEngine:
         rows = [self._rows[i] for i in row_ids]
         temp = torch.tensor([r.req.params.temperature for r in rows], device=logits_RV.device)
         top_p = torch.tensor([r.req.params.top_p for r in rows], device=logits_RV.device)
-        tokens_R, lp_R = sample_next(logits_RV, temp, top_p, [r.generator for r in rows])
+        allowed_RV = None
+        if any(r.constraint for r in rows):
+            allowed_RV = torch.ones(logits_RV.shape, dtype=torch.bool)
+            for j, r in enumerate(rows):
+                if r.constraint is not None:
+                    allowed_RV[j] = r.constraint.allowed()
+            allowed_RV = allowed_RV.to(logits_RV.device)
+        tokens_R, lp_R = sample_next(logits_RV, temp, top_p, [r.generator for r in rows], allowed_RV)
         k = max(r.req.params.top_logprobs for r in rows)
         top_vals = top_idx = None
         if k:
@@ -357,6 +370,8 @@ class TorchEngine:
         row.ids.append(token)
         row.logprobs.append(logprob)
         stops = row.req.params.stop
+        if row.constraint is not None:
+            row.constraint.consume(token)
         if token in self.stop_token_ids:
             row.finish = "stop"
         else:
@@ -364,6 +379,8 @@ class TorchEngine:
             hits = [row.text.find(s) for s in stops if s in row.text]
             if hits:
                 row.text = row.text[: min(hits)]
+                row.finish = "stop"
+            elif row.constraint is not None and row.constraint.done:
                 row.finish = "stop"
             elif len(row.ids) >= row.req.max_new:
                 row.finish = "length"

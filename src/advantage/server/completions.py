@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from advantage.engine.chat import parse_assistant_output, render_prompt, validate_messages
+from advantage.engine.grammar import GrammarError, grammar_from_response_format
 from advantage.engine.sampling import SamplingError, SamplingParams
 from advantage.engine.torch_engine import Completion, ContextLengthError
 from advantage.server.schemas import APIError, ChatCompletionRequest
@@ -47,6 +48,12 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
+    try:
+        grammar = grammar_from_response_format(req.response_format)
+        if grammar is not None:
+            weights.engine.grammars.validate(grammar)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param="response_format") from None
     params = SamplingParams(
         max_tokens=req.max_completion_tokens or req.max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -55,6 +62,7 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
         seed=req.seed,
         n=req.n,
         top_logprobs=req.top_logprobs or 0,
+        grammar=grammar,
     )
     try:
         params.validate()
@@ -84,7 +92,10 @@ async def complete(p: PreparedRequest) -> dict[str, Any]:
 
 def _choice(p: PreparedRequest, index: int, c: Completion) -> dict[str, Any]:
     parsed = parse_assistant_output(c.text, p.tools_enabled)
-    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    # A reply without tool calls is returned verbatim, as OpenAI does (the parser strips whitespace): the
+    # streamed deltas then add up to the same content, and token_ids decode to it.
+    content = parsed.content if parsed.tool_calls else c.text
+    message: dict[str, Any] = {"role": "assistant", "content": content}
     finish = c.finish_reason
     if parsed.tool_calls:
         message["tool_calls"] = parsed.tool_calls

@@ -1,0 +1,102 @@
+"""Structured outputs: OpenAI's `response_format` turned into a grammar that constrains sampling.
+
+llguidance (a maintained Rust library with CPU wheels and no torch dependency) compiles a JSON schema into
+a token-level matcher. At every decode step the matcher gives the set of tokens that keep the output valid;
+the sampler only picks among them, so even the 135M bundled model always returns JSON that fits the schema
+(unless it runs out of max_tokens, which is then reported as finish_reason "length").
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import torch
+
+
+class GrammarError(ValueError):
+    """A response_format that cannot be compiled; the message says what is wrong."""
+
+
+def grammar_from_response_format(response_format: dict[str, Any] | None) -> str | None:
+    """The llguidance grammar for an OpenAI `response_format`, or None for free text."""
+    if not response_format:
+        return None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise GrammarError("response_format.json_schema must be an object with a 'schema' object.")
+        schema = spec.get("schema") or {"type": "object"}
+    else:
+        raise GrammarError(
+            f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}."
+        )
+    import llguidance
+
+    # Compact JSON: a small model given free whitespace can loop on newlines forever.
+    return str(
+        llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), defaults={"whitespace_flexible": False}
+        )
+    )
+
+
+class GrammarCompiler:
+    """Per-tokenizer matcher factory (the tokenizer conversion is done once, on first use)."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int) -> None:
+        self._hf = hf_tokenizer
+        self.vocab_size = vocab_size
+        self._tok: Any = None
+        self._lock = threading.Lock()
+
+    def _tokenizer(self) -> Any:
+        with self._lock:
+            if self._tok is None:
+                import llguidance.hf
+
+                self._tok = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
+            return self._tok
+
+    def validate(self, grammar: str) -> None:
+        import llguidance
+
+        error = llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer())
+        if error:
+            raise GrammarError(f"Invalid response_format schema: {error}")
+
+    def matcher(self, grammar: str) -> Constraint:
+        import llguidance
+
+        return Constraint(llguidance.LLMatcher(self._tokenizer(), grammar), self.vocab_size)
+
+
+class Constraint:
+    """One sequence's matcher: which tokens may come next, and feeding it the sampled ones."""
+
+    def __init__(self, matcher: Any, vocab_size: int) -> None:
+        self._m = matcher
+        self._vocab = vocab_size
+
+    def allowed(self) -> torch.Tensor:
+        """(V,) bool: the tokens that keep the output inside the grammar."""
+        import llguidance.torch as llt
+
+        bitmask = llt.allocate_token_bitmask(1, self._vocab)
+        llt.fill_next_token_bitmask(self._m, bitmask, 0)
+        logits = torch.zeros(1, self._vocab)
+        llt.apply_token_bitmask_inplace(logits, bitmask)
+        return (logits[0] == 0).clone()
+
+    def consume(self, token: int) -> None:
+        self._m.consume_token(token)
+
+    @property
+    def done(self) -> bool:
+        return bool(self._m.is_stopped())
