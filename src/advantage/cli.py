@@ -44,7 +44,9 @@ def _demo_module():  # the demo is an example (public API only); it lives in the
 
     repo = Path(__file__).resolve().parents[2]
     if not (repo / "examples" / "tool_use" / "train.py").exists():
-        raise typer.BadParameter("`advantage demo` runs examples/tool_use; run it from a clone of the repository.")
+        raise typer.BadParameter(
+            "`advantage demo` runs examples/tool_use; run it from a clone of the repository."
+        )
     sys.path.insert(0, str(repo))
     from examples.tool_use import train
 
@@ -67,8 +69,17 @@ def demo(
 ) -> None:
     """Train the bundled model on the tool-use demo task on CPU, with a held-out baseline and final eval."""
     train = _demo_module()
-    train.main(train.DemoConfig(steps=steps, name=name, root=root, learning_rate=learning_rate,
-                                groups_per_step=groups_per_step, group_size=group_size, val_size=val_size))
+    train.main(
+        train.DemoConfig(
+            steps=steps,
+            name=name,
+            root=root,
+            learning_rate=learning_rate,
+            groups_per_step=groups_per_step,
+            group_size=group_size,
+            val_size=val_size,
+        )
+    )
 
 
 @app.command()

@@ -52,7 +52,8 @@ def write_step(mdir: Path, step: int, write: Callable[[Path], None], state: dict
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step:04d}-", dir=mdir))
     try:
         write(tmp)
-        if os.environ.get("ADVANTAGE_FAULT") == "kill-in-checkpoint-write":  # fault injection for the resume test
+        # Fault injection for the kill -9 resume test: die with the step half written.
+        if os.environ.get("ADVANTAGE_FAULT") == "kill-in-checkpoint-write":
             os.kill(os.getpid(), signal.SIGKILL)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
         _fsync_dir(tmp)
