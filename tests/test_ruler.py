@@ -126,10 +126,10 @@ def test_schema_enforces_the_count_and_the_ids() -> None:
     judge = RulerJudge("judge-model", base_url="http://127.0.0.1:9/v1")
     request = judge.build_request([[USER]] * 3)
     fmt = request["response_format"]
-    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert fmt["type"] == "json_schema"
     scores = fmt["json_schema"]["schema"]["properties"]["scores"]
-    assert scores["minItems"] == scores["maxItems"] == 3
-    assert scores["items"]["properties"]["trajectory_id"]["enum"] == ["1", "2", "3"]
+    assert scores["minItems"] == scores["maxItems"] == 3 and scores["items"] is False
+    assert [it["properties"]["trajectory_id"]["const"] for it in scores["prefixItems"]] == ["1", "2", "3"]
     assert request["temperature"] == 0.0 and request["max_tokens"] == 1024
     reasoning = RulerJudge("o4-mini").build_request([[USER]])
     assert "temperature" not in reasoning and "max_tokens" not in reasoning

@@ -146,16 +146,23 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
 
 
 def response_format(n: int) -> dict[str, Any]:
-    """A strict JSON schema for n scores, so a constrained-decoding server can enforce ids and count."""
-    item = _object(
-        {
-            "trajectory_id": {"type": "string", "enum": [str(i) for i in range(1, n + 1)]},
-            "explanation": {"type": "string"},
-            "score": {"type": "number", "minimum": 0, "maximum": 1},
-        }
-    )
-    schema = _object({"scores": {"type": "array", "items": item, "minItems": n, "maxItems": n}})
-    return {"type": "json_schema", "json_schema": {"name": "ruler_scores", "strict": True, "schema": schema}}
+    """A JSON schema for exactly n scores, ids "1".."n" in order, so a constrained-decoding server (ours)
+    enforces the count and the ids. `strict` is off: hosted APIs reject keywords such as prefixItems in
+    strict mode, and the answer is validated here anyway."""
+
+    def item(i: int) -> dict[str, Any]:
+        return _object(
+            {
+                "trajectory_id": {"type": "string", "const": str(i)},
+                "explanation": {"type": "string", "maxLength": 400},
+                "score": {"type": "number", "minimum": 0, "maximum": 1},
+            }
+        )
+
+    scores = {"type": "array", "prefixItems": [item(i) for i in range(1, n + 1)], "items": False,
+              "minItems": n, "maxItems": n}  # fmt: skip
+    schema = _object({"scores": scores})
+    return {"type": "json_schema", "json_schema": {"name": "ruler_scores", "strict": False, "schema": schema}}
 
 
 def parse_scores(content: str, n: int) -> tuple[list[float], list[str]]:
