@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from advantage.backends.base import Backend, TrainResult
 from advantage.backends.local import LocalBackend
+from advantage.backends.remote import BackendUnavailableError, RemoteBackend
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.gather import RolloutError, gather_trajectory_groups
 from advantage.model import Model, TrainableModel
@@ -19,6 +20,8 @@ from advantage.trajectory import Trajectory, TrajectoryGroup
 
 __all__ = [
     "Backend",
+    "BackendUnavailableError",
+    "RemoteBackend",
     "JudgeVerdict",
     "RulerError",
     "RulerJudge",

@@ -121,8 +121,14 @@ class Service:
         """Register a trainable model; resume from its newest complete checkpoint. Returns the step."""
         check_name("project", project)
         check_name("model name", name)
-        if name in self._models and self._models[name].trainer is not None:
-            return self._models[name].latest
+        existing = self._models.get(name)
+        if existing is not None and existing.trainer is not None:
+            if (existing.project, existing.base_model) != (project, base_model):
+                raise ValueError(
+                    f"A model named {name!r} is already registered (project {existing.project!r}, base "
+                    f"{existing.base_model!r}); pick another name."
+                )
+            return existing.latest
         mdir = ckpt.model_dir(self.root, project, name)
         ckpt.sweep_partial(mdir)
         entry = ModelEntry(project, name, base_model, run_dir=mdir)

@@ -16,13 +16,14 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from advantage.server import completions
+from advantage.server import completions, training_routes
 from advantage.server.schemas import APIError, ChatCompletionRequest, error_response
 from advantage.service import Service
 
 log = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health"})
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_TRAIN_BODY_BYTES = 256 * 1024 * 1024  # a batch of groups with token ids and logprobs is large
 
 
 def create_app(service: Service, api_key: str | None = None) -> FastAPI:
@@ -41,8 +42,9 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                     "authentication_error",
                 )
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return error_response(413, f"Request body over {MAX_BODY_BYTES} bytes; send less context.")
+        limit = MAX_TRAIN_BODY_BYTES if request.url.path.startswith("/v1/training/") else MAX_BODY_BYTES
+        if length and length.isdigit() and int(length) > limit:
+            return error_response(413, f"Request body over {limit} bytes; send less per request.")
         return await call_next(request)
 
     @app.exception_handler(APIError)
@@ -81,4 +83,5 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             return StreamingResponse(completions.stream(prepared), media_type="text/event-stream")
         return await completions.complete(prepared)
 
+    app.include_router(training_routes.router)
     return app

@@ -1,0 +1,321 @@
+"""The remote backend: the same user code, training and serving on `advantage serve` over HTTP.
+
+Rollouts, tools and rewards stay in this process; `model.openai_client()` talks to the server's OpenAI
+routes, and the training calls go to its `/v1/training/` routes (see `advantage.server.training_routes`).
+This module imports nothing from the server side.
+
+Retries, and why each call gets the ones it gets:
+- Every call is sent again, with exponential backoff, when the connection could not be made at all
+  (refused, or the connect timed out): the server never saw the request, so sending it again is safe.
+- `register`, `get_step` and `delete_checkpoints` are idempotent, so they are also retried when the
+  connection breaks after the request went out, and on 502/503/504 (a proxy in front of a restarting
+  server). A retried `delete_checkpoints` may return `[]` when the first attempt already deleted.
+- `log` appends a row to the run's metrics and trajectories: it is not idempotent and is never sent twice
+  once it may have arrived; a broken connection raises `BackendUnavailableError`.
+- `train` is never blindly retried: a step that reached the server may complete there even when this
+  client never hears back. A connection lost mid-step raises `BackendUnavailableError`; the server keeps
+  its newest complete checkpoint, and `get_step()` after a restart tells which step it resumed from.
+- A server restarted since `register` no longer knows the model; it answers 404 `model_not_registered`
+  before doing anything, and this client registers the model again (resuming from the newest complete
+  checkpoint on the server's disk) and repeats the call once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import httpx
+from tqdm.auto import tqdm
+
+from advantage.backends.base import TrainResult
+from advantage.config import TrainConfig
+from advantage.trajectory import TrajectoryGroup
+
+if TYPE_CHECKING:
+    from advantage.model import TrainableModel
+
+NOT_REGISTERED = "model_not_registered"  # the server's error code for a model it does not know (any more)
+_RETRY_STATUS = frozenset({502, 503, 504})
+
+
+class BackendError(Exception):
+    """The server refused or failed a request. `status` is the HTTP status; `type` and `code` come from
+    the OpenAI-shaped error body."""
+
+    def __init__(
+        self, message: str, status: int | None = None, type_: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.type, self.code = message, status, type_, code
+
+
+class BackendRequestError(BackendError, ValueError):
+    """A 4xx: the request was wrong (bad input, unknown model); the message says what to change."""
+
+
+class BackendAuthError(BackendError, PermissionError):
+    """A 401: no API key, or not the one the server was started with."""
+
+
+class BackendUnavailableError(BackendError, ConnectionError):
+    """The server could not be reached, or went away before answering."""
+
+
+class RemoteBackend:
+    """Train and serve on `advantage serve` at `base_url` ("http://host:7999", with or without "/v1").
+
+    `api_key` defaults to the ADVANTAGE_API_KEY environment variable, the one `advantage serve` reads.
+    `timeout` bounds each request, and the silence between two events of a train step (the server sends a
+    heartbeat every 15 s). `max_retries` is how many times a call is sent again (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 600.0,
+        max_retries: int = 3,
+        progress: bool = True,
+    ) -> None:
+        root = base_url.strip().rstrip("/")
+        root = root.removesuffix("/v1").rstrip("/")
+        if not root.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}.")
+        self.server_url = root
+        self.base_url = f"{root}/v1"  # the OpenAI root, for model.openai_client()
+        self.api_key = api_key if api_key is not None else os.environ.get("ADVANTAGE_API_KEY")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.progress = progress
+        self._http: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------------------------ the protocol
+    async def register(self, model: TrainableModel) -> int:
+        body = {
+            "project": model.project,
+            "name": model.name,
+            "base_model": model.base_model,
+            "lora": model.lora.model_dump(mode="json"),
+        }
+        data = await self._call("POST", "/models", body, idempotent=True, what="register")
+        return int(data["step"])
+
+    async def get_step(self, model: TrainableModel) -> int:
+        data = await self._call_registered(model, "GET", "step", None, idempotent=True)
+        return int(data["step"])
+
+    async def log(self, model: TrainableModel, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
+        body = {"groups": [g.to_dict() for g in groups], "split": split}
+        data = await self._call_registered(model, "POST", "log", body, idempotent=False)
+        return {k: float(v) for k, v in data["metrics"].items()}
+
+    async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]:
+        body = {"keep": keep, "metric": metric}
+        data = await self._call_registered(model, "POST", "delete_checkpoints", body, idempotent=True)
+        return [int(s) for s in data["deleted"]]
+
+    async def train(
+        self, model: TrainableModel, groups: list[TrajectoryGroup], config: TrainConfig
+    ) -> TrainResult:
+        content = _dumps({"groups": [g.to_dict() for g in groups], "config": config.model_dump(mode="json")})
+        bar = tqdm(total=0, desc=f"train {model.name}", unit="mb", leave=False, disable=not self.progress)
+        try:
+            return await self._train_stream(model, content, bar)
+        finally:
+            bar.close()
+
+    async def close(self) -> None:
+        if self._http is not None and self._loop is asyncio.get_running_loop():
+            await self._http.aclose()
+        self._http = self._loop = None
+
+    # ------------------------------------------------------------------------------------ HTTP
+    def _client(self) -> httpx.AsyncClient:
+        # An httpx client belongs to the event loop it first ran on; a backend reused under a new
+        # asyncio.run() gets a fresh one.
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._loop is not loop:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
+            self._http = httpx.AsyncClient(
+                base_url=f"{self.base_url}/training", headers=headers, timeout=timeout
+            )
+            self._loop = loop
+        return self._http
+
+    async def _call_registered(
+        self,
+        model: TrainableModel,
+        method: str,
+        action: str,
+        body: dict[str, Any] | None,
+        *,
+        idempotent: bool,
+    ) -> dict[str, Any]:
+        path = f"/models/{quote(model.name, safe='')}/{action}"
+        try:
+            return await self._call(method, path, body, idempotent=idempotent, what=action)
+        except BackendRequestError as exc:
+            if exc.code != NOT_REGISTERED:
+                raise
+        await self.register(model)  # the server restarted since: register again, then repeat once
+        return await self._call(method, path, body, idempotent=idempotent, what=action)
+
+    async def _call(
+        self, method: str, path: str, body: dict[str, Any] | None, *, idempotent: bool, what: str
+    ) -> dict[str, Any]:
+        content = None if body is None else _dumps(body)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(_backoff(attempt - 1))
+            try:
+                resp = await self._client().request(method, path, content=content, headers=headers)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                last = exc  # never reached the server: safe to send again
+                continue
+            except httpx.TransportError as exc:
+                if not idempotent:
+                    raise BackendUnavailableError(
+                        f"The connection to {self.server_url} broke during {what}() ({_cause(exc)}); the "
+                        "server may or may not have recorded it. Check the run's metrics.jsonl on the server "
+                        "before sending it again."
+                    ) from exc
+                last = exc
+                continue
+            if resp.status_code in _RETRY_STATUS and idempotent:
+                last = _error(resp.status_code, _json_or_none(resp), self.server_url, what)
+                continue
+            payload = _json_or_none(resp)
+            if resp.status_code >= 400 or payload is None:
+                raise _error(resp.status_code, payload, self.server_url, what)
+            return payload
+        if isinstance(last, BackendError):
+            raise last
+        raise BackendUnavailableError(
+            f"Cannot reach the advantage server at {self.server_url} for {what}() after "
+            f"{self.max_retries + 1} attempts ({_cause(last)}). Is `advantage serve` running there, and is "
+            "the URL right?"
+        ) from last
+
+    async def _train_stream(self, model: TrainableModel, content: bytes, bar: tqdm) -> TrainResult:
+        path = f"/models/{quote(model.name, safe='')}/train"
+        headers = {"Content-Type": "application/json"}
+        failures, registered_again = 0, False
+        while True:
+            error: BackendError | None = None
+            result: TrainResult | None = None
+            try:
+                async with self._client().stream("POST", path, content=content, headers=headers) as resp:
+                    if resp.status_code >= 400:  # refused before anything was trained
+                        await resp.aread()
+                        error = _error(resp.status_code, _json_or_none(resp), self.server_url, "train")
+                    else:  # an error event in the stream raises from here, and is never retried
+                        result = await _read_train_events(resp, bar, self.server_url)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                failures += 1  # raised only while connecting: the server never saw the step, so send it again
+                if failures > self.max_retries:
+                    raise BackendUnavailableError(
+                        f"Cannot reach the advantage server at {self.server_url} for train() after "
+                        f"{failures} attempts ({_cause(exc)}); nothing was trained. Is `advantage serve` "
+                        "running there, and is the URL right?"
+                    ) from exc
+                await asyncio.sleep(_backoff(failures - 1))
+                continue
+            except httpx.TransportError as exc:  # the step went out: never send it twice
+                raise self._went_away(model, exc) from exc
+            if error is not None:
+                if error.code == NOT_REGISTERED and not registered_again:  # the server restarted since
+                    registered_again = True
+                    await self.register(model)
+                    continue
+                raise error
+            if result is None:  # a clean end of stream without a result: the server stopped mid-step
+                raise self._went_away(model, None)
+            return result
+
+    def _went_away(self, model: TrainableModel, exc: Exception | None) -> BackendUnavailableError:
+        cause = _cause(exc) if exc is not None else "the stream ended without a result"
+        return BackendUnavailableError(
+            f"The server at {self.server_url} went away during a train step of {model.name!r} ({cause}). "
+            "Its newest complete checkpoint is kept (a half-written step is discarded). After restarting "
+            "the server, call `await model.get_step()` to see the step it resumed from (this step may or "
+            "may not have completed), then `await model.train(...)` again."
+        )
+
+
+async def _read_train_events(resp: httpx.Response, bar: tqdm, server: str) -> TrainResult | None:
+    """Follow the NDJSON events of a train step to its result, its error, or (None) a cut stream."""
+    async for line in resp.aiter_lines():
+        if not line.strip():
+            continue
+        event = json.loads(line)
+        kind = event.get("event")
+        if kind == "progress":
+            bar.total = int(event["total"])
+            bar.n = int(event["done"])
+            bar.refresh()
+        elif kind == "result":
+            return TrainResult(int(event["step"]), {k: float(v) for k, v in event["metrics"].items()})
+        elif kind == "error":
+            raise _error(int(event.get("status", 500)), {"error": event.get("error")}, server, "train")
+    return None
+
+
+def _error(status: int, payload: dict[str, Any] | None, server: str, what: str) -> BackendError:
+    err = (payload or {}).get("error")
+    if isinstance(err, dict) and err.get("message"):
+        message, type_, code = str(err["message"]), err.get("type"), err.get("code")
+    elif status in (404, 405):
+        message, type_, code = (
+            f"The server at {server} has no training route for {what}(): is it `advantage serve`, and a "
+            "version with the training API?",
+            None,
+            None,
+        )
+    else:
+        message, type_, code = f"The server at {server} answered HTTP {status} to {what}().", None, None
+    if status == 401:
+        return BackendAuthError(
+            f"{message} The server at {server} refused the API key: pass `RemoteBackend(url, api_key=KEY)` "
+            "(or set ADVANTAGE_API_KEY) with the key `advantage serve` was started with.",
+            status,
+            type_,
+            code,
+        )
+    if 400 <= status < 500:
+        return BackendRequestError(message, status, type_, code)
+    if status in _RETRY_STATUS:
+        return BackendUnavailableError(f"{message} (HTTP {status}: the server is not available)", status)
+    return BackendError(message, status, type_, code)
+
+
+def _json_or_none(resp: httpx.Response) -> dict[str, Any] | None:
+    try:
+        data = json.loads(resp.content)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    # Plain json.dumps writes NaN, which httpx refuses to encode: a NaN reward then reaches the server's
+    # validation, which says which trajectory has it and what to do.
+    return json.dumps(body).encode()
+
+
+def _backoff(attempt: int) -> float:
+    return float(min(0.5 * 2**attempt, 8.0))
+
+
+def _cause(exc: BaseException | None) -> str:
+    if exc is None:
+        return "no attempt made"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
