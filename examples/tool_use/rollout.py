@@ -1,0 +1,143 @@
+"""One episode of the tool-use task: ask, let the model call tools, feed back the results, grade the answer.
+
+The prompt is a short system message, ONE worked example exchange given as plain context messages, and the
+question. The example asks four things at once, so the one exchange shows a call to each tool, the four
+results and the answer.
+
+Measured on the bundled SmolLM2-135M-Instruct (first tool call fully right: tool and arguments; 64 samples
+over 32 val questions): 2-3% at T=1.0, 16% at T=0.7, 27% at T=0.5. Whole greedy episodes (T=0) succeed on
+8/32 val questions (mean reward 0.45); sampled at T=1.0 they succeed on 0/64 (mean reward 0.02, nearly all
+of it the format credit). An example that shows only get_weather gets 0/32 right calls even at
+T=0.7. Pick the rollout temperature with this in mind.
+The prompt is about 715 tokens; the tool schemas that the server renders take about 300 of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any, Protocol
+
+import openai
+
+from advantage import Trajectory
+
+from .env import TOOLS, Scenario, answer_facts, canonical_arguments, execute_tool
+from .reward import score
+
+Message = dict[str, Any]
+MAX_TOKENS = 96  # a call or a one-sentence answer fits in well under this
+
+SYSTEM_PROMPT = "First call a tool. Then give its result inside <answer></answer>."
+# Appended to each question: the tiny model copies the most recent tag it saw, and without this that is the
+# example's "<tool_response>", so it writes "<tool_response>" where a call belongs.
+CALL_HINT = "\nAnswer with <tool_call>."
+
+# The example's instances lie outside the scenario space (other phrasings, an amount that is not a multiple
+# of 5), so no scenario can be answered by copying it. The order matters: the model leans towards copying
+# the first call, and with get_weather first the chance of a right call (teacher-forced, T=0.7) was half.
+_EXAMPLE_CALLS: list[tuple[str, str, dict[str, Any]]] = [
+    ("What do I have on 2025-01-15?", "get_events", {"date": "2025-01-15"}),
+    ("How many miles is 3 km?", "convert_units", {"value": 3, "from_unit": "km", "to_unit": "miles"}),
+    (
+        "Convert 12 USD to EUR.",
+        "convert_currency",
+        {"amount": 12, "from_currency": "USD", "to_currency": "EUR"},
+    ),
+    ("What's the weather like in Paris?", "get_weather", {"city": "Paris"}),
+]
+
+
+def _example() -> list[Message]:
+    question = " ".join(q for q, _, _ in _EXAMPLE_CALLS)
+    calls = [
+        {
+            "id": f"call_example_{i}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)},
+        }
+        for i, (_, name, args) in enumerate(_EXAMPLE_CALLS)
+    ]
+    results: list[Message] = [
+        {"role": "tool", "tool_call_id": c["id"], "content": execute_tool(name, c["function"]["arguments"])}
+        for c, (_, name, _) in zip(calls, _EXAMPLE_CALLS, strict=True)
+    ]
+    facts = [answer_facts(name, canonical_arguments(name, args))[0] for _, name, args in _EXAMPLE_CALLS]
+    return [
+        {"role": "user", "content": question + CALL_HINT},
+        {"role": "assistant", "content": "", "tool_calls": calls},
+        *results,
+        {"role": "assistant", "content": f"<answer>{' '.join(facts)}</answer>"},
+    ]
+
+
+EXAMPLE: list[Message] = _example()
+
+
+class ChatModel(Protocol):
+    """What a rollout needs from `advantage.Model` / `advantage.TrainableModel`."""
+
+    def openai_client(self) -> openai.AsyncOpenAI: ...
+
+    def get_inference_name(self) -> str: ...
+
+
+def initial_messages(scenario: Scenario) -> list[Message]:
+    """The prompt: system message, the worked example (copied, so no trajectory shares its dicts), question."""
+    question = {"role": "user", "content": scenario.question + CALL_HINT}
+    return [{"role": "system", "content": SYSTEM_PROMPT}, *copy.deepcopy(EXAMPLE), question]
+
+
+async def rollout(
+    model: ChatModel,
+    scenario: Scenario,
+    *,
+    temperature: float = 1.0,
+    max_turns: int = 3,
+) -> Trajectory:
+    """Up to `max_turns` model turns; each tool call is executed and its result appended as a tool message.
+
+    The episode ends at the first reply without tool calls ("answered", or "length" when it was cut off) or
+    after `max_turns` ("max_turns")."""
+    client = model.openai_client()
+    traj = Trajectory(
+        messages_and_choices=list(initial_messages(scenario)),
+        tools=TOOLS,
+        metadata={"scenario_id": scenario.id, "scenario": scenario.to_dict()},
+        finish_reason="max_turns",
+    )
+    n_turns = n_calls = 0
+    for _ in range(max_turns):
+        resp = await client.chat.completions.create(
+            model=model.get_inference_name(),
+            messages=traj.messages(),  # type: ignore[arg-type]
+            tools=TOOLS,  # type: ignore[arg-type]
+            temperature=temperature,
+            max_tokens=MAX_TOKENS,
+        )
+        choice = resp.choices[0]
+        traj.messages_and_choices.append(choice)
+        n_turns += 1
+        calls = traj.messages()[-1].get("tool_calls") or []
+        if not calls:
+            traj.finish_reason = "length" if choice.finish_reason == "length" else "answered"
+            break
+        for call in calls:
+            fn = call.get("function") or {}
+            result = execute_tool(str(fn.get("name", "")), str(fn.get("arguments") or "{}"))
+            tool_msg = {"role": "tool", "tool_call_id": call.get("id"), "content": result}
+            traj.messages_and_choices.append(tool_msg)
+            n_calls += 1
+
+    grade = score(traj.messages(), scenario)
+    traj.reward = grade.total
+    traj.metrics = {
+        "success": float(traj.reward >= 1.0 - 1e-9),
+        "valid_call": float(grade.valid_call),
+        "right_tool": float(grade.right_tool),
+        "right_args": float(grade.right_args),
+        "answered": float(grade.answered),
+        "n_turns": float(n_turns),
+        "n_tool_calls": float(n_calls),
+    }
+    return traj

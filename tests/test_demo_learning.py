@@ -1,0 +1,21 @@
+"""A real learning run (slow, opt-in with `pytest -m slow`): a shortened demo on the bundled model must raise
+the held-out reward significantly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def test_short_demo_improves_held_out_reward(tmp_path: Path) -> None:
+    from examples.tool_use.train import DemoConfig, main
+
+    result = main(DemoConfig(root=tmp_path, steps=8, groups_per_step=6, group_size=8, val_size=24))
+    assert result["final_reward"] > result["baseline_reward"] + 0.1, result
+    assert result["final_success"] > result["baseline_success"], result
