@@ -27,13 +27,15 @@ class DemoConfig(BaseModel):
     name: str = Field("tool-use-001", description="Model name (checkpoints go under <root>/demo/models/<name>).")
     root: Path = Field(Path(".advantage"), description="Checkpoint and run root.")
     base_model: str = Field("smollm2-135m-instruct", description="Bundled model name or HF model dir.")
-    steps: int = Field(20, ge=0, description="Training steps.")
-    groups_per_step: int = Field(8, ge=1, description="Scenarios per step.")
+    steps: int = Field(16, ge=0, description="Training steps.")
+    groups_per_step: int = Field(6, ge=1, description="Scenarios per step.")
     group_size: int = Field(8, ge=2, description="Rollouts per scenario.")
     val_size: int = Field(32, ge=1, description="Held-out scenarios for the baseline and final evaluation.")
     eval_every: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0: only at the ends).")
-    learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate.")
-    temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature of training rollouts.")
+    learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate.")
+    temperature: float = Field(
+        0.7, ge=0, le=2, description="Sampling temperature of training rollouts (the 135M model falls apart at 1.0)."
+    )
     seed: int = Field(0, description="Scenario seed.")
 
 

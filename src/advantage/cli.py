@@ -54,32 +54,32 @@ def _demo_module():  # the demo is an example (public API only); it lives in the
 
 
 def _help(field: str) -> str:
-    return str(_demo_module().DemoConfig.model_fields[field].description)
+    f = _demo_module().DemoConfig.model_fields[field]
+    return f"{f.description} (default: {f.default})"
 
 
 @app.command()
 def demo(
-    steps: Annotated[int, typer.Option(help=_help("steps"))] = 20,
-    name: Annotated[str, typer.Option(help=_help("name"))] = "tool-use-001",
-    root: Annotated[Path, typer.Option(help=_help("root"))] = Path(".advantage"),
-    learning_rate: Annotated[float, typer.Option(help=_help("learning_rate"))] = 2e-4,
-    groups_per_step: Annotated[int, typer.Option(help=_help("groups_per_step"))] = 8,
-    group_size: Annotated[int, typer.Option(help=_help("group_size"))] = 8,
-    val_size: Annotated[int, typer.Option(help=_help("val_size"))] = 32,
+    steps: Annotated[int | None, typer.Option(help=_help("steps"), show_default=False)] = None,
+    name: Annotated[str | None, typer.Option(help=_help("name"), show_default=False)] = None,
+    root: Annotated[Path | None, typer.Option(help=_help("root"), show_default=False)] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help=_help("learning_rate"), show_default=False)
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(help=_help("temperature"), show_default=False)] = None,
+    groups_per_step: Annotated[
+        int | None, typer.Option(help=_help("groups_per_step"), show_default=False)
+    ] = None,
+    group_size: Annotated[int | None, typer.Option(help=_help("group_size"), show_default=False)] = None,
+    val_size: Annotated[int | None, typer.Option(help=_help("val_size"), show_default=False)] = None,
+    eval_every: Annotated[int | None, typer.Option(help=_help("eval_every"), show_default=False)] = None,
 ) -> None:
-    """Train the bundled model on the tool-use demo task on CPU, with a held-out baseline and final eval."""
+    """Train the bundled model on the tool-use demo task on CPU, with a held-out baseline and final eval.
+
+    Defaults (and their documentation) live in examples/tool_use/train.py:DemoConfig."""
     train = _demo_module()
-    train.main(
-        train.DemoConfig(
-            steps=steps,
-            name=name,
-            root=root,
-            learning_rate=learning_rate,
-            groups_per_step=groups_per_step,
-            group_size=group_size,
-            val_size=val_size,
-        )
-    )
+    given = {k: v for k, v in locals().items() if k != "train" and v is not None}
+    train.main(train.DemoConfig(**given))
 
 
 @app.command()
