@@ -6,17 +6,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
+from helpers import WEATHER_TOOL
 
 from advantage.engine.chat import parse_assistant_output, render_prompt, validate_messages
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+WEATHER = WEATHER_TOOL
 TIME = {
     "type": "function",
     "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}},
@@ -65,8 +59,11 @@ def test_tool_calls_and_results_render_hermes_style(tokenizer):
             "role": "assistant",
             "content": "Let me check.",
             "tool_calls": [
-                {"id": "a", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                {
+                    "id": "a",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                },
                 {"id": "b", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
             ],
         },
@@ -92,12 +89,16 @@ def test_tool_calls_and_results_render_hermes_style(tokenizer):
 def test_assistant_tool_call_without_content(tokenizer):
     msgs = [
         {"role": "user", "content": "time?"},
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "get_time", "arguments": "{}"}}],
+        },
     ]
     text = render_prompt(tokenizer, msgs, tools=[TIME], add_generation_prompt=False)
-    assert text.endswith('<|im_start|>assistant\n<tool_call>\n{"name": "get_time", "arguments": {}}\n'
-                         "</tool_call><|im_end|>\n")
+    assert text.endswith(
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call><|im_end|>\n'
+    )
 
 
 def test_render_is_concatenative(tokenizer):
@@ -163,8 +164,11 @@ def test_native_tool_template_gets_tools_passed_through():
     tok = SimpleNamespace(chat_template="{{ tools }}", apply_chat_template=apply_chat_template)
     msgs = [
         {"role": "user", "content": "w?"},
-        {"role": "assistant", "content": None,
-         "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "X"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": '{"city": "X"}'}}],
+        },
         {"role": "tool", "tool_call_id": "1", "content": "sun"},
     ]
     assert render_prompt(tok, msgs, tools=[WEATHER], tool_choice="required") == "rendered"
@@ -260,8 +264,11 @@ def test_validate_accepts_good_conversation():
             {"role": "system", "content": "S"},
             {"role": "developer", "content": "D"},
             {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-            {"role": "assistant", "content": None,
-             "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            },
             {"role": "tool", "content": "ok"},  # no tool_call_id is tolerated
             {"role": "assistant", "content": "done"},
         ]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import PROMPT, toy_rollout
 
 import advantage as adv
 from advantage.backends.remote import (
@@ -39,16 +40,9 @@ from advantage.training.trainer import Trainer
 pytestmark = pytest.mark.integration
 
 KEY = "k"
-PROMPT = [{"role": "user", "content": "Say something."}]
 
 
-async def _rollout(model: adv.TrainableModel) -> adv.Trajectory:
-    resp = await model.openai_client().chat.completions.create(
-        model=model.get_inference_name(), messages=PROMPT, max_tokens=6, temperature=1.0
-    )
-    choice = resp.choices[0]
-    ids = choice.model_extra["token_ids"]
-    return adv.Trajectory([*PROMPT, choice], reward=float(sum(ids) % 7) / 7)  # arbitrary but varied
+_rollout = toy_rollout
 
 
 async def _groups(model: adv.TrainableModel, n_groups: int = 2, size: int = 4) -> list[adv.TrajectoryGroup]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from helpers import WEATHER_TOOL
 from starlette.routing import Route
 
 from advantage.engine.chat import render_prompt
@@ -28,23 +29,24 @@ MODEL = "smollm2-135m-instruct"
 KEY = "test-key-123"
 HI = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colors."}]
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Current weather in a city.",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
+WEATHER = WEATHER_TOOL
 _SHOTS = [
-    ("Paris", "Sunny, 22 C"), ("Rome", "Cloudy, 18 C"), ("Madrid", "Hot, 30 C"),
-    ("Oslo", "Snow, -2 C"), ("Lima", "Mild, 19 C"), ("Cairo", "Dry, 35 C"),
+    ("Paris", "Sunny, 22 C"),
+    ("Rome", "Cloudy, 18 C"),
+    ("Madrid", "Hot, 30 C"),
+    ("Oslo", "Snow, -2 C"),
+    ("Lima", "Mild, 19 C"),
+    ("Cairo", "Dry, 35 C"),
 ]
 
 
 def _tool_call_msg(call_id: str, city: str) -> dict:
     fn = {"name": "get_weather", "arguments": json.dumps({"city": city})}
-    return {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": fn}]}
+    return {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"id": call_id, "type": "function", "function": fn}],
+    }
 
 
 def weather_conversation(city: str) -> list[dict]:
@@ -183,7 +185,9 @@ async def test_async_client(aclient: openai.AsyncOpenAI, client: openai.OpenAI):
 # ---------------------------------------------------------------------------------------------- streaming
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7}], ids=["greedy", "seed"])
+@pytest.mark.parametrize(
+    "sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 7}], ids=["greedy", "seed"]
+)
 def test_stream_matches_non_stream(client: openai.OpenAI, sampling: dict):
     kw = {"model": MODEL, "messages": HI, "max_tokens": 24, **sampling}
     full = client.chat.completions.create(**kw)
@@ -217,7 +221,9 @@ def test_stream_matches_non_stream(client: openai.OpenAI, sampling: dict):
 
 
 def test_stream_without_usage_has_no_usage_chunk(client: openai.OpenAI):
-    chunks = list(client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, temperature=0, stream=True)
+    )
     assert all(c.usage is None and len(c.choices) == 1 for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
@@ -235,7 +241,9 @@ async def test_async_stream(aclient: openai.AsyncOpenAI):
 
 def test_tool_call_round_trip(client: openai.OpenAI):
     msgs = weather_conversation("Tokyo")
-    r = client.chat.completions.create(model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=32, temperature=0)
+    r = client.chat.completions.create(
+        model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=32, temperature=0
+    )
     [choice] = r.choices
     assert choice.finish_reason == "tool_calls", choice.message.content
     [call] = choice.message.tool_calls
@@ -246,9 +254,14 @@ def test_tool_call_round_trip(client: openai.OpenAI):
     assert_extensions(choice)
 
     # Send the result back: the SDK's own message objects round-trip as request input.
-    follow = [*msgs, choice.message.model_dump(exclude_none=True),
-              {"role": "tool", "tool_call_id": call.id, "content": "Rain, 12 C"}]
-    r2 = client.chat.completions.create(model=MODEL, messages=follow, tools=[WEATHER], max_tokens=32, temperature=0)
+    follow = [
+        *msgs,
+        choice.message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Rain, 12 C"},
+    ]
+    r2 = client.chat.completions.create(
+        model=MODEL, messages=follow, tools=[WEATHER], max_tokens=32, temperature=0
+    )
     [final] = r2.choices
     assert final.finish_reason == "stop"
     assert final.message.tool_calls is None and final.message.content
@@ -258,9 +271,11 @@ def test_tool_call_round_trip(client: openai.OpenAI):
 
 def test_streamed_tool_call(client: openai.OpenAI):
     msgs = weather_conversation("Tokyo")
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=32, temperature=0, stream=True
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=msgs, tools=[WEATHER], max_tokens=32, temperature=0, stream=True
+        )
+    )
     last = chunks[-1].choices[0]
     assert last.finish_reason == "tool_calls"
     assert not any("<tool_call>" in (c.choices[0].delta.content or "") for c in chunks)
@@ -313,7 +328,9 @@ def test_whitespace_kept_verbatim(client: openai.OpenAI, tokenizer):
     r = client.chat.completions.create(**kw)
     assert r.choices[0].message.content == decode(tokenizer, ids[:cut])
     assert r.choices[0].message.content.endswith("\n")
-    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True))
+    streamed = "".join(
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+    )
     assert streamed == r.choices[0].message.content
 
 
@@ -356,7 +373,9 @@ def test_logprobs_shape(client: openai.OpenAI):
 
     plain = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, temperature=0)
     assert plain.choices[0].logprobs is None
-    only = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, temperature=0, logprobs=True)
+    only = client.chat.completions.create(
+        model=MODEL, messages=HI, max_tokens=4, temperature=0, logprobs=True
+    )
     assert all(e.top_logprobs == [] for e in only.choices[0].logprobs.content)
 
 
@@ -440,8 +459,13 @@ def test_bad_sampling_params_400(client: openai.OpenAI, kwargs: dict, word: str)
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
         [{"role": "user", "content": 42}],
         [{"role": "user", "content": "hi", "tool_calls": []}],
-        [{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f",
-                                                                 "arguments": "{not json"}}]}],
+        [
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{not json"}}],
+            }
+        ],
         ["just a string"],
     ],
 )
@@ -464,7 +488,10 @@ def test_bad_tools_400(client: openai.OpenAI):
         client.chat.completions.create(model=MODEL, messages=HI, tools=[{"type": "function"}], max_tokens=4)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=MODEL, messages=HI, tools=[WEATHER], max_tokens=4,
+            model=MODEL,
+            messages=HI,
+            tools=[WEATHER],
+            max_tokens=4,
             tool_choice={"type": "function", "function": {"name": "not_a_tool"}},
         )
 
@@ -519,8 +546,13 @@ def test_every_route_but_health_needs_key(service: Service, root: str):
             r = httpx.request(method, f"{root}{path}")
             assert r.status_code == 200, (method, path)
             continue
-        for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": KEY},
-                        {"Authorization": f"Basic {KEY}"}, {"Authorization": f"Bearer {KEY}x"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong-key"},
+            {"Authorization": KEY},
+            {"Authorization": f"Basic {KEY}"},
+            {"Authorization": f"Bearer {KEY}x"},
+        ):
             r = httpx.request(method, f"{root}{path}", headers=headers, json={})
             assert r.status_code == 401, (method, path, headers)
             if method != "HEAD":
@@ -542,4 +574,6 @@ def test_sdk_wrong_key_401(server: BackgroundServer):
 
 def test_key_is_case_sensitive_but_scheme_is_not(root: str):
     assert httpx.get(f"{root}/v1/models", headers={"Authorization": f"bearer {KEY}"}).status_code == 200
-    assert httpx.get(f"{root}/v1/models", headers={"Authorization": f"Bearer {KEY.upper()}"}).status_code == 401
+    assert (
+        httpx.get(f"{root}/v1/models", headers={"Authorization": f"Bearer {KEY.upper()}"}).status_code == 401
+    )

@@ -12,22 +12,15 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import PROMPT, toy_rollout
 
 import advantage as adv
 from advantage.training import checkpoints as ckpt
 
 pytestmark = pytest.mark.integration
 
-PROMPT = [{"role": "user", "content": "Say something."}]
 
-
-async def _rollout(model: adv.TrainableModel) -> adv.Trajectory:
-    resp = await model.openai_client().chat.completions.create(
-        model=model.get_inference_name(), messages=PROMPT, max_tokens=6, temperature=1.0
-    )
-    choice = resp.choices[0]
-    ids = choice.model_extra["token_ids"]
-    return adv.Trajectory([*PROMPT, choice], reward=float(sum(ids) % 7) / 7)  # arbitrary but varied
+_rollout = toy_rollout
 
 
 async def _first_token_logprob(model: adv.TrainableModel, name: str) -> tuple[int, float]:
@@ -70,7 +63,7 @@ TRAIN_SCRIPT = textwrap.dedent(
     import asyncio, sys
     sys.path.insert(0, {tests!r})
     import advantage as adv
-    from test_training_loop import _rollout
+    from helpers import toy_rollout as _rollout
 
     async def main():
         backend = adv.LocalBackend({root!r}, progress=False)
@@ -97,7 +90,9 @@ def _run(tiny: Path, root: Path, steps: int, env: dict[str, str] | None = None) 
     )  # fmt: skip
 
 
-def test_kill_9_between_steps_and_during_checkpoint_write_then_resume(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_kill_9_between_steps_and_during_checkpoint_write_then_resume(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     mdir = ckpt.model_dir(tmp_path, "t", "resume")
     # 1. kill -9 right after step 2 completes (between steps).
     proc = _run(tiny_model_dir, tmp_path, steps=10)
@@ -149,7 +144,9 @@ async def test_log_and_delete_checkpoints_keep_best_and_latest(tiny_model_dir: P
         assert ckpt.list_steps(mdir) == [0, 1, 3]
         served = [m.id for m in (await model.openai_client().models.list()).data]
         assert "keep@2" not in served and "keep@1" in served
-        resp = await model.openai_client().chat.completions.create(model="keep@1", messages=PROMPT, max_tokens=1)
+        resp = await model.openai_client().chat.completions.create(
+            model="keep@1", messages=PROMPT, max_tokens=1
+        )
         assert resp.choices[0].model_extra["weights"]["step"] == 1  # an older kept step still serves
         rows = (mdir / "metrics.jsonl").read_text().splitlines()
         assert len(rows) == 6  # 3 train steps + 3 evaluations

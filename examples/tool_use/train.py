@@ -27,16 +27,25 @@ class DemoConfig(BaseModel):
     name: str = Field("tool-use-001", description="Model name (checkpoints go under <root>/demo/models/<name>).")
     root: Path = Field(Path(".advantage"), description="Checkpoint and run root.")
     base_model: str = Field("smollm2-135m-instruct", description="Bundled model name or HF model dir.")
-    steps: int = Field(16, ge=0, description="Training steps.")
-    groups_per_step: int = Field(6, ge=1, description="Scenarios per step.")
+    steps: int = Field(12, ge=0, description="Training steps.")
+    groups_per_step: int = Field(4, ge=1, description="Scenarios per step.")
     group_size: int = Field(8, ge=2, description="Rollouts per scenario.")
     val_size: int = Field(32, ge=1, description="Held-out scenarios for the baseline and final evaluation.")
     eval_every: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0: only at the ends).")
-    learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(7e-4, gt=0, description="AdamW learning rate.")
     temperature: float = Field(
         0.7, ge=0, le=2, description="Sampling temperature of training rollouts (the 135M model falls apart at 1.0)."
     )
     seed: int = Field(0, description="Scenario seed.")
+
+
+def _rss_gib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return kb / 2**20
+    except (OSError, StopIteration):
+        return float("nan")
 
 
 async def evaluate(model: adv.TrainableModel, scenarios: list, desc: str) -> tuple[float, float]:
@@ -79,7 +88,8 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             f"success {m.get('train/success', float('nan')):.2f}  "
             f"zero-var groups {m.get('frac_zero_variance_groups', 0):.2f}  "
             f"drift {m.get('logprob_drift_mean_abs', float('nan')):.3f}  "
-            f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  elapsed {time.perf_counter() - start:.0f}s"
+            f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  elapsed {time.perf_counter() - start:.0f}s  "
+            f"rss {_rss_gib():.1f} GiB"
         )
         if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
             rate, reward = await evaluate(model, val, f"eval step {result.step}")

@@ -51,7 +51,7 @@ class LocalBackend:
             bar.refresh()
 
         try:
-            step, metrics = await asyncio.to_thread(self.service.train, model.name, groups, config, progress)
+            step, metrics = await self.service.train_async(model.name, groups, config, progress)
         finally:
             bar.close()
         return TrainResult(step, metrics)

@@ -16,7 +16,7 @@ Everything that can be checked cheaply (the model is registered, names, empty gr
 the config) is checked before the stream starts, so bad input is a plain 4xx; only errors found while
 training (say, a trajectory over `max_seq_len`) arrive as an error event.
 
-Inference during a train step: the step runs on a worker thread (`asyncio.to_thread`), so the server keeps
+Inference during a train step: the step runs on the service's training thread, so the server keeps
 answering chat completions meanwhile, from the previous weights. The new step is checkpointed and published
 (`name` and `name@step` then resolve to it) just before the result event; a request that started on the
 old weights finishes on them.
@@ -236,7 +236,7 @@ async def _train_events(
         loop.call_soon_threadsafe(queue.put_nowait, (done, total))
 
     start = service.model_entry(name).latest
-    task = asyncio.ensure_future(asyncio.to_thread(service.train, name, groups, config, progress))
+    task = asyncio.ensure_future(service.train_async(name, groups, config, progress))
     task.add_done_callback(lambda _: queue.put_nowait(None))  # after every progress item already queued
     try:
         yield _line({"event": "started", "step": start})
