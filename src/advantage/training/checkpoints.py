@@ -60,7 +60,7 @@ def write_step(mdir: Path, step: int, write: Callable[[Path], None], state: dict
         if final.exists():  # a step is immutable once complete; a re-run of the same step replaces it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(mdir)
+        _fsync_entry(mdir)  # make the rename itself durable
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -90,3 +90,11 @@ def _fsync_dir(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _fsync_entry(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,6 +10,7 @@ tests). Logprobs are computed only where the loss mask is on: the vocabulary hea
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ class Trainer:
         S = max(len(d.input_ids) for d in datums) - P
         inner = self.model.get_base_model().model  # the decoder; LoRA layers are injected in place
         head = self.model.get_base_model().lm_head
-        ctx = self.model.disable_adapter() if not use_adapter else _nullcontext()
+        ctx = self.model.disable_adapter() if not use_adapter else contextlib.nullcontext()
         with ctx:
             cache = DynamicCache()
             h_last_B1H = None
@@ -195,11 +196,3 @@ def _layout(datums: list[Datum], logp_BS: torch.Tensor, P: int, weight: float) -
     return Batch(
         logp=logp_BS, old_logp=old_BS.to(dev), mask=mask_BS.to(dev), adv=adv_B.to(dev), weight=weight
     )
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
