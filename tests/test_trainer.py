@@ -13,7 +13,7 @@ def _datums() -> list[Datum]:
     prompt = [1, 5, 9, 13, 17, 21, 25]
     comps = [[30, 31, 32, 2], [30, 40, 2], [50, 51, 52, 53, 54, 2]]
     return [
-        Datum(prompt + c, [0] * len(prompt) + [1] * len(c), [0.0] * (len(prompt) + len(c)), adv, 0)
+        Datum(prompt + c, [0] * len(prompt) + [1] * len(c), [0.0] * (len(prompt) + len(c)), adv)
         for c, adv in zip(comps, [1.0, -0.5, -0.5], strict=True)
     ]
 
@@ -60,7 +60,8 @@ def test_forward_backward_and_optim_step_change_the_adapter(tiny_model_dir) -> N
         return loss, {"loss": float(loss.detach())}
 
     metrics, new_lp = trainer.forward_backward(_datums(), loss_fn)
-    assert [len(x) for x in new_lp] == [4, 3, 6]
+    assert [len(x) for x in new_lp] == [11, 10, 13]  # aligned to input_ids
+    assert [sum(v != 0.0 for v in x) for x in new_lp] == [4, 3, 6]  # values on the masked tokens only
     norm = trainer.optim_step(1e-2, (0.9, 0.99), 0.0, 1.0)
     assert norm > 0
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.params, strict=True))

@@ -11,14 +11,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from advantage.backends.base import Backend, TrainResult
 from advantage.backends.local import LocalBackend
 from advantage.backends.remote import BackendUnavailableError, RemoteBackend
-from advantage.config import LoRAConfig, TrainConfig
+from advantage.config import LoRAConfig, SFTConfig, TrainConfig
 from advantage.gather import RolloutError, gather_trajectory_groups
+from advantage.lowlevel import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    SampleOutput,
+    TrainingClient,
+)
 from advantage.model import Model, TrainableModel
 from advantage.rewards import JudgeVerdict, RulerError, RulerJudge, ruler, ruler_score_group
 from advantage.scaling import ScalingFit, fit_scaling_curve
 from advantage.trajectory import Trajectory, TrajectoryGroup
 
 __all__ = [
+    "AdamParams",
+    "Datum",
+    "ForwardBackwardOutput",
+    "SampleOutput",
+    "SFTConfig",
+    "TrainingClient",
     "Backend",
     "BackendUnavailableError",
     "RemoteBackend",

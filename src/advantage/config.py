@@ -51,3 +51,18 @@ class TrainConfig(_Config):
         if self.eps_high < self.eps * 0.5:
             raise ValueError("eps_high is usually >= eps (clip-higher); got eps_high much smaller than eps.")
         return self
+
+
+class SFTConfig(_Config):
+    learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate for the LoRA weights.")
+    epochs: int = Field(1, ge=1, description="Passes over the trajectories.")
+    batch_size: int = Field(8, ge=1, description="Trajectories per optimizer step.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; bounds memory.")
+    max_seq_len: int = Field(2048, ge=16, description="Longest trajectory, in tokens, that is trained on.")
+    on_overflow: Literal["error", "truncate"] = Field(
+        "error", description="A trajectory over max_seq_len raises, or is cut."
+    )
+    seed: int = Field(0, description="Shuffles the trajectories between epochs.")

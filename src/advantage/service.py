@@ -16,9 +16,10 @@ import functools
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.engine.models import resolve_model_path
@@ -29,6 +30,7 @@ from advantage.training.grpo import Progress, train_step
 from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup
 
+T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -158,31 +160,43 @@ class Service:
         self, name: str, groups: list[TrajectoryGroup], config: TrainConfig, progress: Progress | None = None
     ) -> tuple[int, dict[str, float]]:
         """`train` on the service's training thread, awaitable (inference keeps being served meanwhile)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._train_thread, functools.partial(self.train, name, groups, config, progress)
-        )
+        return await self.on_train_thread(self.train, name, groups, config, progress)
 
     def train(
         self, name: str, groups: list[TrajectoryGroup], config: TrainConfig, progress: Progress | None = None
     ) -> tuple[int, dict[str, float]]:
         """One training step; the new adapter is checkpointed and served before this returns."""
-        entry = self.model_entry(name)
-        if entry.trainer is None or entry.run_dir is None:
-            raise UnknownServedModel(f"Model {name!r} is not trainable on this backend; register it first.")
+        entry, trainer = self.trainable(name)
         with entry.lock:
-            metrics = train_step(entry.trainer, groups, config, progress)
+            metrics = train_step(trainer, groups, config, progress)
             metrics.update(group_metrics(groups, "train"))
             step = entry.latest
             if not metrics.get("skipped_step"):
-                step += 1
-                state = {"metrics": metrics, "config": config.model_dump()}
-                adir = ckpt.write_step(entry.run_dir, step, entry.trainer.save, state)
-                self.publish_step(name, step, adir)
+                step = self.save_step(name, {"metrics": metrics, "config": config.model_dump()})
             entry.log.append(step, "train", metrics)
             entry.log.write_trajectories("train", step, groups)
         _release_freed_memory()
         return step, metrics
+
+    def save_step(self, name: str, state: dict[str, Any]) -> int:
+        """Checkpoint the trainer's adapter as the next step (atomically) and serve it. Returns the step."""
+        entry, trainer = self.trainable(name)
+        assert entry.run_dir is not None
+        step = entry.latest + 1
+        adir = ckpt.write_step(entry.run_dir, step, trainer.save, state)
+        self.publish_step(name, step, adir)
+        return step
+
+    def trainable(self, name: str) -> tuple[ModelEntry, Trainer]:
+        entry = self.model_entry(name)
+        if entry.trainer is None or entry.run_dir is None:
+            raise UnknownServedModel(f"Model {name!r} is not trainable on this backend; register it first.")
+        return entry, entry.trainer
+
+    async def on_train_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the training thread (where every use of the trainer happens), awaitable."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._train_thread, functools.partial(fn, *args))
 
     def log_groups(self, name: str, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
         entry = self.model_entry(name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from advantage.config import TrainConfig
 from advantage.trajectory import TrajectoryGroup
@@ -35,5 +35,9 @@ class Backend(Protocol):
     ) -> dict[str, float]: ...
 
     async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]: ...
+
+    async def primitive(self, model: TrainableModel, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """One low-level operation (see `advantage.lowlevel` and `advantage.service_ops`)."""
+        ...
 
     async def close(self) -> None: ...

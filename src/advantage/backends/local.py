@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -64,6 +64,11 @@ class LocalBackend:
 
     async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]:
         return await asyncio.to_thread(self.service.delete_checkpoints, model.name, keep, metric)
+
+    async def primitive(self, model: TrainableModel, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        from advantage.service_ops import run_op
+
+        return await run_op(self.service, model.name, op, payload)
 
     def run_dir(self, model: TrainableModel) -> Path:
         entry = self.service.model_entry(model.name)

@@ -18,6 +18,10 @@ Retries, and why each call gets the ones it gets:
 - A server restarted since `register` no longer knows the model; it answers 404 `model_not_registered`
   before doing anything, and this client registers the model again (resuming from the newest complete
   checkpoint on the server's disk) and repeats the call once.
+- The low-level API (`advantage.lowlevel`): `datums`, `sft_datums`, `forward` and `sample` read state and
+  are retried like `get_step`; `forward_backward`, `optim_step` and `save_weights` change it (accumulated
+  gradients, optimizer moments, a new step) and are never sent twice. Gradients accumulated on a server
+  that then restarts are gone: start the step's forward_backward calls again.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ if TYPE_CHECKING:
 
 NOT_REGISTERED = "model_not_registered"  # the server's error code for a model it does not know (any more)
 _RETRY_STATUS = frozenset({502, 503, 504})
+_IDEMPOTENT_OPS = frozenset({"datums", "sft_datums", "forward", "sample"})
 
 
 class BackendError(Exception):
@@ -129,6 +134,11 @@ class RemoteBackend:
             return await self._train_stream(model, content, bar)
         finally:
             bar.close()
+
+    async def primitive(self, model: TrainableModel, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        # Gradient accumulation, optimizer steps and checkpoints change state: never sent twice.
+        idempotent = op in _IDEMPOTENT_OPS
+        return await self._call_registered(model, "POST", op, payload, idempotent=idempotent)
 
     async def close(self) -> None:
         if self._http is not None and self._loop is asyncio.get_running_loop():

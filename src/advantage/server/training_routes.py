@@ -5,6 +5,8 @@
     POST   /v1/training/models/{name}/train                one GRPO step; streams NDJSON events (below)
     POST   /v1/training/models/{name}/log                  record evaluation groups under a split
     POST   /v1/training/models/{name}/delete_checkpoints   keep the latest (and best) steps only
+    POST   /v1/training/models/{name}/{op}                 the low-level API's primitives: datums,
+           sft_datums, forward, forward_backward, optim_step, save_weights, sample (`service_ops`)
 
 `train` answers `application/x-ndjson`, one JSON object a line:
     {"event": "started", "step": 3}                        accepted; the model was at step 3
@@ -46,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.server.schemas import APIError
 from advantage.service import ModelEntry, Service, UnknownServedModel, check_name
+from advantage.service_ops import OPS, run_op
 from advantage.trajectory import TrajectoryGroup
 
 log = logging.getLogger(__name__)
@@ -149,6 +152,24 @@ async def delete_checkpoints(name: str, body: DeleteCheckpointsBody, request: Re
     except Exception as exc:
         raise api_error(exc) from exc
     return _json({"name": name, "deleted": deleted})
+
+
+def _add_op_route(op: str, body_model: type[BaseModel]) -> None:
+    async def handler(name: str, body: Any, request: Request) -> Response:
+        service = _service(request)
+        _trainable(service, name)
+        try:
+            return _json(await run_op(service, name, op, body))
+        except Exception as exc:
+            raise api_error(exc) from exc
+
+    handler.__annotations__ = {"name": str, "body": body_model, "request": Request, "return": Response}
+    handler.__name__ = f"op_{op}"
+    router.add_api_route(f"/models/{{name}}/{op}", handler, methods=["POST"], summary=f"Low-level: {op}")
+
+
+for _op, _body in OPS.items():
+    _add_op_route(_op, _body)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

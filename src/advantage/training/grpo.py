@@ -1,8 +1,8 @@
 """One GRPO step over trajectory groups, composed from the trainer's primitives.
 
 groups -> advantages per group (zero-variance groups skipped and counted) -> tokenize on the exact sampled
-ids -> micro-batches of one group's members (prefix sharing) -> forward_backward with the chosen loss,
-weighted so the aggregation is over the whole batch -> one AdamW step. Every step reports the diagnostics of
+ids -> `primitives.forward_backward` with the chosen loss (micro-batches that share a prompt, weighted so the
+aggregation is over the whole batch) -> one AdamW step. The low-level API runs the same two primitives. Every step reports the diagnostics of
 DESIGN §5, including the sampler-vs-trainer logprob drift.
 """
 
@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from typing import Any
 
 from advantage.config import TrainConfig
 from advantage.training.advantages import group_advantages
-from advantage.training.losses import LossConfig, get_loss
+from advantage.training.losses import LossConfig
+from advantage.training.primitives import Progress, forward_backward
 from advantage.training.tokenize import tokenize_trajectory
-from advantage.training.trainer import Batch, Datum, Trainer
+from advantage.training.trainer import Datum, Trainer
 from advantage.trajectory import TrajectoryGroup
-
-Progress = Callable[[int, int], None]  # (micro-batches done, total)
 
 
 def build_datums(
@@ -36,27 +33,16 @@ def build_datums(
     advs, metrics = group_advantages([g.rewards() for g in groups], scale=config.scale_rewards)
     datums: list[Datum] = []
     truncated = 0
-    for gi, (g, adv_g) in enumerate(zip(groups, advs, strict=True)):
+    for g, adv_g in zip(groups, advs, strict=True):
         if all(a == 0.0 for a in adv_g):
             continue
         for t, a in zip(g.trajectories, adv_g, strict=True):
             tok = tokenize_trajectory(trainer.tokenizer, t, config.max_seq_len, config.on_overflow)
             truncated += tok.truncated
-            datums.append(Datum(tok.input_ids, tok.assistant_mask, tok.old_logprobs, a, gi))
+            datums.append(Datum(tok.input_ids, tok.assistant_mask, tok.old_logprobs, a))
     metrics["truncated_trajectories"] = float(truncated)
     metrics["n_trajectories"] = float(sum(len(g.trajectories) for g in groups))
     return datums, metrics
-
-
-def micro_batches(datums: list[Datum], size: int) -> list[list[Datum]]:
-    """Chunks of at most `size` datums, never mixing groups (so each chunk shares its prompt)."""
-    out: list[list[Datum]] = []
-    by_group: dict[int, list[Datum]] = {}
-    for d in datums:
-        by_group.setdefault(d.group, []).append(d)
-    for members in by_group.values():
-        out += [members[i : i + size] for i in range(0, len(members), size)]
-    return out
 
 
 def train_step(
@@ -67,54 +53,34 @@ def train_step(
     if not datums:
         metrics.update(skipped_step=1.0, seconds=time.perf_counter() - t0)
         return metrics  # every group had equal rewards: nothing to learn, nothing changed
-    loss_fn = get_loss(config.loss)
-    total_tokens = sum(sum(d.loss_mask) for d in datums)
-    max_len = max(len(d.input_ids) for d in datums)
-    lcfg = LossConfig(
+    fb_metrics, new_lp = forward_backward(
+        trainer, datums, config.loss, loss_config(config), config.micro_batch_size, progress
+    )
+    grad_norm = trainer.optim_step(
+        config.learning_rate, config.betas, config.weight_decay, config.max_grad_norm
+    )
+    new_all = [x for d, lp in zip(datums, new_lp, strict=True) for x in _masked(lp, d.loss_mask)]
+    old_all = [x for d in datums for x in _masked(d.old_logprobs or [], d.loss_mask)]
+    metrics.update(fb_metrics)
+    metrics.update(drift_metrics(new_all, old_all))
+    metrics.update(grad_norm=grad_norm, seconds=time.perf_counter() - t0)
+    metrics["tokens_per_second"] = metrics["sequence_tokens"] / metrics["seconds"]
+    return metrics
+
+
+def _masked(values: list[float], mask: list[int]) -> list[float]:
+    return [x for x, m in zip(values, mask, strict=True) if m]
+
+
+def loss_config(config: TrainConfig) -> LossConfig:
+    """The loss's knobs out of a TrainConfig."""
+    return LossConfig(
         eps=config.eps,
         eps_high=config.eps_high,
         cispo_eps_max=config.cispo_eps_max,
         agg=config.agg,
         kl_beta=config.kl_beta,
-        max_len=max_len,
     )
-
-    def batch_loss(b: Batch) -> tuple[Any, dict[str, float]]:
-        return loss_fn(b.logp, b.old_logp, b.adv, b.mask, lcfg, b.ref_logp)
-
-    chunks = micro_batches(datums, config.micro_batch_size)
-    sums: dict[str, float] = {}
-    new_all: list[float] = []
-    old_all: list[float] = []
-    padded = 0
-    for k, chunk in enumerate(chunks):
-        n_tok = sum(sum(d.loss_mask) for d in chunk)
-        weight = n_tok / total_tokens if config.agg == "token_mean" else len(chunk) / len(datums)
-        m, new_lp = trainer.forward_backward(chunk, batch_loss, weight=weight, ref_model=config.kl_beta > 0)
-        for key, v in m.items():
-            sums[key] = sums.get(key, 0.0) + v * weight
-        for d, lp in zip(chunk, new_lp, strict=True):
-            new_all += lp
-            old_all += [o for o, on in zip(d.old_logprobs or [], d.loss_mask, strict=True) if on]
-        padded += len(chunk) * max(len(d.input_ids) for d in chunk)
-        if progress:
-            progress(k + 1, len(chunks))
-    grad_norm = trainer.optim_step(
-        config.learning_rate, config.betas, config.weight_decay, config.max_grad_norm
-    )
-    real = sum(len(d.input_ids) for d in datums)
-    metrics.update({f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()})
-    metrics.update(drift_metrics(new_all, old_all))
-    metrics.update(
-        grad_norm=grad_norm,
-        trained_tokens=float(total_tokens),
-        sequence_tokens=float(real),
-        packing_efficiency=real / padded if padded else 1.0,
-        micro_batches=float(len(chunks)),
-        seconds=time.perf_counter() - t0,
-    )
-    metrics["tokens_per_second"] = real / metrics["seconds"]
-    return metrics
 
 
 def drift_metrics(new: list[float], old: list[float]) -> dict[str, float]:

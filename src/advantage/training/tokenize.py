@@ -147,3 +147,50 @@ def _turn_suffix(render: Callable[[list[Message], bool], str], context: list[Mes
     if not sep or not head.startswith(prompt):
         raise ValueError("Cannot find the end-of-turn text of the chat template's assistant turns.")
     return tail
+
+
+def tokenize_for_sft(
+    tokenizer: Any,
+    trajectory: Trajectory,
+    max_len: int,
+    on_overflow: Literal["error", "truncate"] = "error",
+) -> TokenizedTrajectory:
+    """Token ids and a mask over every assistant turn's rendered text, for supervised fine-tuning.
+
+    Unlike `tokenize_trajectory`, assistant turns are trained on as text (plain dicts and Choices alike,
+    from any model: a teacher's output has no token ids of ours), including the template's end-of-turn
+    marker, so the model learns to stop. Context is rendered with the chat template, as there."""
+    messages: list[Message] = trajectory.messages()
+    turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
+    if not turns:
+        raise ValueError("This trajectory has no assistant message, so there is nothing to fine-tune on.")
+    if turns[0] == 0:
+        raise ValueError("The trajectory starts with an assistant message; put its prompt before it.")
+
+    def render(msgs: list[Message], gen: bool) -> str:
+        return render_prompt(tokenizer, msgs, tools=trajectory.tools, add_generation_prompt=gen)
+
+    ids: list[int] = []
+    mask: list[int] = []
+    spans: list[tuple[int, int]] = []
+    emitted = ""
+    for k in turns:
+        prompt = render(messages[:k], gen=True)
+        context = tokenizer.encode(_delta(emitted, prompt, k), add_special_tokens=False)
+        ids += context
+        mask += [0] * len(context)
+        emitted = render(messages[: k + 1], gen=False)
+        answer = tokenizer.encode(_delta(prompt, emitted, k), add_special_tokens=False)
+        spans.append((len(ids), len(ids) + len(answer)))
+        ids += answer
+        mask += [1] * len(answer)
+    truncated = len(ids) > max_len
+    if truncated:
+        if on_overflow == "error":
+            raise ValueError(
+                f"Trajectory is {len(ids)} tokens, over the limit of {max_len}. Raise max_seq_len or pass "
+                "on_overflow='truncate'."
+            )
+        ids, mask = ids[:max_len], mask[:max_len]
+        spans = [(s, min(e, max_len)) for s, e in spans if s < max_len]
+    return TokenizedTrajectory(ids, mask, [0.0] * len(ids), spans, truncated)

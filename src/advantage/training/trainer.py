@@ -34,7 +34,7 @@ class Datum:
     loss_mask: list[int]
     old_logprobs: list[float] | None = None  # the sampler's logprobs (masked positions)
     advantage: float = 0.0
-    group: int = 0  # sequences with the same group share a prompt (prefix sharing)
+    extras: dict[str, list[float]] = field(default_factory=dict)  # per-token values, aligned to input_ids
 
 
 @dataclass
@@ -133,7 +133,7 @@ class Trainer:
         self, datums: list[Datum], loss_fn: BatchLossFn, *, weight: float = 1.0, ref_model: bool = False
     ) -> tuple[dict[str, float], list[list[float]]]:
         """Accumulate gradients of `loss_fn` on one micro-batch. Returns its metrics and the new per-token
-        logprobs (one list per datum, over its masked tokens)."""
+        logprobs, one list per datum aligned to its input_ids (0.0 where the loss mask is 0)."""
         self.model.train()
         logp_BS, P = self.sequence_logprobs(datums)
         batch = _layout(datums, logp_BS, P, weight)
@@ -142,8 +142,13 @@ class Trainer:
                 batch.ref_logp = self.sequence_logprobs(datums, use_adapter=False)[0]
         loss, metrics = loss_fn(batch)
         (loss * weight).backward()
-        new_lp = [logp_BS[i][batch.mask[i] > 0].tolist() for i in range(len(datums))]
-        return metrics, new_lp
+        return metrics, aligned_logprobs(datums, logp_BS.detach(), P)
+
+    @torch.no_grad()
+    def forward(self, datums: list[Datum]) -> list[list[float]]:
+        """The current weights' logprobs of one micro-batch, aligned to input_ids (0.0 where unmasked)."""
+        logp_BS, P = self.sequence_logprobs(datums)
+        return aligned_logprobs(datums, logp_BS, P)
 
     def optim_step(
         self, lr: float, betas: tuple[float, float], weight_decay: float, max_grad_norm: float
@@ -182,17 +187,31 @@ def shared_prefix_len(datums: list[Datum]) -> int:
     return n
 
 
+def aligned_logprobs(datums: list[Datum], logp_BS: torch.Tensor, P: int) -> list[list[float]]:
+    """Suffix-aligned (B, S) logprobs back to one list per datum over all its positions."""
+    rows = logp_BS.float().tolist()
+    return [[0.0] * P + rows[i][: len(d.input_ids) - P] for i, d in enumerate(datums)]
+
+
 def _layout(datums: list[Datum], logp_BS: torch.Tensor, P: int, weight: float) -> Batch:
     B, S = logp_BS.shape
     old_BS = torch.zeros((B, S))
     mask_BS = torch.zeros((B, S))
+    extras = {k: torch.zeros((B, S)) for k in datums[0].extras}
     for i, d in enumerate(datums):
         n = len(d.input_ids) - P
         mask_BS[i, :n] = torch.tensor(d.loss_mask[P:], dtype=torch.float32)
         if d.old_logprobs is not None:
             old_BS[i, :n] = torch.tensor(d.old_logprobs[P:], dtype=torch.float32)
+        for k, x_BS in extras.items():
+            x_BS[i, :n] = torch.tensor(d.extras[k][P:], dtype=torch.float32)
     adv_B = torch.tensor([d.advantage for d in datums], dtype=torch.float32)
     dev = logp_BS.device
     return Batch(
-        logp=logp_BS, old_logp=old_BS.to(dev), mask=mask_BS.to(dev), adv=adv_B.to(dev), weight=weight
+        logp=logp_BS,
+        old_logp=old_BS.to(dev),
+        mask=mask_BS.to(dev),
+        adv=adv_B.to(dev),
+        weight=weight,
+        extras={k: x.to(dev) for k, x in extras.items()},
     )

@@ -1,0 +1,241 @@
+"""The low-level training API (Tinker-style): your own loss, your own loop, on any backend.
+
+    tc = await model.training_client()
+    batch = await tc.datums_from_groups(groups)            # or build Datums from your own token ids
+    out = await tc.forward_backward(batch, "cispo")        # or any callable loss (below)
+    await tc.optim_step(adv.AdamParams(lr=1e-4))
+    name = await tc.save_weights()                         # "my-model@4", served at once
+    res = await tc.sample(messages_or_token_ids, n=4, max_tokens=64)
+
+Gradients accumulate over `forward_backward` calls until `optim_step`. `model.train` runs these same
+primitives (tokenize -> forward_backward -> optim_step -> save), so mixing both is fine between steps, but
+not while gradients are accumulated and not yet stepped.
+
+**Custom losses**, also on a remote backend: `loss_fn(datums, logprobs) -> loss` or `(loss, metrics)`,
+where `logprobs[i]` is a float32 tensor with one value per `datums[i].input_ids` position (0.0 where the
+loss mask is 0). The backend computes the logprobs (`forward`), this process computes the loss and
+d(loss)/d(logprobs) with torch autograd, and sends those gradients back; the backend backpropagates them
+through the model (the built-in "linear" loss Σ w·logp). The result is the same update as running the loss
+on the backend, locally and remotely alike, at the cost of one extra forward pass.
+
+Every call goes to the backend's `primitive(model, op, payload)` as JSON-able dicts, so LocalBackend and
+RemoteBackend run exactly the same code path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from advantage.config import TrainConfig
+from advantage.trajectory import Message, Trajectory, TrajectoryGroup
+
+if TYPE_CHECKING:
+    import torch
+
+    from advantage.model import TrainableModel
+
+CustomLoss = Callable[[list["Datum"], list["torch.Tensor"]], Any]
+BUILTIN_LOSSES = ("cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy")
+GRAD_KEY = "logprob_grad"  # the per-token weights of the backend's "linear" loss
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Datum(_Wire):
+    """One training sequence: token ids, which of them are trained, and per-token extras."""
+
+    input_ids: list[int] = Field(description="The whole sequence: prompt and completion tokens.")
+    loss_mask: list[float] = Field(description="1 on tokens the loss trains, 0 elsewhere (the prompt).")
+    advantage: float = Field(0.0, description="The sequence's advantage (policy-gradient losses).")
+    logprobs: list[float] | None = Field(
+        None, description="The sampler's logprob of each token (importance ratios); 0.0 where unmasked."
+    )
+    extras: dict[str, list[float]] = Field(
+        default_factory=dict, description="Per-token values for custom losses, aligned to input_ids."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Datum:
+        n = len(self.input_ids)
+        if len(self.loss_mask) != n:
+            raise ValueError(f"loss_mask has {len(self.loss_mask)} values for {n} input_ids.")
+        if self.logprobs is not None and len(self.logprobs) != n:
+            raise ValueError(f"logprobs has {len(self.logprobs)} values for {n} input_ids.")
+        for k, v in self.extras.items():
+            if len(v) != n:
+                raise ValueError(f"extras[{k!r}] has {len(v)} values for {n} input_ids.")
+        if not math.isfinite(self.advantage):
+            raise ValueError(f"advantage is {self.advantage}; it must be a finite number.")
+        return self
+
+    @property
+    def n_trained(self) -> int:
+        return sum(1 for m in self.loss_mask if m)
+
+
+class AdamParams(_Wire):
+    lr: float = Field(1e-4, gt=0, description="Learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+
+
+class ForwardBackwardOutput(BaseModel):
+    logprobs: list[list[float]]  # per datum, aligned to input_ids (0.0 where unmasked)
+    metrics: dict[str, float]
+
+
+class SampledSequence(BaseModel):
+    tokens: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+
+
+class SampleOutput(BaseModel):
+    prompt_tokens: list[int]
+    sequences: list[SampledSequence]
+    weights: str  # the name@step that sampled
+
+
+class TrainingClient:
+    """The trainer's primitives for one registered `TrainableModel` (get one with
+    `await model.training_client()`)."""
+
+    def __init__(self, model: TrainableModel) -> None:
+        self.model = model
+
+    async def _op(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self.model.backend.primitive(self.model, op, payload)
+
+    async def datums_from_groups(
+        self, groups: Sequence[TrajectoryGroup], config: TrainConfig | None = None
+    ) -> list[Datum]:
+        """What `model.train` trains on: group advantages, tokenized on the exact sampled ids. Groups with
+        equal rewards carry no signal and give no datums."""
+        payload = {
+            "groups": [g.to_dict() for g in groups],
+            "config": (config or TrainConfig()).model_dump(mode="json"),
+        }
+        return [Datum(**d) for d in (await self._op("datums", payload))["datums"]]
+
+    async def sft_datums(
+        self, trajectories: Sequence[Trajectory], max_seq_len: int = 2048, on_overflow: str = "error"
+    ) -> list[Datum]:
+        """Cross-entropy datums: every assistant turn's rendered text is trained (any model's output)."""
+        payload = {
+            "trajectories": [t.to_dict() for t in trajectories],
+            "max_seq_len": max_seq_len,
+            "on_overflow": on_overflow,
+        }
+        return [Datum(**d) for d in (await self._op("sft_datums", payload))["datums"]]
+
+    async def forward(self, batch: Sequence[Datum], micro_batch_size: int = 8) -> list[list[float]]:
+        """The current weights' per-token logprobs, without gradients."""
+        payload = {"datums": _dump(batch), "micro_batch_size": micro_batch_size}
+        return (await self._op("forward", payload))["logprobs"]
+
+    async def forward_backward(
+        self,
+        batch: Sequence[Datum],
+        loss_fn: str | CustomLoss = "cispo",
+        loss_config: dict[str, Any] | None = None,
+        micro_batch_size: int = 8,
+    ) -> ForwardBackwardOutput:
+        """Accumulate the gradient of `loss_fn` over `batch`. `loss_fn` is a built-in name (with its knobs
+        in `loss_config`: eps, eps_high, cispo_eps_max, agg, kl_beta) or a callable (module docstring)."""
+        if not batch:
+            raise ValueError("forward_backward() got an empty batch; pass at least one Datum.")
+        if callable(loss_fn):
+            return await self._custom(list(batch), loss_fn, micro_batch_size)
+        if loss_fn not in BUILTIN_LOSSES:
+            raise ValueError(f"Unknown loss {loss_fn!r}: use one of {BUILTIN_LOSSES} or pass a callable.")
+        payload = {
+            "datums": _dump(batch),
+            "loss": loss_fn,
+            "loss_config": loss_config or {},
+            "micro_batch_size": micro_batch_size,
+        }
+        return ForwardBackwardOutput(**await self._op("forward_backward", payload))
+
+    async def _custom(
+        self, batch: list[Datum], loss_fn: CustomLoss, micro_batch_size: int
+    ) -> ForwardBackwardOutput:
+        import torch
+
+        logprobs = await self.forward(batch, micro_batch_size)
+        leaves = [torch.tensor(lp, dtype=torch.float32, requires_grad=True) for lp in logprobs]
+        out = loss_fn(batch, leaves)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise TypeError("A custom loss must return a scalar torch tensor (or (tensor, metrics)).")
+        if not torch.isfinite(loss):
+            raise ValueError(f"The custom loss is {float(loss)}; refusing to send a non-finite gradient.")
+        loss.backward()
+        grads = [(t.grad if t.grad is not None else torch.zeros_like(t)).tolist() for t in leaves]
+        linear = [
+            d.model_copy(update={"extras": {**d.extras, GRAD_KEY: g}})
+            for d, g in zip(batch, grads, strict=True)
+        ]
+        payload = {
+            "datums": _dump(linear),
+            "loss": "linear",
+            "loss_config": {},
+            "micro_batch_size": micro_batch_size,
+        }
+        result = await self._op("forward_backward", payload)
+        merged = {
+            **result["metrics"],
+            **{k: float(v) for k, v in metrics.items()},
+            "loss": float(loss.detach()),
+        }
+        return ForwardBackwardOutput(logprobs=logprobs, metrics=merged)
+
+    async def optim_step(self, adam: AdamParams | None = None) -> dict[str, float]:
+        """One AdamW step on the accumulated gradients, which are then cleared. Returns {"grad_norm": ...}."""
+        return (await self._op("optim_step", {"adam": (adam or AdamParams()).model_dump(mode="json")}))[
+            "metrics"
+        ]
+
+    async def save_weights(self, metrics: dict[str, float] | None = None, split: str = "train") -> str:
+        """Checkpoint the adapter as the next step and serve it at once; returns its `name@step`. `metrics`
+        are logged at that step under `split`."""
+        data = await self._op("save_weights", {"metrics": metrics or {}, "split": split})
+        self.model._step = int(data["step"])
+        return str(data["name"])
+
+    async def sample(
+        self,
+        prompt: Sequence[int] | Sequence[Message],
+        n: int = 1,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        max_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        step: int | None = None,
+    ) -> SampleOutput:
+        """Sample `n` completions of `prompt` (token ids, or chat messages rendered with the chat template
+        and `tools`) from the latest saved weights, or from `step`."""
+        payload = {
+            "prompt": list(prompt),
+            "tools": tools,
+            "n": n,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+            "step": step,
+        }
+        return SampleOutput(**await self._op("sample", payload))
+
+
+def _dump(batch: Sequence[Datum]) -> list[dict[str, Any]]:
+    return [d.model_dump(mode="json") for d in batch]

@@ -1,0 +1,230 @@
+"""The low-level API's operations on a `Service`: a JSON-able payload in, a JSON-able dict out.
+
+`LocalBackend.primitive` calls `run_op` in-process and the server's `/v1/training/models/{name}/{op}` routes
+call it over HTTP, so a `TrainingClient` behaves the same on both. Every op but `sample` runs on the
+service's training thread, where all use of the trainer happens. Bad input raises ValueError (pydantic's
+ValidationError is one), which the server answers with a 400 that says what to change.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from advantage.config import TrainConfig
+from advantage.engine.chat import render_prompt, validate_messages
+from advantage.engine.sampling import SamplingParams
+from advantage.lowlevel import BUILTIN_LOSSES, AdamParams, Datum
+from advantage.service import Service, check_name
+from advantage.training import primitives
+from advantage.training.grpo import build_datums
+from advantage.training.losses import LossConfig
+from advantage.training.tokenize import tokenize_for_sft
+from advantage.training.trainer import Datum as TrainDatum
+from advantage.training.trainer import Trainer
+from advantage.trajectory import Trajectory, TrajectoryGroup
+
+LossName = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "linear"]
+assert set(BUILTIN_LOSSES) | {"linear"} == set(LossName.__args__)  # type: ignore[attr-defined]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatumsBody(_Body):
+    groups: list[dict[str, Any]] = Field(min_length=1, description="`TrajectoryGroup.to_dict()` items.")
+    config: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class SFTDatumsBody(_Body):
+    trajectories: list[dict[str, Any]] = Field(min_length=1, description="`Trajectory.to_dict()` items.")
+    max_seq_len: int = Field(2048, ge=16, le=131072)
+    on_overflow: Literal["error", "truncate"] = "error"
+
+
+class ForwardBody(_Body):
+    datums: list[Datum] = Field(min_length=1)
+    micro_batch_size: int = Field(8, ge=1, le=256)
+
+
+class LossKnobs(_Body):
+    eps: float = Field(0.2, ge=0, lt=1)
+    eps_high: float = Field(0.28, ge=0)
+    cispo_eps_max: float = Field(4.0, gt=0)
+    agg: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
+    kl_beta: float = Field(0.0, ge=0)
+
+
+class ForwardBackwardBody(ForwardBody):
+    loss: LossName = "cispo"
+    loss_config: LossKnobs = Field(default_factory=LossKnobs)
+
+
+class OptimStepBody(_Body):
+    adam: AdamParams = Field(default_factory=AdamParams)
+
+
+class SaveWeightsBody(_Body):
+    metrics: dict[str, float] = Field(default_factory=dict, description="Logged at the new step.")
+    split: str = "train"
+
+
+class SampleBody(_Body):
+    prompt: list[int] | list[dict[str, Any]] = Field(
+        min_length=1, description="Token ids, or chat messages rendered with the chat template."
+    )
+    tools: list[dict[str, Any]] | None = Field(None, description="OpenAI tool schemas, for a chat prompt.")
+    n: int = Field(1, ge=1, le=64)
+    max_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    step: int | None = Field(None, ge=0, description="Sample from this step (default: the latest).")
+
+
+OPS: dict[str, type[_Body]] = {
+    "datums": DatumsBody,
+    "sft_datums": SFTDatumsBody,
+    "forward": ForwardBody,
+    "forward_backward": ForwardBackwardBody,
+    "optim_step": OptimStepBody,
+    "save_weights": SaveWeightsBody,
+    "sample": SampleBody,
+}
+
+
+async def run_op(service: Service, name: str, op: str, payload: dict[str, Any] | BaseModel) -> dict[str, Any]:
+    """Validate `payload` for `op` and run it for the trainable model `name`."""
+    if op not in OPS:
+        raise ValueError(f"Unknown operation {op!r}; one of {sorted(OPS)}.")
+    body = payload if isinstance(payload, OPS[op]) else OPS[op].model_validate(payload)
+    service.trainable(name)  # unknown or untrainable: UnknownServedModel before any work
+    if isinstance(body, SampleBody):
+        return await _sample(service, name, body)
+    return await service.on_train_thread(_SYNC_OPS[op], service, name, body)
+
+
+# ------------------------------------------------------------------------------ ops on the training thread
+
+
+def _datums(service: Service, name: str, body: DatumsBody) -> dict[str, Any]:
+    _, trainer = service.trainable(name)
+    groups = [TrajectoryGroup.from_dict(g) for g in body.groups]
+    datums, metrics = build_datums(trainer, groups, body.config)
+    return {"datums": [_public(d) for d in datums], "metrics": metrics}
+
+
+def _sft_datums(service: Service, name: str, body: SFTDatumsBody) -> dict[str, Any]:
+    _, trainer = service.trainable(name)
+    out = []
+    for i, t in enumerate(body.trajectories):
+        try:
+            tok = tokenize_for_sft(
+                trainer.tokenizer, Trajectory.from_dict(t), body.max_seq_len, body.on_overflow
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"Trajectory {i}: {exc}") from exc
+        out.append(Datum(input_ids=tok.input_ids, loss_mask=[float(m) for m in tok.assistant_mask]))
+    return {"datums": [d.model_dump(mode="json") for d in out]}
+
+
+def _forward(service: Service, name: str, body: ForwardBody) -> dict[str, Any]:
+    _, trainer = service.trainable(name)
+    datums = _internal(trainer, body.datums)
+    return {"logprobs": primitives.forward(trainer, datums, body.micro_batch_size)}
+
+
+def _forward_backward(service: Service, name: str, body: ForwardBackwardBody) -> dict[str, Any]:
+    entry, trainer = service.trainable(name)
+    datums = _internal(trainer, body.datums)
+    cfg = LossConfig(**body.loss_config.model_dump())
+    with entry.lock:
+        metrics, logprobs = primitives.forward_backward(
+            trainer, datums, body.loss, cfg, body.micro_batch_size
+        )
+    return {"metrics": metrics, "logprobs": logprobs}
+
+
+def _optim_step(service: Service, name: str, body: OptimStepBody) -> dict[str, Any]:
+    entry, trainer = service.trainable(name)
+    a = body.adam
+    with entry.lock:
+        norm = trainer.optim_step(a.lr, a.betas, a.weight_decay, a.grad_clip)
+    return {"metrics": {"grad_norm": norm}}
+
+
+def _save_weights(service: Service, name: str, body: SaveWeightsBody) -> dict[str, Any]:
+    check_name("split", body.split)
+    entry, _ = service.trainable(name)
+    with entry.lock:
+        step = service.save_step(name, {"metrics": body.metrics, "source": "save_weights"})
+        entry.log.append(step, body.split, body.metrics)
+    return {"step": step, "name": f"{name}@{step}"}
+
+
+_SYNC_OPS: dict[str, Any] = {
+    "datums": _datums,
+    "sft_datums": _sft_datums,
+    "forward": _forward,
+    "forward_backward": _forward_backward,
+    "optim_step": _optim_step,
+    "save_weights": _save_weights,
+}
+
+
+async def _sample(service: Service, name: str, body: SampleBody) -> dict[str, Any]:
+    weights = service.resolve(name if body.step is None else f"{name}@{body.step}")
+    engine = weights.engine
+    if isinstance(body.prompt[0], int):
+        ids = [int(t) for t in body.prompt]  # type: ignore[arg-type]
+        vocab = len(engine.tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}).")
+    else:
+        messages: list[dict[str, Any]] = body.prompt  # type: ignore[assignment]
+        validate_messages(messages)
+        text = render_prompt(engine.tokenizer, messages, tools=body.tools)
+        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    params = SamplingParams(
+        max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, n=body.n
+    )
+    params.validate()
+    engine.check_fits(len(ids), params.max_tokens)
+    completions = await engine.generate(ids, params, weights.adapter)
+    return {
+        "prompt_tokens": ids,
+        "sequences": [
+            {"tokens": c.token_ids, "logprobs": c.logprobs, "text": c.text, "finish_reason": c.finish_reason}
+            for c in completions
+        ],
+        "weights": f"{name}@{weights.step}",
+    }
+
+
+# ------------------------------------------------------------------------------ conversions
+
+
+def _internal(trainer: Trainer, datums: list[Datum]) -> list[TrainDatum]:
+    out = [
+        TrainDatum(d.input_ids, [int(m) for m in d.loss_mask], d.logprobs, d.advantage, d.extras)
+        for d in datums
+    ]
+    for i, d in enumerate(datums):
+        if any(m not in (0.0, 1.0) for m in d.loss_mask):
+            raise ValueError(f"Datum {i}: loss_mask values must be 0 or 1.")
+    base = trainer.model.get_base_model()
+    max_len = int(getattr(base.config, "max_position_embeddings", 2048))
+    primitives.check_datums(out, int(base.config.vocab_size), max_len)
+    return out
+
+
+def _public(d: TrainDatum) -> dict[str, Any]:
+    return Datum(
+        input_ids=d.input_ids,
+        loss_mask=[float(m) for m in d.loss_mask],
+        advantage=d.advantage,
+        logprobs=d.old_logprobs,
+        extras=d.extras,
+    ).model_dump(mode="json")

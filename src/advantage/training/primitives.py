@@ -1,0 +1,144 @@
+"""Batch-level primitives shared by `model.train` (grpo.py), the low-level API and SFT: one path, not three.
+
+`forward_backward(trainer, datums, loss, cfg)` splits a batch into micro-batches (sequences with the same
+prompt go together, so each micro-batch computes its prompt once), weights each micro-batch so that the
+loss aggregates over the whole batch exactly as if it had run in one piece, and accumulates gradients.
+`forward` gives the current weights' logprobs without gradients. Both return per-token logprobs aligned to
+each datum's input_ids (0.0 where the loss mask is 0).
+
+Losses are named: the policy losses of `losses.py`, plus "linear", the loss Σ w·logp with per-token weights
+w in `extras["logprob_grad"]`. "linear" is how a custom loss runs anywhere, even on a remote server: the
+client computes its loss from `forward`'s logprobs, takes d(loss)/d(logprobs) with autograd, and sends those
+gradients back as w; the gradient of Σ w·logp with respect to the weights is then the custom loss's
+(chain rule), and it is summed, not averaged, across micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from advantage.training.losses import LOSSES, LossConfig, get_loss
+from advantage.training.trainer import Batch, Datum, Trainer
+
+LINEAR = "linear"
+GRAD_KEY = "logprob_grad"  # extras key of the per-token weights of the "linear" loss
+LOSS_NAMES: tuple[str, ...] = (*sorted(LOSSES), LINEAR)
+Progress = Callable[[int, int], None]  # (micro-batches done, total)
+
+
+def prompt_key(d: Datum) -> tuple[int, ...]:
+    """The tokens before the first trained token: sequences with equal keys share a prompt."""
+    first = next((i for i, m in enumerate(d.loss_mask) if m), len(d.input_ids))
+    return tuple(d.input_ids[:first])
+
+
+def micro_batches(datums: list[Datum], size: int) -> list[list[int]]:
+    """Indices into `datums`, in chunks of at most `size` that never mix prompts (so each shares one)."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, d in enumerate(datums):
+        by_prompt.setdefault(prompt_key(d), []).append(i)
+    return [idx[k : k + size] for idx in by_prompt.values() for k in range(0, len(idx), size)]
+
+
+def check_datums(datums: list[Datum], vocab_size: int, max_len: int) -> None:
+    """Refuse what would crash or silently mis-train, saying which datum and what to change."""
+    if not datums:
+        raise ValueError("The batch is empty; pass at least one datum.")
+    keys = set(datums[0].extras)
+    for i, d in enumerate(datums):
+        n = len(d.input_ids)
+        if n < 2:
+            raise ValueError(f"Datum {i} has {n} token(s); a trained token needs at least one before it.")
+        if n > max_len:
+            raise ValueError(f"Datum {i} has {n} tokens, over the limit of {max_len}; shorten it.")
+        if len(d.loss_mask) != n:
+            raise ValueError(f"Datum {i}: loss_mask has {len(d.loss_mask)} values for {n} input_ids.")
+        if d.loss_mask[0]:
+            raise ValueError(f"Datum {i}: the first token has no context to predict it from; mask it out.")
+        if any(not 0 <= t < vocab_size for t in d.input_ids):
+            raise ValueError(f"Datum {i} has token ids outside the vocabulary [0, {vocab_size}).")
+        if d.old_logprobs is not None and len(d.old_logprobs) != n:
+            raise ValueError(f"Datum {i}: logprobs has {len(d.old_logprobs)} values for {n} input_ids.")
+        if set(d.extras) != keys:
+            raise ValueError(f"Datum {i} has extras {sorted(d.extras)}; datum 0 has {sorted(keys)}.")
+        for k, v in [
+            ("logprobs", d.old_logprobs or []),
+            *((f"extras[{k!r}]", v) for k, v in d.extras.items()),
+        ]:
+            if k != "logprobs" and len(v) != n:
+                raise ValueError(f"Datum {i}: {k} has {len(v)} values for {n} input_ids.")
+            if not all(math.isfinite(x) for x in v):
+                raise ValueError(f"Datum {i}: {k} has a non-finite value (NaN or inf); fix or drop it.")
+
+
+def forward(trainer: Trainer, datums: list[Datum], micro_batch_size: int = 8) -> list[list[float]]:
+    """The current weights' per-token logprobs (no gradients), aligned to each datum's input_ids."""
+    out: list[list[float]] = [[] for _ in datums]
+    for idx in micro_batches(datums, micro_batch_size):
+        for i, lp in zip(idx, trainer.forward([datums[i] for i in idx]), strict=True):
+            out[i] = lp
+    return out
+
+
+def forward_backward(
+    trainer: Trainer,
+    datums: list[Datum],
+    loss: str,
+    cfg: LossConfig | None = None,
+    micro_batch_size: int = 8,
+    progress: Progress | None = None,
+) -> tuple[dict[str, float], list[list[float]]]:
+    """Accumulate the gradient of `loss` over the whole batch. Returns (metrics, per-token logprobs)."""
+    cfg = cfg or LossConfig()
+    if cfg.max_len is None:  # Dr. GRPO's constant normaliser: the batch's longest sequence
+        cfg = dataclasses.replace(cfg, max_len=max(len(d.input_ids) for d in datums))
+    batch_loss = _linear_loss if loss == LINEAR else _named_loss(loss, cfg)
+    total_tokens = sum(sum(1 for m in d.loss_mask if m) for d in datums)
+    chunks = micro_batches(datums, micro_batch_size)
+    sums: dict[str, float] = {}
+    logprobs: list[list[float]] = [[] for _ in datums]
+    padded = 0
+    for k, idx in enumerate(chunks):
+        chunk = [datums[i] for i in idx]
+        if loss == LINEAR:
+            weight = 1.0  # a sum: each micro-batch's part adds up to the whole
+        elif cfg.agg == "token_mean":
+            weight = sum(sum(1 for m in d.loss_mask if m) for d in chunk) / max(total_tokens, 1)
+        else:
+            weight = len(chunk) / len(datums)
+        m, lps = trainer.forward_backward(chunk, batch_loss, weight=weight, ref_model=cfg.kl_beta > 0)
+        for key, v in m.items():
+            sums[key] = sums.get(key, 0.0) + v * weight
+        for i, lp in zip(idx, lps, strict=True):
+            logprobs[i] = lp
+        padded += len(chunk) * max(len(d.input_ids) for d in chunk)
+        if progress:
+            progress(k + 1, len(chunks))
+    real = sum(len(d.input_ids) for d in datums)
+    metrics = {f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()}
+    metrics.update(
+        trained_tokens=float(total_tokens),
+        sequence_tokens=float(real),
+        packing_efficiency=real / padded if padded else 1.0,
+        micro_batches=float(len(chunks)),
+    )
+    return metrics, logprobs
+
+
+def _named_loss(name: str, cfg: LossConfig) -> Callable[[Batch], tuple[Any, dict[str, float]]]:
+    loss_fn = get_loss(name)
+
+    def batch_loss(b: Batch) -> tuple[Any, dict[str, float]]:
+        return loss_fn(b.logp, b.old_logp, b.adv, b.mask, cfg, b.ref_logp)
+
+    return batch_loss
+
+
+def _linear_loss(b: Batch) -> tuple[Any, dict[str, float]]:
+    if GRAD_KEY not in b.extras:
+        raise ValueError(f"The 'linear' loss needs per-token weights in extras[{GRAD_KEY!r}].")
+    loss = (b.extras[GRAD_KEY] * b.logp * b.mask).sum()
+    return loss, {"loss": float(loss.detach())}
