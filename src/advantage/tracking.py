@@ -1,11 +1,19 @@
 """The run log: `<run>/metrics.jsonl` (one row per training step or evaluation) and the trajectories of
-every split and step under `<run>/trajectories/<split>/<step:04d>.jsonl`."""
+every split and step under `<run>/trajectories/<split>/<step:04d>.jsonl`.
+
+When WANDB_API_KEY is set and `wandb` is installed (`pip install 'advantage[wandb]'`), every metrics row
+also goes to W&B under the same names and step. Without the key, `wandb` is never imported.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,49 @@ def group_metrics(groups: list[TrajectoryGroup], prefix: str) -> dict[str, float
     return out
 
 
+_wandb_runs: dict[Path, Any] = {}  # run dir -> its W&B run, or None when W&B could not start (per process)
+_wandb_lock = threading.Lock()
+
+
+def _wandb_run(run_dir: Path) -> Any | None:
+    """The W&B run that mirrors `run_dir`, started on first use; None when W&B is off."""
+    if not os.environ.get("WANDB_API_KEY"):
+        return None
+    key = run_dir.resolve()
+    with _wandb_lock:
+        if key not in _wandb_runs:
+            _wandb_runs[key] = _start_wandb(key)
+        return _wandb_runs[key]
+
+
+def _start_wandb(run_dir: Path) -> Any | None:
+    """A W&B run named after the model in the project's W&B project (`<root>/<project>/models/<name>`). Its
+    id comes from the run dir, so a resumed training run appends to the same W&B run. A dashboard that
+    cannot start warns and never stops training: metrics.jsonl still has everything."""
+    try:
+        import wandb
+    except ImportError:
+        warnings.warn(
+            "WANDB_API_KEY is set but wandb is not installed, so metrics go to metrics.jsonl only. "
+            "Install it with `pip install 'advantage[wandb]'`, or unset WANDB_API_KEY.",
+            stacklevel=4,
+        )
+        return None
+    project, name = run_dir.parent.parent.name or "advantage", run_dir.name
+    run_id = f"{name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
+    try:
+        return wandb.init(
+            project=project, name=name, id=run_id, resume="allow", dir=str(run_dir), reinit="create_new"
+        )
+    except Exception as e:  # a bad key, no network: W&B's own errors vary by version
+        warnings.warn(
+            f"W&B did not start ({type(e).__name__}: {e}), so metrics go to metrics.jsonl only. Check "
+            "WANDB_API_KEY (or set WANDB_MODE=offline), or unset WANDB_API_KEY to turn W&B off.",
+            stacklevel=4,
+        )
+        return None
+
+
 class RunLog:
     def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir
@@ -40,6 +91,9 @@ class RunLog:
         row = {"step": step, "split": split, "time": time.time(), **metrics}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        run = _wandb_run(self.dir)
+        if run is not None:
+            run.log(dict(metrics), step=step)
 
     def write_trajectories(self, split: str, step: int, groups: list[TrajectoryGroup]) -> Path:
         out = self.dir / "trajectories" / split / f"{step:04d}.jsonl"

@@ -1,0 +1,22 @@
+"""`advantage report`: one self-contained HTML file per run, with its curves, the ScaleRL ceiling fit and a
+trajectory viewer. `build_report_data` reads the run dir; `render_html` turns that into the page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from advantage.report.data import ReportData, build_report_data
+from advantage.report.html import render_html
+
+__all__ = ["ReportData", "build_report_data", "render_html", "write_report"]
+
+
+def write_report(run_dir: Path, out: Path | None = None, max_steps: int = 50) -> Path:
+    """Write the report of `run_dir` to `out` (default `<run_dir>/report.html`) and return its path."""
+    data = build_report_data(Path(run_dir), max_steps=max_steps)
+    path = Path(out) if out is not None else Path(run_dir) / "report.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(render_html(data), encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,300 @@
+"""What the report shows, read from a run dir: the chart series from `metrics.jsonl`, the ScaleRL fit over
+train reward, and the trajectories of each split and step, slimmed to what a reader looks at (messages,
+tool calls, reward, metrics, logs) without token ids and logprobs."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from advantage.scaling import fit_run
+from advantage.tracking import RunLog
+
+Point = tuple[float, float]
+ROW_KEYS = {"step", "split", "time"}  # bookkeeping fields of a metrics row, not metrics
+MAX_CONTENT_CHARS = 20_000  # per message; a runaway generation should not make the report unopenable
+MAX_METADATA_CHARS = 4_000
+FIT_METRIC = "train/reward"
+# The headline charts: (title, y label, [(split, metric names tried in order)]). The train reward is
+# logged both as "reward_mean" (by the trainer) and "train/reward" (by the rollouts' summary).
+HEADLINE: list[tuple[str, str, list[tuple[str, list[str]]]]] = [
+    ("Reward", "mean reward", [("train", ["train/reward", "reward_mean"]), ("val", ["val/reward"])]),
+    ("Loss", "loss", [("train", ["loss"])]),
+    ("Logprob drift (sampler vs trainer)", "mean |Δ logprob|", [("train", ["logprob_drift_mean_abs"])]),
+    ("Logprob correlation (sampler vs trainer)", "correlation", [("train", ["logprob_drift_corr"])]),
+    ("Throughput", "tokens / second", [("train", ["tokens_per_second"])]),
+    ("Step time", "seconds", [("train", ["seconds"])]),
+]
+
+
+class Series(BaseModel):
+    name: str
+    split: str  # picks the colour: train blue, val orange
+    points: list[Point]
+    kind: str = "data"  # "data" (markers and lines) or "fit" (a dashed curve)
+
+
+class Chart(BaseModel):
+    title: str
+    y_label: str
+    x_label: str = "step"
+    series: list[Series]
+    headline: bool = False
+
+
+class FitInfo(BaseModel):
+    ok: bool
+    message: str  # the fit's summary, or why there is none
+
+
+class MessageView(BaseModel):
+    role: str
+    content: str
+    tool_calls: list[dict[str, str]] = []  # {"name", "arguments"}
+    tool_call_id: str | None = None
+    sampled: bool = False  # a Choice: the policy produced it and training uses it
+    weights_step: int | None = None
+
+
+class TrajectoryView(BaseModel):
+    reward: float | None
+    finish_reason: str | None
+    metrics: dict[str, float | None]
+    logs: list[str]
+    messages: list[MessageView]
+    tools: list[str]
+    metadata: str  # JSON, cut at MAX_METADATA_CHARS
+
+
+class GroupView(BaseModel):
+    index: int
+    trajectories: list[TrajectoryView]
+    exceptions: list[str]
+
+
+class ReportData(BaseModel):
+    title: str
+    run_dir: str
+    generated: str
+    n_rows: int
+    charts: list[Chart]
+    fit: FitInfo
+    # split -> step (as a string: JSON keys) -> groups
+    trajectories: dict[str, dict[str, list[GroupView]]]
+    omitted_steps: dict[str, int]  # split -> steps left out by max_steps
+
+
+def _number(v: Any) -> float | None:
+    """A finite float, or None for what JSON cannot hold (NaN, inf) or what is not a number."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def _series(rows: list[dict[str, Any]], split: str, metric: str) -> list[Point]:
+    pts = []
+    for r in rows:
+        y = _number(r.get(metric))
+        if r.get("split") == split and y is not None and _number(r.get("step")) is not None:
+            pts.append((float(r["step"]), y))
+    return pts
+
+
+def build_charts(rows: list[dict[str, Any]], fit_curve: list[Point] | None) -> list[Chart]:
+    """The headline charts, then one chart per remaining metric, with `<split>/x` of every split together."""
+    used: set[str] = set()
+    charts = []
+    for title, y_label, wanted in HEADLINE:
+        series = []
+        for split, names in wanted:
+            for name in names:
+                pts = _series(rows, split, name)
+                if pts:
+                    series.append(Series(name=name, split=split, points=pts))
+                    used.update(names)
+                    break
+        if title == "Reward" and fit_curve:
+            series.append(Series(name="ScaleRL fit (train)", split="train", points=fit_curve, kind="fit"))
+        if series:
+            charts.append(Chart(title=title, y_label=y_label, series=series, headline=True))
+    by_name: dict[str, dict[str, list[Point]]] = {}  # chart name -> split -> points
+    for r in rows:
+        split = str(r.get("split", "?"))
+        for key, value in r.items():
+            if key in ROW_KEYS or key in used or _number(value) is None:
+                continue
+            name = key.removeprefix(f"{split}/")
+            by_name.setdefault(name, {}).setdefault(split, [])
+    for name in sorted(by_name):
+        series = []
+        for split in sorted(by_name[name]):
+            key = name if _series(rows, split, name) else f"{split}/{name}"
+            series.append(Series(name=split, split=split, points=_series(rows, split, key)))
+        charts.append(Chart(title=name, y_label=name, series=[s for s in series if s.points]))
+    return [c for c in charts if c.series]
+
+
+def build_fit(run_dir: Path, rows: list[dict[str, Any]]) -> tuple[FitInfo, list[Point] | None]:
+    """The ScaleRL fit of train reward against step, and its curve out to 2x the steps so far."""
+    try:
+        fit = fit_run(run_dir, metric=FIT_METRIC, axis="step")
+    except ValueError as e:
+        return FitInfo(ok=False, message=f"No ceiling fit: {e}."), None
+    first = min((s for s, _ in _series(rows, "train", FIT_METRIC) if s > 0), default=1.0)
+    n = 80
+    xs = [first + (2 * fit.c_max - first) * i / (n - 1) for i in range(n)]
+    curve = [(x, float(fit.predict(x))) for x in xs]
+    return FitInfo(ok=True, message=fit.summary(fit.c_max)), curve
+
+
+def _text(content: Any) -> str:
+    """Message content as text: a string, or the text parts of a list of content parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        parts = []
+        for p in content:
+            if isinstance(p, dict) and p.get("type") == "text":
+                parts.append(str(p.get("text", "")))
+            else:
+                parts.append(f"[{p.get('type', 'part') if isinstance(p, dict) else 'part'}]")
+        text = "\n".join(parts)
+    else:
+        text = json.dumps(content)
+    if len(text) > MAX_CONTENT_CHARS:
+        text = text[:MAX_CONTENT_CHARS] + f"\n[… {len(text) - MAX_CONTENT_CHARS} more characters cut]"
+    return text
+
+
+def _tool_calls(calls: Any) -> list[dict[str, str]]:
+    out = []
+    for c in calls or []:
+        fn = (c or {}).get("function") or {}
+        args = fn.get("arguments", "")
+        out.append(
+            {
+                "name": str(fn.get("name", "?")),
+                "arguments": args if isinstance(args, str) else json.dumps(args),
+            }
+        )
+    return out
+
+
+def _message(item: dict[str, Any]) -> MessageView:
+    if "choice" in item:  # a sampled assistant turn, as recorded by Trajectory.to_dict
+        choice = item["choice"] or {}
+        msg = choice.get("message") or {}
+        step = (choice.get("weights") or {}).get("step")
+        return MessageView(
+            role=str(msg.get("role") or "assistant"),
+            content=_text(msg.get("content")),
+            tool_calls=_tool_calls(msg.get("tool_calls")),
+            sampled=True,
+            weights_step=int(step) if isinstance(step, int) else None,
+        )
+    msg = item.get("message") or {}
+    return MessageView(
+        role=str(msg.get("role", "?")),
+        content=_text(msg.get("content")),
+        tool_calls=_tool_calls(msg.get("tool_calls")),
+        tool_call_id=msg.get("tool_call_id"),
+    )
+
+
+def _trajectory(d: dict[str, Any]) -> TrajectoryView:
+    meta = json.dumps(d.get("metadata") or {}, indent=1, default=str)
+    if len(meta) > MAX_METADATA_CHARS:
+        meta = meta[:MAX_METADATA_CHARS] + "\n[… cut]"
+    return TrajectoryView(
+        reward=_number(d.get("reward")),
+        finish_reason=d.get("finish_reason"),
+        metrics={str(k): _number(v) for k, v in (d.get("metrics") or {}).items()},
+        logs=[str(x) for x in d.get("logs") or []],
+        messages=[_message(i) for i in d.get("messages_and_choices") or []],
+        tools=[str(((t or {}).get("function") or {}).get("name", "?")) for t in d.get("tools") or []],
+        metadata=meta,
+    )
+
+
+def read_groups(path: Path) -> list[GroupView]:
+    """The groups of one `<split>/<step>.jsonl` file; a line cut by a crash mid-write is skipped."""
+    groups = []
+    for line in path.read_text().splitlines():
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        groups.append(
+            GroupView(
+                index=len(groups),
+                trajectories=[_trajectory(t) for t in d.get("trajectories") or []],
+                exceptions=[str(e) for e in d.get("exceptions") or []],
+            )
+        )
+    return groups
+
+
+def _spread(items: list[Path], keep: int) -> list[Path]:
+    """At most `keep` items, evenly spaced, always with the first and the last."""
+    if len(items) <= keep:
+        return items
+    if keep <= 1:
+        return items[-1:]
+    idx = sorted({round(i * (len(items) - 1) / (keep - 1)) for i in range(keep)})
+    return [items[i] for i in idx]
+
+
+def build_trajectories(
+    run_dir: Path, max_steps: int
+) -> tuple[dict[str, dict[str, list[GroupView]]], dict[str, int]]:
+    out: dict[str, dict[str, list[GroupView]]] = {}
+    omitted: dict[str, int] = {}
+    root = run_dir / "trajectories"
+    if not root.is_dir():
+        return out, omitted
+    for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted((p for p in split_dir.glob("*.jsonl") if p.stem.isdigit()), key=lambda p: int(p.stem))
+        kept = _spread(files, max_steps)
+        omitted[split_dir.name] = len(files) - len(kept)
+        out[split_dir.name] = {str(int(p.stem)): read_groups(p) for p in kept}
+    return out, omitted
+
+
+def _title(run_dir: Path) -> str:
+    """ "project / name" for the usual `<root>/<project>/models/<name>` layout, else the folder's name."""
+    if run_dir.parent.name == "models" and run_dir.parent.parent.name:
+        return f"{run_dir.parent.parent.name} / {run_dir.name}"
+    return run_dir.name
+
+
+def build_report_data(run_dir: Path, max_steps: int = 50) -> ReportData:
+    """Everything the report shows for `run_dir`. Raises FileNotFoundError when it holds no metrics.jsonl."""
+    run_dir = Path(run_dir)
+    log = RunLog(run_dir)
+    if not log.metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{log.metrics_path} does not exist. Pass a run dir, the folder that holds metrics.jsonl and "
+            "trajectories/ (by default <root>/<project>/models/<name>, e.g. .advantage/demo/models/tool-use-001)."
+        )
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    rows = log.rows()
+    fit, curve = build_fit(run_dir, rows)
+    trajectories, omitted = build_trajectories(run_dir, max_steps)
+    return ReportData(
+        title=_title(run_dir.resolve()),
+        run_dir=str(run_dir.resolve()),
+        generated=time.strftime("%Y-%m-%d %H:%M:%S"),
+        n_rows=len(rows),
+        charts=build_charts(rows, curve),
+        fit=fit,
+        trajectories=trajectories,
+        omitted_steps=omitted,
+    )

@@ -1,0 +1,256 @@
+"""`advantage report` without a browser: what goes into the page (charts, fit, trajectories), that the page
+is self-contained and keeps untrusted text inert, the CLI's errors, and the W&B mirror of metrics.jsonl.
+The browser checks on a real run are in test_report_browser.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import types
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai.types.chat.chat_completion import Choice
+from typer.testing import CliRunner
+
+import advantage as adv
+from advantage import tracking
+from advantage.cli import app
+from advantage.report import build_report_data, render_html, write_report
+from advantage.report.html import script_json
+from advantage.tracking import RunLog
+
+XSS = '</script><script>window.__xss=1</script><img src=x onerror="window.__xss=1">'
+
+
+def _choice(content: str, step: int) -> Choice:
+    return Choice.model_validate(
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {"role": "assistant", "content": content},
+            "token_ids": [1, 2, 3],
+            "token_logprobs": [-0.1, -0.2, -0.3],
+            "weights": {"model": "m", "step": step},
+        }
+    )
+
+
+def _groups(step: int) -> list[adv.TrajectoryGroup]:
+    trajs = [
+        adv.Trajectory(
+            [
+                {"role": "user", "content": f"question {XSS}"},
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [
+                        {
+                            "id": "c0",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": "{}"},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c0", "content": "sunny"},
+                _choice(f"answer {i}", step),
+            ],
+            reward=i / 3,
+            metrics={"success": float(i == 3)},
+            logs=[f"RULER (judge) score {i / 3:.3f}: explanation {i}"],
+            finish_reason="answered",
+        )
+        for i in range(4)
+    ]
+    return [adv.TrajectoryGroup(trajs, exceptions=["Traceback: boom"])]
+
+
+def _run(tmp_path: Path, steps: int) -> Path:
+    """A run dir written by RunLog as the service writes it: val at step 0, then train steps."""
+    run = tmp_path / "proj" / "models" / "m"
+    log = RunLog(run)
+    log.append(0, "val", {"val/reward": 0.2, "val/success": 0.0})
+    log.write_trajectories("val", 0, _groups(0))
+    for s in range(1, steps + 1):
+        reward = 0.2 + 0.5 * (1 - math.exp(-s / 3))
+        log.append(
+            s,
+            "train",
+            {"train/reward": reward, "loss": 0.1 / s, "logprob_drift_mean_abs": 0.01, "grad_norm": math.nan},
+        )
+        log.write_trajectories("train", s, _groups(s))
+    return run
+
+
+def test_report_data_from_a_run(tmp_path: Path) -> None:
+    data = build_report_data(_run(tmp_path, 8))
+    titles = [c.title for c in data.charts]
+    assert titles[:3] == ["Reward", "Loss", "Logprob drift (sampler vs trainer)"]
+    reward = data.charts[0]
+    assert [s.name for s in reward.series] == ["train/reward", "val/reward", "ScaleRL fit (train)"]
+    assert reward.series[1].points == [(0.0, 0.2)]
+    fit_curve = reward.series[2].points
+    assert data.fit.ok and data.fit.message.startswith("A=")
+    assert fit_curve[-1][0] == pytest.approx(16.0)  # drawn out to 2x the steps so far
+    assert "success" in titles and "grad_norm" not in titles  # a metric that is always NaN has no points
+    assert sorted(data.trajectories) == ["train", "val"]
+    assert sorted(data.trajectories["train"], key=int) == [str(s) for s in range(1, 9)]
+    t = data.trajectories["train"]["3"][0].trajectories[3]
+    assert t.reward == 1.0 and t.logs == ["RULER (judge) score 1.000: explanation 3"]
+    assert [m.role for m in t.messages] == ["user", "assistant", "tool", "assistant"]
+    assert t.messages[1].tool_calls == [{"name": "get_weather", "arguments": "{}"}]
+    assert t.messages[3].sampled and t.messages[3].weights_step == 3 and t.messages[3].content == "answer 3"
+    assert data.trajectories["train"]["1"][0].exceptions == ["Traceback: boom"]
+
+
+def test_fit_failure_is_said_not_raised(tmp_path: Path) -> None:
+    data = build_report_data(_run(tmp_path, 2))
+    assert not data.fit.ok and "at least 4 points" in data.fit.message
+    assert [s.kind for s in data.charts[0].series] == ["data", "data"]
+
+
+def test_a_run_with_nothing_logged_yet_still_renders(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 0.5}\n{"cut by a cra')
+    data = build_report_data(tmp_path)
+    assert [c.title for c in data.charts] == ["Loss"] and data.trajectories == {}
+    assert not data.fit.ok and "train/reward" in data.fit.message
+    assert render_html(data).startswith("<!doctype html>")
+
+
+def test_max_steps_keeps_first_and_last(tmp_path: Path) -> None:
+    data = build_report_data(_run(tmp_path, 9), max_steps=3)
+    assert sorted(data.trajectories["train"], key=int) == ["1", "5", "9"]
+    assert data.omitted_steps == {"train": 6, "val": 0}
+
+
+def test_html_is_self_contained_and_escapes_untrusted_text(tmp_path: Path) -> None:
+    page = render_html(build_report_data(_run(tmp_path, 4)))
+    # Nothing fetched: no external src/href, no stylesheet links, and a CSP that forbids fetching anyway.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "@import" not in page and "url(http" not in page
+    assert "default-src 'none'" in page
+    # The payload only appears \u-escaped inside the JSON: no raw tag can close the data script.
+    assert XSS not in page and "<img src=x" not in page
+    assert page.count("</script>") == 2  # the data block and the code block
+    blob = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S)
+    assert blob is not None
+    first = json.loads(blob.group(1))["trajectories"]["train"]["1"][0]["trajectories"][0]
+    assert first["messages"][0]["content"] == f"question {XSS}"  # the text itself is kept, as data
+
+
+def test_script_json_round_trips() -> None:
+    value = {"a": "</script><!-- & \u2028", "b": [1.5, math.nan, math.inf]}
+    text = script_json(value)
+    assert "<" not in text and ">" not in text and "&" not in text and "\u2028" not in text
+    assert json.loads(text) == {"a": value["a"], "b": [1.5, None, None]}
+
+
+def test_cli_writes_the_report(tmp_path: Path) -> None:
+    run = _run(tmp_path, 4)
+    result = CliRunner().invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert (run / "report.html").is_file()
+    out = tmp_path / "elsewhere" / "r.html"
+    assert CliRunner().invoke(app, ["report", str(run), "--out", str(out)]).exit_code == 0
+    assert out.read_text().startswith("<!doctype html>")
+
+
+def test_cli_open_hands_the_file_to_the_browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    monkeypatch.setattr("webbrowser.open", opened.append)
+    run = _run(tmp_path, 4)
+    assert CliRunner().invoke(app, ["report", str(run), "--open"]).exit_code == 0
+    assert opened == [(run / "report.html").resolve().as_uri()]
+
+
+def test_cli_says_what_a_run_dir_is(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "metrics.jsonl" in result.output and "run dir" in result.output
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        write_report(tmp_path)
+
+
+# ---------------------------------------------------------------------- W&B
+# W&B is an online paid service that cannot run here, so a fake `wandb` module stands in for it: what is
+# checked is the contract with it (init once per run dir, log the same names at the same step).
+
+
+class FakeRun:
+    def __init__(self) -> None:
+        self.logged: list[tuple[dict[str, Any], int]] = []
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.logged.append((metrics, step))
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch: pytest.MonkeyPatch) -> types.SimpleNamespace:
+    calls: list[dict[str, Any]] = []
+    runs: list[FakeRun] = []
+
+    def init(**kwargs: Any) -> FakeRun:
+        calls.append(kwargs)
+        runs.append(FakeRun())
+        return runs[-1]
+
+    module = types.ModuleType("wandb")
+    module.init = init  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    monkeypatch.setattr(tracking, "_wandb_runs", {})
+    return types.SimpleNamespace(calls=calls, runs=runs)
+
+
+def test_wandb_gets_the_same_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_wandb: types.SimpleNamespace
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "test-key")
+    run = tmp_path / "proj" / "models" / "m"
+    RunLog(run).append(0, "val", {"val/reward": 0.5})
+    RunLog(run).append(1, "train", {"train/reward": 0.6, "loss": 0.1})  # a new RunLog: the same W&B run
+    assert len(fake_wandb.calls) == 1
+    init = fake_wandb.calls[0]
+    assert (init["project"], init["name"], init["resume"]) == ("proj", "m", "allow")
+    assert fake_wandb.runs[0].logged == [({"val/reward": 0.5}, 0), ({"train/reward": 0.6, "loss": 0.1}, 1)]
+    rows = RunLog(run).rows()
+    assert [{k: v for k, v in r.items() if k not in ("step", "split", "time")} for r in rows] == [
+        m for m, _ in fake_wandb.runs[0].logged
+    ]
+
+
+def test_no_key_no_wandb_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    RunLog(tmp_path).append(1, "train", {"loss": 0.1})
+    assert "wandb" not in sys.modules
+    assert len(RunLog(tmp_path).rows()) == 1
+
+
+def test_key_without_wandb_installed_warns_and_logs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "test-key")
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    monkeypatch.setattr(tracking, "_wandb_runs", {})
+    with pytest.warns(UserWarning, match=r"advantage\[wandb\]"):
+        RunLog(tmp_path).append(1, "train", {"loss": 0.1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per run dir, not once per step
+        RunLog(tmp_path).append(2, "train", {"loss": 0.2})
+    assert len(RunLog(tmp_path).rows()) == 2
+
+
+def test_wandb_that_fails_to_start_does_not_stop_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_wandb: types.SimpleNamespace
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "bad-key")
+
+    def init(**kwargs: Any) -> None:
+        raise RuntimeError("401 unauthorized")
+
+    sys.modules["wandb"].init = init  # type: ignore[union-attr]
+    with pytest.warns(UserWarning, match="401 unauthorized"):
+        RunLog(tmp_path).append(1, "train", {"loss": 0.1})
+    assert len(RunLog(tmp_path).rows()) == 1
