@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench load clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/serve_throughput.py
+
+load: $(STAMP)
+	$(VENV)/bin/python benchmarks/load_test.py --threads 1
 
 clean:
 	rm -rf $(VENV) .advantage runs

@@ -5,6 +5,7 @@ clear error. SFT on the real bundled model is in test_sft.py."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -196,7 +197,32 @@ async def test_bad_input_is_a_clear_error(
             await tc.forward_backward([good], lambda ds, lps: torch.tensor(float("nan")))
         with pytest.raises(ValueError, match="max_tokens"):
             await tc.sample(PROMPT, max_tokens=10**6)
+        with pytest.raises(ValueError, match="seed"):  # once hung the engine: torch refused it mid-prefill
+            await tc.sample(PROMPT, seed=2**64)
+        with pytest.raises(ValueError, match="does not read as TrajectoryGroup"):
+            await model.backend.primitive(model, "datums", {"groups": [{}]})
     with pytest.raises(BackendRequestError, match="outside the vocabulary"):  # remote: a 400 that says why
         model = await _model(remote, "bad2", tiny_model_dir)
         tc = await model.training_client()
         await tc.forward([adv.Datum(input_ids=[1, 10**9], loss_mask=[0.0, 1.0])])
+
+
+async def test_a_failed_prefill_fails_its_requests_and_the_engine_goes_on(tiny_model_dir: Path) -> None:
+    from advantage.engine.sampling import SamplingParams
+    from advantage.engine.torch_engine import TorchEngine
+
+    engine = TorchEngine(tiny_model_dir, dtype="float32")
+    real_prefill = engine._prefill
+
+    def broken(batch):  # fails before the batch's rows join: such requests once waited forever
+        raise RuntimeError("prefill exploded")
+
+    try:
+        engine._prefill = broken  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="prefill exploded"):
+            await asyncio.wait_for(engine.generate([1, 5, 9], SamplingParams(max_tokens=2)), 30)
+        engine._prefill = real_prefill  # type: ignore[method-assign]
+        out = await asyncio.wait_for(engine.generate([1, 5, 9], SamplingParams(max_tokens=2)), 30)
+        assert len(out[0].token_ids) >= 1
+    finally:
+        engine.close()

@@ -8,7 +8,8 @@ ValidationError is one), which the server answers with a 400 that says what to c
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +26,7 @@ from advantage.training.trainer import Datum as TrainDatum
 from advantage.training.trainer import Trainer
 from advantage.trajectory import Trajectory, TrajectoryGroup
 
+R = TypeVar("R")
 LossName = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "linear"]
 assert set(BUILTIN_LOSSES) | {"linear"} == set(LossName.__args__)  # type: ignore[attr-defined]
 
@@ -111,7 +113,10 @@ async def run_op(service: Service, name: str, op: str, payload: dict[str, Any] |
 
 def _datums(service: Service, name: str, body: DatumsBody) -> dict[str, Any]:
     _, trainer = service.trainable(name)
-    groups = [TrajectoryGroup.from_dict(g) for g in body.groups]
+    groups = [
+        _read(TrajectoryGroup.from_dict, g, f"Group {i}", "TrajectoryGroup")
+        for i, g in enumerate(body.groups)
+    ]
     datums, metrics = build_datums(trainer, groups, body.config)
     return {"datums": [_public(d) for d in datums], "metrics": metrics}
 
@@ -120,11 +125,10 @@ def _sft_datums(service: Service, name: str, body: SFTDatumsBody) -> dict[str, A
     _, trainer = service.trainable(name)
     out = []
     for i, t in enumerate(body.trajectories):
+        traj = _read(Trajectory.from_dict, t, f"Trajectory {i}", "Trajectory")
         try:
-            tok = tokenize_for_sft(
-                trainer.tokenizer, Trajectory.from_dict(t), body.max_seq_len, body.on_overflow
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+            tok = tokenize_for_sft(trainer.tokenizer, traj, body.max_seq_len, body.on_overflow)
+        except ValueError as exc:
             raise ValueError(f"Trajectory {i}: {exc}") from exc
         out.append(Datum(input_ids=tok.input_ids, loss_mask=[float(m) for m in tok.assistant_mask]))
     return {"datums": [d.model_dump(mode="json") for d in out]}
@@ -204,6 +208,15 @@ async def _sample(service: Service, name: str, body: SampleBody) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------ conversions
+
+
+def _read(from_dict: Callable[[dict[str, Any]], R], d: dict[str, Any], where: str, kind: str) -> R:
+    try:
+        return from_dict(d)
+    except KeyError as exc:
+        raise ValueError(f"{where} does not read as {kind}.to_dict(): it has no {exc.args[0]!r}.") from exc
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{where} does not read as {kind}.to_dict(): {type(exc).__name__}: {exc}") from exc
 
 
 def _internal(trainer: Trainer, datums: list[Datum]) -> list[TrainDatum]:

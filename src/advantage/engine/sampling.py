@@ -38,6 +38,8 @@ class SamplingParams:
             raise SamplingError(f"n must be in [1, 64], got {self.n}.")
         if not 0 <= self.top_logprobs <= 20:
             raise SamplingError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}.")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise SamplingError(f"seed must fit in a signed 64-bit integer, got {self.seed}.")
         if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
             raise SamplingError("stop must be at most 4 non-empty strings.")
 

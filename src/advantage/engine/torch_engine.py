@@ -190,6 +190,7 @@ class TorchEngine:
                 if self._closed:
                     self._fail_all(RuntimeError("engine closed"))
                     return
+            batch: list[_Request] = []
             try:
                 self._run_commands()
                 batch = self._take_admissible()
@@ -201,6 +202,9 @@ class TorchEngine:
             except Exception as exc:  # a failed forward fails its rows, never the engine
                 log.exception("engine step failed")
                 self._fail_rows(exc)
+                for req in batch:  # a prefill that failed before its rows joined: fail those requests too
+                    if not req.future.done():
+                        req.future.set_exception(exc)
 
     def _run_commands(self) -> None:
         while self._commands:

@@ -15,9 +15,10 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from advantage.server import completions, training_routes
-from advantage.server.schemas import APIError, ChatCompletionRequest, error_response
+from advantage.server.schemas import ERROR_SCHEMA, APIError, ChatCompletionRequest, error_response
 from advantage.service import Service
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,24 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     async def bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error_response(
-            400, f"Invalid request: {where}: {first.get('msg', 'bad value')}", param=where or None
-        )
+        if not where:  # the body itself: missing, not JSON, or not an object
+            message = f"Invalid request body: {first.get('msg', 'bad value')}; send a JSON object."
+            return error_response(400, message)
+        return error_response(400, f"Invalid request: {where}: {first.get('msg', 'bad value')}", param=where)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        """Starlette's own errors (no such route, wrong method) in OpenAI's shape too."""
+        if exc.status_code == 404:
+            message = f"No route {request.url.path}; the routes are listed at /openapi.json."
+        elif exc.status_code == 405:
+            allow = (exc.headers or {}).get("Allow", "")
+            message = f"{request.method} is not allowed on {request.url.path}; use {allow}."
+        else:
+            message = str(exc.detail)
+        response = error_response(exc.status_code, message)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(Exception)
     async def internal(_: Request, exc: Exception) -> JSONResponse:
@@ -76,7 +92,9 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         ]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post(
+        "/v1/chat/completions", response_model=None, responses={200: {"content": {"text/event-stream": {}}}}
+    )
     async def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
         prepared = completions.prepare(service, req)
         if req.stream:
@@ -84,4 +102,38 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return await completions.complete(prepared)
 
     app.include_router(training_routes.router)
+    _document_errors(app)
     return app
+
+
+def _document_errors(app: FastAPI) -> None:
+    """Make the OpenAPI document say which errors each route answers, all in OpenAI's shape.
+
+    FastAPI documents a 422 for every route with input, but `bad_request` answers 400. Like the auth
+    middleware, this goes by the route's shape, so a new route is documented without anyone remembering to."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        spec = generate()
+        spec.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for path, operations in spec.get("paths", {}).items():
+            for op in operations.values():
+                responses = op.setdefault("responses", {})
+                responses.pop("422", None)
+                codes: dict[str, str] = {}
+                if path not in OPEN_PATHS:
+                    codes["401"] = "Missing or wrong API key (when the server has one)."
+                if "requestBody" in op or op.get("parameters"):
+                    codes["400"] = "Invalid request: the message says which field and why."
+                    codes["404"] = "Unknown model (or route)."
+                if "requestBody" in op:
+                    codes["413"] = "Request body too large."
+                for code, description in codes.items():
+                    responses.setdefault(code, {"description": description, "content": error})
+        app.openapi_schema = spec
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -28,7 +28,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # torch seeds are 64-bit; OpenAI documents the same int64 range. A larger one failed inside the engine.
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -55,6 +56,25 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.type, self.param, self.code)
+
+
+# OpenAI's error body, as JSON schema: the OpenAPI document says every 4xx has this shape.
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string", "description": "What went wrong and what to do about it."},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
 
 
 def error_response(

@@ -121,7 +121,9 @@ async def get_step(name: str, request: Request) -> Response:
     return _json({"name": name, "step": entry.latest})
 
 
-@router.post("/models/{name}/train", response_model=None)
+@router.post(
+    "/models/{name}/train", response_model=None, responses={200: {"content": {"application/x-ndjson": {}}}}
+)
 async def train(name: str, body: TrainBody, request: Request) -> StreamingResponse:
     service = _service(request)
     _trainable(service, name)
