@@ -39,18 +39,19 @@ def serve(
     serve_forever(service, host, port, api_key)
 
 
-def _demo_module():  # the demo is an example (public API only); it lives in the repository, not the package
+def _example_module(task: str, module: str):  # examples use the public API only; they live in the repo
+    import importlib
     import sys
 
     repo = Path(__file__).resolve().parents[2]
-    if not (repo / "examples" / "tool_use" / "train.py").exists():
-        raise typer.BadParameter(
-            "`advantage demo` runs examples/tool_use; run it from a clone of the repository."
-        )
+    if not (repo / "examples" / task / f"{module}.py").exists():
+        raise typer.BadParameter(f"This command runs examples/{task}; run it from a clone of the repository.")
     sys.path.insert(0, str(repo))
-    from examples.tool_use import train
+    return importlib.import_module(f"examples.{task}.{module}")
 
-    return train
+
+def _demo_module():
+    return _example_module("tool_use", "train")
 
 
 def _help(field: str) -> str:
@@ -73,6 +74,10 @@ def demo(
     group_size: Annotated[int | None, typer.Option(help=_help("group_size"), show_default=False)] = None,
     val_size: Annotated[int | None, typer.Option(help=_help("val_size"), show_default=False)] = None,
     eval_every: Annotated[int | None, typer.Option(help=_help("eval_every"), show_default=False)] = None,
+    backend: Annotated[str | None, typer.Option(help=_help("backend"), show_default=False)] = None,
+    reward: Annotated[str | None, typer.Option(help=_help("reward"), show_default=False)] = None,
+    judge_model: Annotated[str | None, typer.Option(help=_help("judge_model"), show_default=False)] = None,
+    judge_url: Annotated[str | None, typer.Option(help=_help("judge_url"), show_default=False)] = None,
 ) -> None:
     """Train the bundled model on the tool-use demo task on CPU, with a held-out baseline and final eval.
 
@@ -94,6 +99,69 @@ def fit(
 
     result = fit_run(run_dir, metric=metric, axis=axis, skip_frac=skip_frac)
     typer.echo(result.summary(result.c_max))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run dir holding metrics.jsonl and trajectories/.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Where to write the HTML.", show_default="RUN_DIR/report.html")
+    ] = None,
+    open_: Annotated[bool, typer.Option("--open", help="Open the report in a web browser.")] = False,
+    max_steps: Annotated[int, typer.Option(help="Most steps of trajectories kept per split.")] = 50,
+) -> None:
+    """Write one self-contained HTML report of a run: curves, the ceiling fit, and a trajectory viewer."""
+    from advantage.report import write_report
+
+    try:
+        path = write_report(run_dir, out, max_steps=max_steps)
+    except (FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="RUN_DIR") from None
+    typer.echo(path)
+    if open_:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmark any model on an example task's test set.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("email")
+def bench_email(
+    model: Annotated[
+        list[str], typer.Option(help="NAME (bundled/HF dir), NAME@STEP (trained), URL#MODEL or URL; repeat.")
+    ],
+    limit: Annotated[int, typer.Option(help="Test questions to run (0: all).")] = 20,
+    model_name: Annotated[str | None, typer.Option(help="Model name for a URL given without #MODEL.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="OPENAI_API_KEY", help="API key for URL models.", show_default=False)
+    ] = None,
+    root: Annotated[Path, typer.Option(help="Checkpoint root of trained NAME@STEP models.")] = Path(
+        ".advantage"
+    ),
+    base_model: Annotated[
+        str, typer.Option(help="Base model of trained NAME@STEP models.")
+    ] = "smollm2-135m-instruct",
+    max_turns: Annotated[int, typer.Option(help="Model turns per question (at most 10).")] = 10,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per model turn.")] = 256,
+    concurrency: Annotated[int, typer.Option(help="Questions in flight at once.")] = 8,
+    out: Annotated[Path, typer.Option(help="Directory for per-question JSONL and the chart.")] = Path(
+        "bench-results"
+    ),
+    prices: Annotated[
+        Path | None, typer.Option(help='JSON {"model": [usd_per_1M_in, usd_per_1M_out]}.')
+    ] = None,
+    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible URL of an answer judge.")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Model name of the answer judge.")] = None,
+) -> None:
+    """Run the email agent (ART-E) test set with one or more models; print the comparison table.
+
+    Config and documentation: examples/email_agent/bench.py:BenchConfig."""
+    bench = _example_module("email_agent", "bench")
+    given = {k: v for k, v in locals().items() if k not in ("bench", "model", "limit")}
+    bench.main(bench.BenchConfig(models=model, limit=limit or None, **given))
 
 
 @app.command()
