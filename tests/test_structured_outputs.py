@@ -107,3 +107,56 @@ async def test_ruler_scores_a_real_group_through_the_local_server(server: Backgr
         assert t.metrics["independent_reward"] == original
         assert t.logs and t.metrics["ruler_judge_prompt_tokens"] > 0
     assert judge.usage.calls >= 1 and judge.usage.completion_tokens > 0
+
+
+CONVERT = {
+    "type": "function",
+    "function": {
+        "name": "convert_currency",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "amount": {"type": "number"},
+                "to_currency": {"type": "string", "enum": ["EUR", "GBP", "JPY"]},
+            },
+            "required": ["amount", "to_currency"],
+            "additionalProperties": False,
+        },
+    },
+}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "names"),
+    [
+        ("required", {"convert_currency", "get_weather"}),
+        ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+    ],
+)
+async def test_forced_tool_calls_always_parse_and_fit_their_schema(
+    server: BackgroundServer, tool_choice, names
+) -> None:
+    """Without forcing, this model often answers in prose (or writes <tool_response>); forced, every
+    sample at T=1.0 is a well-formed call of an allowed function whose arguments fit its schema."""
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused")
+    resp = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "I have 40 dollars. How much is that in euros?"}],
+        tools=[CONVERT, WEATHER], tool_choice=tool_choice, temperature=1.0, n=8, seed=3, max_tokens=64,
+    )  # fmt: skip
+    for choice in resp.choices:
+        assert choice.finish_reason == "tool_calls", choice.message
+        call = choice.message.tool_calls[0].function
+        args = json.loads(call.arguments)
+        assert call.name in names
+        if call.name == "convert_currency":
+            assert set(args) == {"amount", "to_currency"} and args["to_currency"] in ("EUR", "GBP", "JPY")
+            assert isinstance(args["amount"], (int, float))
+        else:
+            assert isinstance(args["city"], str)

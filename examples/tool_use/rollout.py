@@ -94,11 +94,14 @@ async def rollout(
     *,
     temperature: float = 1.0,
     max_turns: int = 3,
+    force_first_call: bool = False,
 ) -> Trajectory:
     """Up to `max_turns` model turns; each tool call is executed and its result appended as a tool message.
 
-    The episode ends at the first reply without tool calls ("answered", or "length" when it was cut off) or
-    after `max_turns` ("max_turns")."""
+    With `force_first_call`, the first turn is sent with `tool_choice="required"`: the server's grammar then
+    only lets the model write one well-formed call of a known tool (which tool, and its arguments, are
+    still the model's choice). The episode ends at the first reply without tool calls ("answered", or
+    "length" when it was cut off) or after `max_turns` ("max_turns")."""
     client = model.openai_client()
     traj = Trajectory(
         messages_and_choices=list(initial_messages(scenario)),
@@ -107,11 +110,12 @@ async def rollout(
         finish_reason="max_turns",
     )
     n_turns = n_calls = 0
-    for _ in range(max_turns):
+    for turn in range(max_turns):
         resp = await client.chat.completions.create(
             model=model.get_inference_name(),
             messages=traj.messages(),  # type: ignore[arg-type]
             tools=TOOLS,  # type: ignore[arg-type]
+            tool_choice="required" if force_first_call and turn == 0 else "auto",
             temperature=temperature,
             max_tokens=MAX_TOKENS,
         )

@@ -38,6 +38,10 @@ class DemoConfig(BaseModel):
         0, ge=0, description="Evaluate on the held-out split every N steps (0: only at the ends)."
     )
     learning_rate: float = Field(7e-4, gt=0, description="AdamW learning rate.")
+    force_first_call: bool = Field(
+        True,
+        description="Send the first turn with tool_choice='required' (a grammar forces a well-formed call).",
+    )
     temperature: float = Field(
         0.7,
         ge=0,
@@ -68,10 +72,12 @@ def _rss_gib() -> float:
         return float("nan")
 
 
-async def evaluate(model: adv.TrainableModel, scenarios: list, desc: str) -> tuple[float, float]:
+async def evaluate(model: adv.TrainableModel, scenarios: list, desc: str, force: bool) -> tuple[float, float]:
     """Greedy held-out evaluation: (success rate, mean reward), logged as the `val` split."""
     groups = await adv.gather_trajectory_groups(
-        [[rollout(model, s, temperature=0.0)] for s in scenarios], max_exceptions=len(scenarios), desc=desc
+        [[rollout(model, s, temperature=0.0, force_first_call=force)] for s in scenarios],
+        max_exceptions=len(scenarios),
+        desc=desc,
     )
     trajs = [t for g in groups for t in g.trajectories]
     await model.log(groups, split="val")
@@ -101,7 +107,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         async def after_each(g: adv.TrajectoryGroup) -> adv.TrajectoryGroup | None:
             return await adv.ruler_score_group(g, judge=judge, swallow_exceptions=True)
 
-    base_rate, base_reward = await evaluate(model, val, "baseline eval")
+    base_rate, base_reward = await evaluate(model, val, "baseline eval", cfg.force_first_call)
     print(f"baseline held-out success {base_rate:.0%}  reward {base_reward:.3f}")
 
     for i in range(cfg.steps):
@@ -111,7 +117,10 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         t0 = time.perf_counter()
         groups = await adv.gather_trajectory_groups(
             [
-                [rollout(model, s, temperature=cfg.temperature) for _ in range(cfg.group_size)]
+                [
+                    rollout(model, s, temperature=cfg.temperature, force_first_call=cfg.force_first_call)
+                    for _ in range(cfg.group_size)
+                ]
                 for s in scenarios
             ],
             max_exceptions=0.25,
@@ -135,10 +144,10 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             f"rss {_rss_gib():.1f} GiB"
         )
         if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
-            rate, reward = await evaluate(model, val, f"eval step {result.step}")
+            rate, reward = await evaluate(model, val, f"eval step {result.step}", cfg.force_first_call)
             print(f"  held-out success {rate:.0%}  reward {reward:.3f}")
 
-    final_rate, final_reward = await evaluate(model, val, "final eval")
+    final_rate, final_reward = await evaluate(model, val, "final eval", cfg.force_first_call)
     elapsed = time.perf_counter() - start
     print(
         f"held-out success {base_rate:.0%} -> {final_rate:.0%}, reward {base_reward:.3f} -> {final_reward:.3f} "

@@ -74,6 +74,12 @@ def demo(
     group_size: Annotated[int | None, typer.Option(help=_help("group_size"), show_default=False)] = None,
     val_size: Annotated[int | None, typer.Option(help=_help("val_size"), show_default=False)] = None,
     eval_every: Annotated[int | None, typer.Option(help=_help("eval_every"), show_default=False)] = None,
+    force_first_call: Annotated[
+        bool | None,
+        typer.Option(
+            "--force-first-call/--free-first-call", help=_help("force_first_call"), show_default=False
+        ),
+    ] = None,
     backend: Annotated[str | None, typer.Option(help=_help("backend"), show_default=False)] = None,
     reward: Annotated[str | None, typer.Option(help=_help("reward"), show_default=False)] = None,
     judge_model: Annotated[str | None, typer.Option(help=_help("judge_model"), show_default=False)] = None,

@@ -23,10 +23,12 @@ rendered by this module:
   `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` block per call (blocks joined by "\\n").
 - `role: "tool"` messages render as a `user` turn holding `<tool_response>\\n{content}\\n</tool_response>`;
   consecutive tool messages share one user turn, one block each, joined by "\\n".
-- `tool_choice`: "none" renders no tools; "required" adds "You must call at least one function."; a named
-  function (`{"type": "function", "function": {"name": X}}`) adds "You must call the function `X`.";
-  "auto" or None adds nothing. With a tool-aware template the instruction goes at the end of the system
-  message instead.
+- `tool_choice`: "none" renders no tools. "required" and a named function (`{"type": "function",
+  "function": {"name": X}}`) leave the prompt exactly as "auto" does and are enforced at decoding time
+  instead, by a grammar that only admits `<tool_call>` blocks of the allowed functions with arguments that
+  fit their schemas (`grammar.grammar_for_tool_choice`). Keeping the prompt the same matters for training:
+  a rollout may force a call on one turn and not the next, and the trainer rebuilds every turn's context
+  from the trajectory's one `tools` list.
 
 `parse_assistant_output` reads the `<tool_call>` blocks back. A block that does not parse stays in the
 content as plain text: a sampled model often writes broken calls, and that is a reward signal, not a crash.
@@ -131,21 +133,23 @@ def _check_tools(tools: Any) -> list[dict[str, Any]]:
     return tools
 
 
-def _tool_choice_instruction(tool_choice: ToolChoice, tools: list[dict[str, Any]]) -> str:
-    """The one-line nudge a tool_choice adds to the prompt ("" when it adds none)."""
+def forced_functions(tool_choice: ToolChoice, tools: list[dict[str, Any]]) -> list[str] | None:
+    """The functions a tool_choice forces a call to (None: no call is forced). Raises on a bad choice."""
     if tool_choice is None or tool_choice in ("auto", "none"):
-        return ""
+        return None
+    known = [t["function"]["name"] for t in tools]
     if tool_choice == "required":
-        return "You must call at least one function."
+        if not known:
+            raise ValueError("tool_choice 'required' needs at least one tool in tools.")
+        return known
     if isinstance(tool_choice, dict):
         fn = tool_choice.get("function")
         name = fn.get("name") if isinstance(fn, dict) else None
         if not isinstance(name, str):
             raise ValueError("tool_choice must look like {'type': 'function', 'function': {'name': ...}}.")
-        known = [t["function"]["name"] for t in tools]
         if name not in known:
             raise ValueError(f"tool_choice names function {name!r}, which is not in tools ({known}).")
-        return f"You must call the function `{name}`."
+        return [name]
     raise ValueError(
         f"tool_choice must be 'none', 'auto', 'required' or a named function, got {tool_choice!r}."
     )
@@ -167,7 +171,7 @@ def render_prompt(
     if not template:
         raise ValueError("This tokenizer has no chat template; use an instruct/chat model as base_model.")
     tools = _check_tools(tools) if tools else []
-    instruction = _tool_choice_instruction(tool_choice, tools)
+    forced_functions(tool_choice, tools)  # validated here; enforced by the sampler's grammar
     if tool_choice == "none":
         tools = []
     native = isinstance(template, str) and "tools" in template
@@ -178,12 +182,10 @@ def render_prompt(
         msgs = [_native_tool_args(m) for m in msgs]
         if tools:
             kwargs["tools"] = tools
-            if instruction:
-                msgs = _with_system_text(msgs, instruction, prepend=False)
     else:
         msgs = _hermes_messages(msgs)
         if tools:
-            msgs = _with_system_text(msgs, tools_system_prompt(tools, instruction), prepend=True)
+            msgs = _with_system_text(msgs, tools_system_prompt(tools), prepend=True)
     text = tokenizer.apply_chat_template(
         msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
     )
@@ -192,7 +194,7 @@ def render_prompt(
     return text
 
 
-def tools_system_prompt(tools: list[dict[str, Any]], instruction: str = "") -> str:
+def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
     """The Hermes-style tool block put into the system prompt of models whose template has no tools."""
     schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
     lines = [
@@ -202,8 +204,6 @@ def tools_system_prompt(tools: list[dict[str, Any]], instruction: str = "") -> s
         "To call a function, respond with one block per call:",
         f'{TOOL_CALL_OPEN}\n{{"name": <function-name>, "arguments": <args-json-object>}}\n{TOOL_CALL_CLOSE}',
     ]
-    if instruction:
-        lines.append(instruction)
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Structured outputs: OpenAI's `response_format` turned into a grammar that constrains sampling.
+"""Structured outputs: OpenAI's `response_format`, or a forced tool call, turned into a grammar that
+constrains sampling.
 
 llguidance (a maintained Rust library with CPU wheels and no torch dependency) compiles a JSON schema into
 a token-level matcher. At every decode step the matcher gives the set of tokens that keep the output valid;
@@ -45,6 +46,39 @@ def grammar_from_response_format(response_format: dict[str, Any] | None) -> str 
             json.dumps(schema), defaults={"whitespace_flexible": False}
         )
     )
+
+
+def grammar_for_tool_choice(tools: list[dict[str, Any]], functions: list[str]) -> str:
+    """A grammar that admits exactly one `<tool_call>` block (as the chat module renders it) calling one of
+    `functions` with arguments that fit that function's parameter schema. One, not "one or more": given
+    the choice, a small model keeps appending calls until max_tokens."""
+    import llguidance
+
+    by_name = {t["function"]["name"]: t["function"] for t in tools}
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": name},
+                "arguments": by_name[name].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for name in functions
+    ]
+    # The separators of json.dumps, which is how calls in the prompt (the chat module's rendering of earlier
+    # turns and examples) are written: compact JSON put the 135M model off its stride (right arguments on
+    # held-out demo questions fell from 31% to 16%).
+    options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+    schema = {"anyOf": calls, "x-guidance": options}
+    lark = "\n".join(
+        [
+            'start: "<tool_call>\\n" body "\\n</tool_call>"',
+            f"body: %json {json.dumps(schema)}",
+        ]
+    )
+    return str(llguidance.LLMatcher.grammar_from_lark(lark))
 
 
 class GrammarCompiler:

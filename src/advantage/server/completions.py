@@ -15,8 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from advantage.engine.chat import parse_assistant_output, render_prompt, validate_messages
-from advantage.engine.grammar import GrammarError, grammar_from_response_format
+from advantage.engine.chat import forced_functions, parse_assistant_output, render_prompt, validate_messages
+from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.sampling import SamplingError, SamplingParams
 from advantage.engine.torch_engine import Completion, ContextLengthError
 from advantage.server.schemas import APIError, ChatCompletionRequest
@@ -50,6 +50,11 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
         raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
     try:
         grammar = grammar_from_response_format(req.response_format)
+        forced = forced_functions(req.tool_choice, req.tools or [])
+        if forced is not None:
+            if grammar is not None:
+                raise GrammarError("Use either response_format or a forced tool_choice, not both.")
+            grammar = grammar_for_tool_choice(req.tools or [], forced)
         if grammar is not None:
             weights.engine.grammars.validate(grammar)
     except GrammarError as exc:
