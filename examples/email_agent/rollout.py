@@ -104,8 +104,14 @@ async def rollout(
     max_turns: int = MAX_TURNS,
     max_tokens: int = 160,
     judge: AnswerJudge | None = None,
+    force_tool_calls: bool = True,
 ) -> Trajectory:
-    """Run the agent on one question; the trajectory's metrics hold the rubric, the outcome, tokens and time."""
+    """Run the agent on one question; the trajectory's metrics hold the rubric, the outcome, tokens and time.
+
+    Every turn of this agent is a tool call (the answer, too, goes through `return_final_answer`), so by
+    default each request says `tool_choice="required"`: our server then decodes under a grammar that only
+    admits a well-formed call of one of the tools (which tool and what arguments stay the model's choice);
+    any OpenAI-compatible server honours the same field."""
     if not 1 <= max_turns <= MAX_TURNS:
         raise ValueError(f"max_turns must be between 1 and {MAX_TURNS}, got {max_turns}")
     db = inbox_db(question.inbox_seed)
@@ -125,6 +131,7 @@ async def rollout(
                 model=model.get_inference_name(),
                 messages=traj.messages(),  # type: ignore[arg-type]
                 tools=TOOLS,  # type: ignore[arg-type]
+                tool_choice="required" if force_tool_calls else "auto",
                 temperature=temperature,
                 max_tokens=max_tokens,
             )

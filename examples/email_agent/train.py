@@ -7,7 +7,7 @@ expectations: the 135M model almost never writes a tool call on this multi-turn 
 so most groups have equal rewards and are skipped; the CPU run proves the pipeline, not the learning.
 
 GPU config (`gpu_config()`, documented, not run here): Qwen2.5-14B-Instruct (or 7B) served by vLLM behind
-`advantage serve` on a GPU box, reached with `backend_url`. The numbers follow the ART-E recipe: 12
+`advantage serve` on a GPU box, reached with `backend`. The numbers follow the ART-E recipe: 12
 questions x 6 rollouts a step, up to 10 turns, lr 1.2e-5, T = 1.0. Published result of that recipe with
 Qwen2.5-14B: 41% -> 96% correct on held-out inboxes (DESIGN §1).
 """
@@ -32,7 +32,7 @@ class EmailTrainConfig(BaseModel):
     name: str = Field("email-agent-001", description="Model name (checkpoints: <root>/email/models/<name>).")
     root: Path = Field(Path(".advantage"), description="Checkpoint and run root (local backend).")
     base_model: str = Field("smollm2-135m-instruct", description="Bundled model name or HF model dir.")
-    backend_url: str | None = Field(None, description="URL of `advantage serve` (GPU); None: embedded CPU.")
+    backend: str | None = Field(None, description="URL of `advantage serve` (GPU); None: embedded CPU.")
     api_key: str | None = Field(None, description="API key of the remote backend.")
     steps: int = Field(2, ge=0, description="Training steps.")
     groups_per_step: int = Field(2, ge=1, description="Questions per step.")
@@ -51,9 +51,9 @@ class EmailTrainConfig(BaseModel):
 
 
 def gpu_config() -> EmailTrainConfig:
-    """The documented GPU recipe; point `backend_url` at `advantage serve` running on the GPU box."""
+    """The documented GPU recipe; point `backend` at `advantage serve` running on the GPU box."""
     return EmailTrainConfig(
-        name="email-agent-qwen14b", base_model="Qwen/Qwen2.5-14B-Instruct", backend_url="http://gpu-box:7999",
+        name="email-agent-qwen14b", base_model="Qwen/Qwen2.5-14B-Instruct", backend="http://gpu-box:7999",
         steps=100, groups_per_step=12, group_size=6, max_turns=10, max_tokens=512, temperature=1.0,
         learning_rate=1.2e-5, max_seq_len=16384, val_size=100,
     )  # fmt: skip
@@ -62,9 +62,7 @@ def gpu_config() -> EmailTrainConfig:
 async def run(cfg: EmailTrainConfig) -> dict[str, float]:
     start = time.perf_counter()
     backend: adv.LocalBackend | adv.RemoteBackend = (
-        adv.RemoteBackend(cfg.backend_url, api_key=cfg.api_key)
-        if cfg.backend_url
-        else adv.LocalBackend(cfg.root)
+        adv.RemoteBackend(cfg.backend, api_key=cfg.api_key) if cfg.backend else adv.LocalBackend(cfg.root)
     )
     model = adv.TrainableModel(cfg.name, project="email", base_model=cfg.base_model)
     await model.register(backend)
