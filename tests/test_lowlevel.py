@@ -197,6 +197,8 @@ async def test_bad_input_is_a_clear_error(
             await tc.forward_backward([good], lambda ds, lps: torch.tensor(float("nan")))
         with pytest.raises(ValueError, match="max_tokens"):
             await tc.sample(PROMPT, max_tokens=10**6)
+        with pytest.raises(ValueError, match="Step 7 of 'bad' is not available"):
+            await tc.sample(PROMPT, step=7)
         with pytest.raises(ValueError, match="seed"):  # once hung the engine: torch refused it mid-prefill
             await tc.sample(PROMPT, seed=2**64)
         with pytest.raises(ValueError, match="does not read as TrajectoryGroup"):

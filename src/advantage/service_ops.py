@@ -17,7 +17,7 @@ from advantage.config import TrainConfig
 from advantage.engine.chat import render_prompt, validate_messages
 from advantage.engine.sampling import SamplingParams
 from advantage.lowlevel import BUILTIN_LOSSES, AdamParams, Datum
-from advantage.service import Service, check_name
+from advantage.service import Service, UnknownServedModel, check_name
 from advantage.training import primitives
 from advantage.training.grpo import build_datums
 from advantage.training.losses import LossConfig
@@ -179,7 +179,10 @@ _SYNC_OPS: dict[str, Any] = {
 
 
 async def _sample(service: Service, name: str, body: SampleBody) -> dict[str, Any]:
-    weights = service.resolve(name if body.step is None else f"{name}@{body.step}")
+    try:
+        weights = service.resolve(name if body.step is None else f"{name}@{body.step}")
+    except UnknownServedModel as exc:  # a missing step is bad input, not an unregistered model
+        raise ValueError(str(exc.args[0])) from None
     engine = weights.engine
     if isinstance(body.prompt[0], int):
         ids = [int(t) for t in body.prompt]  # type: ignore[arg-type]
