@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test install bench load clean
+.PHONY: demo test install bench bench-all load clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ bench: $(STAMP)
 
 load: $(STAMP)
 	$(VENV)/bin/python benchmarks/load_test.py --threads 1
+
+# Every benchmark in turn (TRL in its own pinned CPU virtualenv, benchmarks/.venv-trl), results appended to
+# BENCHMARKS.md as a dated section.
+bench-all: $(STAMP)
+	$(VENV)/bin/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .advantage runs

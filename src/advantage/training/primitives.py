@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from advantage.training.losses import LOSSES, LossConfig, get_loss
-from advantage.training.trainer import Batch, Datum, Trainer
+from advantage.training.trainer import Batch, Datum, Trainer, pack_rows, shared_prefix_len
 
 LINEAR = "linear"
 GRAD_KEY = "logprob_grad"  # extras key of the per-token weights of the "linear" loss
@@ -100,7 +100,7 @@ def forward_backward(
     chunks = micro_batches(datums, micro_batch_size)
     sums: dict[str, float] = {}
     logprobs: list[list[float]] = [[] for _ in datums]
-    padded = 0
+    computed = padded = 0
     for k, idx in enumerate(chunks):
         chunk = [datums[i] for i in idx]
         if loss == LINEAR:
@@ -114,7 +114,12 @@ def forward_backward(
             sums[key] = sums.get(key, 0.0) + v * weight
         for i, lp in zip(idx, lps, strict=True):
             logprobs[i] = lp
-        padded += len(chunk) * max(len(d.input_ids) for d in chunk)
+        # What the model runs on: the shared prompt once, then rows of suffixes as long as the longest.
+        P = shared_prefix_len(chunk)
+        lens = [len(d.input_ids) - P for d in chunk]
+        rows = len(pack_rows(lens, max(lens))) if trainer.pack_suffixes else len(chunk)
+        computed += P + sum(lens)
+        padded += P + rows * max(lens)
         if progress:
             progress(k + 1, len(chunks))
     real = sum(len(d.input_ids) for d in datums)
@@ -122,7 +127,7 @@ def forward_backward(
     metrics.update(
         trained_tokens=float(total_tokens),
         sequence_tokens=float(real),
-        packing_efficiency=real / padded if padded else 1.0,
+        packing_efficiency=computed / padded if padded else 1.0,
         micro_batches=float(len(chunks)),
     )
     return metrics, logprobs

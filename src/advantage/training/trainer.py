@@ -6,6 +6,12 @@ Prefix sharing: the sequences of a micro-batch (members of one group) share thei
 runs once, its KV cache is repeated for every member, and only the members' own suffixes run per row. The
 gradient flows through the shared prompt too, so the update equals the one over full sequences (checked in
 tests). Logprobs are computed only where the loss mask is on: the vocabulary head never runs over the prompt.
+
+Packing: the suffixes are not one padded row each. They are packed first-fit (longest first) into rows as
+long as the longest suffix, each row attending to the shared prompt and, block-causally, to its own
+segments (a 4D attention mask; position ids restart at P in every segment). A group of completions of
+uneven length then runs on fewer rows with less padding, and the prompt's cache is repeated once per row,
+not once per sequence. `Trainer.pack_suffixes = False` gives the one-row-per-sequence layout.
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.pack_suffixes = True  # False: one padded row per sequence (kept for benchmarks and tests)
 
     # ------------------------------------------------------------------ logprobs
     def sequence_logprobs(self, datums: list[Datum], *, use_adapter: bool = True) -> tuple[torch.Tensor, int]:
@@ -92,37 +99,54 @@ class Trainer:
         ctx = self.model.disable_adapter() if not use_adapter else contextlib.nullcontext()
         with ctx:
             cache = DynamicCache()
-            h_last_B1H = None
+            h_last_1H = None
             if P > 0:
                 prefix = torch.tensor([datums[0].input_ids[:P]], device=self.device)
                 out = inner(input_ids=prefix, past_key_values=cache, use_cache=True)
-                h_last_B1H = out.last_hidden_state[:, -1:, :].expand(B, 1, -1)
-                cache.batch_repeat_interleave(B)
+                h_last_1H = out.last_hidden_state[0, -1:, :]
+            lens = [len(d.input_ids) - P for d in datums]
+            rows = pack_rows(lens, S) if self.pack_suffixes else [[i] for i in range(B)]
+            R = len(rows)
             suffix_BS = torch.full((B, S), self.pad_id, dtype=torch.long)
-            attn_BS = torch.zeros((B, S), dtype=torch.long)
             mask_BS = torch.zeros((B, S), dtype=torch.bool)
-            for i, d in enumerate(datums):
-                n = len(d.input_ids) - P
-                suffix_BS[i, :n] = torch.tensor(d.input_ids[P:])
-                attn_BS[i, :n] = 1
-                mask_BS[i, :n] = torch.tensor(d.loss_mask[P:], dtype=torch.bool)
-            attn = torch.cat([torch.ones((B, P), dtype=torch.long), attn_BS], dim=1).to(self.device)
-            pos = (P + torch.arange(S)).unsqueeze(0).expand(B, S).to(self.device)
+            ids_RS = torch.full((R, S), self.pad_id, dtype=torch.long)
+            pos_RS = torch.full((R, S), P, dtype=torch.long)
+            # Who sees whom: query (row r, slot q) -> key (prompt position, or slot k of row r).
+            see_RSK = torch.zeros((R, S, P + S), dtype=torch.bool)
+            see_RSK[:, :, P:] = torch.eye(S, dtype=torch.bool)  # padding slots see themselves (no NaN)
+            src_B = torch.zeros(B, dtype=torch.long)  # flat slot r*S + o where datum i's suffix starts
+            for r, members in enumerate(rows):
+                o = 0
+                for i in members:
+                    d, n = datums[i], lens[i]
+                    suffix_BS[i, :n] = torch.tensor(d.input_ids[P:])
+                    mask_BS[i, :n] = torch.tensor(d.loss_mask[P:], dtype=torch.bool)
+                    ids_RS[r, o : o + n] = suffix_BS[i, :n]
+                    pos_RS[r, o : o + n] = P + torch.arange(n)
+                    see_RSK[r, o : o + n, :P] = True
+                    see_RSK[r, o : o + n, P + o : P + o + n] = torch.ones((n, n), dtype=torch.bool).tril()
+                    src_B[i] = r * S + o
+                    o += n
+            if P > 0:
+                cache.batch_repeat_interleave(R)
             out = inner(
-                input_ids=suffix_BS.to(self.device),
-                attention_mask=attn,
-                position_ids=pos,
+                input_ids=ids_RS.to(self.device),
+                attention_mask=see_RSK.unsqueeze(1).to(self.device),  # (R, 1, S, P + S)
+                position_ids=pos_RS.to(self.device),
                 past_key_values=cache if P > 0 else None,
                 use_cache=P > 0,
             )
-            h_BSH = out.last_hidden_state
-            if h_last_B1H is None:  # no shared prefix: position 0 is never a trained token
-                h_last_B1H = torch.zeros_like(h_BSH[:, :1, :])
-            pred_BSH = torch.cat(
-                [h_last_B1H, h_BSH[:, :-1, :]], dim=1
-            )  # hidden state that predicts each token
+            h_NH = out.last_hidden_state.reshape(R * S, -1)
+            if h_last_1H is None:  # no shared prefix: position 0 is never a trained token
+                h_last_1H = torch.zeros_like(h_NH[:1])
+            # The hidden state that predicts suffix token j of datum i: the prompt's last for j = 0, else
+            # its own slot j - 1. Row 0 of h_all is the prompt's; slot s of the packed rows is row 1 + s.
+            h_all = torch.cat([h_last_1H, h_NH], dim=0)
+            j_BS = torch.arange(S).expand(B, S)
+            pick_BS = torch.where(j_BS == 0, 0, 1 + src_B[:, None] + j_BS - 1)
+            pred_NH = h_all[pick_BS.to(self.device)[mask_BS.to(self.device)]]
             mask_BS = mask_BS.to(self.device)
-            logits_NV = head(pred_BSH[mask_BS]).float()
+            logits_NV = head(pred_NH).float()
             targets_N = suffix_BS.to(self.device)[mask_BS]
             lp_N = torch.log_softmax(logits_NV, dim=-1).gather(1, targets_N.unsqueeze(1)).squeeze(1)
             logp_BS = torch.zeros((B, S), dtype=lp_N.dtype, device=self.device).masked_scatter(mask_BS, lp_N)
@@ -185,6 +209,21 @@ def shared_prefix_len(datums: list[Datum]) -> int:
     while n < limit and all(d.input_ids[n] == first[n] for d in datums[1:]):
         n += 1
     return n
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` packed first-fit, longest first, into rows holding at most `capacity` tokens."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= capacity), None)
+        if r is None:
+            rows.append([])
+            used.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        used[r] += lengths[i]
+    return rows
 
 
 def aligned_logprobs(datums: list[Datum], logp_BS: torch.Tensor, P: int) -> list[list[float]]:
