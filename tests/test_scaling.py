@@ -132,3 +132,16 @@ def test_fit_run_errors(tmp_path: Path) -> None:
         fit_run(tmp_path, axis="flops")
     with pytest.raises(ValueError, match="no train rows"):
         fit_run(tmp_path, metric="train/missing")
+
+
+def test_a_max_caps_the_ceiling_of_a_short_noisy_run() -> None:
+    """8 noisy points still climbing (like the CPU demo's train reward) put A above what the task can give;
+    with the task's maximum given, A stays at or below it and the rest of the fit adapts."""
+    c = np.arange(1.0, 9.0)
+    y = np.array([0.43, 0.27, 0.38, 0.31, 0.53, 0.38, 0.59, 0.65])  # the demo run of BENCHMARKS.md
+    free = fit_scaling_curve(c, y, n_bootstrap=50)
+    capped = fit_scaling_curve(c, y, n_bootstrap=50, a_max=1.0)
+    assert free.a > 1.0
+    assert capped.a <= 1.0 + 1e-12 and capped.a_interval[1] <= 1.0 + 1e-12
+    with pytest.raises(ValueError, match="below the best observed reward"):
+        fit_scaling_curve(c, y, a_max=0.5)

@@ -99,11 +99,14 @@ def fit(
     metric: Annotated[str, typer.Option(help="Metric to fit.")] = "train/reward",
     axis: Annotated[str, typer.Option(help="Compute axis: step, seconds or tokens.")] = "step",
     skip_frac: Annotated[float, typer.Option(help="Fraction of the earliest points to drop.")] = 0.0,
+    max_reward: Annotated[
+        float | None, typer.Option(help="The most reward the task can give (caps the ceiling A).")
+    ] = None,
 ) -> None:
     """Fit the ScaleRL curve to a run and predict its reward ceiling."""
     from advantage.scaling import fit_run
 
-    result = fit_run(run_dir, metric=metric, axis=axis, skip_frac=skip_frac)
+    result = fit_run(run_dir, metric=metric, axis=axis, skip_frac=skip_frac, a_max=max_reward)
     typer.echo(result.summary(result.c_max))
 
 

@@ -129,8 +129,12 @@ def fit_scaling_curve(
     skip_frac: float = 0.0,
     n_bootstrap: int = 200,
     seed: int = 0,
+    a_max: float | None = None,
 ) -> ScalingFit:
     """Fit the ScaleRL curve to (compute, reward) points; see the module docstring.
+
+    `a_max` is the most reward the task can give (1.0 for a success rate): the ceiling A is then fitted at
+    or below it. Without it, a few noisy points can put A above anything reachable.
 
     Points are sorted by compute. R0 defaults to the mean of the first three rewards of the whole series
     (before `skip_frac`), the run's starting level. `skip_frac` then drops that fraction of the earliest
@@ -163,6 +167,10 @@ def fit_scaling_curve(
     span = log_c.max() - log_c.min()
     lo = np.array([min(y.min(), r0_value) - 1.0, 1e-3, log_c.min() - max(span, 1.0) - math.log(10.0)])
     hi = np.array([max(y.max(), r0_value) + 1.0, B_MAX, log_c.max() + max(span, 1.0) + math.log(1e3)])
+    if a_max is not None:
+        if not math.isfinite(a_max) or a_max < y.max():
+            raise ValueError(f"a_max={a_max} is below the best observed reward {y.max():.4g}; raise it.")
+        hi[0] = a_max
     p = _fit(log_c, y, r0_value, lo, hi)
     res = _residual(log_c, y, r0_value, p)
     fitted = y - res
@@ -199,6 +207,7 @@ def fit_run(
     skip_frac: float = 0.0,
     n_bootstrap: int = 200,
     seed: int = 0,
+    a_max: float | None = None,
 ) -> ScalingFit:
     """Fit `metric` from the train rows of `<run_dir>/metrics.jsonl` against `axis`.
 
@@ -226,4 +235,6 @@ def fit_run(
             reward.append(float(row[metric]))
     if not reward:
         raise ValueError(f"no train rows with {metric!r} in {path}")
-    return fit_scaling_curve(compute, reward, r0=r0, skip_frac=skip_frac, n_bootstrap=n_bootstrap, seed=seed)
+    return fit_scaling_curve(
+        compute, reward, r0=r0, skip_frac=skip_frac, n_bootstrap=n_bootstrap, seed=seed, a_max=a_max
+    )
