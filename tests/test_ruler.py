@@ -130,7 +130,13 @@ def test_schema_enforces_the_count_and_the_ids() -> None:
     scores = fmt["json_schema"]["schema"]["properties"]["scores"]
     assert scores["minItems"] == scores["maxItems"] == 3 and scores["items"] is False
     assert [it["properties"]["trajectory_id"]["const"] for it in scores["prefixItems"]] == ["1", "2", "3"]
-    assert request["temperature"] == 0.0 and request["max_tokens"] == 1024
+    # max_tokens fits any valid answer, even one token per character: 32 + 3 * (240 + 40) = 872.
+    assert request["temperature"] == 0.0 and request["max_tokens"] == 872
+    assert scores["prefixItems"][0]["properties"]["explanation"]["maxLength"] == 240
+    assert (
+        RulerJudge("m", base_url="http://127.0.0.1:9/v1", max_tokens=99).build_request([[USER]])["max_tokens"]
+        == 99
+    )
     reasoning = RulerJudge("o4-mini").build_request([[USER]])
     assert "temperature" not in reasoning and "max_tokens" not in reasoning
 

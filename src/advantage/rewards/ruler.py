@@ -136,6 +136,16 @@ def user_prompt(message_lists: list[list[Message]]) -> str:
     return "\n\n".join(parts)
 
 
+EXPLANATION_CHARS = 240  # per trajectory; bounds the answer so a default max_tokens always fits it
+
+
+def answer_token_budget(n: int) -> int:
+    """max_tokens that fits any schema-valid answer for n trajectories, even at one token per character of
+    explanation: a small judge that writes every explanation to its maximum length must not be cut off
+    (a cut answer is invalid JSON, and each retry costs a whole new answer)."""
+    return 32 + n * (EXPLANATION_CHARS + 40)
+
+
 def _object(properties: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
@@ -154,7 +164,7 @@ def response_format(n: int) -> dict[str, Any]:
         return _object(
             {
                 "trajectory_id": {"type": "string", "const": str(i)},
-                "explanation": {"type": "string", "maxLength": 400},
+                "explanation": {"type": "string", "maxLength": EXPLANATION_CHARS},
                 "score": {"type": "number", "minimum": 0, "maximum": 1},
             }
         )
@@ -215,7 +225,7 @@ class RulerJudge:
     cache_dir: Path | None = None  # a verdict per request, keyed by the request's sha256
     price_per_mtok: tuple[float, float] | None = None  # (input, output) $/Mtok; None: PRICES_PER_MTOK or 0
     temperature: float = 0.0
-    max_tokens: int = 1024
+    max_tokens: int | None = None  # None: answer_token_budget(group size), enough for any valid answer
     usage: JudgeUsage = field(default_factory=JudgeUsage, init=False)
     _client: openai.AsyncOpenAI | None = field(default=None, init=False, repr=False)
 
@@ -234,7 +244,7 @@ class RulerJudge:
         }
         if not _REASONING.match(_bare_name(self.model)):
             request["temperature"] = self.temperature
-            request["max_tokens"] = self.max_tokens
+            request["max_tokens"] = self.max_tokens or answer_token_budget(len(message_lists))
         return request
 
     async def _complete(self, request: dict[str, Any]) -> tuple[str, int, int]:
