@@ -77,6 +77,7 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
     import advantage as adv
+    from examples.cookbook.custom_rl_loop import group_datums
     from examples.tool_use import single_turn
 
     async def go() -> dict[str, Any]:
@@ -127,7 +128,7 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
                     rs = [single_turn.reward(q.text, s) for q in out.sequences]
                     rewards += rs
                     tokens += sum(len(out.prompt_tokens) + len(q.tokens) for q in out.sequences)
-                    batch += group_datums(adv, out.prompt_tokens, out.sequences, rs)
+                    batch += group_datums(out.prompt_tokens, out.sequences, rs)
                 if batch:
                     cfg = {"eps": 0.2, "eps_high": 0.2, "agg": "token_mean"}
                     await tc.forward_backward(batch, "ppo", cfg, micro_batch_size=a.group_size)
@@ -149,23 +150,6 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
         return {"steps": steps, "eval_reward": eval_reward, "eval_reward_0": eval_reward_0}
 
     return asyncio.run(go())
-
-
-def group_datums(adv: Any, prompt_ids: list[int], seqs: list[Any], rewards: list[float]) -> list[Any]:
-    """Group-normalised advantages; a group whose rewards are all equal carries no signal and is skipped."""
-    mean, std = statistics.fmean(rewards), statistics.pstdev(rewards)
-    if std < 1e-6:
-        return []
-    p = len(prompt_ids)
-    return [
-        adv.Datum(
-            input_ids=prompt_ids + s.tokens,
-            loss_mask=[0.0] * p + [1.0] * len(s.tokens),
-            advantage=(r - mean) / std,
-            logprobs=[0.0] * p + s.logprobs,
-        )
-        for s, r in zip(seqs, rewards, strict=True)
-    ]
 
 
 # -------------------------------------------------------------------------------------------------- TRL

@@ -355,3 +355,20 @@ def test_prompt_is_the_documented_shape() -> None:
     # The example's answer states each of its tool results.
     results = [m["content"] for m in rollout.EXAMPLE if m["role"] == "tool"]
     assert not any(r.startswith("Error") for r in results)
+
+
+def test_single_turn_reward_by_hand() -> None:
+    from examples.tool_use import single_turn
+
+    s = Scenario("w", "What's the weather in Oslo?", "get_weather", {"city": "Oslo"}, ("7",))
+
+    def call(name: str, args: object) -> str:
+        return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>"
+
+    # Credits 0.1 valid + 0.2 tool + 0.2 args, over their sum 0.5.
+    assert single_turn.reward(call("get_weather", {"city": "oslo"}), s) == pytest.approx(1.0)  # case ignored
+    assert single_turn.reward(call("get_weather", {"city": "Paris"}), s) == pytest.approx(0.6)
+    assert single_turn.reward(call("get_events", {"date": "2025-01-01"}), s) == pytest.approx(0.2)
+    assert single_turn.reward(call("get_weather", "not json"), s) == 0.0  # arguments not an object
+    assert single_turn.reward("<tool_call>\n{broken\n</tool_call>", s) == 0.0
+    assert single_turn.reward("It is sunny.", s) == 0.0

@@ -97,10 +97,10 @@ def states_fact(text: str, fact: str) -> bool:
     return False
 
 
-def score(messages: list[Message], scenario: Scenario) -> RewardBreakdown:
-    """Grade a conversation (as `Trajectory.messages()` returns it) against the scenario it answers."""
-    messages = episode(messages)
-    call = first_tool_call(messages)
+def call_credits(
+    call: tuple[str, dict[str, Any] | None] | None, scenario: Scenario
+) -> tuple[bool, bool, bool]:
+    """(valid call, right tool, right arguments) of a first tool call given as (name, arguments or None)."""
     name, args = call if call is not None else ("", None)
     valid = bool(name) and args is not None
     right_tool = valid and name == scenario.tool
@@ -110,6 +110,13 @@ def score(messages: list[Message], scenario: Scenario) -> RewardBreakdown:
             right_args = canonical_arguments(name, args) == scenario.arguments
         except ToolError:
             right_args = False
+    return valid, right_tool, right_args
+
+
+def score(messages: list[Message], scenario: Scenario) -> RewardBreakdown:
+    """Grade a conversation (as `Trajectory.messages()` returns it) against the scenario it answers."""
+    messages = episode(messages)
+    valid, right_tool, right_args = call_credits(first_tool_call(messages), scenario)
     reply = final_reply(messages)
     tool_results = [str(m.get("content") or "") for m in messages if m.get("role") == "tool"]
     answered = reply is not None and all(

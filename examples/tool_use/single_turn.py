@@ -12,8 +12,8 @@ import json
 import re
 from typing import Any
 
-from .env import TOOLS, Scenario, ToolError, canonical_arguments
-from .reward import W_ARGS, W_FORMAT, W_TOOL
+from .env import TOOLS, Scenario
+from .reward import W_ARGS, W_FORMAT, W_TOOL, call_credits
 from .rollout import initial_messages
 
 Message = dict[str, Any]
@@ -51,16 +51,5 @@ def first_call(text: str) -> tuple[str, dict[str, Any] | None] | None:
 
 def reward(text: str, scenario: Scenario) -> float:
     """The call credits in [0, 1]: 0.2 for a well-formed call, +0.4 right tool, +0.4 right arguments."""
-    call = first_call(text)
-    if call is None:
-        return 0.0
-    name, args = call
-    valid = bool(name) and args is not None
-    right_tool = valid and name == scenario.tool
-    right_args = False
-    if right_tool and args is not None:
-        try:
-            right_args = canonical_arguments(name, args) == scenario.arguments
-        except ToolError:
-            right_args = False
+    valid, right_tool, right_args = call_credits(first_call(text), scenario)
     return (W_FORMAT * valid + W_TOOL * right_tool + W_ARGS * right_args) / MAX_CALL
