@@ -21,7 +21,17 @@ class LoRAConfig(_Config):
     )
 
 
-class TrainConfig(_Config):
+class _SequenceLimits(_Config):
+    """What both RL and SFT steps bound: memory per forward/backward, and sequence length."""
+
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; bounds memory.")
+    max_seq_len: int = Field(2048, ge=16, description="Longest trajectory, in tokens, that is trained on.")
+    on_overflow: Literal["error", "truncate"] = Field(
+        "error", description="A trajectory over max_seq_len raises, or is cut (counted in metrics)."
+    )
+
+
+class TrainConfig(_SequenceLimits):
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate for the LoRA weights.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -40,11 +50,6 @@ class TrainConfig(_Config):
     eps_high: float = Field(0.28, ge=0, description="PPO/GSPO upper clip range (clip-higher).")
     cispo_eps_max: float = Field(4.0, gt=0, description="CISPO: cap on the importance ratio.")
     kl_beta: float = Field(0.0, ge=0, description="Weight of the k3 KL to the base model; 0 turns it off.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; bounds memory.")
-    max_seq_len: int = Field(2048, ge=16, description="Longest trajectory, in tokens, that is trained on.")
-    on_overflow: Literal["error", "truncate"] = Field(
-        "error", description="A trajectory over max_seq_len raises, or is cut (counted in metrics)."
-    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -53,16 +58,11 @@ class TrainConfig(_Config):
         return self
 
 
-class SFTConfig(_Config):
+class SFTConfig(_SequenceLimits):
     learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate for the LoRA weights.")
     epochs: int = Field(1, ge=1, description="Passes over the trajectories.")
     batch_size: int = Field(8, ge=1, description="Trajectories per optimizer step.")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; bounds memory.")
-    max_seq_len: int = Field(2048, ge=16, description="Longest trajectory, in tokens, that is trained on.")
-    on_overflow: Literal["error", "truncate"] = Field(
-        "error", description="A trajectory over max_seq_len raises, or is cut."
-    )
     seed: int = Field(0, description="Shuffles the trajectories between epochs.")
