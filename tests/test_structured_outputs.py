@@ -148,7 +148,7 @@ async def test_forced_tool_calls_always_parse_and_fit_their_schema(
     client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused")
     resp = await client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "I have 40 dollars. How much is that in euros?"}],
-        tools=[CONVERT, WEATHER], tool_choice=tool_choice, temperature=1.0, n=8, seed=3, max_tokens=64,
+        tools=[CONVERT, WEATHER], tool_choice=tool_choice, temperature=1.0, n=8, seed=3, max_tokens=128,
     )  # fmt: skip
     for choice in resp.choices:
         assert choice.finish_reason == "tool_calls", choice.message

@@ -118,15 +118,11 @@ class Constraint:
         self._m = matcher
         self._vocab = vocab_size
 
-    def allowed(self) -> torch.Tensor:
-        """(V,) bool: the tokens that keep the output inside the grammar."""
+    def fill(self, bitmask: torch.Tensor, row: int) -> None:
+        """Write the allowed next tokens into row `row` of an llguidance token bitmask."""
         import llguidance.torch as llt
 
-        bitmask = llt.allocate_token_bitmask(1, self._vocab)
-        llt.fill_next_token_bitmask(self._m, bitmask, 0)
-        logits = torch.zeros(1, self._vocab)
-        llt.apply_token_bitmask_inplace(logits, bitmask)
-        return (logits[0] == 0).clone()
+        llt.fill_next_token_bitmask(self._m, bitmask, row)
 
     def consume(self, token: int) -> None:
         self._m.consume_token(token)
@@ -134,3 +130,19 @@ class Constraint:
     @property
     def done(self) -> bool:
         return bool(self._m.is_stopped())
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_tokens(constraints: list[Constraint | None], vocab_size: int) -> torch.Tensor:
+    """(B, V) bool: which tokens each row may sample next (every token for a row without a constraint)."""
+    import llguidance.torch as llt
+
+    bitmask = llt.allocate_token_bitmask(len(constraints), vocab_size)
+    bitmask.fill_(-1)
+    for row, c in enumerate(constraints):
+        if c is not None:
+            c.fill(bitmask, row)
+    bits = (bitmask.unsqueeze(-1) >> _BITS) & 1  # bit i of word w is token 32 * w + i
+    return bits.reshape(len(constraints), -1)[:, :vocab_size].bool()

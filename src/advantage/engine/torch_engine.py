@@ -2,8 +2,10 @@
 
 One background thread owns the model. Requests queue up; between decode steps the loop admits every
 waiting request that uses the running batch's adapter, prefills them (identical prompts once: the 8
-rollouts of a GRPO group share one prefill), left-pads them into the running KV cache and decodes all rows
-together. Finished rows leave the batch at once, and columns that no row needs any more are cropped.
+rollouts of a GRPO group share one prefill; a prefix that an earlier prompt already computed, such as the
+system prompt and tool schemas, or the previous turn of the conversation, comes from the prefix cache),
+left-pads them into the running KV cache and decodes all rows together. The KV cache grows in place (see
+`kv.py`). Finished rows leave the batch at once, and columns that no row needs any more are cropped.
 
 Rows in one batch share one LoRA adapter (peft's active adapter); a request for another adapter waits until
 the rows ahead of it drain, so FIFO order is kept. Adapters are loaded and removed by name without a
@@ -27,7 +29,8 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from advantage.engine.grammar import Constraint, GrammarCompiler
+from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
+from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,7 @@ class TorchEngine:
         max_batch_size: int = 32,
         max_context: int | None = None,
         default_max_tokens: int = 1024,
+        prefix_cache_mb: int = 512,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -94,6 +98,7 @@ class TorchEngine:
         self.max_batch_size = max_batch_size
         self.default_max_tokens = default_max_tokens
         self.stop_token_ids = self._stop_token_ids(model)
+        self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.grammars = GrammarCompiler(self.tokenizer, int(model.config.vocab_size))
         self._adapters: dict[str, str] = {}  # adapter name -> path
         self._pending: deque[_Request] = deque()
@@ -229,6 +234,7 @@ class TorchEngine:
 
         if name in self._adapters:
             self._remove_adapter(name)
+        self.prefix_cache.clear(name)  # the KV states were computed with the old weights
         if not self._adapters and not isinstance(self.model, PeftModel):
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
         else:
@@ -248,6 +254,7 @@ class TorchEngine:
             self.model.delete_adapter(name)
         # The last adapter stays in peft (deleting it is not allowed) but is no longer served.
         del self._adapters[name]
+        self.prefix_cache.clear(name)
 
     def _take_admissible(self) -> list[_Request]:
         """Pop the waiting requests that can join the running batch (same adapter, room left, FIFO)."""
@@ -282,22 +289,8 @@ class TorchEngine:
                 constraint = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
                 rows.append(_Row(req, i, gen, constraint))
                 src.append(u)
-        unique = list(prompts)
-        width = max(len(p) for p in unique)
-        ids_UP = torch.full((len(unique), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        attn_UP = torch.zeros((len(unique), width), dtype=torch.long)
-        for u, p in enumerate(unique):  # left padding
-            ids_UP[u, width - len(p) :] = torch.tensor(p)
-            attn_UP[u, width - len(p) :] = 1
-        cache = DynamicCache()
-        out = self.model(
-            input_ids=ids_UP.to(self.device),
-            attention_mask=attn_UP.to(self.device),
-            position_ids=(attn_UP.cumsum(-1) - 1).clamp_min(0).to(self.device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        unique = [list(p) for p in prompts]
+        cache, attn_UP, out = self._forward_prompts(unique)
         src_t = torch.tensor(src, device=self.device)
         cache.batch_select_indices(src_t)
         attn_RP = attn_UP.to(self.device)[src_t]
@@ -308,6 +301,42 @@ class TorchEngine:
         self._rows.extend(rows)
         first = len(self._rows) - len(rows)
         self._sample_and_advance(logits_RV, range(first, len(self._rows)))
+
+    def _forward_prompts(self, unique: list[list[int]]) -> tuple[GrowingCache, torch.Tensor, Any]:
+        """Prefill distinct prompts in one left-padded batch, starting from the longest cached prefix they
+        share; each prompt's KV then goes into the prefix cache. Returns (cache, attention mask, output)."""
+        hit = self.prefix_cache.lookup(self._batch_adapter, unique)
+        m = hit[1] if hit else 0
+        rows = len(unique)
+        cache = (
+            cache_from([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in hit[0]])
+            if hit
+            else GrowingCache(int(self.model.config.num_hidden_layers))
+        )
+        width = max(len(p) for p in unique) - m
+        ids_UP = torch.full((len(unique), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        attn_UP = torch.zeros((len(unique), m + width), dtype=torch.long)
+        attn_UP[:, :m] = 1
+        for u, p in enumerate(unique):  # the rest of each prompt, left-padded
+            ids_UP[u, width - (len(p) - m) :] = torch.tensor(p[m:])
+            attn_UP[u, m + width - (len(p) - m) :] = 1
+        pos_UP = (attn_UP.cumsum(-1) - 1).clamp_min(0)[:, m:]
+        out = self.model(
+            input_ids=ids_UP.to(self.device),
+            attention_mask=attn_UP.to(self.device),
+            position_ids=pos_UP.to(self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.prefix_cache.stats["hit_tokens"] += m * len(unique)
+        self.prefix_cache.stats["miss_tokens"] += sum(len(p) - m for p in unique)
+        if self.prefix_cache.max_bytes:
+            for u, p in enumerate(unique):
+                cols = attn_UP[u].nonzero().squeeze(1).to(self.device)
+                kv = [(k[u].index_select(1, cols), v[u].index_select(1, cols)) for k, v in layer_kv(cache)]
+                self.prefix_cache.insert(self._batch_adapter, p, kv)
+        return cache, attn_UP, out
 
     def _merge(self, cache: DynamicCache, attn_RP: torch.Tensor) -> None:
         """Append freshly prefilled rows to the running batch, left-padding whichever side is shorter."""
@@ -350,11 +379,8 @@ class TorchEngine:
         top_p = torch.tensor([r.req.params.top_p for r in rows], device=logits_RV.device)
         allowed_RV = None
         if any(r.constraint for r in rows):
-            allowed_RV = torch.ones(logits_RV.shape, dtype=torch.bool)
-            for j, r in enumerate(rows):
-                if r.constraint is not None:
-                    allowed_RV[j] = r.constraint.allowed()
-            allowed_RV = allowed_RV.to(logits_RV.device)
+            constraints = [r.constraint for r in rows]
+            allowed_RV = allowed_tokens(constraints, logits_RV.shape[-1]).to(logits_RV.device)
         tokens_R, lp_R = sample_next(logits_RV, temp, top_p, [r.generator for r in rows], allowed_RV)
         k = max(r.req.params.top_logprobs for r in rows)
         top_vals = top_idx = None

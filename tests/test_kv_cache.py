@@ -1,0 +1,117 @@
+"""The engine's KV storage: the in-place growing cache and the prompt-prefix cache give the same tokens and
+logprobs as computing everything from scratch (fp32, so the comparison is exact up to float error)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advantage.engine.kv import GrowingCache, PrefixCache, common_prefix_len
+from advantage.engine.sampling import SamplingParams
+from advantage.engine.torch_engine import TorchEngine
+
+
+def _kv(n: int, value: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(torch.full((2, n, 4), value), torch.full((2, n, 4), value)) for _ in range(3)]
+
+
+def test_common_prefix_len():
+    t = lambda xs: torch.tensor(xs)  # noqa: E731
+    assert common_prefix_len(t([1, 2, 3]), t([1, 2, 4])) == 2
+    assert common_prefix_len(t([1, 2]), t([1, 2, 3])) == 2
+    assert common_prefix_len(t([5]), t([1])) == 0
+
+
+def test_prefix_cache_lookup_insert_and_eviction():
+    cache = PrefixCache(max_bytes=10**9, min_reuse=4)
+    a = list(range(100))
+    cache.insert("lora", a, _kv(100))
+    assert cache.lookup(None, [a + [7]]) is None  # another adapter's states never match
+    kv, m = cache.lookup("lora", [a[:50] + [1000] * 10, a[:60] + [2000]])
+    assert m == 50 and kv[0][0].shape == (1, 2, 50, 4)
+    _, m = cache.lookup("lora", [a])  # a whole cached prompt still leaves one token to prefill
+    assert m == 99
+    assert cache.lookup("lora", [[1000, 1, 2, 3, 4, 5]]) is None  # shorter than min_reuse in common
+    cache.insert("lora", a + [1, 2, 3], _kv(103))  # extends the first entry, which is dropped
+    assert len(cache) == 1
+    cache.clear("lora")
+    assert len(cache) == 0 and cache.nbytes == 0
+
+    small = PrefixCache(max_bytes=2 * sum(k.numel() * 8 for k, _ in _kv(100)), min_reuse=4)
+    for first in range(3):
+        small.insert(None, [1000 + first] + a, _kv(101))
+    assert len(small) == 1 and small.stats["evictions"] == 2  # least recently used go first
+
+
+def test_growing_cache_matches_concatenation():
+    cache = GrowingCache(2)
+    chunks = [torch.randn(3, 2, n, 4) for n in (5, 1, 1, 70, 1)]
+    for c in chunks:
+        k, v = cache.layers[1].update(c, -c)
+    want = torch.cat(chunks, dim=-2)
+    assert torch.equal(k, want) and torch.equal(v, -want)
+    cache.layers[1].batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(cache.layers[1].keys, want[[2, 0]])
+    assert cache.get_seq_length(1) == want.shape[-2]
+
+
+@pytest.fixture(scope="module")
+def engines(smollm_dir):
+    cached = TorchEngine(smollm_dir, dtype="float32", max_batch_size=8)
+    plain = TorchEngine(smollm_dir, dtype="float32", max_batch_size=8, prefix_cache_mb=0)
+    yield cached, plain
+    cached.close()
+    plain.close()
+
+
+def test_prefix_reuse_gives_the_same_completions(engines, tokenizer):
+    cached, plain = engines
+    system = [{"role": "system", "content": "You are a terse assistant. " * 12}]
+    prompts = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template(
+                system + [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )
+        for q in ("Name a color.", "Name a fruit.", "Count to three.")
+    ]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    first = cached.submit(prompts[0], params).result()
+    # The first prompt is cached now; the others share its system prompt and prefill only their question.
+    futures = [cached.submit(p, params) for p in prompts[1:]]
+    reused = [f.result()[0] for f in futures]
+    hits = cached.prefix_cache.stats["hit_tokens"]
+    assert hits >= 2 * len(tokenizer(system[0]["content"])["input_ids"])
+    for p, got in zip(prompts, [first[0], *reused], strict=True):
+        want = plain.submit(p, params).result()[0]
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+    # A follow-up turn extends a cached prompt, so it prefills only its new tokens.
+    follow = prompts[1] + reused[0].token_ids + tokenizer.encode("\nAnd another one?")
+    before = cached.prefix_cache.stats["miss_tokens"]
+    got = cached.submit(follow, params).result()[0]
+    assert cached.prefix_cache.stats["miss_tokens"] - before < 20
+    want = plain.submit(follow, params).result()[0]
+    assert got.token_ids == want.token_ids
+    assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_allowed_tokens_unpacks_llguidance_bitmasks(tokenizer):
+    import llguidance.torch as llt
+
+    from advantage.engine.grammar import GrammarCompiler, allowed_tokens, grammar_from_response_format
+
+    vocab = len(tokenizer)
+    compiler = GrammarCompiler(tokenizer, vocab)
+    grammar = grammar_from_response_format({"type": "json_object"})
+    constraint = compiler.matcher(grammar)
+    mask = allowed_tokens([None, constraint], vocab)
+    assert mask[0].all()
+    # The reference: llguidance's own masking of logits.
+    bitmask = llt.allocate_token_bitmask(1, vocab)
+    constraint.fill(bitmask, 0)
+    logits = torch.zeros(1, vocab)
+    llt.apply_token_bitmask_inplace(logits, bitmask)
+    assert torch.equal(mask[1], logits[0] == 0)
+    assert 0 < int(mask[1].sum()) < vocab
