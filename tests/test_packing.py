@@ -60,3 +60,18 @@ def test_packing_efficiency_counts_the_shared_prompt_once(tiny_model_dir) -> Non
     metrics, _ = primitives.forward_backward(trainer, ds, "cispo")
     # one row per sequence: (7 + 12) / (7 + 4 * 6) = 19 / 31
     assert abs(metrics["packing_efficiency"] - 19 / 31) < 1e-9
+
+
+def test_micro_batches_keep_groups_whole_and_neighbours_together():
+    from advantage.training.primitives import micro_batches
+
+    def datum(prompt: list[int]) -> Datum:
+        return Datum(prompt + [9], [0] * len(prompt) + [1])
+
+    sys_a, sys_b = [1, 2, 3], [7, 7]
+    datums = [datum(sys_b + [5])] * 3 + [datum(sys_a + [4])] * 3 + [datum(sys_a + [3])] * 2
+    # Sorted prompts: sys_a+[3] (idx 6, 7), sys_a+[4] (3..5), sys_b+[5] (0..2).
+    assert micro_batches(datums, 8) == [[6, 7, 3, 4, 5, 0, 1, 2]]
+    assert micro_batches(datums, 7) == [[6, 7, 3, 4, 5], [0, 1, 2]]  # the third group would not fit whole
+    assert micro_batches(datums, 2) == [[6, 7], [3, 4], [5], [0, 1], [2]]
+    assert sorted(i for c in micro_batches(datums, 3) for i in c) == list(range(8))

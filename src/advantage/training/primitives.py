@@ -36,11 +36,26 @@ def prompt_key(d: Datum) -> tuple[int, ...]:
 
 
 def micro_batches(datums: list[Datum], size: int) -> list[list[int]]:
-    """Indices into `datums`, in chunks of at most `size` that never mix prompts (so each shares one)."""
+    """Indices into `datums`, in chunks of at most `size`, laid out so each chunk shares a long prefix.
+
+    Sequences are grouped by prompt and the prompts sorted, so prompts with a common beginning (the same
+    system prompt, tools and examples) are neighbours; a group starts a new chunk unless it fits whole in
+    the current one. A chunk that spans prompts shares their common part (the trainer runs it once); one
+    that does not, its whole prompt.
+    """
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, d in enumerate(datums):
         by_prompt.setdefault(prompt_key(d), []).append(i)
-    return [idx[k : k + size] for idx in by_prompt.values() for k in range(0, len(idx), size)]
+    chunks: list[list[int]] = [[]]
+    for key in sorted(by_prompt):
+        members = by_prompt[key]
+        if len(chunks[-1]) + len(members) > size:  # a group that does not fit starts a new chunk
+            chunks.append([])
+        for i in members:
+            if len(chunks[-1]) == size:
+                chunks.append([])
+            chunks[-1].append(i)
+    return [c for c in chunks if c]
 
 
 def check_datums(datums: list[Datum], vocab_size: int, max_len: int) -> None:
