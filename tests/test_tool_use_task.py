@@ -206,6 +206,14 @@ def test_reward_no_final_answer_after_the_tool_result() -> None:
     assert reward.reward(msgs, SCENARIO) == pytest.approx(0.5)
 
 
+def test_reward_answer_cut_off_at_max_tokens_earns_no_answer_credit() -> None:
+    msgs = _episode(
+        _call("convert_currency", GOOD_ARGS), _tool("120 USD = 110.40 EUR"), _say("<tool_response>\n110.40 EUR, 1.86, 5")
+    )
+    assert reward.reward(msgs, SCENARIO) == pytest.approx(1.0)
+    assert reward.reward(msgs, SCENARIO, cut_off=True) == pytest.approx(0.5)
+
+
 def test_reward_number_that_no_tool_returned_earns_nothing() -> None:
     msgs = _episode(
         _call("convert_currency", {**GOOD_ARGS, "amount": 12}),

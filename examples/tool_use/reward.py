@@ -4,11 +4,14 @@
     right tool              0.2   ... and it names the scenario's tool
     right arguments         0.2   ... and its arguments mean the scenario's (case, aliases, 5 vs 5.0 ignored)
     answer uses the result  0.5   the final assistant reply states the key value (a temperature, an amount,
-                                  a converted value, a time) and a tool result in the conversation holds it
+                                  a converted value, a time), a tool result in the conversation holds it,
+                                  and the reply ended by itself (a reply cut off at max_tokens is no answer)
 
 Only the agent's turns are graded: the messages after the last user message (the question), so the worked
 example in the prompt never counts. Of those, only the first tool call earns the call credits. The answer
-credit needs the value to have come from a tool, so a guessed or memorised number earns nothing. A perfect
+credit needs the value to have come from a tool, so a guessed or memorised number earns nothing, and it
+needs a finished reply: without that, a reply that rambles on until it is cut off (listing numbers until one
+matches) would earn it, and the policy learns to ramble, which also makes every rollout slower. A perfect
 episode scores 1.0, which is what `success` means.
 """
 
@@ -113,23 +116,32 @@ def call_credits(
     return valid, right_tool, right_args
 
 
-def score(messages: list[Message], scenario: Scenario) -> RewardBreakdown:
-    """Grade a conversation (as `Trajectory.messages()` returns it) against the scenario it answers."""
+def score(messages: list[Message], scenario: Scenario, *, cut_off: bool = False) -> RewardBreakdown:
+    """Grade a conversation (as `Trajectory.messages()` returns it) against the scenario it answers.
+
+    `cut_off`: the final reply was stopped by max_tokens (finish_reason "length"); it earns no answer credit."""
     messages = episode(messages)
     valid, right_tool, right_args = call_credits(first_tool_call(messages), scenario)
     reply = final_reply(messages)
     tool_results = [str(m.get("content") or "") for m in messages if m.get("role") == "tool"]
-    answered = reply is not None and all(
-        states_fact(reply, f) and any(states_fact(r, f) for r in tool_results) for f in scenario.answer_facts
+    answered = (
+        reply is not None
+        and not cut_off
+        and all(
+            states_fact(reply, f) and any(states_fact(r, f) for r in tool_results)
+            for f in scenario.answer_facts
+        )
     )
     return RewardBreakdown(valid, right_tool, right_args, answered and bool(scenario.answer_facts))
 
 
-def reward(messages: list[Message], scenario: Scenario) -> float:
-    return score(messages, scenario).total
+def reward(messages: list[Message], scenario: Scenario, *, cut_off: bool = False) -> float:
+    return score(messages, scenario, cut_off=cut_off).total
 
 
 def success(traj: Trajectory) -> bool:
-    """Whether an episode earned full marks; regraded from its messages and the scenario in its metadata."""
+    """Whether an episode earned full marks; regraded from its messages, finish reason and the scenario in its
+    metadata."""
     scenario = Scenario.from_dict(traj.metadata["scenario"])
-    return score(traj.messages(), scenario).total >= 1.0 - 1e-9
+    cut_off = traj.finish_reason == "length"
+    return score(traj.messages(), scenario, cut_off=cut_off).total >= 1.0 - 1e-9

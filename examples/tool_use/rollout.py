@@ -133,7 +133,7 @@ async def rollout(
             traj.messages_and_choices.append(tool_msg)
             n_calls += 1
 
-    grade = score(traj.messages(), scenario)
+    grade = score(traj.messages(), scenario, cut_off=traj.finish_reason == "length")
     traj.reward = grade.total
     traj.metrics = {
         "success": float(traj.reward >= 1.0 - 1e-9),

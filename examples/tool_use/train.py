@@ -30,14 +30,14 @@ class DemoConfig(BaseModel):
     )
     root: Path = Field(Path(".advantage"), description="Checkpoint and run root.")
     base_model: str = Field("smollm2-135m-instruct", description="Bundled model name or HF model dir.")
-    steps: int = Field(8, ge=0, description="Training steps (about 130 s each on 2 CPU cores).")
+    steps: int = Field(12, ge=0, description="Training steps (about 80 s each on 2 CPU cores).")
     groups_per_step: int = Field(4, ge=1, description="Scenarios per step.")
     group_size: int = Field(8, ge=2, description="Rollouts per scenario.")
     val_size: int = Field(32, ge=1, description="Held-out scenarios for the baseline and final evaluation.")
     eval_every: int = Field(
         0, ge=0, description="Evaluate on the held-out split every N steps (0: only at the ends)."
     )
-    learning_rate: float = Field(7e-4, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(1.5e-3, gt=0, description="AdamW learning rate.")
     force_first_call: bool = Field(
         True,
         description="Send the first turn with tool_choice='required' (a grammar forces a well-formed call).",
