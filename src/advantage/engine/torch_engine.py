@@ -264,7 +264,7 @@ class TorchEngine:
                 if self._batch_adapter is not None:
                     self.model.set_adapter(self._batch_adapter)
             batch: list[_Request] = []
-            n_rows = len(self._rows)
+            n_rows = sum(r.finish is None for r in self._rows)
             while self._pending and self._pending[0].adapter == self._batch_adapter:
                 req = self._pending[0]
                 if n_rows + req.params.n > self.max_batch_size and (n_rows or batch):
@@ -297,6 +297,7 @@ class TorchEngine:
         logits_RV = out.logits[:, -1, :][src_t]
         self.stats["prefill_prompts"] += len(unique)
         self.stats["prefill_rows"] += len(rows)
+        self._compact()  # finished rows would only be copied along
         self._merge(cache, attn_RP)
         self._rows.extend(rows)
         first = len(self._rows) - len(rows)
@@ -378,8 +379,8 @@ class TorchEngine:
         temp = torch.tensor([r.req.params.temperature for r in rows], device=logits_RV.device)
         top_p = torch.tensor([r.req.params.top_p for r in rows], device=logits_RV.device)
         allowed_RV = None
-        if any(r.constraint for r in rows):
-            constraints = [r.constraint for r in rows]
+        constraints = [r.constraint if r.finish is None else None for r in rows]  # a finished row rides along
+        if any(constraints):
             allowed_RV = allowed_tokens(constraints, logits_RV.shape[-1]).to(logits_RV.device)
         tokens_R, lp_R = sample_next(logits_RV, temp, top_p, [r.generator for r in rows], allowed_RV)
         k = max(r.req.params.top_logprobs for r in rows)
@@ -388,12 +389,16 @@ class TorchEngine:
             top_vals, top_idx = torch.log_softmax(logits_RV.float(), -1).topk(k, dim=-1)
         assert self._last is not None
         self._last[row_ids.start : row_ids.stop] = tokens_R
+        live = 0
         for j, row in enumerate(rows):
+            if row.finish is not None:
+                continue
+            live += 1
             self._advance_row(row, int(tokens_R[j]), float(lp_R[j]))
             if row.req.params.top_logprobs and top_vals is not None and top_idx is not None:
                 n = row.req.params.top_logprobs
                 row.top.append(list(zip(top_idx[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True)))
-        self.stats["generated_tokens"] += len(rows)
+        self.stats["generated_tokens"] += live
         self._retire_finished()
 
     def _advance_row(self, row: _Row, token: int, logprob: float) -> None:
@@ -424,14 +429,23 @@ class TorchEngine:
                 row.emitted = end
 
     def _retire_finished(self) -> None:
-        keep = [i for i, r in enumerate(self._rows) if r.finish is None]
-        if len(keep) == len(self._rows):
-            return
-        for r in self._rows:
-            if r.finish is not None:
+        """Answer the requests whose rows just finished. Finished rows leave the batch (a copy of the whole
+        KV cache) only once they are a quarter of it, or when new rows join: until then they ride along,
+        which costs little (decoding is bound by reading the weights, not by the rows) and saves a copy."""
+        finished = [r for r in self._rows if r.finish is not None]
+        for r in finished:
+            if r.req.results[r.index] is None:
                 r.req.results[r.index] = Completion(r.ids, r.logprobs, r.text, r.finish, r.top)
                 if all(c is not None for c in r.req.results) and not r.req.future.done():
                     r.req.future.set_result([c for c in r.req.results if c is not None])
+        if finished and len(finished) * 4 >= len(self._rows):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop finished rows from the batch, and the cache columns no remaining row attends to."""
+        keep = [i for i, r in enumerate(self._rows) if r.finish is None]
+        if len(keep) == len(self._rows):
+            return
         self._rows = [self._rows[i] for i in keep]
         if not self._rows:
             self._cache = self._attn = self._last = None
