@@ -115,3 +115,21 @@ def test_allowed_tokens_unpacks_llguidance_bitmasks(tokenizer):
     llt.apply_token_bitmask_inplace(logits, bitmask)
     assert torch.equal(mask[1], logits[0] == 0)
     assert 0 < int(mask[1].sum()) < vocab
+
+
+def test_rows_that_finish_early_ride_along_without_changing_the_others(engines, tokenizer):
+    """Rows of different lengths in one batch (some under a grammar): each finished row stays in the batch
+    until a quarter of it has finished, and every request still gets exactly what it gets alone."""
+    from advantage.engine.grammar import grammar_from_response_format
+
+    _, plain = engines
+    grammar = grammar_from_response_format({"type": "json_object"})
+    prompt = tokenizer.encode("Here is a short story about a robot:", add_special_tokens=False)
+    requests = [SamplingParams(max_tokens=n, temperature=0.0) for n in (2, 3, 5, 8, 13, 21)]
+    requests.append(SamplingParams(max_tokens=6, temperature=0.0, grammar=grammar))
+    requests.append(SamplingParams(max_tokens=30, temperature=0.0, grammar=grammar))
+    alone = [plain.submit(prompt, p).result()[0] for p in requests]
+    together = [f.result()[0] for f in [plain.submit(prompt, p) for p in requests]]
+    for a, b in zip(alone, together, strict=True):
+        assert b.token_ids == a.token_ids and b.finish_reason == a.finish_reason
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
