@@ -41,6 +41,10 @@ def test_prefix_cache_lookup_insert_and_eviction():
     for first in range(3):
         small.insert(None, [1000 + first] + a, _kv(101))
     assert len(small) == 1 and small.stats["evictions"] == 2  # least recently used go first
+    few = PrefixCache(max_bytes=10**9, min_reuse=4, max_entries=2)
+    for first in range(3):
+        few.insert(None, [1000 + first] + a, _kv(101))
+    assert len(few) == 2 and few.lookup(None, [[1000] + a]) is None  # the oldest went
 
 
 def test_growing_cache_matches_concatenation():

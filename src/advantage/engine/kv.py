@@ -33,7 +33,7 @@ class GrowingLayer(DynamicLayer):
 
     def _get(self, attr: str) -> torch.Tensor | None:
         buf = self._buf[attr]
-        return None if buf is None else buf[..., : self._len[attr], :]
+        return buf if buf is None or buf.dim() < 2 else buf[..., : self._len[attr], :]
 
     def _set(self, attr: str, value: torch.Tensor | None) -> None:
         self._buf[attr] = value
@@ -103,11 +103,12 @@ def common_prefix_len(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 class PrefixCache:
-    """Least-recently-used prompt KV states, per adapter, within `max_bytes`."""
+    """Least-recently-used prompt KV states, per adapter, within `max_bytes` and `max_entries`."""
 
-    def __init__(self, max_bytes: int, min_reuse: int = 32) -> None:
+    def __init__(self, max_bytes: int, min_reuse: int = 32, max_entries: int = 256) -> None:
         self.max_bytes = max_bytes
         self.min_reuse = min_reuse
+        self.max_entries = max_entries  # a lookup compares the prompts against every entry
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
         self._next = 0
         self.nbytes = 0
@@ -156,7 +157,7 @@ class PrefixCache:
         self._next += 1
         self.nbytes += nbytes
         self.stats["inserts"] += 1
-        while self.nbytes > self.max_bytes:
+        while self.nbytes > self.max_bytes or len(self._entries) > self.max_entries:
             self._drop(next(iter(self._entries)))
             self.stats["evictions"] += 1
 
