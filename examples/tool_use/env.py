@@ -29,8 +29,10 @@ def _fn(name: str, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 # Bare on purpose (no descriptions): the schemas go into every prompt of a 135M model, where each token costs
 # time and attention. Strict (every argument required, no others), as OpenAI's strict mode has it: a forced
-# call is then decoded under exactly these keys, so what is left to learn is their values.
-_NUMBER, _STRING = {"type": "number"}, {"type": "string"}
+# call is then decoded under exactly these keys, so what is left to learn is their values. Strings are capped
+# at 20 characters (the longest right value, "centimeters", has 11): a forced call whose string ran on
+# until max_tokens was cut off and lost every credit.
+_NUMBER, _STRING = {"type": "number"}, {"type": "string", "maxLength": 20}
 TOOLS: list[dict[str, Any]] = [
     _fn("get_weather", {"city": _STRING}),
     _fn("convert_currency", {"amount": _NUMBER, "from_currency": _STRING, "to_currency": _STRING}),
