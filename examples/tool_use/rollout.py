@@ -9,7 +9,8 @@ over 32 val questions): 2-3% at T=1.0, 16% at T=0.7, 27% at T=0.5. Whole greedy 
 8/32 val questions (mean reward 0.45); sampled at T=1.0 they succeed on 0/64 (mean reward 0.02, nearly all
 of it the format credit). An example that shows only get_weather gets 0/32 right calls even at
 T=0.7. Pick the rollout temperature with this in mind. (Those numbers predate the strict schemas and the
-forced first call; with both, as the demo runs it, greedy episodes succeed on 11/32 val questions.)
+forced first call; with both, as the demo runs it, greedy episodes succeed on 9-11 of 32 val questions,
+depending on how the requests happen to be batched.)
 The prompt is about 775 tokens; the tool schemas that the server renders take about 370 of them.
 """
 
