@@ -108,15 +108,14 @@ class GrammarCompiler:
     def matcher(self, grammar: str) -> Constraint:
         import llguidance
 
-        return Constraint(llguidance.LLMatcher(self._tokenizer(), grammar), self.vocab_size)
+        return Constraint(llguidance.LLMatcher(self._tokenizer(), grammar))
 
 
 class Constraint:
     """One sequence's matcher: which tokens may come next, and feeding it the sampled ones."""
 
-    def __init__(self, matcher: Any, vocab_size: int) -> None:
+    def __init__(self, matcher: Any) -> None:
         self._m = matcher
-        self._vocab = vocab_size
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into row `row` of an llguidance token bitmask."""

@@ -121,9 +121,19 @@ class PrefixCache:
         self, adapter: str | None, prompts: list[list[int]]
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int] | None:
         """The longest cached prefix shared by all `prompts`: (per-layer (keys, values) of shape
-        (1, heads, m, head_dim), m), leaving each prompt at least one token to prefill; None below `min_reuse`."""
-        if not self._entries or not prompts:
+        (1, heads, m, head_dim), m), leaving each prompt at least one token to prefill; None below `min_reuse`.
+        Counts the prompts' tokens served from the cache (`hit_tokens`) and left to prefill (`miss_tokens`)."""
+        key, m = self._best(adapter, prompts)
+        self.stats["hit_tokens"] += m * len(prompts)
+        self.stats["miss_tokens"] += sum(len(p) - m for p in prompts)
+        if key is None:
             return None
+        self._entries.move_to_end(key)
+        return [(k[None, :, :m], v[None, :, :m]) for k, v in self._entries[key].kv], m
+
+    def _best(self, adapter: str | None, prompts: list[list[int]]) -> tuple[int | None, int]:
+        if not self._entries or not prompts:
+            return None, 0
         ids = [torch.tensor(p, dtype=torch.long) for p in prompts]
         limit = min(len(p) for p in prompts) - 1
         best_key, best_len = None, 0
@@ -133,11 +143,7 @@ class PrefixCache:
             m = min(limit, *(common_prefix_len(entry.ids, p) for p in ids))
             if m > best_len:
                 best_key, best_len = key, m
-        if best_key is None or best_len < self.min_reuse:
-            return None
-        self._entries.move_to_end(best_key)
-        entry = self._entries[best_key]
-        return [(k[None, :, :best_len], v[None, :, :best_len]) for k, v in entry.kv], best_len
+        return (best_key, best_len) if best_len >= self.min_reuse else (None, 0)
 
     def insert(
         self, adapter: str | None, ids: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]

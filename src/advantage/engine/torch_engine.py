@@ -330,8 +330,6 @@ class TorchEngine:
             use_cache=True,
             logits_to_keep=1,
         )
-        self.prefix_cache.stats["hit_tokens"] += m * len(unique)
-        self.prefix_cache.stats["miss_tokens"] += sum(len(p) - m for p in unique)
         if self.prefix_cache.max_bytes:
             for u, p in enumerate(unique):
                 cols = attn_UP[u].nonzero().squeeze(1).to(self.device)
