@@ -21,6 +21,7 @@ import advantage as adv
 from advantage import tracking
 from advantage.cli import app
 from advantage.report import build_report_data, render_html, write_report
+from advantage.report.curves import best_step
 from advantage.report.html import script_json
 from advantage.tracking import RunLog
 
@@ -89,7 +90,9 @@ def _run(tmp_path: Path, steps: int) -> Path:
 def test_report_data_from_a_run(tmp_path: Path) -> None:
     data = build_report_data(_run(tmp_path, 8))
     titles = [c.title for c in data.charts]
-    assert titles[:3] == ["Reward", "Loss", "Logprob drift (sampler vs trainer)"]
+    # No entropy in this run (logged only since issue 20): the stack is reward and drift, and that is all.
+    assert titles[:3] == ["Reward", "Logprob drift (sampler vs trainer)", "Loss"]
+    assert [c.stacked for c in data.charts[:3]] == [True, True, False]
     reward = data.charts[0]
     assert [s.name for s in reward.series] == ["train/reward", "val/reward", "ScaleRL fit (train)"]
     assert reward.series[1].points == [(0.0, 0.2)]
@@ -105,6 +108,96 @@ def test_report_data_from_a_run(tmp_path: Path) -> None:
     assert t.messages[1].tool_calls == [{"name": "get_weather", "arguments": "{}"}]
     assert t.messages[3].sampled and t.messages[3].weights_step == 3 and t.messages[3].content == "answer 3"
     assert data.trajectories["train"]["1"][0].exceptions == ["Traceback: boom"]
+
+
+def _append_rows(run: Path, rows: list[dict[str, Any]]) -> None:
+    with open(run / "metrics.jsonl", "a") as f:
+        f.writelines(json.dumps({"time": 0.0, **r}) + "\n" for r in rows)
+
+
+def _health_run(tmp_path: Path) -> Path:
+    """8 train steps with the collapse signs logged, val at steps 0, 4 and 8, and the run ended on step 4,
+    restored as step 9 (the row the training loop writes when it ends on its best step)."""
+    run = _run(tmp_path, 8)
+    rows: list[dict[str, Any]] = []
+    for s in range(1, 9):
+        rows.append({"step": s, "split": "train", "entropy": 1.0 - s / 10, "frac_truncated_completions": 0.0,
+                     "loss/clip_frac": 0.01 * s})  # fmt: skip
+    for s, success in ((4, 0.97), (8, 0.5)):
+        rows.append({"step": s, "split": "val", "val/reward": success, "val/success": success})
+    rows.append({"step": 9, "split": "restore", "restored_from": 4, "metric": "val/success", "value": 0.97})
+    _append_rows(run, rows)
+    return run
+
+
+def test_entropy_and_drift_sit_under_the_reward_with_the_best_step_marked(tmp_path: Path) -> None:
+    data = build_report_data(_health_run(tmp_path))
+    stack = [c for c in data.charts if c.stacked]
+    assert [c.title for c in stack] == ["Reward", "Policy entropy", "Logprob drift (sampler vs trainer)"]
+    assert stack[1].series[0].points[0] == (1.0, 0.9) and stack[1].y_label == "nats per token"
+    # One x range down the stack: from the val at step 0 to the fit's end at 2 x 8 steps.
+    assert {c.x_range for c in stack} == {(0.0, 16.0)}
+    best = data.best
+    assert best is not None and (best.step, best.value, best.restored_as) == (4, 0.97, 9)
+    assert best.message.startswith("Best step 4, chosen by val/success = 0.97; the run ended on it, restored")
+    headline = [c for c in data.charts if c.headline]
+    assert all([(m.x, m.label) for m in c.markers] == [(4.0, "best step 4")] for c in headline)
+    assert all(not c.markers for c in data.charts if not c.headline)
+    titles = [c.title for c in data.charts]
+    assert "Clip fraction" in titles and "Truncated completions" in titles and "entropy" not in titles
+    assert not {"restored_from", "value", "metric"} & set(titles)  # the restore row is no metric
+    page = render_html(data)
+    assert '"markers":[{"x":4.0,"label":"best step 4"' in page
+
+
+def test_best_step_without_a_restore_row_is_the_best_val_reward() -> None:
+    rows: list[dict[str, Any]] = [
+        {"step": 0, "split": "val", "val/reward": 0.5},
+        {"step": 3, "split": "val", "val/reward": 0.8},
+        {"step": 3, "split": "train", "val/reward": 0.99},  # not a val row: ignored
+        {"step": 6, "split": "val", "val/reward": 0.8},  # ties go to the later step, as delete_checkpoints
+        {"step": 9, "split": "val", "val/reward": math.nan},
+    ]
+    best = best_step(rows)
+    assert best is not None and (best.step, best.value, best.restored_as) == (6, 0.8, None)
+    assert "val/reward" in best.message and "no restore row" in best.message
+    assert best_step([{"step": 1, "split": "train", "train/reward": 0.5}]) is None
+    # A restore row wins over val/reward; the last one counts, and a float step is still a step.
+    rows += [{"step": 10, "split": "restore", "restored_from": 3, "metric": "val/success", "value": 0.9},
+             {"step": 11, "split": "restore", "restored_from": 6.0, "metric": "val/success", "value": 0.95}]  # fmt: skip
+    best = best_step(rows)
+    assert best is not None and (best.step, best.restored_as, best.metric) == (6, 11, "val/success")
+    assert (
+        best.message == "Best step 6, chosen by val/success = 0.95; the run ended on it, restored as step 11."
+    )
+    # A roll-back mid-run (training went on after it), written without a metric as `model.restore(step)` does.
+    rows += [{"step": 12, "split": "restore", "restored_from": 9.0},
+             {"step": 13, "split": "train", "train/reward": 0.5}]  # fmt: skip
+    best = best_step(rows)
+    assert best is not None and (best.step, best.metric, best.value) == (9, "restore", None)
+    assert best.message == "Best step 9; restored as step 12, and training went on from there."
+
+
+def test_a_run_without_best_step_or_health_metrics_still_renders(tmp_path: Path) -> None:
+    run = tmp_path / "old"
+    RunLog(run).append(1, "train", {"train/reward": 0.5, "loss": 0.1})
+    data = build_report_data(run)
+    assert data.best is None and [c.title for c in data.charts] == ["Reward", "Loss"]
+    assert all(not c.markers for c in data.charts)
+    assert render_html(data).startswith("<!doctype html>")
+
+
+def test_a_collapsed_run_gets_no_ceiling_in_the_report(tmp_path: Path) -> None:
+    run = tmp_path / "collapsed"
+    rewards = [0.534, 0.55, 0.60, 0.64, 0.68, 0.70, 0.738, 0.722, 0.541, 0.359, 0.291, 0.178]  # issue 20
+    for s, r in enumerate(rewards, 1):
+        RunLog(run).append(
+            s, "train", {"train/reward": r, "logprob_drift_mean_abs": 0.01 * s, "entropy": 0.5}
+        )
+    data = build_report_data(run)
+    assert not data.fit.ok and not data.fit.rising
+    assert data.fit.message.startswith("The reward is not rising (peaked at step 7 with 0.738, last 0.178;")
+    assert [s.kind for s in data.charts[0].series] == ["data"]  # no dashed ceiling drawn
 
 
 def test_fit_failure_is_said_not_raised(tmp_path: Path) -> None:

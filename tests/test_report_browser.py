@@ -1,6 +1,7 @@
 """The report of a real short run (the bundled SmolLM2, two GRPO steps through LocalBackend), opened in
 headless Chromium: no console errors, no request leaves the file, the curves render, clicking a trajectory
-shows its messages, and markup inside trajectory text stays text.
+shows its messages, and markup inside trajectory text stays text. A hand-written collapsed run checks the
+stack under the reward (entropy, drift) and the best-step marker lined up down it.
 
 The browser is Debian's /usr/bin/chromium driven by playwright (`playwright install` is never run: browser
 downloads are not possible here). .ci/run installs it; outside CI the test skips when it is absent."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import shutil
 import tempfile
@@ -125,8 +127,7 @@ def browser() -> Iterator[Any]:
             shutil.rmtree(profile, ignore_errors=True)
 
 
-@pytest.fixture
-def page(browser: Any, report_path: Path) -> Iterator[tuple[Any, list[str], list[str]]]:
+def _open(browser: Any, path: Path) -> tuple[Any, list[str], list[str]]:
     """The opened report, with the console errors and the requests it made."""
     page = browser.new_page()
     errors: list[str] = []
@@ -134,10 +135,36 @@ def page(browser: Any, report_path: Path) -> Iterator[tuple[Any, list[str], list
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("request", lambda r: requests.append(r.url))
-    page.goto(report_path.as_uri())
+    page.goto(path.as_uri())
     page.wait_for_selector("#headline svg")
-    yield page, errors, requests
-    page.close()
+    return page, errors, requests
+
+
+@pytest.fixture
+def page(browser: Any, report_path: Path) -> Iterator[tuple[Any, list[str], list[str]]]:
+    opened = _open(browser, report_path)
+    yield opened
+    opened[0].close()
+
+
+# The collapsed demo run of issue 20 (steps 2-6 filled in): reward peaks at step 7 as drift climbs.
+COLLAPSED = [0.534, 0.55, 0.60, 0.64, 0.68, 0.70, 0.738, 0.722, 0.541, 0.359, 0.291, 0.178]
+
+
+@pytest.fixture
+def collapsed_page(browser: Any, tmp_path: Path) -> Iterator[tuple[Any, list[str], list[str]]]:
+    """The report of a run that collapsed after step 7 and was restored to it as step 13."""
+    rows: list[dict[str, Any]] = [{"step": 0, "split": "val", "val/reward": 0.55, "val/success": 0.31}]
+    for s, r in enumerate(COLLAPSED, 1):
+        rows.append({"step": s, "split": "train", "train/reward": r, "entropy": 0.9 - 0.06 * s,
+                     "logprob_drift_mean_abs": 0.01 + 0.005 * s, "loss": 0.1})  # fmt: skip
+        if s % 4 == 3:
+            rows.append({"step": s, "split": "val", "val/reward": r, "val/success": r - 0.1})
+    rows.append({"step": 13, "split": "restore", "restored_from": 7, "metric": "val/success", "value": 0.628})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"time": 0.0, **r}) + "\n" for r in rows))
+    opened = _open(browser, write_report(tmp_path))
+    yield opened
+    opened[0].close()
 
 
 def test_report_opens_offline_and_draws_the_curves(page: tuple[Any, list[str], list[str]]) -> None:
@@ -145,7 +172,12 @@ def test_report_opens_offline_and_draws_the_curves(page: tuple[Any, list[str], l
     assert errors == []
     assert all(u.startswith("file://") for u in requests), requests
     titles = p.locator("#headline .chart h3").all_inner_texts()
-    assert titles[:2] == ["Reward", "Loss"]
+    assert titles[0] == "Reward" and "Loss" in titles
+    stack = p.locator("#headline .stack .chart")
+    assert "Logprob drift (sampler vs trainer)" in stack.locator("h3").all_inner_texts()
+    # No restore row in this run: the best step is chosen by val/reward, said so, and marked on the stack.
+    assert "val/reward" in p.locator("#best").inner_text()
+    assert stack.locator(".marker").count() == stack.count()
     reward = p.locator("#headline .chart").first
     assert reward.locator("svg path").count() >= 2  # train and val reward
     assert reward.locator("svg text").count() > 6  # tick labels and axis labels
@@ -184,3 +216,25 @@ def test_trajectory_markup_stays_text(page: tuple[Any, list[str], list[str]]) ->
     assert p.evaluate("window.__xss") is None
     assert p.locator("#panes img").count() == 0
     assert XSS in p.locator("#panes").inner_text()
+
+
+def test_entropy_and_drift_stack_under_the_reward_with_the_best_step(
+    collapsed_page: tuple[Any, list[str], list[str]],
+) -> None:
+    p, errors, requests = collapsed_page
+    assert errors == [] and all(u.startswith("file://") for u in requests), (errors, requests)
+    stack = p.locator("#headline .stack .chart")
+    titles = stack.locator("h3").all_inner_texts()
+    assert titles == ["Reward", "Policy entropy", "Logprob drift (sampler vs trainer)"]
+    markers = stack.locator(".marker line")
+    assert markers.count() == 3
+    xs = {markers.nth(i).get_attribute("x1") for i in range(3)}
+    assert len(xs) == 1  # step 7 sits at the same x on every panel: one x range, one left margin
+    boxes = [stack.nth(i).locator("svg").bounding_box() for i in range(3)]
+    assert len({(round(b["x"]), round(b["width"])) for b in boxes}) == 1  # the panels are as wide, aligned
+    assert stack.locator(".marker text").first.text_content() == "best step 7"  # SVG: no inner_text
+    best = p.locator("#best").inner_text()
+    assert "Best step 7" in best and "val/success" in best and "restored as step 13" in best
+    fit = p.locator("#fit")
+    assert "not rising" in fit.inner_text() and "warn" in (fit.get_attribute("class") or "")
+    assert stack.first.locator("path.fitline").count() == 0  # no ceiling drawn for a collapse

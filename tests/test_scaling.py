@@ -1,4 +1,5 @@
-"""The ScaleRL curve fit: the formula by hand, recovery of the paper's fitted curves, errors, run logs."""
+"""The ScaleRL curve fit: the formula by hand, recovery of the paper's fitted curves, errors, run logs, and
+curves that are not rising (a collapse) getting no ceiling."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from advantage.scaling import ScalingFit, fit_run, fit_scaling_curve
+from advantage.cli import app
+from advantage.scaling import ScalingFit, fit_run, fit_scaling_curve, kendall_tau
 
 PAPER_CURVES = [(2818.0, 1.77, 0.605), (10909.0, 1.70, 0.645)]  # (C_mid, B, A) from the ScaleRL paper
 R0 = 0.2
@@ -145,3 +148,97 @@ def test_a_max_caps_the_ceiling_of_a_short_noisy_run() -> None:
     assert capped.a <= 1.0 + 1e-12 and capped.a_interval[1] <= 1.0 + 1e-12
     with pytest.raises(ValueError, match="below the best observed reward"):
         fit_scaling_curve(c, y, a_max=0.5)
+    assert free.rising and capped.rising  # noisy, but rising: the last 2 points average 0.62 against R0 0.36
+
+
+# The collapsed demo run of issue 20 (train reward per step 1..12; steps 2-6 were not printed, so they are
+# filled in rising between the two printed values): it peaked at step 7 and fell every step after.
+COLLAPSED = [0.534, 0.55, 0.60, 0.64, 0.68, 0.70, 0.738, 0.722, 0.541, 0.359, 0.291, 0.178]
+
+
+def test_a_collapsed_run_is_not_rising_and_names_no_ceiling() -> None:
+    c = np.arange(1.0, 13.0)
+    free = fit_scaling_curve(c, COLLAPSED, n_bootstrap=0)
+    assert free.a < 0.0  # the sigmoid fitted to a collapse puts its "ceiling" below a [0, 1] reward's floor
+    fit = fit_scaling_curve(c, COLLAPSED, n_bootstrap=50, a_min=0.0, a_max=1.0)
+    assert 0.0 <= fit.a <= 1.0 and 0.0 <= fit.a_interval[0] <= fit.a_interval[1] <= 1.0
+    assert not fit.rising and not free.rising
+    # k = 12 // 4 = 3 points per level: the last 3 average (0.359 + 0.291 + 0.178) / 3 = 0.276, and
+    # R0 = (0.534 + 0.55 + 0.60) / 3 = 0.561.
+    assert fit.reason == "the last 3 points average 0.276, not above the start 0.561"
+    assert fit.peak == (7.0, 0.738) and fit.last == (12.0, 0.178)
+    text = fit.summary(fit.c_max)
+    assert text == (
+        "The reward is not rising (peaked at compute 7 with 0.738, last 0.178; the last 3 points average "
+        "0.276, not above the start 0.561): no ceiling to predict"
+    )
+    with pytest.raises(ValueError, match="above the worst observed reward 0.178; lower it"):
+        fit_scaling_curve(c, COLLAPSED, a_min=0.2)
+
+
+def test_a_rising_run_gets_a_ceiling_within_the_reward_range() -> None:
+    c_mid, b, a = PAPER_CURVES[0]
+    c, y = noisy_run(c_mid, b, a)
+    half = c <= 2 * c_mid
+    fit = fit_scaling_curve(c[half], y[half], r0=R0, a_min=0.0, a_max=1.0)
+    assert fit.rising and fit.reason == ""
+    assert 0.0 <= fit.a_interval[0] < a < fit.a_interval[1] <= 1.0
+    assert fit.a == pytest.approx(a, abs=0.02)
+    assert fit.summary(fit.c_max).startswith("A=")
+
+
+def test_kendall_tau_by_hand() -> None:
+    # [1, 3, 2, 4]: of the 6 pairs only (3, 2) falls, so S = 5 - 1 = 4 and tau = 4 / 6.
+    assert kendall_tau(np.array([1.0, 3.0, 2.0, 4.0])) == pytest.approx(4 / 6)
+    assert kendall_tau(np.array([3.0, 2.0, 1.0])) == -1.0 and kendall_tau(np.array([1.0, 1.0])) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("reward", "reason"),
+    [
+        # Falling from the start: the last 2 average 0.25 <= R0 = (0.8 + 0.7 + 0.6) / 3 = 0.7.
+        (
+            [0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.3, 0.2],
+            "the last 2 points average 0.250, not above the start 0.700",
+        ),
+        # Rose from R0 0.3 to a best level (0.7 + 0.8 + 0.8) / 3 = 0.767, then fell to (0.6 + 0.5 + 0.4) / 3
+        # = 0.5, below halfway (0.3 + 0.767) / 2 = 0.533.
+        (
+            [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.8, 0.7, 0.6, 0.5, 0.4],
+            "the last 3 points average 0.500, back below halfway from 0.300 to 0.767",
+        ),
+        # Jumped to 1.0 at once and has fallen every step since: still above halfway, but 27 rising pairs
+        # (3 zeros x 9 later points) against 35 falling ones (the 9 descending points, one tie): tau < 0.
+        (
+            [0.0, 0.0, 0.0, 1.0, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.6],
+            "no upward trend: Kendall's tau of reward against compute is -0.12",
+        ),
+    ],
+)
+def test_curves_that_are_not_rising(reward: list[float], reason: str) -> None:
+    fit = fit_scaling_curve(np.arange(1.0, len(reward) + 1), reward, n_bootstrap=0, a_min=0.0, a_max=1.0)
+    assert not fit.rising and fit.reason == reason
+    assert 0.0 <= fit.a <= 1.0
+
+
+def test_noise_alone_is_not_rising_but_a_plateau_is() -> None:
+    c = np.arange(1.0, 41.0)
+    noise = np.random.default_rng(0).normal(0.0, 0.03, c.size)
+    flat = fit_scaling_curve(c, 0.5 + noise, n_bootstrap=0)
+    assert not flat.rising
+    plateau = fit_scaling_curve(c, 0.8 - 0.6 * np.exp(-c / 2) + noise, n_bootstrap=0)  # levels off by step 10
+    assert plateau.rising and plateau.a == pytest.approx(0.8, abs=0.03)
+    # A small dip after the peak is noise, not a collapse: (0.76 + 0.75 + 0.74) / 3 = 0.75 > halfway 0.533.
+    dip = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.8, 0.78, 0.76, 0.75, 0.74]
+    assert fit_scaling_curve(np.arange(1.0, 13.0), dip, n_bootstrap=0).rising
+
+
+def test_cli_fit_says_a_collapsed_run_is_not_rising(tmp_path: Path) -> None:
+    rows = [{"step": s, "split": "train", "time": 0.0, "train/reward": r} for s, r in enumerate(COLLAPSED, 1)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(app, ["fit", str(tmp_path), "--min-reward", "0", "--max-reward", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("The reward is not rising (peaked at step 7 with 0.738, last 0.178;")
+    assert "no ceiling to predict" in result.output and "A=" not in result.output
+    bad = CliRunner().invoke(app, ["fit", str(tmp_path), "--min-reward", "0.5"])
+    assert bad.exit_code != 0 and "lower it" in bad.output

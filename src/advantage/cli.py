@@ -99,14 +99,22 @@ def fit(
     metric: Annotated[str, typer.Option(help="Metric to fit.")] = "train/reward",
     axis: Annotated[str, typer.Option(help="Compute axis: step, seconds or tokens.")] = "step",
     skip_frac: Annotated[float, typer.Option(help="Fraction of the earliest points to drop.")] = 0.0,
+    min_reward: Annotated[
+        float | None, typer.Option(help="The least reward the task can give (floors the ceiling A).")
+    ] = None,
     max_reward: Annotated[
         float | None, typer.Option(help="The most reward the task can give (caps the ceiling A).")
     ] = None,
 ) -> None:
-    """Fit the ScaleRL curve to a run and predict its reward ceiling."""
+    """Fit the ScaleRL curve to a run and predict its reward ceiling, or say that the reward is not rising."""
     from advantage.scaling import fit_run
 
-    result = fit_run(run_dir, metric=metric, axis=axis, skip_frac=skip_frac, a_max=max_reward)
+    try:
+        result = fit_run(
+            run_dir, metric=metric, axis=axis, skip_frac=skip_frac, a_min=min_reward, a_max=max_reward
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     typer.echo(result.summary(result.c_max))
 
 

@@ -9,13 +9,18 @@ grid over (B, C_mid), where A has a closed form, then Levenberg-Marquardt. The s
 log C, so C_mid is fit as log(C_mid) and steps in it are scale-free. The interval on A comes from
 resampling the residuals around the fit and refitting (with R0 redrawn too when it was estimated, since A
 leans on it). Plain numpy: no scipy needed.
+
+A ceiling only means something for a curve that rises. A run that peaks and then collapses would get an A
+below its start, even below the reward's floor, so `fit_scaling_curve` first judges the curve (see
+`not_rising`) and `ScalingFit.summary` then says that the reward is not rising instead of naming a ceiling.
+`a_min` and `a_max`, the reward's range when it is known, bound A in every case.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,11 @@ class ScalingFit:
     n_points: int  # points used in the fit (after skip_frac)
     rmse: float  # root-mean-square residual on those points
     c_max: float = float("nan")  # the largest compute fitted: the run's compute so far
+    rising: bool = True  # False: the reward is not rising, so a, b and c_mid predict nothing
+    reason: str = ""  # why the reward is not rising; "" when it is
+    peak: tuple[float, float] = (math.nan, math.nan)  # (compute, reward) of the best point
+    last: tuple[float, float] = (math.nan, math.nan)  # (compute, reward) of the last point
+    axis: str = "compute"  # what compute is counted in, for summary()
 
     def predict(self, c: float | Sequence[float] | Array) -> float | Array:
         """The fitted curve at compute `c` (a float for a scalar, an array otherwise)."""
@@ -48,7 +58,14 @@ class ScalingFit:
         return float(out) if out.ndim == 0 else out
 
     def summary(self, compute_so_far: float) -> str:
-        """One line: the parameters and the predicted reward at 2x and 10x `compute_so_far`."""
+        """One line: the parameters and the predicted reward at 2x and 10x `compute_so_far`, or, for a
+        reward that is not rising, why there is no ceiling to predict."""
+        if not self.rising:
+            (c_peak, y_peak), (_, y_last) = self.peak, self.last
+            return (
+                f"The reward is not rising (peaked at {self.axis} {c_peak:.4g} with {y_peak:.3f}, last "
+                f"{y_last:.3f}; {self.reason}): no ceiling to predict"
+            )
         lo, hi = self.a_interval
         at2, at10 = self.predict(2 * compute_so_far), self.predict(10 * compute_so_far)
         return (
@@ -121,6 +138,36 @@ def _fit(log_c: Array, y: Array, r0: float, lo: Array, hi: Array) -> Array:
     return best
 
 
+def kendall_tau(y: Array) -> float:
+    """Kendall's tau-a of `y` against its order: +1 for a strictly rising series, -1 for a falling one."""
+    n = y.size
+    if n < 2:
+        return 0.0
+    s = sum(float(np.sign(y[i + 1 :] - y[i]).sum()) for i in range(n - 1))  # O(n) memory, not O(n^2)
+    return s / (n * (n - 1) / 2)
+
+
+def not_rising(y: Array, r0: float) -> str:
+    """Why the rewards `y`, in compute order and starting at `r0`, are not rising; "" when they are.
+
+    Levels are means over k = max(2, n // 4) consecutive points, so one noisy point decides nothing. The
+    curve is not rising when its last level has given back more than half the rise from `r0` to its best
+    level (a collapse, or a curve that never rose), or when reward and compute have no positive rank
+    correlation (Kendall's tau <= 0).
+    """
+    k = max(2, y.size // 4)
+    levels = np.convolve(y, np.full(k, 1.0 / k), mode="valid")  # (n - k + 1,) moving means
+    best, late = float(levels.max()), float(levels[-1])
+    if late <= r0:
+        return f"the last {k} points average {late:.3f}, not above the start {r0:.3f}"
+    if late <= (r0 + best) / 2:
+        return f"the last {k} points average {late:.3f}, back below halfway from {r0:.3f} to {best:.3f}"
+    tau = kendall_tau(y)
+    if tau <= 0:
+        return f"no upward trend: Kendall's tau of reward against compute is {tau:+.2f}"
+    return ""
+
+
 def fit_scaling_curve(
     compute: Sequence[float] | Array,
     reward: Sequence[float] | Array,
@@ -129,12 +176,17 @@ def fit_scaling_curve(
     skip_frac: float = 0.0,
     n_bootstrap: int = 200,
     seed: int = 0,
+    a_min: float | None = None,
     a_max: float | None = None,
 ) -> ScalingFit:
     """Fit the ScaleRL curve to (compute, reward) points; see the module docstring.
 
-    `a_max` is the most reward the task can give (1.0 for a success rate): the ceiling A is then fitted at
-    or below it. Without it, a few noisy points can put A above anything reachable.
+    `a_min` and `a_max` are the least and the most reward the task can give ([0, 1] for a success rate):
+    the ceiling A is then fitted within them. Without them, a few noisy points can put A above anything
+    reachable, or a falling curve put it below the floor.
+
+    A curve that is not rising (see `not_rising`, judged on all points, and a fitted A not above R0) is
+    still fitted, but the result has `rising=False` and a `reason`, and its summary names no ceiling.
 
     Points are sorted by compute. R0 defaults to the mean of the first three rewards of the whole series
     (before `skip_frac`), the run's starting level. `skip_frac` then drops that fraction of the earliest
@@ -158,20 +210,27 @@ def fit_scaling_curve(
     r0_value = float(y[:R0_POINTS].mean()) if r0 is None else float(r0)
     if not math.isfinite(r0_value):
         raise ValueError("r0 must be finite")
+    if a_max is not None and not (math.isfinite(a_max) and a_max >= y.max()):
+        raise ValueError(f"a_max={a_max} is below the best observed reward {y.max():.4g}; raise it.")
+    if a_min is not None and not (math.isfinite(a_min) and a_min <= y.min()):
+        raise ValueError(f"a_min={a_min} is above the worst observed reward {y.min():.4g}; lower it.")
     skip = int(skip_frac * c.size)
+    if c.size - skip < 4:
+        raise ValueError(f"need at least 4 points to fit 3 parameters, got {c.size - skip} (after skip_frac)")
+    reason = not_rising(y, r0_value)  # judged on the whole curve: skip_frac only narrows the fit
+    i_peak = int(np.argmax(y))
+    peak, last = (float(c[i_peak]), float(y[i_peak])), (float(c[-1]), float(y[-1]))
     c, y = c[skip:], y[skip:]
-    if c.size < 4:
-        raise ValueError(f"need at least 4 points to fit 3 parameters, got {c.size} (after skip_frac)")
 
     log_c = np.log(c)
     span = log_c.max() - log_c.min()
     lo = np.array([min(y.min(), r0_value) - 1.0, 1e-3, log_c.min() - max(span, 1.0) - math.log(10.0)])
     hi = np.array([max(y.max(), r0_value) + 1.0, B_MAX, log_c.max() + max(span, 1.0) + math.log(1e3)])
-    if a_max is not None:
-        if not math.isfinite(a_max) or a_max < y.max():
-            raise ValueError(f"a_max={a_max} is below the best observed reward {y.max():.4g}; raise it.")
-        hi[0] = a_max
+    lo[0] = lo[0] if a_min is None else a_min
+    hi[0] = hi[0] if a_max is None else a_max
     p = _fit(log_c, y, r0_value, lo, hi)
+    if not reason and p[0] <= r0_value:
+        reason = f"the fitted ceiling A={p[0]:.3f} is not above the start R0={r0_value:.3f}"
     res = _residual(log_c, y, r0_value, p)
     fitted = y - res
 
@@ -195,6 +254,10 @@ def fit_scaling_curve(
         n_points=int(c.size),
         c_max=float(np.max(c)),
         rmse=float(np.sqrt(np.mean(res * res))),
+        rising=not reason,
+        reason=reason,
+        peak=peak,
+        last=last,
     )
 
 
@@ -207,6 +270,7 @@ def fit_run(
     skip_frac: float = 0.0,
     n_bootstrap: int = 200,
     seed: int = 0,
+    a_min: float | None = None,
     a_max: float | None = None,
 ) -> ScalingFit:
     """Fit `metric` from the train rows of `<run_dir>/metrics.jsonl` against `axis`.
@@ -235,6 +299,14 @@ def fit_run(
             reward.append(float(row[metric]))
     if not reward:
         raise ValueError(f"no train rows with {metric!r} in {path}")
-    return fit_scaling_curve(
-        compute, reward, r0=r0, skip_frac=skip_frac, n_bootstrap=n_bootstrap, seed=seed, a_max=a_max
+    fit = fit_scaling_curve(
+        compute,
+        reward,
+        r0=r0,
+        skip_frac=skip_frac,
+        n_bootstrap=n_bootstrap,
+        seed=seed,
+        a_min=a_min,
+        a_max=a_max,
     )
+    return replace(fit, axis=axis)

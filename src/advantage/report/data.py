@@ -1,55 +1,21 @@
-"""What the report shows, read from a run dir: the chart series from `metrics.jsonl`, the ScaleRL fit over
-train reward, and the trajectories of each split and step, slimmed to what a reader looks at (messages,
-tool calls, reward, metrics, logs) without token ids and logprobs."""
+"""What the report shows, read from a run dir: its curves (see `curves.py`) and the trajectories of each
+split and step, slimmed to what a reader looks at (messages, tool calls, reward, metrics, logs) without
+token ids and logprobs."""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from advantage.scaling import fit_run
+from advantage.report.curves import BestStep, Chart, FitInfo, as_number, best_step, build_charts, build_fit
 from advantage.tracking import RunLog
 
-Point = tuple[float, float]
-ROW_KEYS = {"step", "split", "time"}  # bookkeeping fields of a metrics row, not metrics
 MAX_CONTENT_CHARS = 20_000  # per message; a runaway generation should not make the report unopenable
 MAX_METADATA_CHARS = 4_000
-FIT_METRIC = "train/reward"
-# The headline charts: (title, y label, [(split, metric names tried in order)]). The train reward is
-# logged both as "reward_mean" (by the trainer) and "train/reward" (by the rollouts' summary).
-HEADLINE: list[tuple[str, str, list[tuple[str, list[str]]]]] = [
-    ("Reward", "mean reward", [("train", ["train/reward", "reward_mean"]), ("val", ["val/reward"])]),
-    ("Loss", "loss", [("train", ["loss"])]),
-    ("Logprob drift (sampler vs trainer)", "mean |Δ logprob|", [("train", ["logprob_drift_mean_abs"])]),
-    ("Logprob correlation (sampler vs trainer)", "correlation", [("train", ["logprob_drift_corr"])]),
-    ("Throughput", "tokens / second", [("train", ["tokens_per_second"])]),
-    ("Step time", "seconds", [("train", ["seconds"])]),
-]
-
-
-class Series(BaseModel):
-    name: str
-    split: str  # picks the colour: train blue, val orange
-    points: list[Point]
-    kind: str = "data"  # "data" (markers and lines) or "fit" (a dashed curve)
-
-
-class Chart(BaseModel):
-    title: str
-    y_label: str
-    x_label: str = "step"
-    series: list[Series]
-    headline: bool = False
-
-
-class FitInfo(BaseModel):
-    ok: bool
-    message: str  # the fit's summary, or why there is none
 
 
 class MessageView(BaseModel):
@@ -84,72 +50,10 @@ class ReportData(BaseModel):
     n_rows: int
     charts: list[Chart]
     fit: FitInfo
+    best: BestStep | None  # None: no restore row and no held-out reward to choose by
     # split -> step (as a string: JSON keys) -> groups
     trajectories: dict[str, dict[str, list[GroupView]]]
     omitted_steps: dict[str, int]  # split -> steps left out by max_steps
-
-
-def _number(v: Any) -> float | None:
-    """A finite float, or None for what JSON cannot hold (NaN, inf) or what is not a number."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    return float(v) if math.isfinite(v) else None
-
-
-def _series(rows: list[dict[str, Any]], split: str, metric: str) -> list[Point]:
-    pts = []
-    for r in rows:
-        y = _number(r.get(metric))
-        if r.get("split") == split and y is not None and _number(r.get("step")) is not None:
-            pts.append((float(r["step"]), y))
-    return pts
-
-
-def build_charts(rows: list[dict[str, Any]], fit_curve: list[Point] | None) -> list[Chart]:
-    """The headline charts, then one chart per remaining metric, with `<split>/x` of every split together."""
-    used: set[str] = set()
-    charts = []
-    for title, y_label, wanted in HEADLINE:
-        series = []
-        for split, names in wanted:
-            for name in names:
-                pts = _series(rows, split, name)
-                if pts:
-                    series.append(Series(name=name, split=split, points=pts))
-                    used.update(names)
-                    break
-        if title == "Reward" and fit_curve:
-            series.append(Series(name="ScaleRL fit (train)", split="train", points=fit_curve, kind="fit"))
-        if series:
-            charts.append(Chart(title=title, y_label=y_label, series=series, headline=True))
-    by_name: dict[str, dict[str, list[Point]]] = {}  # chart name -> split -> points
-    for r in rows:
-        split = str(r.get("split", "?"))
-        for key, value in r.items():
-            if key in ROW_KEYS or key in used or _number(value) is None:
-                continue
-            name = key.removeprefix(f"{split}/")
-            by_name.setdefault(name, {}).setdefault(split, [])
-    for name in sorted(by_name):
-        series = []
-        for split in sorted(by_name[name]):
-            key = name if _series(rows, split, name) else f"{split}/{name}"
-            series.append(Series(name=split, split=split, points=_series(rows, split, key)))
-        charts.append(Chart(title=name, y_label=name, series=[s for s in series if s.points]))
-    return [c for c in charts if c.series]
-
-
-def build_fit(run_dir: Path, rows: list[dict[str, Any]]) -> tuple[FitInfo, list[Point] | None]:
-    """The ScaleRL fit of train reward against step, and its curve out to 2x the steps so far."""
-    try:
-        fit = fit_run(run_dir, metric=FIT_METRIC, axis="step")
-    except ValueError as e:
-        return FitInfo(ok=False, message=f"No ceiling fit: {e}."), None
-    first = min((s for s, _ in _series(rows, "train", FIT_METRIC) if s > 0), default=1.0)
-    n = 80
-    xs = [first + (2 * fit.c_max - first) * i / (n - 1) for i in range(n)]
-    curve = [(x, float(fit.predict(x))) for x in xs]
-    return FitInfo(ok=True, message=fit.summary(fit.c_max)), curve
 
 
 def _text(content: Any) -> str:
@@ -213,9 +117,9 @@ def _trajectory(d: dict[str, Any]) -> TrajectoryView:
     if len(meta) > MAX_METADATA_CHARS:
         meta = meta[:MAX_METADATA_CHARS] + "\n[… cut]"
     return TrajectoryView(
-        reward=_number(d.get("reward")),
+        reward=as_number(d.get("reward")),
         finish_reason=d.get("finish_reason"),
-        metrics={str(k): _number(v) for k, v in (d.get("metrics") or {}).items()},
+        metrics={str(k): as_number(v) for k, v in (d.get("metrics") or {}).items()},
         logs=[str(x) for x in d.get("logs") or []],
         messages=[_message(i) for i in d.get("messages_and_choices") or []],
         tools=[str(((t or {}).get("function") or {}).get("name", "?")) for t in d.get("tools") or []],
@@ -287,14 +191,16 @@ def build_report_data(run_dir: Path, max_steps: int = 50) -> ReportData:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     rows = log.rows()
     fit, curve = build_fit(run_dir, rows)
+    best = best_step(rows)
     trajectories, omitted = build_trajectories(run_dir, max_steps)
     return ReportData(
         title=_title(run_dir.resolve()),
         run_dir=str(run_dir.resolve()),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         n_rows=len(rows),
-        charts=build_charts(rows, curve),
+        charts=build_charts(rows, curve, best),
         fit=fit,
+        best=best,
         trajectories=trajectories,
         omitted_steps=omitted,
     )

@@ -66,14 +66,22 @@
     return PALETTE[i % PALETTE.length];
   }
 
-  function chart(spec, small) {
-    const W = small ? 360 : 480, H = small ? 200 : 250;
+  // The axes of a chart: x covers its points, its markers and its x_range (the stack shares one); `left`
+  // is the margin its y tick labels need.
+  function axes(spec, small, yCount) {
     const pts = spec.series.flatMap((s) => s.points);
-    const xs = pts.map((p) => p[0]);
+    const xs = pts.map((p) => p[0]).concat(spec.markers.map((m) => m.x), spec.x_range || []);
     const x = domain(xs, small ? 4 : 6, xs.every(Number.isInteger));
-    const y = domain(pts.map((p) => p[1]), small ? 4 : 5, false);
+    const y = domain(pts.map((p) => p[1]), yCount, false);
     const widest = Math.max(...y.ticks.map((t) => y.label(t).length));
-    const M = { l: 30 + widest * 6.5, r: 14, t: 10, b: 40 };  // room for the y tick labels and the y label
+    return { x, y, left: 30 + widest * 6.5 };
+  }
+
+  // opts: small (the grid of other metrics), height, yCount, left (a margin shared down the stack).
+  function chart(spec, opts) {
+    const small = !!opts.small, W = small ? 360 : 480, H = opts.height || (small ? 200 : 250);
+    const { x, y, left } = axes(spec, small, opts.yCount || (small ? 4 : 5));
+    const M = { l: opts.left || left, r: 14, t: 10, b: 40 };  // room for the y tick labels and the y label
     const sx = (v) => M.l + ((v - x.lo) / (x.hi - x.lo)) * (W - M.l - M.r);
     const sy = (v) => H - M.b - ((v - y.lo) / (y.hi - y.lo)) * (H - M.t - M.b);
     const root = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": spec.title });
@@ -90,6 +98,14 @@
     root.appendChild(svg("text", { class: "label", x: (M.l + W - M.r) / 2, y: H - 6, "text-anchor": "middle" }, spec.x_label));
     const yl = svg("text", { class: "label", x: 0, y: 0, "text-anchor": "middle", transform: `translate(13 ${(M.t + H - M.b) / 2}) rotate(-90)` }, spec.y_label);
     root.appendChild(yl);
+    for (const m of spec.markers) {  // under the data: a point on the marked step stays visible
+      const mx = sx(m.x), right = mx > W - M.r - 80;
+      const g = svg("g", { class: "marker", "data-x": m.x });
+      g.appendChild(svg("title", {}, m.title));
+      g.appendChild(svg("line", { x1: mx, x2: mx, y1: M.t, y2: H - M.b }));
+      g.appendChild(svg("text", { x: right ? mx - 4 : mx + 4, y: M.t + 10, "text-anchor": right ? "end" : "start" }, m.label));
+      root.appendChild(g);
+    }
     const legend = el("div", { class: "legend" });
     spec.series.forEach((s, i) => {
       const color = seriesColor(s, i);
@@ -106,15 +122,27 @@
       swatch.style.background = color;
       legend.appendChild(el("span", {}, [swatch, s.name]));
     });
-    return el("div", { class: "chart" }, [el("h3", { text: spec.title }), root, legend]);
+    return el("div", { class: "chart" + (spec.stacked ? " stacked" : "") }, [el("h3", { text: spec.title }), root, legend]);
+  }
+
+  // The reward on top and the panels under it share one x range (set in the data) and one left margin,
+  // so the same step lines up down the stack.
+  function stack(specs) {
+    const opts = specs.map((s, i) => (i === 0 && s.title === "Reward" ? {} : { height: 150, yCount: 3 }));
+    const left = Math.max(...specs.map((s, i) => axes(s, false, opts[i].yCount || 5).left));
+    return el("div", { class: "stack" }, specs.map((s, i) => chart(s, { ...opts[i], left })));
   }
 
   function renderCurves() {
     const fit = document.getElementById("fit");
     fit.textContent = (DATA.fit.ok ? "ScaleRL ceiling fit of train reward vs step (dashed on the reward chart, out to 2× the steps so far): " : "") + DATA.fit.message;
-    if (!DATA.fit.ok) fit.classList.add("failed");
+    if (!DATA.fit.ok) fit.classList.add(DATA.fit.rising ? "failed" : "warn");
+    const best = document.getElementById("best");
+    if (DATA.best) { best.textContent = DATA.best.message + " Marked on the charts below."; best.hidden = false; }
     const head = document.getElementById("headline"), other = document.getElementById("other");
-    for (const spec of DATA.charts) (spec.headline ? head : other).appendChild(chart(spec, !spec.headline));
+    const stacked = DATA.charts.filter((c) => c.stacked);
+    if (stacked.length) head.appendChild(stack(stacked));
+    for (const spec of DATA.charts.filter((c) => !c.stacked)) (spec.headline ? head : other).appendChild(chart(spec, { small: !spec.headline }));
     if (!DATA.charts.length) head.appendChild(el("div", { class: "empty", text: "metrics.jsonl holds no numeric metrics yet." }));
     if (!other.childNodes.length) document.getElementById("other-metrics").hidden = true;
   }
