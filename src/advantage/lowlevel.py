@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from advantage.config import TrainConfig
+from advantage.config import Beta, TrainConfig
 from advantage.trajectory import Message, Trajectory, TrajectoryGroup
 
 if TYPE_CHECKING:
@@ -80,9 +80,9 @@ class Datum(_Wire):
 
 
 class AdamParams(_Wire):
-    lr: float = Field(1e-4, gt=0, description="Learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr: float = Field(1e-4, gt=0, le=1, description="Learning rate.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
 
 

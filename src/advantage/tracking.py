@@ -19,6 +19,20 @@ from typing import Any
 
 from advantage.trajectory import TrajectoryGroup
 
+RESERVED = ("step", "split", "time")  # metrics.jsonl's own columns: no metric may take these names
+_append_lock = threading.Lock()  # one writer at a time, so rows from two threads never interleave
+
+
+def check_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Refuse user metrics named like a bookkeeping column of metrics.jsonl (they would overwrite it)."""
+    taken = sorted(k for k in metrics if k in RESERVED)
+    if taken:
+        raise ValueError(
+            f"metrics {taken} use reserved names: {', '.join(RESERVED)} are metrics.jsonl's own columns "
+            "(which step, which split, when). Rename them, e.g. 'my_step'."
+        )
+    return metrics
+
 
 def group_metrics(groups: list[TrajectoryGroup], prefix: str) -> dict[str, float]:
     """Reward mean/std and the mean of every trajectory metric, named `<prefix>/<name>`."""
@@ -30,7 +44,10 @@ def group_metrics(groups: list[TrajectoryGroup], prefix: str) -> dict[str, float
     rewards = [t.reward for t in trajs]
     mean = sum(rewards) / len(rewards)
     out[f"{prefix}/reward"] = mean
-    out[f"{prefix}/reward_std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    try:
+        out[f"{prefix}/reward_std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
+    except OverflowError:  # rewards near the float limit (the server refuses them; a local caller may not)
+        out[f"{prefix}/reward_std"] = math.inf
     keys = sorted({k for t in trajs for k in t.metrics})
     for k in keys:
         vals = [float(t.metrics[k]) for t in trajs if k in t.metrics]
@@ -87,10 +104,19 @@ class RunLog:
         self.metrics_path = run_dir / "metrics.jsonl"
 
     def append(self, step: int, split: str, metrics: dict[str, float]) -> None:
+        """One row, on disk (fsynced) before this returns. A last line left without its newline by a crash
+        is ended first, so the new row is not glued to the torn one."""
+        check_metric_names(metrics)
         self.dir.mkdir(parents=True, exist_ok=True)
-        row = {"step": step, "split": split, "time": time.time(), **metrics}
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        data = (json.dumps({"step": step, "split": split, "time": time.time(), **metrics}) + "\n").encode()
+        with _append_lock, open(self.metrics_path, "a+b") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    data = b"\n" + data
+            f.write(data)  # "a" mode: always at the end, wherever the read left the position
+            f.flush()
+            os.fsync(f.fileno())
         run = _wandb_run(self.dir)
         if run is not None:
             run.log(dict(metrics), step=step)
@@ -98,7 +124,7 @@ class RunLog:
     def write_trajectories(self, split: str, step: int, groups: list[TrajectoryGroup]) -> Path:
         out = self.dir / "trajectories" / split / f"{step:04d}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
+        with _append_lock, open(out, "a") as f:
             for gi, g in enumerate(groups):
                 f.write(json.dumps({"group": gi, **g.to_dict()}) + "\n")
         return out
@@ -106,17 +132,61 @@ class RunLog:
     def rows(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
-        rows = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write
-        return rows
+        text = self.metrics_path.read_bytes().decode("utf-8", errors="replace")  # a cut may split a character
+        return [row for line in text.splitlines() for row in _rows_in_line(line)]
+
+    def numeric_metrics(self) -> list[str]:
+        """The metrics with a number in some row (what `metric_by_step` can rank steps by)."""
+        names = {k for r in self.rows() for k, v in r.items() if _is_number(v)}
+        return sorted(names - set(RESERVED))
 
     def metric_by_step(self, metric: str) -> dict[int, float]:
+        if metric in RESERVED:
+            raise ValueError(
+                f"{metric!r} is a bookkeeping column of metrics.jsonl, not a metric; use one of the numeric "
+                f"metrics: {', '.join(self.numeric_metrics()) or '(none logged yet)'}."
+            )
         out: dict[int, float] = {}
         for r in self.rows():
-            if metric in r:
+            if metric not in r:
+                continue
+            if not _is_number(r[metric]):
+                raise ValueError(
+                    f"Metric {metric!r} is not numeric (step {r.get('step')} has {r[metric]!r}); use one of the "
+                    f"numeric metrics: {', '.join(self.numeric_metrics()) or '(none logged yet)'}."
+                )
+            if _is_number(r.get("step")):
                 out[int(r["step"])] = float(r[metric])
         return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _rows_in_line(line: str) -> list[dict[str, Any]]:
+    """The rows in one line of metrics.jsonl. A crash mid-write leaves a torn row, and a writer that did
+    not end it first glued the next row onto it: keep every whole row in the line, drop only the torn part."""
+    line = line.strip()
+    if not line:
+        return []
+    try:
+        row = json.loads(line)
+        return [row] if isinstance(row, dict) else []
+    except json.JSONDecodeError:
+        pass
+    rows: list[dict[str, Any]] = []
+    decoder = json.JSONDecoder()
+    pos = line.find("{", 1)
+    while pos != -1:
+        try:
+            obj, end = decoder.raw_decode(line, pos)
+        except json.JSONDecodeError:
+            pos = line.find("{", pos + 1)
+            continue
+        if isinstance(obj, dict) and "step" in obj and "split" in obj:
+            rows.append(obj)
+            pos = line.find("{", end)
+        else:
+            pos = line.find("{", pos + 1)
+    return rows

@@ -80,6 +80,18 @@ def validate_messages(messages: Any) -> None:
             _check_tool_calls(m["tool_calls"], where)
         elif m.get("tool_calls") is not None:
             raise ValueError(f"{where} ({role}) has 'tool_calls'; only assistant messages can call tools.")
+        _check_unicode(m, where)
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """Refuse text that UTF-8 cannot carry: JSON may escape a lone surrogate ("\\ud800"), and the tokenizer
+    then fails on it. Every string in `value` (content, tool calls, names) is checked."""
+    try:
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{where} holds text that is not valid Unicode (a lone surrogate such as \\ud800); send UTF-8 text."
+        ) from None
 
 
 def _check_content(content: Any, where: str) -> None:
@@ -130,6 +142,7 @@ def _check_tools(tools: Any) -> list[dict[str, Any]]:
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise ValueError(f"tools[{j}] must be {{'type': 'function', 'function': {{'name': str, ...}}}}.")
+        _check_unicode(t, f"tools[{j}]")
     return tools
 
 

@@ -18,7 +18,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from advantage.server import completions, training_routes
-from advantage.server.schemas import ERROR_SCHEMA, APIError, ChatCompletionRequest, error_response
+from advantage.server.schemas import (
+    ERROR_SCHEMA,
+    INTERNAL_ERROR,
+    APIError,
+    ChatCompletionRequest,
+    error_response,
+)
 from advantage.service import Service
 
 log = logging.getLogger(__name__)
@@ -69,6 +75,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         elif exc.status_code == 405:
             allow = (exc.headers or {}).get("Allow", "")
             message = f"{request.method} is not allowed on {request.url.path}; use {allow}."
+        elif exc.status_code == 400:  # FastAPI could not read the body (e.g. JSON nested past the parser)
+            message = f"Invalid request body ({exc.detail}): send a JSON object, not nested hundreds deep."
         else:
             message = str(exc.detail)
         response = error_response(exc.status_code, message)
@@ -76,9 +84,10 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return response
 
     @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(500, f"Internal error: {type(exc).__name__}: {exc}", "server_error")
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        # The traceback goes to the server's log only: an exception's text can hold paths and internals.
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, INTERNAL_ERROR, "server_error")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -42,23 +42,21 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     try:
         validate_messages(req.messages)
         prompt = render_prompt(weights.engine.tokenizer, req.messages, req.tools, req.tool_choice)
+        prompt_ids = weights.engine.tokenizer.encode(prompt, add_special_tokens=False)
     except (ValueError, TypeError) as exc:
-        raise APIError(400, str(exc), param="messages") from None
-    prompt_ids = weights.engine.tokenizer.encode(prompt, add_special_tokens=False)
+        message = str(exc)
+        param = next((p for p in ("tools", "tool_choice") if message.startswith(p)), "messages")
+        raise APIError(400, message, param=param) from None
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
-    try:
-        grammar = grammar_from_response_format(req.response_format)
-        forced = forced_functions(req.tool_choice, req.tools or [])
-        if forced is not None:
-            if grammar is not None:
-                raise GrammarError("Use either response_format or a forced tool_choice, not both.")
-            grammar = grammar_for_tool_choice(req.tools or [], forced)
-        if grammar is not None:
+    grammar, source = _grammar(req)
+    if grammar is not None:
+        try:
             weights.engine.grammars.validate(grammar)
-    except GrammarError as exc:
-        raise APIError(400, str(exc), param="response_format") from None
+        except ValueError as exc:
+            detail = str(exc).removeprefix("Invalid response_format schema: ")
+            raise APIError(400, _schema_error(source, detail), param=source) from None
     params = SamplingParams(
         max_tokens=req.max_completion_tokens or req.max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -77,6 +75,37 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     except ContextLengthError as exc:
         raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
     return PreparedRequest(req, weights, prompt_ids, params)
+
+
+def _grammar(req: ChatCompletionRequest) -> tuple[str | None, str]:
+    """The grammar that constrains the reply, and the field it comes from: response_format, or the tools
+    of a forced tool_choice.
+
+    llguidance raises a plain ValueError on schemas it cannot take (one nested too deep, say), so every
+    ValueError here is the request's schema at fault."""
+    try:
+        grammar = grammar_from_response_format(req.response_format)
+    except GrammarError as exc:
+        raise APIError(400, str(exc), param="response_format") from None
+    except ValueError as exc:
+        raise APIError(400, _schema_error("response_format", str(exc)), param="response_format") from None
+    forced = forced_functions(req.tool_choice, req.tools or [])  # validated by render_prompt already
+    if forced is None:
+        return grammar, "response_format"
+    if grammar is not None:
+        raise APIError(
+            400, "Use either response_format or a forced tool_choice, not both.", param="response_format"
+        )
+    try:
+        return grammar_for_tool_choice(req.tools or [], forced), "tools"
+    except ValueError as exc:
+        raise APIError(400, _schema_error("tools", str(exc)), param="tools") from None
+
+
+def _schema_error(source: str, detail: str) -> str:
+    what = "response_format schema" if source == "response_format" else "function parameters schema in tools"
+    hint = " It is nested too deeply: send a flatter schema." if "recursion limit" in detail else ""
+    return f"Invalid {what}: {detail.rstrip('.')}.{hint}"
 
 
 async def complete(p: PreparedRequest) -> dict[str, Any]:

@@ -38,6 +38,12 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
 
 
+# What a 500 says: the details are in the server's log, never in the response.
+INTERNAL_ERROR = (
+    "Internal server error; the server's log has the details. Retry, or report it if it persists."
+)
+
+
 class APIError(Exception):
     """An error to return in OpenAI's shape."""
 
@@ -84,5 +90,9 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
 ) -> JSONResponse:
+    # A message may quote the request, which may hold a lone surrogate: JSON in UTF-8 cannot carry one.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if param is not None:
+        param = param.encode("utf-8", "backslashreplace").decode("utf-8")
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return JSONResponse(status_code=status, content=body)

@@ -46,9 +46,9 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from advantage.config import LoRAConfig, TrainConfig
-from advantage.server.schemas import APIError
+from advantage.server.schemas import INTERNAL_ERROR, APIError
 from advantage.service import ModelEntry, Service, UnknownServedModel, check_name
-from advantage.service_ops import OPS, run_op
+from advantage.service_ops import OPS, check_group, run_op
 from advantage.trajectory import TrajectoryGroup
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,8 @@ async def get_step(name: str, request: Request) -> Response:
 )
 async def train(name: str, body: TrainBody, request: Request) -> StreamingResponse:
     service = _service(request)
-    _trainable(service, name)
-    groups = _groups(body.groups, "train")
+    entry = _trainable(service, name)
+    groups = _groups(body.groups, "train", _vocab_size(entry))
     events = _train_events(service, name, groups, body.config)
     return StreamingResponse(events, media_type="application/x-ndjson")
 
@@ -189,10 +189,11 @@ def api_error(exc: BaseException) -> APIError:
             "not_found_error",
             code=NOT_REGISTERED,
         )
-    if isinstance(exc, ValueError):
+    if isinstance(exc, ValueError):  # bad input is refused as a ValueError (pydantic's errors are ones too)
         return APIError(400, str(exc))
+    # Anything else is the server's fault: the traceback goes to its log, and the client learns no internals.
     log.error("training route failed", exc_info=exc)
-    return APIError(500, f"Internal error: {type(exc).__name__}: {exc}", "server_error")
+    return APIError(500, INTERNAL_ERROR, "server_error")
 
 
 def _service(request: Request) -> Service:
@@ -211,7 +212,12 @@ def _trainable(service: Service, name: str) -> ModelEntry:
     return entry
 
 
-def _groups(bodies: list[GroupBody], action: str) -> list[TrajectoryGroup]:
+def _vocab_size(entry: ModelEntry) -> int:
+    assert entry.trainer is not None
+    return int(entry.trainer.model.get_base_model().config.vocab_size)
+
+
+def _groups(bodies: list[GroupBody], action: str, vocab_size: int | None = None) -> list[TrajectoryGroup]:
     """Rebuild the records and refuse what training or logging would choke on, with the reason."""
     if not bodies:
         raise APIError(
@@ -235,6 +241,7 @@ def _groups(bodies: list[GroupBody], action: str) -> list[TrajectoryGroup]:
             ) from exc
         try:
             group.validate_rewards()
+            check_group(group, vocab_size)
         except ValueError as exc:
             raise APIError(400, f"Group {gi}: {exc}", param=f"groups.{gi}") from exc
         for ti, t in enumerate(group.trajectories):

@@ -3,7 +3,9 @@
 A step dir holds the adapter (peft's `adapter_model.safetensors` + `adapter_config.json`), the optimizer
 state and `trainer_state.json`. It is written under a temporary name and renamed into place, so a dir with
 a step name is always complete; a process killed mid-write leaves only a `.tmp-*` dir, which is ignored and
-swept on the next start.
+swept on the next start. Rewriting a step that exists moves the old dir aside (`.old-*`) before the new one
+is renamed in, and deletes it only after: a process killed in between leaves the old dir aside, and the
+next start puts it back.
 """
 
 from __future__ import annotations
@@ -38,8 +40,21 @@ def list_steps(mdir: Path) -> list[int]:
 
 
 def sweep_partial(mdir: Path) -> list[Path]:
-    """Remove leftovers of interrupted writes; returns what was removed."""
-    removed = [p for p in mdir.glob(".tmp-*") if p.is_dir()] if mdir.is_dir() else []
+    """Remove leftovers of interrupted writes; returns what was removed. A step moved aside by a rewrite
+    that died before its replacement was renamed in is put back."""
+    if not mdir.is_dir():
+        return []
+    removed = [p for p in mdir.glob(".tmp-*") if p.is_dir()]
+    for old in sorted(p for p in mdir.glob(".old-*") if p.is_dir()):
+        step = old.name.split("-")[1]
+        final = step_dir(mdir, int(step)) if step.isascii() and step.isdigit() else None
+        if final is not None and not (final / STATE_FILE).exists() and (old / STATE_FILE).exists():
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(old, final)
+            _fsync_entry(mdir)
+        else:
+            removed.append(old)
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed
@@ -50,6 +65,7 @@ def write_step(mdir: Path, step: int, write: Callable[[Path], None], state: dict
     mdir.mkdir(parents=True, exist_ok=True)
     final = step_dir(mdir, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step:04d}-", dir=mdir))
+    old: Path | None = None
     try:
         write(tmp)
         # Fault injection for the kill -9 resume test: die with the step half written.
@@ -57,13 +73,20 @@ def write_step(mdir: Path, step: int, write: Callable[[Path], None], state: dict
             os.kill(os.getpid(), signal.SIGKILL)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
         _fsync_dir(tmp)
-        if final.exists():  # a step is immutable once complete; a re-run of the same step replaces it whole
-            shutil.rmtree(final)
+        if final.exists():  # a re-run of a step replaces it whole; the old one steps aside until then
+            old = mdir / tmp.name.replace(".tmp-", ".old-", 1)
+            os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_entry(mdir)  # make the rename itself durable
+        _fsync_entry(mdir)  # make the renames themselves durable
     except BaseException:
+        if old is not None and not final.exists():
+            os.rename(old, final)
+            old = None
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
