@@ -65,3 +65,38 @@ def test_forward_backward_and_optim_step_change_the_adapter(tiny_model_dir) -> N
     norm = trainer.optim_step(1e-2, (0.9, 0.99), 0.0, 1.0)
     assert norm > 0
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.params, strict=True))
+
+
+def test_entropy_metric_is_the_policy_entropy_at_trained_tokens(tiny_model_dir) -> None:
+    from advantage.training.primitives import forward_backward
+
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    ds = _datums()
+    metrics, _ = forward_backward(trainer, ds, "cispo", micro_batch_size=2)
+    # By hand: the full model's distribution at every position that predicts a trained token.
+    want, n = 0.0, 0
+    with torch.no_grad():
+        for d in ds:
+            logits = trainer.model(input_ids=torch.tensor([d.input_ids])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            for j, m in enumerate(d.loss_mask):
+                if m:
+                    want += float(-(logp[j - 1].exp() * logp[j - 1]).sum())
+                    n += 1
+    torch.testing.assert_close(metrics["entropy"], want / n, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_trainer_and_engine_head_run_in_fp32(tiny_model_dir) -> None:
+    from advantage.engine.torch_engine import TorchEngine
+
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4))  # bf16 decoder
+    lp, _ = trainer.sequence_logprobs(_datums())
+    assert lp.dtype == torch.float32
+    head = trainer.model.get_base_model().lm_head
+    assert head.weight.dtype == torch.float32
+    engine = TorchEngine(tiny_model_dir)
+    try:
+        assert engine.model.lm_head.weight.dtype == torch.float32
+        assert next(engine.model.model.layers.parameters()).dtype == torch.bfloat16  # decoder stays bf16
+    finally:
+        engine.close()

@@ -153,3 +153,39 @@ async def test_log_and_delete_checkpoints_keep_best_and_latest(tiny_model_dir: P
         assert (mdir / "trajectories" / "val" / "0003.jsonl").exists()
     finally:
         await backend.close()
+
+
+async def test_restore_serves_an_earlier_step_as_the_latest(tiny_model_dir: Path, tmp_path: Path) -> None:
+    backend = adv.LocalBackend(tmp_path, progress=False)
+    model = adv.TrainableModel("back", project="t", base_model=str(tiny_model_dir))
+    await model.register(backend)
+    try:
+        with pytest.raises(ValueError, match="logged 'val/reward'"):
+            await model.restore()  # nothing evaluated yet: say what to do
+        scores = {1: 0.9, 2: 0.1}
+        for step in (1, 2):
+            groups = await adv.gather_trajectory_groups(
+                [[_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+            )
+            await model.train(groups, adv.TrainConfig(learning_rate=5e-2))
+            val = adv.TrajectoryGroup([adv.Trajectory(messages_and_choices=[], reward=scores[step])])
+            await model.log([val], split="val")
+        _, lp1 = await _first_token_logprob(model, "back@1")
+        _, lp2 = await _first_token_logprob(model, "back@2")
+        assert abs(lp1 - lp2) > 1e-4
+        new = await model.restore()  # the best by val/reward: step 1
+        assert (new, model.restored_from, model.get_inference_name()) == (3, 1, "back@3")
+        _, lp3 = await _first_token_logprob(model, "back")
+        assert lp3 == pytest.approx(lp1, abs=1e-5)  # step 1's weights, served as the latest
+        rows = [r for r in backend.service.model_entry("back").log.rows() if r["split"] == "restore"]
+        assert rows == [{**rows[0], "step": 3, "restored_from": 1.0, "metric": "val/reward", "value": 0.9}]
+        # Training goes on from the restored weights.
+        groups = await adv.gather_trajectory_groups(
+            [[_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+        )
+        assert (await model.train(groups, adv.TrainConfig(learning_rate=5e-2))).step == 4
+        assert await model.restore(0) == 5  # step 0: the base weights
+        with pytest.raises(ValueError, match="not on disk"):
+            await model.restore(99)
+    finally:
+        await backend.close()

@@ -97,13 +97,15 @@ async def rollout(
     temperature: float = 1.0,
     max_turns: int = 3,
     force_first_call: bool = False,
+    seed: int | None = None,
 ) -> Trajectory:
     """Up to `max_turns` model turns; each tool call is executed and its result appended as a tool message.
 
     With `force_first_call`, the first turn is sent with `tool_choice="required"`: the server's grammar then
     only lets the model write one well-formed call of a known tool (which tool, and its arguments, are
     still the model's choice). The episode ends at the first reply without tool calls ("answered", or
-    "length" when it was cut off) or after `max_turns` ("max_turns")."""
+    "length" when it was cut off) or after `max_turns` ("max_turns"). `seed` seeds the sampling of each turn
+    (turn t uses seed + t), so a run's rollouts can be replayed."""
     client = model.openai_client()
     traj = Trajectory(
         messages_and_choices=list(initial_messages(scenario)),
@@ -120,6 +122,7 @@ async def rollout(
             tool_choice="required" if force_first_call and turn == 0 else "auto",
             temperature=temperature,
             max_tokens=MAX_TOKENS,
+            seed=None if seed is None else seed + turn,
         )
         choice = resp.choices[0]
         traj.messages_and_choices.append(choice)

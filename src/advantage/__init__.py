@@ -11,8 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from advantage.backends.base import Backend, TrainResult
 from advantage.backends.local import LocalBackend
 from advantage.backends.remote import BackendUnavailableError, RemoteBackend
-from advantage.config import LoRAConfig, SFTConfig, TrainConfig
+from advantage.config import LoRAConfig, LRSchedule, SFTConfig, TrainConfig
 from advantage.gather import RolloutError, gather_trajectory_groups
+from advantage.health import CollapseGuard, HealthBands, health_warnings
 from advantage.lowlevel import (
     AdamParams,
     Datum,
@@ -44,6 +45,10 @@ __all__ = [
     "ruler_score_group",
     "LocalBackend",
     "LoRAConfig",
+    "LRSchedule",
+    "CollapseGuard",
+    "HealthBands",
+    "health_warnings",
     "Model",
     "RolloutError",
     "TrainConfig",

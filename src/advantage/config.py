@@ -3,9 +3,12 @@ when the config is built. Defaults finish on a laptop CPU in minutes with the bu
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# An AdamW beta: 1 would freeze the moment estimate for good (and make the bias correction divide by 0).
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class _Config(BaseModel):
@@ -14,27 +17,52 @@ class _Config(BaseModel):
 
 class LoRAConfig(_Config):
     r: int = Field(8, ge=1, le=256, description="LoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale = alpha / r).")
+    alpha: float = Field(16.0, gt=0, le=1024, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="Modules that get adapters; 'all-linear' means every projection."
     )
 
 
+class LRSchedule(_Config):
+    """The learning rate over steps: warm-up, then constant or a decay (`training/schedules.py`)."""
+
+    kind: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="After warm-up: keep the rate, or decay it linearly or along a cosine."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from lr/(warmup_steps+1) to lr.")
+    total_steps: int | None = Field(
+        None, ge=1, description="Step at which the decay reaches min_lr_ratio * lr (needed to decay)."
+    )
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Where the decay ends, as a fraction of lr.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LRSchedule:
+        if self.kind != "constant" and self.total_steps is None:
+            raise ValueError(f"A {self.kind!r} schedule decays until total_steps: set total_steps.")
+        if self.total_steps is not None and self.total_steps <= self.warmup_steps and self.kind != "constant":
+            raise ValueError("total_steps must be larger than warmup_steps, or there is nothing to decay.")
+        return self
+
+
 class _SequenceLimits(_Config):
     """What both RL and SFT steps bound: memory per forward/backward, and sequence length."""
 
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; bounds memory.")
-    max_seq_len: int = Field(2048, ge=16, description="Longest trajectory, in tokens, that is trained on.")
+    micro_batch_size: int = Field(
+        8, ge=1, le=256, description="Sequences per forward/backward; bounds memory."
+    )
+    max_seq_len: int = Field(
+        2048, ge=16, le=131072, description="Longest trajectory, in tokens, that is trained on."
+    )
     on_overflow: Literal["error", "truncate"] = Field(
         "error", description="A trajectory over max_seq_len raises, or is cut (counted in metrics)."
     )
 
 
 class TrainConfig(_SequenceLimits):
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate for the LoRA weights.")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate for the LoRA weights.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
     loss: Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling"] = Field(
         "cispo", description="Policy loss (see advantage.training.losses)."
@@ -47,9 +75,15 @@ class TrainConfig(_SequenceLimits):
         "token_mean", description="Loss aggregation: DAPO token mean, GRPO per-sequence mean, or Dr. GRPO."
     )
     eps: float = Field(0.2, ge=0, lt=1, description="PPO/GSPO lower clip range.")
-    eps_high: float = Field(0.28, ge=0, description="PPO/GSPO upper clip range (clip-higher).")
-    cispo_eps_max: float = Field(4.0, gt=0, description="CISPO: cap on the importance ratio.")
-    kl_beta: float = Field(0.0, ge=0, description="Weight of the k3 KL to the base model; 0 turns it off.")
+    eps_high: float = Field(0.28, ge=0, le=10, description="PPO/GSPO upper clip range (clip-higher).")
+    cispo_eps_max: float = Field(4.0, gt=0, le=100, description="CISPO: cap on the importance ratio.")
+    kl_beta: float = Field(
+        0.0, ge=0, le=10, description="Weight of the k3 KL to the base model; 0 turns it off."
+    )
+    schedule: LRSchedule = Field(
+        default_factory=LRSchedule,
+        description="Learning rate by step (the step trained from), e.g. warm-up then cosine decay.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -59,10 +93,10 @@ class TrainConfig(_SequenceLimits):
 
 
 class SFTConfig(_SequenceLimits):
-    learning_rate: float = Field(2e-4, gt=0, description="AdamW learning rate for the LoRA weights.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="AdamW learning rate for the LoRA weights.")
     epochs: int = Field(1, ge=1, description="Passes over the trajectories.")
     batch_size: int = Field(8, ge=1, description="Trajectories per optimizer step.")
-    betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
     seed: int = Field(0, description="Shuffles the trajectories between epochs.")

@@ -62,6 +62,7 @@ class TrainableModel(Model):
         self.lora = lora or LoRAConfig()
         self._backend: Backend | None = None
         self._step = 0
+        self.restored_from: int | None = None  # the step the last `restore` went back to
 
     @property
     def backend(self) -> Backend:
@@ -98,6 +99,16 @@ class TrainableModel(Model):
     async def delete_checkpoints(self, keep: str = "best+latest", metric: str = "val/reward") -> list[int]:
         """Delete checkpoints except the latest and the best by `metric`; returns the deleted steps."""
         return await self.backend.delete_checkpoints(self, keep, metric)
+
+    async def restore(self, step: int | None = None, metric: str = "val/reward") -> int:
+        """Go back to an earlier step: its weights (and optimizer state) become a new latest step, served at
+        once and trained on from there; the steps in between stay on disk. `step=None` picks the best step
+        by `metric` (as logged by `model.log`). Returns the new step; `restored_from` is in metrics.jsonl."""
+        payload: dict[str, Any] = {"step": step, "metric": metric}
+        out = await self.backend.primitive(self, "restore", payload)
+        self._step = int(out["step"])
+        self.restored_from = int(out["restored_from"])
+        return self._step
 
     async def training_client(self) -> TrainingClient:
         """The trainer's primitives for this model: forward_backward, optim_step, sample, save_weights."""

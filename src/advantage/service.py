@@ -128,33 +128,55 @@ class Service:
 
     # ------------------------------------------------------------------ training
     def register(self, project: str, name: str, base_model: str, lora: LoRAConfig | None = None) -> int:
-        """Register a trainable model; resume from its newest complete checkpoint. Returns the step."""
+        """Register a trainable model; resume from its newest complete checkpoint. Returns the step.
+
+        Registers of one name run one at a time. One that fails (say, a LoRA config the base model cannot
+        take) leaves no trace: the name stays free and unlisted, and an engine it started is closed."""
         check_name("project", project)
         check_name("model name", name)
-        existing = self._models.get(name)
-        if existing is not None and existing.trainer is not None:
-            if (existing.project, existing.base_model) != (project, base_model):
-                raise ValueError(
-                    f"A model named {name!r} is already registered (project {existing.project!r}, base "
-                    f"{existing.base_model!r}); pick another name."
-                )
-            return existing.latest
-        mdir = ckpt.model_dir(self.root, project, name)
-        ckpt.sweep_partial(mdir)
-        entry = ModelEntry(project, name, base_model, run_dir=mdir)
-        self.add_model(entry)
-        trainer = Trainer(resolve_model_path(base_model), lora or LoRAConfig())
-        steps = ckpt.list_steps(mdir)
-        if not steps:  # step 0: the freshly initialised (empty) adapter, i.e. the base weights
-            ckpt.write_step(
-                mdir, 0, trainer.save, {"base_model": base_model, "lora": (lora or LoRAConfig()).model_dump()}
-            )
-            steps = [0]
-        else:
-            trainer.load(ckpt.step_dir(mdir, steps[-1]))
-        entry.trainer = trainer
-        entry.steps = {s: ckpt.step_dir(mdir, s) for s in steps if s > 0}
-        return entry.latest
+        lora = lora or LoRAConfig()
+        with self._lock:
+            # One gate per name, made on first use: a second register of a name waits for the first to
+            # finish, then finds its result (or, if it failed, tries afresh).
+            gates: dict[str, threading.Lock] = vars(self).setdefault("_register_gates", {})
+            gate = gates.setdefault(name, threading.Lock())
+        with gate:
+            existing = self._models.get(name)
+            if existing is not None:
+                if (existing.project, existing.base_model) != (project, base_model):
+                    raise ValueError(
+                        f"A model named {name!r} is already registered (project {existing.project!r}, base "
+                        f"{existing.base_model!r}); pick another name."
+                    )
+                if existing.trainer is not None:
+                    return existing.latest
+            with self._lock:
+                new_engine = base_model not in self._engines
+            # A bad base model or LoRA config fails here, before anything is kept or served.
+            trainer = Trainer(resolve_model_path(base_model), lora)
+            mdir = ckpt.model_dir(self.root, project, name)
+            try:
+                self.engine(base_model)
+                ckpt.sweep_partial(mdir)
+                steps = ckpt.list_steps(mdir)
+                if not steps:  # step 0: the freshly initialised (empty) adapter, i.e. the base weights
+                    ckpt.write_step(
+                        mdir, 0, trainer.save, {"base_model": base_model, "lora": lora.model_dump()}
+                    )
+                    steps = [0]
+                else:
+                    trainer.load(ckpt.step_dir(mdir, steps[-1]))
+                published = {s: ckpt.step_dir(mdir, s) for s in steps if s > 0}
+                entry = ModelEntry(project, name, base_model, published, trainer=trainer, run_dir=mdir)
+                self.add_model(entry)
+            except BaseException:
+                with self._lock:
+                    unused = new_engine and all(m.base_model != base_model for m in self._models.values())
+                    engine = self._engines.pop(base_model, None) if unused else None
+                if engine is not None:
+                    engine.close()
+                raise
+            return entry.latest
 
     async def train_async(
         self, name: str, groups: list[TrajectoryGroup], config: TrainConfig, progress: Progress | None = None
@@ -168,7 +190,7 @@ class Service:
         """One training step; the new adapter is checkpointed and served before this returns."""
         entry, trainer = self.trainable(name)
         with entry.lock:
-            metrics = train_step(trainer, groups, config, progress)
+            metrics = train_step(trainer, groups, config, progress, step=entry.latest)
             metrics.update(group_metrics(groups, "train"))
             step = entry.latest
             if not metrics.get("skipped_step"):
@@ -187,6 +209,38 @@ class Service:
         self.publish_step(name, step, adir)
         return step
 
+    def restore(self, name: str, step: int | None = None, metric: str = "val/reward") -> tuple[int, int]:
+        """Go back to an earlier step: its adapter and optimizer state are loaded into the trainer and saved as
+        a new latest step, served at once (`name` then answers with those weights; history is kept).
+
+        `step=None` picks the best step on disk by `metric` (the highest; the later on ties). Returns
+        (new step, restored step). A row with split "restore" in metrics.jsonl records the choice."""
+        entry, trainer = self.trainable(name)
+        assert entry.run_dir is not None
+        with entry.lock:
+            on_disk = ckpt.list_steps(entry.run_dir)
+            value: float | None = None
+            if step is None:
+                scores = {s: v for s, v in entry.log.metric_by_step(metric).items() if s in on_disk}
+                if not scores:
+                    raise ValueError(
+                        f"No step on disk has a logged {metric!r}; evaluate with model.log(groups, split=...) "
+                        "first, or pass the step to restore."
+                    )
+                step = max(scores, key=lambda s: (scores[s], s))
+                value = scores[step]
+            if step not in on_disk:
+                raise ValueError(f"Step {step} of {name!r} is not on disk; steps on disk: {on_disk}.")
+            if value is None:
+                value = entry.log.metric_by_step(metric).get(step)
+            trainer.load(ckpt.step_dir(entry.run_dir, step))
+            new = self.save_step(name, {"source": "restore", "restored_from": step})
+            row: dict[str, Any] = {"restored_from": float(step)}
+            if value is not None:
+                row.update(metric=metric, value=value)
+            entry.log.append(new, "restore", row)
+        return new, step
+
     def trainable(self, name: str) -> tuple[ModelEntry, Trainer]:
         entry = self.model_entry(name)
         if entry.trainer is None or entry.run_dir is None:
@@ -199,6 +253,7 @@ class Service:
         return await loop.run_in_executor(self._train_thread, functools.partial(fn, *args))
 
     def log_groups(self, name: str, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
+        check_name("split", split)  # it becomes a directory name
         entry = self.model_entry(name)
         metrics = group_metrics(groups, split)
         entry.log.append(entry.latest, split, metrics)
@@ -210,12 +265,14 @@ class Service:
     ) -> list[int]:
         entry = self.model_entry(name)
         assert entry.run_dir is not None
-        scores: dict[int, float | None] = {s: None for s in entry.steps}
-        scores.update({s: v for s, v in entry.log.metric_by_step(metric).items() if s in entry.steps})
-        doomed = ckpt.steps_to_delete(scores, entry.latest, keep)
-        for s in doomed:
-            self.unpublish_step(name, s)
-            shutil.rmtree(ckpt.step_dir(entry.run_dir, s), ignore_errors=True)
+        with entry.lock:  # not while a train step writes and publishes the next step
+            scores: dict[int, float | None] = {s: None for s in entry.steps}
+            scores.update({s: v for s, v in entry.log.metric_by_step(metric).items() if s in entry.steps})
+            doomed = ckpt.steps_to_delete(scores, entry.latest, keep)
+            for s in doomed:
+                with self._lock:  # not while `resolve` loads this step's adapter from disk
+                    self.unpublish_step(name, s)
+                    shutil.rmtree(ckpt.step_dir(entry.run_dir, s), ignore_errors=True)
         return doomed
 
     def unpublish_step(self, name: str, step: int) -> None:
@@ -237,7 +294,8 @@ class Service:
                     f"The model {served!r} does not exist. Available: {', '.join(self.served_names())}."
                 )
             if step_s:
-                if not step_s.isdigit():
+                # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+                if not re.fullmatch(r"[0-9]{1,18}", step_s):
                     raise UnknownServedModel(f"Bad step in {served!r}: use name@<integer step>.")
                 step = int(step_s)
             else:

@@ -8,16 +8,19 @@ ValidationError is one), which the server answers with a 400 that says what to c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from openai.types.chat.chat_completion import Choice
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from advantage.config import TrainConfig
 from advantage.engine.chat import render_prompt, validate_messages
 from advantage.engine.sampling import SamplingParams
 from advantage.lowlevel import BUILTIN_LOSSES, AdamParams, Datum
 from advantage.service import Service, UnknownServedModel, check_name
+from advantage.tracking import check_metric_names
 from advantage.training import primitives
 from advantage.training.grpo import build_datums
 from advantage.training.losses import LossConfig
@@ -53,10 +56,10 @@ class ForwardBody(_Body):
 
 class LossKnobs(_Body):
     eps: float = Field(0.2, ge=0, lt=1)
-    eps_high: float = Field(0.28, ge=0)
-    cispo_eps_max: float = Field(4.0, gt=0)
+    eps_high: float = Field(0.28, ge=0, le=10)
+    cispo_eps_max: float = Field(4.0, gt=0, le=100)
     agg: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
-    kl_beta: float = Field(0.0, ge=0)
+    kl_beta: float = Field(0.0, ge=0, le=10)
 
 
 class ForwardBackwardBody(ForwardBody):
@@ -69,8 +72,15 @@ class OptimStepBody(_Body):
 
 
 class SaveWeightsBody(_Body):
-    metrics: dict[str, float] = Field(default_factory=dict, description="Logged at the new step.")
+    metrics: Annotated[dict[str, float], AfterValidator(check_metric_names)] = Field(
+        default_factory=dict, description="Logged at the new step; not named step, split or time."
+    )
     split: str = "train"
+
+
+class RestoreBody(_Body):
+    step: int | None = Field(None, ge=0, description="Step to go back to; default: the best by `metric`.")
+    metric: str = Field("val/reward", description="metrics.jsonl column that picks the best step.")
 
 
 class SampleBody(_Body):
@@ -94,6 +104,7 @@ OPS: dict[str, type[_Body]] = {
     "optim_step": OptimStepBody,
     "save_weights": SaveWeightsBody,
     "sample": SampleBody,
+    "restore": RestoreBody,
 }
 
 
@@ -168,6 +179,11 @@ def _save_weights(service: Service, name: str, body: SaveWeightsBody) -> dict[st
     return {"step": step, "name": f"{name}@{step}"}
 
 
+def _restore(service: Service, name: str, body: RestoreBody) -> dict[str, Any]:
+    step, restored = service.restore(name, body.step, body.metric)
+    return {"step": step, "name": f"{name}@{step}", "restored_from": restored}
+
+
 _SYNC_OPS: dict[str, Any] = {
     "datums": _datums,
     "sft_datums": _sft_datums,
@@ -175,6 +191,7 @@ _SYNC_OPS: dict[str, Any] = {
     "forward_backward": _forward_backward,
     "optim_step": _optim_step,
     "save_weights": _save_weights,
+    "restore": _restore,
 }
 
 
@@ -213,23 +230,77 @@ async def _sample(service: Service, name: str, body: SampleBody) -> dict[str, An
 # ------------------------------------------------------------------------------ conversions
 
 
+MAX_ABS_REWARD = 1e12  # the reward statistics square rewards: far below this, they never overflow
+
+
+def check_group(group: TrajectoryGroup, vocab_size: int | None = None) -> None:
+    """Refuse a group that training or logging would choke on, saying which trajectory and what to send:
+    rewards that are not finite or beyond ±MAX_ABS_REWARD, and Choices whose `token_ids` are not ids of the
+    vocabulary (of `vocab_size` ids, when given) or whose `token_logprobs` are not finite numbers."""
+    for ti, t in enumerate(group.trajectories):
+        if not math.isfinite(t.reward) or abs(t.reward) > MAX_ABS_REWARD:
+            raise ValueError(
+                f"Trajectory {ti} has reward {t.reward!r}; rewards must be finite numbers within "
+                f"±{MAX_ABS_REWARD:g}. Rescale the reward function's output."
+            )
+        for k, item in enumerate(t.messages_and_choices):
+            if isinstance(item, Choice):
+                _check_choice(
+                    item.model_extra or {}, f"Trajectory {ti}, messages_and_choices[{k}]", vocab_size
+                )
+
+
+def _check_choice(extra: dict[str, Any], where: str, vocab_size: int | None) -> None:
+    ids, lps = extra.get("token_ids"), extra.get("token_logprobs")
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
+            raise ValueError(
+                f"{where}: token_ids must be a list of integer token ids, as the backend sent them."
+            )
+        bad = [x for x in ids if vocab_size is not None and not 0 <= x < vocab_size]
+        if bad:
+            raise ValueError(
+                f"{where}: token_ids has {bad[0]}, outside the vocabulary [0, {vocab_size}); send the ids the "
+                "backend sampled."
+            )
+    if lps is not None:
+        if not isinstance(lps, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lps
+        ):
+            raise ValueError(
+                f"{where}: token_logprobs must be a list of finite numbers (no NaN or infinity); send the "
+                "logprobs the backend returned."
+            )
+    if isinstance(ids, list) and isinstance(lps, list) and len(ids) != len(lps):
+        raise ValueError(
+            f"{where}: {len(ids)} token_ids but {len(lps)} token_logprobs; send one logprob per id."
+        )
+
+
 def _read(from_dict: Callable[[dict[str, Any]], R], d: dict[str, Any], where: str, kind: str) -> R:
     try:
-        return from_dict(d)
+        out = from_dict(d)
     except KeyError as exc:
         raise ValueError(f"{where} does not read as {kind}.to_dict(): it has no {exc.args[0]!r}.") from exc
     except (TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{where} does not read as {kind}.to_dict(): {type(exc).__name__}: {exc}") from exc
+    if isinstance(out, TrajectoryGroup):
+        try:
+            check_group(out)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+    return out
 
 
 def _internal(trainer: Trainer, datums: list[Datum]) -> list[TrainDatum]:
+    for i, d in enumerate(datums):  # before int(): int(inf) is an OverflowError, not a message
+        bad = [m for m in d.loss_mask if m not in (0.0, 1.0)]
+        if bad:
+            raise ValueError(f"Datum {i}: loss_mask has {bad[0]!r}; its values must be 0 or 1 (1: trained).")
     out = [
         TrainDatum(d.input_ids, [int(m) for m in d.loss_mask], d.logprobs, d.advantage, d.extras)
         for d in datums
     ]
-    for i, d in enumerate(datums):
-        if any(m not in (0.0, 1.0) for m in d.loss_mask):
-            raise ValueError(f"Datum {i}: loss_mask values must be 0 or 1.")
     base = trainer.model.get_base_model()
     max_len = int(getattr(base.config, "max_position_embeddings", 2048))
     primitives.check_datums(out, int(base.config.vocab_size), max_len)

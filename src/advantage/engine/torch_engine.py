@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
+from advantage.engine.precision import use_fp32_head
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,13 @@ class TorchEngine:
         max_context: int | None = None,
         default_max_tokens: int = 1024,
         prefix_cache_mb: int = 512,
+        head_dtype: str = "float32",
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        if head_dtype == "float32":  # logprobs computed as the trainer computes them (engine/precision.py)
+            use_fp32_head(model)
         self.model: Any = model.to(self.device).eval()
         cfg_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_len = min(max_context or cfg_len, cfg_len)

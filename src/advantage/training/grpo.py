@@ -15,6 +15,7 @@ from advantage.config import TrainConfig
 from advantage.training.advantages import group_advantages
 from advantage.training.losses import LossConfig
 from advantage.training.primitives import Progress, forward_backward
+from advantage.training.schedules import lr_at
 from advantage.training.tokenize import tokenize_trajectory
 from advantage.training.trainer import Datum, Trainer
 from advantage.trajectory import TrajectoryGroup
@@ -46,26 +47,45 @@ def build_datums(
 
 
 def train_step(
-    trainer: Trainer, groups: list[TrajectoryGroup], config: TrainConfig, progress: Progress | None = None
+    trainer: Trainer,
+    groups: list[TrajectoryGroup],
+    config: TrainConfig,
+    progress: Progress | None = None,
+    step: int = 0,
 ) -> dict[str, float]:
+    """One optimizer step from `step` completed steps (the schedule's position)."""
     t0 = time.perf_counter()
     datums, metrics = build_datums(trainer, groups, config)
+    metrics.update(completion_metrics(groups))
     if not datums:
         metrics.update(skipped_step=1.0, seconds=time.perf_counter() - t0)
         return metrics  # every group had equal rewards: nothing to learn, nothing changed
     fb_metrics, new_lp = forward_backward(
         trainer, datums, config.loss, loss_config(config), config.micro_batch_size, progress
     )
-    grad_norm = trainer.optim_step(
-        config.learning_rate, config.betas, config.weight_decay, config.max_grad_norm
-    )
+    lr = lr_at(config.schedule, config.learning_rate, step)
+    grad_norm = trainer.optim_step(lr, config.betas, config.weight_decay, config.max_grad_norm)
     new_all = [x for d, lp in zip(datums, new_lp, strict=True) for x in _masked(lp, d.loss_mask)]
     old_all = [x for d in datums for x in _masked(d.old_logprobs or [], d.loss_mask)]
     metrics.update(fb_metrics)
     metrics.update(drift_metrics(new_all, old_all))
-    metrics.update(grad_norm=grad_norm, seconds=time.perf_counter() - t0)
+    metrics.update(grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0)
     metrics["tokens_per_second"] = metrics["sequence_tokens"] / metrics["seconds"]
     return metrics
+
+
+def completion_metrics(groups: list[TrajectoryGroup]) -> dict[str, float]:
+    """How the sampled turns ended: the fraction cut off at max_tokens (a policy that starts to ramble shows
+    up here first) and their mean length in tokens."""
+    choices = [c for g in groups for t in g.trajectories for c in t.choices()]
+    if not choices:
+        return {}
+    cut = sum(1 for c in choices if c.finish_reason == "length")
+    lengths = [len((c.model_extra or {}).get("token_ids") or []) for c in choices]
+    return {
+        "frac_truncated_completions": cut / len(choices),
+        "completion_tokens_mean": sum(lengths) / len(choices),
+    }
 
 
 def _masked(values: list[float], mask: list[int]) -> list[float]:

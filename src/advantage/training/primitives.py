@@ -116,6 +116,7 @@ def forward_backward(
     sums: dict[str, float] = {}
     logprobs: list[list[float]] = [[] for _ in datums]
     computed = padded = 0
+    entropy_sum = 0.0  # token-weighted: the mean policy entropy over every trained token
     for k, idx in enumerate(chunks):
         chunk = [datums[i] for i in idx]
         if loss == LINEAR:
@@ -125,6 +126,7 @@ def forward_backward(
         else:
             weight = len(chunk) / len(datums)
         m, lps = trainer.forward_backward(chunk, batch_loss, weight=weight, ref_model=cfg.kl_beta > 0)
+        entropy_sum += m.pop("entropy", 0.0) * sum(sum(1 for x in d.loss_mask if x) for d in chunk)
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + v * weight
         for i, lp in zip(idx, lps, strict=True):
@@ -144,6 +146,7 @@ def forward_backward(
         sequence_tokens=float(real),
         packing_efficiency=computed / padded if padded else 1.0,
         micro_batches=float(len(chunks)),
+        entropy=entropy_sum / max(total_tokens, 1),
     )
     return metrics, logprobs
 

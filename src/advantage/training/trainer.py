@@ -27,6 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.config import LoRAConfig
+from advantage.engine.precision import use_fp32_head
 
 # A loss over one micro-batch: (logp (B,T), datums' tensors) -> (scalar loss, metrics)
 BatchLossFn = Callable[["Batch"], tuple[torch.Tensor, dict[str, float]]]
@@ -65,6 +66,7 @@ class Trainer:
         dtype: str = "bfloat16",
         device: str | None = None,
         seed: int = 0,
+        head_dtype: str = "float32",
     ) -> None:
         from peft import LoraConfig, get_peft_model
 
@@ -81,10 +83,13 @@ class Trainer:
             task_type="CAUSAL_LM",
         )
         self.model: Any = get_peft_model(base, peft_cfg)
+        if head_dtype == "float32":  # the engine's logprobs are computed the same way (engine/precision.py)
+            use_fp32_head(self.model.get_base_model())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.pack_suffixes = True  # False: one padded row per sequence (kept for benchmarks and tests)
+        self.last_entropy = (0.0, 0)  # (sum, tokens) of the policy entropy in the last sequence_logprobs
 
     # ------------------------------------------------------------------ logprobs
     def sequence_logprobs(self, datums: list[Datum], *, use_adapter: bool = True) -> tuple[torch.Tensor, int]:
@@ -148,8 +153,11 @@ class Trainer:
             mask_BS = mask_BS.to(self.device)
             logits_NV = head(pred_NH).float()
             targets_N = suffix_BS.to(self.device)[mask_BS]
-            lp_N = torch.log_softmax(logits_NV, dim=-1).gather(1, targets_N.unsqueeze(1)).squeeze(1)
+            logp_NV = torch.log_softmax(logits_NV, dim=-1)
+            lp_N = logp_NV.gather(1, targets_N.unsqueeze(1)).squeeze(1)
             logp_BS = torch.zeros((B, S), dtype=lp_N.dtype, device=self.device).masked_scatter(mask_BS, lp_N)
+            with torch.no_grad():  # the policy's entropy at the trained positions: a collapse shows here
+                self.last_entropy = (float(-(logp_NV.exp() * logp_NV).sum()), int(lp_N.numel()))
         return logp_BS, P
 
     # ------------------------------------------------------------------ primitives
@@ -160,11 +168,13 @@ class Trainer:
         logprobs, one list per datum aligned to its input_ids (0.0 where the loss mask is 0)."""
         self.model.train()
         logp_BS, P = self.sequence_logprobs(datums)
+        entropy_sum, n_tokens = self.last_entropy  # before the reference pass overwrites it
         batch = _layout(datums, logp_BS, P, weight)
         if ref_model:
             with torch.no_grad():
                 batch.ref_logp = self.sequence_logprobs(datums, use_adapter=False)[0]
         loss, metrics = loss_fn(batch)
+        metrics = {**metrics, "entropy": entropy_sum / max(n_tokens, 1)}
         (loss * weight).backward()
         return metrics, aligned_logprobs(datums, logp_BS.detach(), P)
 
@@ -177,13 +187,55 @@ class Trainer:
     def optim_step(
         self, lr: float, betas: tuple[float, float], weight_decay: float, max_grad_norm: float
     ) -> float:
+        """One AdamW step on the accumulated gradients, which are then cleared. Returns the gradient's norm.
+
+        A non-finite gradient is not applied (the norm says so). A step that leaves any adapter weight
+        non-finite is undone, weights and optimizer state both, and raises ValueError: served weights that
+        answer NaN would break every later request, so such a step must never be checkpointed. A step that
+        raises midway (torch refuses some overflowing values) is undone the same way."""
         for group in self.optimizer.param_groups:
             group.update(lr=lr, betas=betas, weight_decay=weight_decay)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
-        if math.isfinite(norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        try:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
+            if not math.isfinite(norm):
+                return norm
+            # The LoRA weights and their Adam moments are small: a copy per step is cheap insurance.
+            weights = [p.detach().clone() for p in self.params]
+            state = {
+                p: {
+                    k: v.clone() if isinstance(v, torch.Tensor) else v
+                    for k, v in self.optimizer.state[p].items()
+                }
+                for p in self.params
+                if p in self.optimizer.state
+            }
+
+            def undo() -> None:
+                with torch.no_grad():
+                    for p, w in zip(self.params, weights, strict=True):
+                        p.copy_(w)
+                for p in self.params:
+                    if p in state:
+                        self.optimizer.state[p] = state[p]
+                    else:
+                        self.optimizer.state.pop(p, None)
+
+            try:
+                self.optimizer.step()
+                finite = bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all())
+            except BaseException:
+                undo()
+                raise
+            if not finite:
+                undo()
+                raise ValueError(
+                    f"This optimizer step (lr={lr:g}, weight_decay={weight_decay:g}) made adapter weights "
+                    "non-finite, so it was undone: the weights and optimizer state are as before it. Lower "
+                    "the learning rate, or check the loss for huge values."
+                )
+            return norm
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------ state
     def save(self, out: Path) -> None:

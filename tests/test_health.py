@@ -1,0 +1,47 @@
+"""Health bands and the collapse guard: pure functions of the per-step metrics and held-out scores."""
+
+from __future__ import annotations
+
+from advantage.health import CollapseGuard, health_warnings
+
+HEALTHY = {"logprob_drift_mean_abs": 0.02, "entropy": 0.8, "loss/clip_frac": 0.01, "grad_norm": 0.5,
+           "frac_truncated_completions": 0.0}  # fmt: skip
+
+
+def test_healthy_step_has_no_warnings() -> None:
+    assert health_warnings(HEALTHY, [HEALTHY, HEALTHY]) == []
+
+
+def test_each_band_warns_by_name() -> None:
+    # The collapsed demo run of issue 20: drift 0.073 at its last step.
+    assert health_warnings({**HEALTHY, "logprob_drift_mean_abs": 0.073}, [HEALTHY]) == ["drift 0.073 > 0.05"]
+    low = health_warnings({**HEALTHY, "entropy": 0.1}, [HEALTHY])  # 0.1 < 0.25 x 0.8 = 0.2
+    assert low == ["entropy 0.100 < 0.25x first (0.800)"]
+    assert health_warnings({**HEALTHY, "entropy": 2.5}, [HEALTHY])[0].startswith("entropy 2.500 > 3x")
+    assert health_warnings({**HEALTHY, "loss/clip_frac": 0.3}, [HEALTHY]) == ["clip frac 0.30 > 0.2"]
+    spike = health_warnings({**HEALTHY, "grad_norm": 3.0}, [HEALTHY, HEALTHY])  # 3.0 > 5 x median 0.5
+    assert spike == ["grad norm 3 > 5x median (0.5)"]
+    cut = health_warnings({**HEALTHY, "frac_truncated_completions": 0.5}, [HEALTHY])
+    assert cut == ["50% of turns cut off at max_tokens"]
+
+
+def test_missing_metrics_and_no_history_are_quiet() -> None:
+    assert health_warnings({}, []) == []
+    assert health_warnings({"grad_norm": 100.0}, [{"grad_norm": 1.0}]) == []  # one point is no median yet
+
+
+def test_guard_rolls_back_then_stops() -> None:
+    g = CollapseGuard(tolerance=0.1, patience=1, max_rollbacks=1)
+    assert g.update(0, 0.30) == "continue"
+    assert g.update(3, 0.60) == "continue" and (g.best_step, g.best_score) == (3, 0.60)
+    assert g.update(6, 0.55) == "continue"  # within the tolerance of the best
+    assert g.update(9, 0.60) == "continue" and g.best_step == 9  # a tie keeps the later step
+    assert g.update(12, 0.20) == "rollback" and g.rollbacks == 1
+    assert g.update(15, 0.10) == "stop"
+
+
+def test_guard_patience() -> None:
+    g = CollapseGuard(tolerance=0.05, patience=2)
+    g.update(0, 0.5)
+    assert g.update(1, 0.3) == "continue"  # first bad evaluation
+    assert g.update(2, 0.3) == "rollback"  # second in a row
