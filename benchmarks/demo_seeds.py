@@ -3,7 +3,7 @@ per-step curves (train reward and success, entropy, drift, dev success) as markd
 
     .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 3 4 [--root /tmp/demo-seeds]
 
-Each run is `python -m examples.tool_use.train --seed K --root ROOT/seed-K` (the whole command, model load
+Each run is `python -m advantage.tasks.tool_use.train --seed K --root ROOT/seed-K` (the whole command, model load
 and both held-out evaluations included, timed from outside) with every other setting at its default.
 """
 
@@ -51,7 +51,7 @@ def main() -> None:
         root = args.root / f"seed-{seed}"
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "examples.tool_use.train", "--seed", str(seed), "--root", str(root)],
+            [sys.executable, "-m", "advantage.tasks.tool_use.train", "--seed", str(seed), "--root", str(root)],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
         wall = time.perf_counter() - t0

@@ -27,10 +27,10 @@ from advantage.engine.chat import render_prompt  # noqa: E402
 from advantage.engine.models import resolve_model_path  # noqa: E402
 from advantage.engine.sampling import SamplingParams  # noqa: E402
 from advantage.engine.torch_engine import TorchEngine  # noqa: E402
+from advantage.tasks.tool_use.env import TOOLS, make_scenarios  # noqa: E402
+from advantage.tasks.tool_use.rollout import initial_messages  # noqa: E402
 from advantage.training.primitives import forward  # noqa: E402
 from advantage.training.trainer import Datum, Trainer  # noqa: E402
-from examples.tool_use.env import TOOLS, make_scenarios  # noqa: E402
-from examples.tool_use.rollout import initial_messages  # noqa: E402
 
 
 def _diffs(a: list[list[float]], b: list[list[float]], masks: list[list[int]]) -> list[float]:

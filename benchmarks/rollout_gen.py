@@ -26,8 +26,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples`
 
 import advantage as adv  # noqa: E402
-from examples.tool_use.env import make_scenarios  # noqa: E402
-from examples.tool_use.rollout import rollout  # noqa: E402
+from advantage.tasks.tool_use.env import make_scenarios  # noqa: E402
+from advantage.tasks.tool_use.rollout import rollout  # noqa: E402
 
 
 async def one_step(model: adv.TrainableModel, seed: int, groups: int, group_size: int) -> tuple[float, float]:

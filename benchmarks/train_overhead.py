@@ -46,10 +46,10 @@ import torch  # noqa: E402
 from advantage.config import LoRAConfig  # noqa: E402
 from advantage.engine.chat import render_prompt  # noqa: E402
 from advantage.engine.models import resolve_model_path  # noqa: E402
+from advantage.tasks.tool_use import single_turn  # noqa: E402
+from advantage.tasks.tool_use.env import make_scenarios  # noqa: E402
 from advantage.training import primitives  # noqa: E402
 from advantage.training.trainer import Datum, Trainer, pack_rows, shared_prefix_len  # noqa: E402
-from examples.tool_use import single_turn  # noqa: E402
-from examples.tool_use.env import make_scenarios  # noqa: E402
 
 
 def make_datums(trainer: Trainer, groups: int, group_size: int, lo: int, hi: int, seed: int) -> list[Datum]:

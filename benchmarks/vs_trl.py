@@ -1,6 +1,6 @@
 """advantage against TRL's GRPOTrainer: the same GRPO run on the same CPU, one command, both printed.
 
-The task is the single-turn tool-call task (examples/tool_use/single_turn.py): the demo's ~700-token prompt
+The task is the single-turn tool-call task (src/advantage/tasks/tool_use/single_turn.py): the demo's ~700-token prompt
 (system message, worked example, question, tool schemas), one completion, reward = single_turn.reward(text).
 Both trainers get the same conditions:
 
@@ -59,13 +59,13 @@ MODEL = "smollm2-135m-instruct"
 
 
 def step_scenarios(step: int, groups: int) -> list[Any]:
-    from examples.tool_use.env import make_scenarios
+    from advantage.tasks.tool_use.env import make_scenarios
 
     return make_scenarios(groups, seed=1000 + step, split="train")
 
 
 def eval_scenarios(n: int) -> list[Any]:
-    from examples.tool_use.env import make_scenarios
+    from advantage.tasks.tool_use.env import make_scenarios
 
     return make_scenarios(n, seed=0, split="val")
 
@@ -77,8 +77,8 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
     import asyncio
 
     import advantage as adv
+    from advantage.tasks.tool_use import single_turn
     from examples.cookbook.custom_rl_loop import group_datums
-    from examples.tool_use import single_turn
 
     async def go() -> dict[str, Any]:
         backend = adv.LocalBackend(tempfile.mkdtemp(prefix="vs-trl-ours-"), progress=False)
@@ -164,7 +164,7 @@ def run_trl(a: argparse.Namespace) -> dict[str, Any]:
 
     from advantage.engine.chat import render_prompt
     from advantage.engine.models import resolve_model_path
-    from examples.tool_use import single_turn
+    from advantage.tasks.tool_use import single_turn
 
     model_dir = str(resolve_model_path(MODEL))
     tok = AutoTokenizer.from_pretrained(model_dir)

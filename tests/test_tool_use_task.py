@@ -18,8 +18,8 @@ from openai.types.chat import ChatCompletion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, so `examples` imports
 
 from advantage import Trajectory  # noqa: E402
-from examples.tool_use import env, reward, rollout  # noqa: E402
-from examples.tool_use.env import Scenario, execute_tool, make_scenarios  # noqa: E402
+from advantage.tasks.tool_use import env, reward, rollout  # noqa: E402
+from advantage.tasks.tool_use.env import Scenario, execute_tool, make_scenarios  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- scenarios
 
@@ -366,7 +366,7 @@ def test_prompt_is_the_documented_shape() -> None:
 
 
 def test_single_turn_reward_by_hand() -> None:
-    from examples.tool_use import single_turn
+    from advantage.tasks.tool_use import single_turn
 
     s = Scenario("w", "What's the weather in Oslo?", "get_weather", {"city": "Oslo"}, ("7",))
 

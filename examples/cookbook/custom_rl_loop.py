@@ -1,6 +1,6 @@
 """A custom RL loop written only with the low-level API: sample, score, build datums, your own loss, step.
 
-The task is the single-turn tool-call task (examples/tool_use/single_turn.py). Everything a high-level
+The task is the single-turn tool-call task (src/advantage/tasks/tool_use/single_turn.py). Everything a high-level
 `model.train` does is spelled out here, so each piece can be changed: group-normalised advantages, the
 datums (prompt tokens masked out, the sampler's logprobs kept for the importance ratio), and the loss, a
 hand-written CISPO-style objective with a length-normalised per-sequence mean, which runs on the backend
@@ -20,8 +20,8 @@ import time
 import torch
 
 import advantage as adv
-from examples.tool_use import single_turn
-from examples.tool_use.env import make_scenarios
+from advantage.tasks.tool_use import single_turn
+from advantage.tasks.tool_use.env import make_scenarios
 
 
 def my_loss(datums: list[adv.Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -19,9 +19,9 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 
 import advantage as adv
-from examples.tool_use.env import make_scenarios
-from examples.tool_use.reward import success
-from examples.tool_use.rollout import rollout
+from advantage.tasks.tool_use.env import make_scenarios
+from advantage.tasks.tool_use.reward import success
+from advantage.tasks.tool_use.rollout import rollout
 
 
 class Recipe(BaseModel):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
+from pydantic import BaseModel
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,52 +49,68 @@ def _example_module(task: str, module: str):  # examples use the public API only
 
     repo = Path(__file__).resolve().parents[2]
     if not (repo / "examples" / task / f"{module}.py").exists():
-        raise typer.BadParameter(f"This command runs examples/{task}; run it from a clone of the repository.")
+        raise typer.BadParameter(
+            f"This command runs examples/{task} from a clone of the repository "
+            "(git clone, then run it from there); the installed package does not ship the examples."
+        )
     sys.path.insert(0, str(repo))
     return importlib.import_module(f"examples.{task}.{module}")
 
 
-def _demo_module():
-    return _example_module("tool_use", "train")
+def _options_from(config: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command one --option per field of a pydantic config, with the field's description as its help:
+    the config is the single place where a knob and its documentation live."""
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        params = []
+        for name, field in config.model_fields.items():
+            ann: Any = field.annotation
+            help_ = f"{field.description} (default: {field.get_default(call_default_factory=True)})"
+            decls: tuple[str, ...] = ()
+            if get_origin(ann) is Literal:
+                help_ += f" One of: {', '.join(map(str, get_args(ann)))}."
+                ann = str
+            elif get_origin(ann) in (Union, UnionType):
+                ann = next(a for a in get_args(ann) if a is not type(None))
+            if ann is bool:
+                dashed = name.replace("_", "-")
+                decls = (f"--{dashed}/--no-{dashed}",)
+            option = typer.Option(*decls, help=help_, show_default=False)
+            params.append(
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[ann | None, option],
+                )
+            )
+        fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        return fn
+
+    return wrap
 
 
-def _help(field: str) -> str:
-    f = _demo_module().DemoConfig.model_fields[field]
-    return f"{f.description} (default: {f.default})"
+def _demo_config() -> type[BaseModel]:
+    from advantage.tasks.tool_use.train import DemoConfig
+
+    return DemoConfig
 
 
 @app.command()
-def demo(
-    steps: Annotated[int | None, typer.Option(help=_help("steps"), show_default=False)] = None,
-    name: Annotated[str | None, typer.Option(help=_help("name"), show_default=False)] = None,
-    root: Annotated[Path | None, typer.Option(help=_help("root"), show_default=False)] = None,
-    learning_rate: Annotated[
-        float | None, typer.Option(help=_help("learning_rate"), show_default=False)
-    ] = None,
-    temperature: Annotated[float | None, typer.Option(help=_help("temperature"), show_default=False)] = None,
-    groups_per_step: Annotated[
-        int | None, typer.Option(help=_help("groups_per_step"), show_default=False)
-    ] = None,
-    group_size: Annotated[int | None, typer.Option(help=_help("group_size"), show_default=False)] = None,
-    val_size: Annotated[int | None, typer.Option(help=_help("val_size"), show_default=False)] = None,
-    eval_every: Annotated[int | None, typer.Option(help=_help("eval_every"), show_default=False)] = None,
-    force_first_call: Annotated[
-        bool | None,
-        typer.Option(
-            "--force-first-call/--free-first-call", help=_help("force_first_call"), show_default=False
-        ),
-    ] = None,
-    backend: Annotated[str | None, typer.Option(help=_help("backend"), show_default=False)] = None,
-    reward: Annotated[str | None, typer.Option(help=_help("reward"), show_default=False)] = None,
-    judge_model: Annotated[str | None, typer.Option(help=_help("judge_model"), show_default=False)] = None,
-    judge_url: Annotated[str | None, typer.Option(help=_help("judge_url"), show_default=False)] = None,
-) -> None:
+@_options_from(_demo_config())
+def demo(**given: Any) -> None:
     """Train the bundled model on the tool-use demo task on CPU, with a held-out baseline and final eval.
 
-    Defaults (and their documentation) live in examples/tool_use/train.py:DemoConfig."""
-    train = _demo_module()
-    given = {k: v for k, v in locals().items() if k != "train" and v is not None}
-    train.main(train.DemoConfig(**given))
+    Every option is a field of advantage.tasks.tool_use.train:DemoConfig."""
+    from pydantic import ValidationError
+
+    from advantage.tasks.tool_use import train
+
+    try:
+        cfg = train.DemoConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise typer.BadParameter(str(e)) from None
+    train.main(cfg)
 
 
 @app.command()

@@ -3,7 +3,7 @@
 It prints a held-out baseline, the reward step by step, and a final held-out evaluation, and leaves a run
 dir with checkpoints, metrics.jsonl and trajectories. Only the public API is used.
 
-    python -m examples.tool_use.train --steps 20        # or: advantage demo --steps 20
+    python -m advantage.tasks.tool_use.train --steps 20        # or: advantage demo --steps 20
 """
 
 from __future__ import annotations
@@ -215,13 +215,13 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             if rate >= cfg.stop_at:
                 print(f"  dev success reached {cfg.stop_at:.0%}: stopping early")
                 break
-            if action == "rollback":
+            if action == "rollback" and cfg.guard:
                 lr *= guard.lr_factor
                 step = await model.restore(guard.best_step, metric="dev/success")
                 print(
                     f"  rolled back to step {guard.best_step} (now step {step}); learning rate x{guard.lr_factor}"
                 )
-            elif action == "stop":
+            elif action == "stop" and cfg.guard:
                 print("  dev success fell again after the last roll-back: stopping")
                 break
 
