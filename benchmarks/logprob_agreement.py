@@ -1,7 +1,8 @@
 """Sampler vs trainer: do the engine and the trainer give the same logprobs for the same sampled tokens?
 
-For each head precision (bf16 logits, the old way; fp32 norm + head + log-softmax, the default), one engine
-and one trainer on the bundled SmolLM2-135M-Instruct (bf16 decoder, no adapter) are built. The engine samples
+For each precision (a bf16 decoder with bf16 logits, the old default; a bf16 decoder with the fp32 norm +
+head + log-softmax, the default where the CPU has native bf16; an fp32 decoder, the default elsewhere), one
+engine and one trainer on the bundled SmolLM2-135M-Instruct (no adapter) are built. The engine samples
 G demo prompts x N completions (T = 0.7, seeded, up to 48 tokens, concurrently, as a demo step does); the
 trainer then recomputes the sampled tokens' logprobs in micro-batches of 8 (as `model.train` does). Printed:
 mean and max |engine - trainer| over all sampled tokens, and the trainer against itself for the same
@@ -42,10 +43,10 @@ def _diffs(a: list[list[float]], b: list[list[float]], masks: list[list[int]]) -
     ]
 
 
-async def measure(head: str, groups: int, group_size: int) -> dict[str, float]:
+async def measure(dtype: str, head: str, groups: int, group_size: int) -> dict[str, float]:
     path = resolve_model_path("smollm2-135m-instruct")
-    engine = TorchEngine(path, head_dtype=head)
-    trainer = Trainer(path, LoRAConfig(), head_dtype=head)
+    engine = TorchEngine(path, dtype=dtype, head_dtype=head)
+    trainer = Trainer(path, LoRAConfig(), dtype=dtype, head_dtype=head)
     datums: list[Datum] = []
     try:
         jobs = []
@@ -84,13 +85,13 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=8)
     args = ap.parse_args()
     print(
-        "| head | sampled tokens | sampler vs trainer: mean abs | max | trainer batch 2 vs 6: mean abs | max |"
+        "| decoder | head | sampled tokens | sampler vs trainer: mean abs | max | batch 2 vs 6: mean | max |"
     )
-    print("|---|---|---|---|---|---|")
-    for head in ("bfloat16", "float32"):
-        r = asyncio.run(measure(head, args.groups, args.group_size))
+    print("|---|---|---|---|---|---|---|")
+    for dtype, head in (("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float32", "float32")):
+        r = asyncio.run(measure(dtype, head, args.groups, args.group_size))
         print(
-            f"| {head} | {r['tokens']:.0f} | {r['sampler_trainer_mean']:.4f} | {r['sampler_trainer_max']:.4f} "
+            f"| {dtype} | {head} | {r['tokens']:.0f} | {r['sampler_trainer_mean']:.4f} | {r['sampler_trainer_max']:.4f} "
             f"| {r['batch2_vs_6_mean']:.4f} | {r['batch2_vs_6_max']:.4f} |",
             flush=True,
         )

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from advantage import tracking
+from advantage.service import ModelEntry, Service
 from advantage.tracking import RunLog, group_metrics
 from advantage.training import checkpoints as ckpt
 from advantage.trajectory import Trajectory, TrajectoryGroup
@@ -159,6 +160,28 @@ def test_concurrent_appends_never_interleave(tmp_path: Path) -> None:
         t.join()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 80 and all(json.loads(line)["metric_299"] == 299.0 for line in lines)
+
+
+def test_log_waits_for_a_train_step_and_records_the_step_it_lands_on(tmp_path: Path) -> None:
+    """`log` runs under the model's lock, like a train step: before, it could record its row at a step that
+    a concurrent train step was about to replace as the latest."""
+    service = Service(tmp_path)
+    entry = ModelEntry("p", "m", "base", run_dir=tmp_path / "m")
+    service._models["m"] = entry  # a registered model, without loading one
+    group = TrajectoryGroup([Trajectory([], reward=1.0), Trajectory([], reward=0.0)])
+    logged = threading.Event()
+    try:
+        with entry.lock:  # a train step is under way
+            t = threading.Thread(target=lambda: (service.log_groups("m", [group], "val"), logged.set()))
+            t.start()
+            assert not logged.wait(0.5)  # waits for the step
+            entry.steps[1] = tmp_path / "m" / "0001"  # the step publishes step 1
+        assert logged.wait(30)
+        t.join()
+    finally:
+        service.close()
+    [row] = RunLog(tmp_path / "m").rows()
+    assert row["split"] == "val" and row["step"] == 1 and row["val/reward"] == 0.5
 
 
 # --------------------------------------------------------------------------------------- the run log's rules

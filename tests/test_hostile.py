@@ -15,12 +15,16 @@ import asyncio
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -28,7 +32,10 @@ import torch
 
 import advantage.service as service_module
 from advantage.backends.local import LocalBackend
-from advantage.server.runner import BackgroundServer
+from advantage.engine.sampling import SamplingParams
+from advantage.engine.torch_engine import QueueFull
+from advantage.server import guard
+from advantage.server.runner import BackgroundServer, free_port
 from advantage.server.schemas import INTERNAL_ERROR
 from advantage.service import Service
 
@@ -56,7 +63,12 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = Service(tmp_path_factory.mktemp("hostile"), engine_kwargs={"max_context": 256})
+    """As `advantage serve --model-dir DIR` builds it: base models load from under DIR only."""
+    svc = Service(
+        tmp_path_factory.mktemp("hostile"),
+        engine_kwargs={"max_context": 256},
+        model_dirs=[tiny_model_dir.parent],
+    )
     svc.register("proj", NAME, str(tiny_model_dir))
     yield svc
     svc.close()
@@ -283,7 +295,9 @@ REGISTER_CASES = [
     ("lora-no-such-module", {"lora": {"target_modules": ["nope"]}}, ["target modules"]),
     ("name-escapes", {"name": "../x"}, ["model name"]),
     ("project-escapes", {"project": "a/b"}, ["project"]),
-    ("no-such-base", {"base_model": "/nonexistent-advantage-model"}, ["base_model"]),
+    ("no-such-base", {"base_model": "/nonexistent-advantage-model"}, ["unknown base model"]),
+    ("base-etc", {"base_model": "/etc"}, ["unknown base model"]),
+    ("base-escapes-model-dir", {"base_model": "../../../etc"}, ["unknown base model"]),
 ]
 
 
@@ -522,6 +536,321 @@ async def test_local_backend_log_validates_split(tmp_path: Path) -> None:
     finally:
         await backend.close()
     assert not (tmp_path.parent / "x").exists()
+
+
+# ------------------------------------------------------------- E: the body limit counts the bytes actually read
+
+
+def padded(body: dict[str, Any], total: int, chunk: int = 256 * 1024) -> Iterator[bytes]:
+    """A valid JSON body padded with whitespace to `total` bytes, sent chunked (httpx sends a generator with
+    Transfer-Encoding: chunked and no Content-Length)."""
+    head = json.dumps(body).encode()
+    yield head
+    left = total - len(head)
+    while left > 0:
+        yield b" " * min(chunk, left)
+        left -= chunk
+
+
+BODY_LIMIT_ROUTES = [
+    ("POST", CHAT, chat(max_tokens=1)),
+    ("POST", f"{OPS}/forward", {"datums": [datum()]}),
+    ("POST", "/v1/training/models", {"project": "p", "name": "x", "base_model": "nope"}),
+    ("GET", "/v1/models", {}),
+    ("POST", "/v1/no-such-route", {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"), BODY_LIMIT_ROUTES, ids=[f"{m} {p}" for m, p, _ in BODY_LIMIT_ROUTES]
+)
+def test_a_chunked_body_over_the_limit_is_a_413(
+    root: str, monkeypatch: pytest.MonkeyPatch, method: str, path: str, body: dict[str, Any]
+) -> None:
+    """Before, only Content-Length was checked: a chunked 9 MB chat was read whole and answered 200."""
+    monkeypatch.setattr(guard, "MAX_TRAIN_BODY_BYTES", 2 * 2**20)  # 256 MiB would take a while to send
+    limit = guard.body_limit(path)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.request(method, root + path, content=padded(body, limit + 2**20), headers=headers, timeout=120)
+    assert r.request.headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in r.request.headers
+    assert_error(r, 413, [f"over {limit} bytes"])
+
+
+def test_a_chunked_body_under_the_limit_is_served(root: str) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    total = guard.MAX_BODY_BYTES - 1024
+    r = httpx.post(root + CHAT, content=padded(chat(max_tokens=1), total), headers=headers, timeout=120)
+    assert r.status_code == 200, r.text
+
+
+def test_a_declared_length_over_the_limit_is_a_413_before_the_body(root: str) -> None:
+    r = post(root, CHAT, raw=b" " * (guard.MAX_BODY_BYTES + 1))
+    assert_error(r, 413, [f"over {guard.MAX_BODY_BYTES} bytes"])
+
+
+# ------------------------------------------------------------------ F: nothing CPU-heavy on the event loop
+
+
+def test_health_stays_fast_during_a_60000_message_chat_and_a_train_step(
+    root: str, choice: dict[str, Any]
+) -> None:
+    """Rendering and tokenizing 60,000 messages took ~3 s on the event loop, and /health waited that long.
+    The bound is lenient (a shared two-core box); the p99 is printed."""
+    huge = json.dumps(
+        {"model": NAME, "messages": [{"role": "user", "content": "hi"}] * 60_000, "max_tokens": 1}
+    ).encode()
+    answers: dict[str, httpx.Response] = {}
+    spans: list[tuple[float, float]] = []
+
+    def heavy(what: str, path: str, body: Any) -> None:
+        t0 = time.perf_counter()
+        answers[what] = post(root, path, raw=body) if isinstance(body, bytes) else post(root, path, body)
+        spans.append((t0, time.perf_counter()))
+
+    threads = [
+        threading.Thread(target=heavy, args=("chat", CHAT, huge)),
+        threading.Thread(target=heavy, args=("train", f"{OPS}/train", {"groups": [group(choice)]})),
+    ]
+    latencies: list[float] = []
+    with httpx.Client(timeout=30) as client:
+        client.get(f"{root}/health")  # connected before the load starts
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            t0 = time.perf_counter()
+            assert client.get(f"{root}/health").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    # The chat was read, rendered and tokenized (60,000 turns do not fit the context: a 400 says so).
+    assert_error(answers["chat"], 400, ["context"], "messages")
+    assert answers["train"].status_code == 200
+    assert json.loads(answers["train"].text.splitlines()[-1])["event"] == "result"
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    busy = max(b for _, b in spans) - min(a for a, _ in spans)
+    print(
+        f"/health under load: n={len(latencies)} p50={latencies[len(latencies) // 2] * 1e3:.1f} ms "
+        f"p99={p99 * 1e3:.1f} ms max={latencies[-1] * 1e3:.1f} ms over {busy:.1f} s of load"
+    )
+    assert len(latencies) >= 10
+    assert p99 < 1.0
+
+
+# ----------------------------------------------------------------------------------- G: bounded queues
+
+
+def _base_engine(service: Service) -> Any:
+    return service.engine(service.model_entry(NAME).base_model)
+
+
+def test_a_full_engine_queue_is_a_429_with_retry_after(
+    root: str, service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _base_engine(service)
+    monkeypatch.setattr(engine, "max_pending", 2)
+    gate, holding = threading.Event(), threading.Event()
+    # The engine thread waits on the gate, so every request submitted meanwhile stays pending.
+    holder = threading.Thread(target=engine._run_on_engine, args=(lambda: (holding.set(), gate.wait(60)),))
+    holder.start()
+    answers: list[httpx.Response] = []
+    waiting = [
+        threading.Thread(target=lambda: answers.append(post(root, CHAT, chat(max_tokens=2))))
+        for _ in range(2)
+    ]
+    try:
+        assert holding.wait(30)
+        for t in waiting:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(engine._pending) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for path, body in ((CHAT, chat()), (CHAT, chat(stream=True)), (f"{OPS}/sample", {"prompt": [1, 2]})):
+            r = post(root, path, body)
+            err = assert_error(r, 429, ["busy", "2 requests are waiting", "retry in 1 s"])
+            assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+            assert r.headers["retry-after"] == "1"
+    finally:
+        gate.set()
+        holder.join(30)
+        for t in waiting:
+            t.join(60)
+    assert [a.status_code for a in answers] == [200, 200]  # the waiting ones were served
+
+
+def test_a_full_training_queue_is_a_429_with_retry_after(
+    root: str, service: Service, choice: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "max_train_queue", 1)
+    gate, started = threading.Event(), threading.Event()
+    running = service.submit_train(lambda: (started.set(), gate.wait(60)))
+    assert started.wait(30)
+    queued = service.submit_train(lambda: None)  # the one job allowed to wait
+    step = get(root, f"{OPS}/step").json()["step"]
+    try:
+        for op, body in (("train", {"groups": [group(choice)]}), ("forward", {"datums": [datum()]})):
+            r = post(root, f"{OPS}/{op}", body)
+            err = assert_error(r, 429, ["training queue is full", "retry in 5 s"])
+            assert err["type"] == "rate_limit_error" and r.headers["retry-after"] == "5"
+        with pytest.raises(QueueFull):
+            service.submit_train(lambda: None)
+    finally:
+        gate.set()
+    running.result(30)
+    queued.result(30)
+    assert get(root, f"{OPS}/step").json()["step"] == step  # the refused step never ran
+    assert post(root, f"{OPS}/forward", {"datums": [datum()]}).status_code == 200
+
+
+def _slow_decoding(engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = engine._decode_step
+
+    def slow() -> None:
+        time.sleep(0.05)
+        real()
+
+    monkeypatch.setattr(engine, "_decode_step", slow)
+
+
+def _until(cond: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(cond())
+
+
+def test_a_cancelled_request_leaves_the_batch_at_the_next_decode_step(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _base_engine(service)
+    _slow_decoding(engine, monkeypatch)
+    fut = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, temperature=0.0))
+    assert _until(lambda: engine.stats["decode_steps"] > 0 and engine._rows)
+    cancelled = engine.stats["cancelled_rows"]
+    at = engine.stats["decode_steps"]
+    assert fut.cancel()
+    assert _until(lambda: not engine._rows)
+    assert engine.stats["decode_steps"] - at <= 1  # the step under way when it was cancelled, no more
+    assert engine.stats["cancelled_rows"] == cancelled + 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_client_that_goes_away_leaves_the_batch(
+    root: str, service: Service, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    """Before, generation went on to max_tokens for nobody."""
+    engine = _base_engine(service)
+    _slow_decoding(engine, monkeypatch)  # 200 tokens would take 10 s
+    cancelled, steps = engine.stats["cancelled_rows"], engine.stats["decode_steps"]
+    body = chat(max_tokens=200, temperature=0.0, stream=stream)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(timeout=httpx.Timeout(60, read=1.0)) as client:
+        if stream:
+            with client.stream("POST", root + CHAT, json=body, headers=headers) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                assert next(lines).startswith("data:") and next(x for x in lines if x)  # tokens flow
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                client.post(root + CHAT, json=body, headers=headers)
+    # The connection is closed: the server cancels the request and its row leaves the batch.
+    assert _until(lambda: engine.stats["cancelled_rows"] == cancelled + 1)
+    assert _until(lambda: not engine._rows)
+    assert engine.stats["decode_steps"] - steps < 100  # far from the 200 asked for
+
+
+# ----------------------------------------------------------------------------------- H: information leaks
+
+
+def test_unknown_base_models_all_get_one_message(root: str, tiny_model_dir: Path) -> None:
+    """Before, '/etc' and '/nonexistent' answered differently, which mapped the server's filesystem."""
+    model_dir = tiny_model_dir.parent  # the service's --model-dir
+    names = [
+        "/etc",
+        "/nonexistent",
+        "/etc/passwd",
+        "../../../etc",
+        str(model_dir),  # the model dir itself is no model
+        str(model_dir / "nonexistent"),
+        str(tiny_model_dir / "config.json"),
+        "\ud800",
+    ]
+    messages = set()
+    for name in names:
+        body = {"project": "proj", "name": "probe", "base_model": name}
+        err = assert_error(post(root, "/v1/training/models", body), 400, ["unknown base model"])
+        messages.add(err["message"].replace(repr(name).encode("utf-8", "backslashreplace").decode(), "X"))
+    assert len(messages) == 1, messages
+    assert "--model-dir" in messages.pop()
+
+
+def test_a_model_under_the_model_dir_registers_by_its_relative_path(
+    root: str, service: Service, tiny_model_dir: Path
+) -> None:
+    engines = len(service._engines)
+    body = {"project": "proj", "name": "relative", "base_model": tiny_model_dir.name}
+    r = post(root, "/v1/training/models", body)
+    assert r.status_code == 200 and r.json()["step"] == 0, r.text
+    assert service.model_entry("relative").base_model == str(tiny_model_dir)
+    assert len(service._engines) == engines  # the same model, the same engine
+    _chat_works(root, "relative")
+
+
+def test_advantage_serve_keeps_the_key_out_of_its_log_and_loads_from_model_dirs_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The real command in a subprocess: uvicorn's access log prints query strings."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "tiny").symlink_to(tiny_model_dir)  # an operator's symlink inside the model dir counts
+    key, port = "s3cret+KEY/value", free_port()
+    out = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "advantage", "serve", "--port", str(port), "--api-key", key,
+           "--base-model", str(models / "tiny"), "--model-dir", str(models), "--root", str(tmp_path / "root"),
+           "--max-pending", "8", "--max-train-queue", "2"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    base = f"http://127.0.0.1:{port}"
+    headers = {"Authorization": f"Bearer {key}"}
+    with out.open("w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        try:
+            assert _until(lambda: _healthy(base), timeout=240), out.read_text()
+            q = quote(key, safe="")
+            r = httpx.get(f"{base}/v1/models?api_key={q}&key={q}&x=1", headers=headers, timeout=30)
+            assert r.status_code == 200
+            assert httpx.get(f"{base}/v1/models?token={q}", timeout=30).status_code == 401
+
+            def register(base_model: str, name: str = "m") -> httpx.Response:
+                body = {"project": "p", "name": name, "base_model": base_model}
+                return httpx.post(f"{base}/v1/training/models", json=body, headers=headers, timeout=120)
+
+            refused = {}
+            for name in ("/etc", "/nonexistent", str(tiny_model_dir)):  # the last is a model, but outside
+                err = assert_error(register(name), 400, ["unknown base model"])
+                refused[name] = err["message"].replace(repr(name), "X")
+            assert len(set(refused.values())) == 1, refused
+            r = register("tiny")
+            assert r.status_code == 200, r.text
+            chat_body = {"model": "m", "messages": HI, "max_tokens": 2}
+            r = httpx.post(f"{base}{CHAT}", json=chat_body, headers=headers, timeout=120)
+            assert r.status_code == 200, r.text
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    text = out.read_text()
+    assert "GET /v1/models?api_key=***&key=***&x=1" in text, text
+    assert "token=***" in text
+    for secret in (key, quote(key, safe=""), quote(key)):
+        assert secret not in text
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------- afterwards

@@ -89,14 +89,30 @@ def test_entropy_metric_is_the_policy_entropy_at_trained_tokens(tiny_model_dir) 
 def test_bf16_trainer_and_engine_head_run_in_fp32(tiny_model_dir) -> None:
     from advantage.engine.torch_engine import TorchEngine
 
-    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4))  # bf16 decoder
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="bfloat16")
     lp, _ = trainer.sequence_logprobs(_datums())
     assert lp.dtype == torch.float32
     head = trainer.model.get_base_model().lm_head
     assert head.weight.dtype == torch.float32
-    engine = TorchEngine(tiny_model_dir)
+    engine = TorchEngine(tiny_model_dir, dtype="bfloat16")
     try:
         assert engine.model.lm_head.weight.dtype == torch.float32
         assert next(engine.model.model.layers.parameters()).dtype == torch.bfloat16  # decoder stays bf16
     finally:
         engine.close()
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch) -> None:
+    from advantage.engine import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
+    assert precision.resolve_dtype("auto", cpu) == torch.float32
+    assert precision.resolve_dtype("auto", cuda) == torch.bfloat16
+    assert precision.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit choice stands
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
+    assert precision.resolve_dtype("auto", cpu) == torch.bfloat16
+    import pytest
+
+    with pytest.raises(ValueError, match="dtype must be"):
+        precision.resolve_dtype("fp8", cpu)

@@ -32,12 +32,37 @@ def serve(
         list[str], typer.Option(help="Base model(s) to load at start: a bundled name or an HF model dir.")
     ] = ["smollm2-135m-instruct"],  # noqa: B006 - typer needs a literal default
     root: Annotated[Path, typer.Option(help="Checkpoint root.")] = Path(".advantage"),
+    model_dir: Annotated[
+        list[Path],
+        typer.Option(
+            help="A directory of model directories that clients may register as base_model (by path, or by "
+            "path relative to it); repeat for several. Besides these, only bundled names and the --base-model "
+            "models load."
+        ),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    max_pending: Annotated[
+        int,
+        typer.Option(min=1, help="Requests that may wait for the engine's batch; more are answered 429."),
+    ] = 256,
+    max_train_queue: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Train steps and low-level ops that may wait for the training thread besides the one "
+            "running; more are answered 429.",
+        ),
+    ] = 16,
 ) -> None:
     """Serve base models and trained adapters through an OpenAI-compatible API."""
     from advantage.server.runner import serve_forever
     from advantage.service import Service
 
-    service = Service(root)
+    service = Service(
+        root,
+        engine_kwargs={"max_pending": max_pending},
+        model_dirs=model_dir,
+        max_train_queue=max_train_queue,
+    )
     for name in base_model:
         service.engine(name)
     serve_forever(service, host, port, api_key)

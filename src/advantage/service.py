@@ -4,6 +4,11 @@ Both the HTTP server and `LocalBackend` wrap one `Service`. Served names are:
 - a base model's name (`smollm2-135m-instruct`, or the path it was given as);
 - a trainable model's `name` (its latest step) and `name@step` (any step still on disk).
 Step 0 of a trainable model is the empty adapter, i.e. the base weights.
+
+Every use of a trainer runs on one training thread; at most `max_train_queue` jobs wait for it, and past
+that `submit_train` raises `QueueFull` (the server answers 429 with Retry-After). With `model_dirs` set (as
+`advantage serve` does), `register` loads only bundled models, models already loaded, and model directories
+under those dirs; without it (the embedded LocalBackend), any local model directory.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ import functools
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from advantage.config import LoRAConfig, TrainConfig
-from advantage.engine.models import resolve_model_path
-from advantage.engine.torch_engine import TorchEngine
+from advantage.engine.models import allowed_base_model, resolve_model_path
+from advantage.engine.torch_engine import QueueFull, TorchEngine
 from advantage.tracking import RunLog, group_metrics
 from advantage.training import checkpoints as ckpt
 from advantage.training.grpo import Progress, train_step
@@ -32,6 +37,7 @@ from advantage.trajectory import TrajectoryGroup
 
 T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TRAIN_RETRY_AFTER_S = 5  # what a full training queue advises: a job takes seconds to minutes
 
 
 class UnknownServedModel(KeyError):
@@ -81,9 +87,25 @@ class ModelEntry:
 
 
 class Service:
-    def __init__(self, root: str | Path, engine_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        engine_kwargs: dict[str, Any] | None = None,
+        *,
+        model_dirs: Sequence[str | Path] | None = None,
+        max_train_queue: int = 16,
+    ) -> None:
+        """`engine_kwargs` go to every `TorchEngine` (e.g. `max_pending`). `model_dirs`: where `register` may
+        load base models from besides the bundled ones (None: anywhere). `max_train_queue`: jobs that may wait
+        for the training thread besides the one running."""
         self.root = Path(root)
         self.engine_kwargs = engine_kwargs or {}
+        self.model_dirs = None if model_dirs is None else [Path(d) for d in model_dirs]
+        if max_train_queue < 0:
+            raise ValueError(f"max_train_queue must be >= 0, got {max_train_queue}.")
+        self.max_train_queue = max_train_queue
+        self._train_jobs = 0  # submitted to the training thread and not finished
+        self._train_jobs_lock = threading.Lock()
         self._engines: dict[str, TorchEngine] = {}
         self._models: dict[str, ModelEntry] = {}
         self._lock = threading.RLock()
@@ -134,6 +156,10 @@ class Service:
         take) leaves no trace: the name stays free and unlisted, and an engine it started is closed."""
         check_name("project", project)
         check_name("model name", name)
+        if self.model_dirs is not None:
+            with self._lock:
+                loaded = list(self._engines)
+            base_model = allowed_base_model(base_model, self.model_dirs, loaded)
         lora = lora or LoRAConfig()
         with self._lock:
             # One gate per name, made on first use: a second register of a name waits for the first to
@@ -178,11 +204,12 @@ class Service:
                 raise
             return entry.latest
 
-    async def train_async(
+    def train_async(
         self, name: str, groups: list[TrajectoryGroup], config: TrainConfig, progress: Progress | None = None
-    ) -> tuple[int, dict[str, float]]:
-        """`train` on the service's training thread, awaitable (inference keeps being served meanwhile)."""
-        return await self.on_train_thread(self.train, name, groups, config, progress)
+    ) -> asyncio.Future[tuple[int, dict[str, float]]]:
+        """`train` on the service's training thread, awaitable (inference keeps being served meanwhile).
+        Queued at once: a full queue raises `QueueFull` here, before anything is awaited."""
+        return asyncio.wrap_future(self.submit_train(self.train, name, groups, config, progress))
 
     def train(
         self, name: str, groups: list[TrajectoryGroup], config: TrainConfig, progress: Progress | None = None
@@ -248,16 +275,39 @@ class Service:
         return entry, entry.trainer
 
     async def on_train_thread(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` on the training thread (where every use of the trainer happens), awaitable."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._train_thread, functools.partial(fn, *args))
+        """Run `fn(*args)` on the training thread (where every use of the trainer happens), awaitable.
+        Cancelling the await drops the job if it has not started yet."""
+        return await asyncio.wrap_future(self.submit_train(fn, *args))
+
+    def submit_train(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        """Queue `fn(*args)` for the training thread, or raise `QueueFull` if `max_train_queue` jobs wait."""
+        with self._train_jobs_lock:
+            waiting = max(self._train_jobs - 1, 0)
+            if waiting >= self.max_train_queue:
+                raise QueueFull(
+                    f"The training queue is full: {waiting} jobs are waiting for the training thread (at "
+                    f"most {self.max_train_queue}). Retry in {TRAIN_RETRY_AFTER_S} s, or send one step at a "
+                    "time.",
+                    TRAIN_RETRY_AFTER_S,
+                )
+            self._train_jobs += 1
+        fut = self._train_thread.submit(functools.partial(fn, *args))
+        fut.add_done_callback(self._train_job_done)
+        return fut
+
+    def _train_job_done(self, _: concurrent.futures.Future[Any]) -> None:
+        with self._train_jobs_lock:
+            self._train_jobs -= 1
 
     def log_groups(self, name: str, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
+        """Record evaluation groups under `split` at the latest step; under the model's lock, so the step
+        it is recorded at cannot move under it (a train step publishing the next one)."""
         check_name("split", split)  # it becomes a directory name
         entry = self.model_entry(name)
         metrics = group_metrics(groups, split)
-        entry.log.append(entry.latest, split, metrics)
-        entry.log.write_trajectories(split, entry.latest, groups)
+        with entry.lock:
+            entry.log.append(entry.latest, split, metrics)
+            entry.log.write_trajectories(split, entry.latest, groups)
         return metrics
 
     def delete_checkpoints(

@@ -8,6 +8,7 @@ ValidationError is one), which the server answers with a 400 that says what to c
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, TypeVar
@@ -19,7 +20,7 @@ from advantage.config import TrainConfig
 from advantage.engine.chat import render_prompt, validate_messages
 from advantage.engine.sampling import SamplingParams
 from advantage.lowlevel import BUILTIN_LOSSES, AdamParams, Datum
-from advantage.service import Service, UnknownServedModel, check_name
+from advantage.service import Service, UnknownServedModel, Weights, check_name
 from advantage.tracking import check_metric_names
 from advantage.training import primitives
 from advantage.training.grpo import build_datums
@@ -196,6 +197,22 @@ _SYNC_OPS: dict[str, Any] = {
 
 
 async def _sample(service: Service, name: str, body: SampleBody) -> dict[str, Any]:
+    # Resolving (maybe loading an older step's adapter), rendering and tokenizing happen on a worker thread.
+    weights, ids, params = await asyncio.to_thread(_sample_request, service, name, body)
+    completions = await weights.engine.generate(ids, params, weights.adapter)
+    return {
+        "prompt_tokens": ids,
+        "sequences": [
+            {"tokens": c.token_ids, "logprobs": c.logprobs, "text": c.text, "finish_reason": c.finish_reason}
+            for c in completions
+        ],
+        "weights": f"{name}@{weights.step}",
+    }
+
+
+def _sample_request(
+    service: Service, name: str, body: SampleBody
+) -> tuple[Weights, list[int], SamplingParams]:
     try:
         weights = service.resolve(name if body.step is None else f"{name}@{body.step}")
     except UnknownServedModel as exc:  # a missing step is bad input, not an unregistered model
@@ -216,15 +233,7 @@ async def _sample(service: Service, name: str, body: SampleBody) -> dict[str, An
     )
     params.validate()
     engine.check_fits(len(ids), params.max_tokens)
-    completions = await engine.generate(ids, params, weights.adapter)
-    return {
-        "prompt_tokens": ids,
-        "sequences": [
-            {"tokens": c.token_ids, "logprobs": c.logprobs, "text": c.text, "finish_reason": c.finish_reason}
-            for c in completions
-        ],
-        "weights": f"{name}@{weights.step}",
-    }
+    return weights, ids, params
 
 
 # ------------------------------------------------------------------------------ conversions

@@ -15,6 +15,8 @@ Retries, and why each call gets the ones it gets:
 - `train` is never blindly retried: a step that reached the server may complete there even when this
   client never hears back. A connection lost mid-step raises `BackendUnavailableError`; the server keeps
   its newest complete checkpoint, and `get_step()` after a restart tells which step it resumed from.
+- A 429 (the server's engine or training queue is full) means nothing was queued: every call, `train`
+  included, is sent again after the server's Retry-After, up to `max_retries` times.
 - A server restarted since `register` no longer knows the model; it answers 404 `model_not_registered`
   before doing anything, and this client registers the model again (resuming from the newest complete
   checkpoint on the server's disk) and repeats the call once.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -183,9 +186,11 @@ class RemoteBackend:
         content = None if body is None else _dumps(body)
         headers = {"Content-Type": "application/json"} if body is not None else {}
         last: Exception | None = None
+        busy: float | None = None  # the server's Retry-After, after a 429
         for attempt in range(self.max_retries + 1):
             if attempt:
-                await asyncio.sleep(_backoff(attempt - 1))
+                await asyncio.sleep(_backoff(attempt - 1) if busy is None else busy)
+            busy = None
             try:
                 resp = await self._client().request(method, path, content=content, headers=headers)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -200,8 +205,9 @@ class RemoteBackend:
                     ) from exc
                 last = exc
                 continue
-            if resp.status_code in _RETRY_STATUS and idempotent:
+            if (resp.status_code in _RETRY_STATUS and idempotent) or resp.status_code == 429:
                 last = _error(resp.status_code, _json_or_none(resp), self.server_url, what)
+                busy = _retry_after(resp) if resp.status_code == 429 else None
                 continue
             payload = _json_or_none(resp)
             if resp.status_code >= 400 or payload is None:
@@ -218,15 +224,17 @@ class RemoteBackend:
     async def _train_stream(self, model: TrainableModel, content: bytes, bar: tqdm) -> TrainResult:
         path = f"/models/{quote(model.name, safe='')}/train"
         headers = {"Content-Type": "application/json"}
-        failures, registered_again = 0, False
+        failures, registered_again, busy_tries = 0, False, 0
         while True:
             error: BackendError | None = None
+            busy: float | None = None
             result: TrainResult | None = None
             try:
                 async with self._client().stream("POST", path, content=content, headers=headers) as resp:
                     if resp.status_code >= 400:  # refused before anything was trained
                         await resp.aread()
                         error = _error(resp.status_code, _json_or_none(resp), self.server_url, "train")
+                        busy = _retry_after(resp) if resp.status_code == 429 else None
                     else:  # an error event in the stream raises from here, and is never retried
                         result = await _read_train_events(resp, bar, self.server_url)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -242,6 +250,10 @@ class RemoteBackend:
             except httpx.TransportError as exc:  # the step went out: never send it twice
                 raise self._went_away(model, exc) from exc
             if error is not None:
+                if busy is not None and busy_tries < self.max_retries:  # nothing was queued: send it again
+                    busy_tries += 1
+                    await asyncio.sleep(busy)
+                    continue
                 if error.code == NOT_REGISTERED and not registered_again:  # the server restarted since
                     registered_again = True
                     await self.register(model)
@@ -319,6 +331,15 @@ def _dumps(body: dict[str, Any]) -> bytes:
     # Plain json.dumps writes NaN, which httpx refuses to encode: a NaN reward then reaches the server's
     # validation, which says which trajectory has it and what to do.
     return json.dumps(body).encode()
+
+
+def _retry_after(resp: httpx.Response) -> float:
+    """The seconds a 429 asks to wait (Retry-After), within [0.1, 60]; 1 when it does not say."""
+    try:
+        seconds = float(resp.headers.get("retry-after", "1"))
+    except ValueError:
+        return 1.0
+    return min(max(seconds, 0.1), 60.0) if math.isfinite(seconds) else 1.0
 
 
 def _backoff(attempt: int) -> float:

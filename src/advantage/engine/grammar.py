@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -89,6 +90,7 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._tok: Any = None
         self._lock = threading.Lock()
+        self._valid: OrderedDict[str, None] = OrderedDict()  # grammars that validated, most recent last
 
     def _tokenizer(self) -> Any:
         with self._lock:
@@ -101,9 +103,17 @@ class GrammarCompiler:
     def validate(self, grammar: str) -> None:
         import llguidance
 
+        with self._lock:  # the server validates a request's grammar, then the engine again
+            if grammar in self._valid:
+                self._valid.move_to_end(grammar)
+                return
         error = llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer())
         if error:
             raise GrammarError(f"Invalid response_format schema: {error}")
+        with self._lock:
+            self._valid[grammar] = None
+            while len(self._valid) > 64:
+                self._valid.popitem(last=False)
 
     def matcher(self, grammar: str) -> Constraint:
         import llguidance

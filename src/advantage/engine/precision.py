@@ -1,13 +1,47 @@
-"""Precision of the output head: the final norm, the vocabulary head and so the log-softmax run in fp32 on
-top of a bf16 decoder. The sampler (engine) and the trainer both use it, so they compute logprobs the same
-way."""
+"""Numeric precision, chosen once for the engine and the trainer alike.
+
+- `default_dtype`: the decoder's dtype. bf16 where the hardware multiplies bf16 natively (CUDA; CPUs with
+  AVX512-BF16 or AMX), fp32 elsewhere. On a CPU without them torch emulates bf16 matmuls: measured on a
+  2-core Xeon without avx512_bf16, a 1024^2 matmul ran at 48 GFLOPS in bf16 against 222 in fp32, and a demo
+  train step took 110 s in bf16 against 82 s in fp32.
+- `use_fp32_head`: on a bf16 decoder, the final norm, the vocabulary head and so the log-softmax still run
+  in fp32, in the sampler and in the trainer, so both compute logprobs the same way.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import nn
+
+
+@functools.cache
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device) -> str:
+    """"bfloat16" on CUDA and on CPUs with native bf16 matmuls, "float32" on other CPUs."""
+    if device.type == "cuda":
+        return "bfloat16"
+    return "bfloat16" if native_bf16_cpu() else "float32"
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """A dtype name ("auto", "bfloat16", "float32", "float16") as a torch dtype; "auto" asks default_dtype."""
+    name = default_dtype(device) if dtype == "auto" else dtype
+    if name not in ("bfloat16", "float32", "float16"):
+        raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float32' or 'float16', got {dtype!r}.")
+    return getattr(torch, name)
 
 
 class _FP32Norm(nn.Module):
@@ -44,6 +78,8 @@ def use_fp32_head(model: Any) -> Any:
     same token's logprob then differs between the engine's batch and the trainer's by up to ~0.1 nats; in fp32
     only the (much smaller) differences of the bf16 decoder layers are left. Costs one fp32 copy of the head
     (113 MB for SmolLM2) and an fp32 matmul over the positions whose logits are needed."""
+    if model.lm_head.weight.dtype == torch.float32:
+        return model  # an fp32 model computes its head in fp32 already
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     if not isinstance(decoder.norm, _FP32Norm):
         decoder.norm = _FP32Norm(decoder.norm)

@@ -10,6 +10,10 @@ left-pads them into the running KV cache and decodes all rows together. The KV c
 Rows in one batch share one LoRA adapter (peft's active adapter); a request for another adapter waits until
 the rows ahead of it drain, so FIFO order is kept. Adapters are loaded and removed by name without a
 restart; those commands run on the engine thread between steps, so a swap never tears a running batch.
+
+At most `max_pending` requests wait to join the batch; past that, `submit` raises `QueueFull` (the server
+answers 429 with Retry-After). Cancelling a request's future (the server does when its client goes away)
+takes its rows out of the batch before the next decode step.
 """
 
 from __future__ import annotations
@@ -31,16 +35,25 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
-from advantage.engine.precision import use_fp32_head
+from advantage.engine.precision import resolve_dtype, use_fp32_head
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
 
 TokenCallback = Callable[[int, str], None]  # (choice index, text delta), called on the engine thread
+RETRY_AFTER_S = 1  # what a QueueFull advises: the batch turns over in about that time
 
 
 class ContextLengthError(ValueError):
     """The prompt (plus max_tokens) does not fit the model's context."""
+
+
+class QueueFull(RuntimeError):
+    """Too much work is waiting already; trying again after `retry_after` seconds makes sense."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -83,23 +96,27 @@ class TorchEngine:
         self,
         model_path: str | Path,
         *,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         device: str | None = None,
         max_batch_size: int = 32,
         max_context: int | None = None,
         default_max_tokens: int = 1024,
         prefix_cache_mb: int = 512,
         head_dtype: str = "float32",
+        max_pending: int = 256,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
         if head_dtype == "float32":  # logprobs computed as the trainer computes them (engine/precision.py)
             use_fp32_head(model)
         self.model: Any = model.to(self.device).eval()
         cfg_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_len = min(max_context or cfg_len, cfg_len)
         self.max_batch_size = max_batch_size
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be >= 1, got {max_pending}.")
+        self.max_pending = max_pending  # requests waiting to join the batch; more is a QueueFull
         self.default_max_tokens = default_max_tokens
         self.stop_token_ids = self._stop_token_ids(model)
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
@@ -114,7 +131,13 @@ class TorchEngine:
         self._attn: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token
         self._last: torch.Tensor | None = None  # (B,) token to feed at the next decode step
         self._closed = False
-        self.stats = {"decode_steps": 0, "prefill_rows": 0, "prefill_prompts": 0, "generated_tokens": 0}
+        self.stats = {
+            "decode_steps": 0,
+            "prefill_rows": 0,
+            "prefill_prompts": 0,
+            "generated_tokens": 0,
+            "cancelled_rows": 0,
+        }
         self._thread = threading.Thread(target=self._loop, name="advantage-engine", daemon=True)
         self._thread.start()
 
@@ -137,6 +160,14 @@ class TorchEngine:
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
+            if len(self._pending) >= self.max_pending:  # requests given up on do not count
+                self._pending = deque(r for r in self._pending if not r.future.cancelled())
+            if len(self._pending) >= self.max_pending:
+                raise QueueFull(
+                    f"The engine is busy: {len(self._pending)} requests are waiting already (at most "
+                    f"{self.max_pending}). Retry in {RETRY_AFTER_S} s, or send fewer requests at once.",
+                    RETRY_AFTER_S,
+                )
             self._pending.append(req)
             self._cv.notify()
         return fut
@@ -148,6 +179,7 @@ class TorchEngine:
         adapter: str | None = None,
         on_token: TokenCallback | None = None,
     ) -> list[Completion]:
+        """`submit`, awaitable. Cancelling the await cancels the request: its rows leave the batch."""
         return await asyncio.wrap_future(self.submit(prompt_ids, params, adapter, on_token))
 
     def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -202,6 +234,7 @@ class TorchEngine:
             batch: list[_Request] = []
             try:
                 self._run_commands()
+                self._drop_cancelled()
                 batch = self._take_admissible()
                 with torch.inference_mode(), self._adapter_context():
                     if batch:
@@ -212,8 +245,7 @@ class TorchEngine:
                 log.exception("engine step failed")
                 self._fail_rows(exc)
                 for req in batch:  # a prefill that failed before its rows joined: fail those requests too
-                    if not req.future.done():
-                        req.future.set_exception(exc)
+                    _settle(req.future, exc)
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -274,7 +306,8 @@ class TorchEngine:
                 if n_rows + req.params.n > self.max_batch_size and (n_rows or batch):
                     break
                 self._pending.popleft()
-                if req.future.set_running_or_notify_cancel():
+                # The future stays pending while the request runs, so that cancelling it stays possible.
+                if not req.future.cancelled():
                     batch.append(req)
                     n_rows += req.params.n
         return batch
@@ -438,14 +471,21 @@ class TorchEngine:
         for r in finished:
             if r.req.results[r.index] is None:
                 r.req.results[r.index] = Completion(r.ids, r.logprobs, r.text, r.finish, r.top)
-                if all(c is not None for c in r.req.results) and not r.req.future.done():
-                    r.req.future.set_result([c for c in r.req.results if c is not None])
+                if all(c is not None for c in r.req.results):
+                    _settle(r.req.future, [c for c in r.req.results if c is not None])
         if finished and len(finished) * 4 >= len(self._rows):
             self._compact()
 
+    def _drop_cancelled(self) -> None:
+        """Rows of a cancelled request (its client went away) leave the batch now, not when they finish."""
+        cancelled = sum(r.finish is None and r.req.future.cancelled() for r in self._rows)
+        if cancelled:
+            self.stats["cancelled_rows"] += cancelled
+            self._compact()
+
     def _compact(self) -> None:
-        """Drop finished rows from the batch, and the cache columns no remaining row attends to."""
-        keep = [i for i, r in enumerate(self._rows) if r.finish is None]
+        """Drop finished and cancelled rows from the batch, and the cache columns no remaining row attends to."""
+        keep = [i for i, r in enumerate(self._rows) if r.finish is None and not r.req.future.cancelled()]
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
@@ -465,16 +505,13 @@ class TorchEngine:
 
     def _fail_rows(self, exc: Exception) -> None:
         for r in self._rows:
-            if not r.req.future.done():
-                r.req.future.set_exception(exc)
+            _settle(r.req.future, exc)
         self._rows, self._cache, self._attn, self._last = [], None, None, None
 
     def _fail_all(self, exc: Exception) -> None:
         self._fail_rows(exc)
         while self._pending:
-            req = self._pending.popleft()
-            if not req.future.done():
-                req.future.set_exception(exc)
+            _settle(self._pending.popleft().future, exc)
 
     def _stop_token_ids(self, model: Any) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -487,6 +524,15 @@ class TorchEngine:
         return {i for i in ids if i is not None}
 
 
+def _settle(fut: concurrent.futures.Future[list[Completion]], outcome: list[Completion] | Exception) -> None:
+    """Answer a request, unless it is answered or cancelled already (a client may cancel at any moment)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if isinstance(outcome, Exception):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+
+
 def _left_pad(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     if k == 0:
         return t
@@ -495,4 +541,4 @@ def _left_pad(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
-__all__ = ["Completion", "ContextLengthError", "SamplingError", "SamplingParams", "TorchEngine"]
+__all__ = ["Completion", "ContextLengthError", "QueueFull", "SamplingError", "SamplingParams", "TorchEngine"]

@@ -1,15 +1,16 @@
 """The FastAPI app: OpenAI-compatible inference routes over a `Service`.
 
-Auth is a middleware rather than a per-route dependency, so a route added later is protected without
-anyone remembering to: with a key configured, every path except `/health` needs `Authorization: Bearer KEY`
-(compared in constant time). Errors use OpenAI's shape, so the official SDK raises its usual exceptions.
+Auth, the body limit and cancelling the requests of clients that went away are one middleware in front of
+every route (`guard.py`), so a route added later is covered without anyone remembering to. Nothing
+CPU-heavy runs on the event loop: bodies are parsed (`parsing.py`), prompts rendered and tokenized, grammars
+compiled, adapters loaded and responses encoded on worker threads, so `/health` and every other client keep
+their answers coming. Errors use OpenAI's shape, so the official SDK raises its usual exceptions.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -18,6 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from advantage.server import completions, training_routes
+from advantage.server.guard import MAX_BODY_BYTES, MAX_TRAIN_BODY_BYTES, OPEN_PATHS, Guard
+from advantage.server.parsing import OffLoopRoute
 from advantage.server.schemas import (
     ERROR_SCHEMA,
     INTERNAL_ERROR,
@@ -26,33 +29,17 @@ from advantage.server.schemas import (
     error_response,
 )
 from advantage.service import Service
+from advantage.service_ops import OPS
 
 log = logging.getLogger(__name__)
-OPEN_PATHS = frozenset({"/health"})
-MAX_BODY_BYTES = 8 * 1024 * 1024
-MAX_TRAIN_BODY_BYTES = 256 * 1024 * 1024  # a batch of groups with token ids and logprobs is large
+__all__ = ["MAX_BODY_BYTES", "MAX_TRAIN_BODY_BYTES", "OPEN_PATHS", "create_app"]
 
 
 def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="advantage", version="0.1.0")
+    app.router.route_class = OffLoopRoute
     app.state.service = service
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        if api_key and request.url.path not in OPEN_PATHS:
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return error_response(
-                    401,
-                    "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                    "authentication_error",
-                )
-        length = request.headers.get("content-length")
-        limit = MAX_TRAIN_BODY_BYTES if request.url.path.startswith("/v1/training/") else MAX_BODY_BYTES
-        if length and length.isdigit() and int(length) > limit:
-            return error_response(413, f"Request body over {limit} bytes; send less per request.")
-        return await call_next(request)
+    app.add_middleware(Guard, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -95,17 +82,15 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [
-            {"id": n, "object": "model", "created": 0, "owned_by": "advantage"}
-            for n in service.served_names()
-        ]
+        names = await asyncio.to_thread(service.served_names)  # waits while a register loads an engine
+        data = [{"id": n, "object": "model", "created": 0, "owned_by": "advantage"} for n in names]
         return {"object": "list", "data": data}
 
     @app.post(
         "/v1/chat/completions", response_model=None, responses={200: {"content": {"text/event-stream": {}}}}
     )
-    async def chat_completions(req: ChatCompletionRequest) -> dict[str, Any] | StreamingResponse:
-        prepared = completions.prepare(service, req)
+    async def chat_completions(req: ChatCompletionRequest) -> Response:
+        prepared = await asyncio.to_thread(completions.prepare, service, req)
         if req.stream:
             return StreamingResponse(completions.stream(prepared), media_type="text/event-stream")
         return await completions.complete(prepared)
@@ -140,6 +125,10 @@ def _document_errors(app: FastAPI) -> None:
                     codes["404"] = "Unknown model (or route)."
                 if "requestBody" in op:
                     codes["413"] = "Request body too large."
+                if path == "/v1/chat/completions" or path.rpartition("/")[2] in {"train", *OPS}:
+                    codes["429"] = (
+                        "The engine's or the training queue is full; retry after Retry-After seconds."
+                    )
                 for code, description in codes.items():
                     responses.setdefault(code, {"description": description, "content": error})
         app.openapi_schema = spec

@@ -4,22 +4,29 @@ Besides the standard fields, every choice carries extension fields that the offi
 `choice.model_extra`: `token_ids` (the exact sampled ids), `token_logprobs` (their logprobs under the
 unmodified model distribution), `prompt_token_ids`, and `weights` ({"model", "step"}), which say which
 weights produced it. Training uses these ids; it never re-tokenizes the model's text.
+
+`prepare` (rendering, tokenizing, grammar checks, loading an older step's adapter) runs on a worker thread,
+and so does encoding a response; the event loop only moves bytes. A request is submitted to the engine before
+the response starts, so a full engine queue is a 429 even when streaming.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 from advantage.engine.chat import forced_functions, parse_assistant_output, render_prompt, validate_messages
 from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.sampling import SamplingError, SamplingParams
-from advantage.engine.torch_engine import Completion, ContextLengthError
-from advantage.server.schemas import APIError, ChatCompletionRequest
+from advantage.engine.torch_engine import Completion, ContextLengthError, QueueFull, TokenCallback
+from advantage.server.schemas import APIError, ChatCompletionRequest, queue_full
 from advantage.service import Service, UnknownServedModel, Weights
 
 
@@ -34,7 +41,8 @@ class PreparedRequest:
 
 
 def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
-    """Validate everything up front so that a bad request is a 4xx before any compute is spent."""
+    """Validate everything up front so that a bad request is a 4xx before any compute is spent. CPU-heavy
+    for a long conversation or a large schema: call it on a worker thread."""
     try:
         weights = service.resolve(req.model)
     except UnknownServedModel as exc:
@@ -108,8 +116,23 @@ def _schema_error(source: str, detail: str) -> str:
     return f"Invalid {what}: {detail.rstrip('.')}.{hint}"
 
 
-async def complete(p: PreparedRequest) -> dict[str, Any]:
-    outs = await p.weights.engine.generate(p.prompt_ids, p.params, p.weights.adapter)
+def submit(p: PreparedRequest, on_token: TokenCallback | None = None) -> asyncio.Future[list[Completion]]:
+    """Queue the request on the engine; cancelling the returned future takes its rows out of the batch."""
+    try:
+        fut: concurrent.futures.Future[list[Completion]] = p.weights.engine.submit(
+            p.prompt_ids, p.params, p.weights.adapter, on_token
+        )
+    except QueueFull as exc:
+        raise queue_full(exc) from None
+    return asyncio.wrap_future(fut)
+
+
+async def complete(p: PreparedRequest) -> JSONResponse:
+    outs = await submit(p)
+    return await asyncio.to_thread(lambda: JSONResponse(_completion(p, outs)))  # encoded off the loop
+
+
+def _completion(p: PreparedRequest, outs: list[Completion]) -> dict[str, Any]:
     choices = [_choice(p, i, c) for i, c in enumerate(outs)]
     n_out = sum(len(c.token_ids) for c in outs)
     return {
@@ -172,37 +195,44 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def stream(p: PreparedRequest) -> AsyncIterator[str]:
+def stream(p: PreparedRequest) -> AsyncIterator[str]:
     """SSE chunks. Content streams token by token; with tools, the reply is parsed whole and then sent, so
-    a half-written `<tool_call>` never reaches the client as content."""
+    a half-written `<tool_call>` never reaches the client as content. The request is submitted now, so a
+    full queue raises (a 429) before the response starts."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
 
     def on_token(index: int, delta: str) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (index, delta))
 
+    return _chunks(p, queue, submit(p, None if p.tools_enabled else on_token))
+
+
+async def _chunks(
+    p: PreparedRequest, queue: asyncio.Queue[tuple[int, str]], task: asyncio.Future[list[Completion]]
+) -> AsyncIterator[str]:
     base = {"id": p.id, "object": "chat.completion.chunk", "created": p.created, "model": p.req.model}
 
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
         return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
 
-    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(p.params.n)])
-    task = asyncio.ensure_future(
-        p.weights.engine.generate(
-            p.prompt_ids, p.params, p.weights.adapter, None if p.tools_enabled else on_token
-        )
-    )
-    while not task.done() or not queue.empty():
-        getter = asyncio.ensure_future(queue.get())
-        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-        if getter in done:
-            index, delta = getter.result()
-            yield chunk([{"index": index, "delta": {"content": delta}, "finish_reason": None}])
-        else:
-            getter.cancel()
-    outs = task.result()
-    for i, c in enumerate(outs):
-        full = _choice(p, i, c)
+    try:
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(p.params.n)])
+        while not task.done() or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            try:
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not getter.done():
+                    getter.cancel()
+            if getter in done:
+                index, delta = getter.result()
+                yield chunk([{"index": index, "delta": {"content": delta}, "finish_reason": None}])
+        outs = task.result()
+    finally:  # the client went away mid-stream (or the stream failed): the engine drops the request's rows
+        task.cancel()
+    fulls = await asyncio.to_thread(lambda: [_choice(p, i, c) for i, c in enumerate(outs)])
+    for i, (c, full) in enumerate(zip(outs, fulls, strict=True)):
         delta: dict[str, Any] = {}
         if p.tools_enabled:
             delta["content"] = full["message"]["content"]

@@ -1,16 +1,59 @@
 """Run the app with uvicorn: in the foreground (`advantage serve`) or on a background thread on a free
-loopback port (LocalBackend, tests)."""
+loopback port (LocalBackend, tests).
+
+uvicorn's access log prints each request's path with its query string, so a client that sends its key as
+`?api_key=...` would put it in the log: `RedactSecrets` writes `***` for the values of key-like query
+parameters, and for the server's key wherever it appears in a line."""
 
 from __future__ import annotations
 
+import copy
+import logging
 import socket
 import threading
 import time
+from typing import Any
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import uvicorn
 
 from advantage.server.app import create_app
 from advantage.service import Service
+
+SECRET_PARAMS = frozenset({"api_key", "api-key", "apikey", "key", "token", "access_token"})
+
+
+class RedactSecrets(logging.Filter):
+    """A filter for uvicorn's access logger (its records carry (client, method, path, version, status))."""
+
+    def __init__(self, api_key: str | None = None) -> None:
+        super().__init__()
+        self.secrets = [s for s in {api_key, quote(api_key or ""), quote_plus(api_key or "")} if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.redact(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+    def redact(self, text: str) -> str:
+        path, sep, query = text.partition("?")
+        if sep:
+            parts = []
+            for part in query.split("&"):
+                name, eq, _ = part.partition("=")
+                parts.append(f"{name}=***" if eq and unquote_plus(name).lower() in SECRET_PARAMS else part)
+            text = f"{path}?{'&'.join(parts)}"
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def log_config(api_key: str | None) -> dict[str, Any]:
+    """uvicorn's logging config, with `RedactSecrets` on the access log."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config.setdefault("filters", {})["redact"] = {"()": RedactSecrets, "api_key": api_key}
+    config["loggers"]["uvicorn.access"]["filters"] = ["redact"]
+    return config
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -19,19 +62,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def _config(service: Service, api_key: str | None, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(service, api_key),
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=log_config(api_key),
+        timeout_keep_alive=30,
+    )
+
+
 class BackgroundServer:
     """The real HTTP server on 127.0.0.1, in this process, on its own thread and event loop."""
 
     def __init__(self, service: Service, api_key: str | None = None, host: str = "127.0.0.1", port: int = 0):
         self.host, self.port = host, port or free_port(host)
-        config = uvicorn.Config(
-            create_app(service, api_key),
-            host=self.host,
-            port=self.port,
-            log_level="warning",
-            timeout_keep_alive=30,
-        )
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn.Server(_config(service, api_key, self.host, self.port, "warning"))
         self._thread = threading.Thread(target=self._server.run, name="advantage-server", daemon=True)
 
     @property
@@ -53,4 +100,4 @@ class BackgroundServer:
 
 
 def serve_forever(service: Service, host: str, port: int, api_key: str | None) -> None:
-    uvicorn.run(create_app(service, api_key), host=host, port=port, log_level="info")
+    uvicorn.Server(_config(service, api_key, host, port, "info")).run()

@@ -11,6 +11,8 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from advantage.engine.torch_engine import QueueFull
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -44,6 +46,11 @@ INTERNAL_ERROR = (
 )
 
 
+ErrorType = Literal[
+    "invalid_request_error", "authentication_error", "not_found_error", "rate_limit_error", "server_error"
+]
+
+
 class APIError(Exception):
     """An error to return in OpenAI's shape."""
 
@@ -51,17 +58,26 @@ class APIError(Exception):
         self,
         status: int,
         message: str,
-        type_: Literal["invalid_request_error", "authentication_error", "not_found_error", "server_error"] = (
-            "invalid_request_error"
-        ),
+        type_: ErrorType = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+        response = error_response(self.status, self.message, self.type, self.param, self.code)
+        response.headers.update(self.headers)
+        return response
+
+
+def queue_full(exc: QueueFull) -> APIError:
+    """A full engine or training queue: 429, and when to try again (the OpenAI SDK honours Retry-After)."""
+    return APIError(
+        429, str(exc), "rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after)}
+    )
 
 
 # OpenAI's error body, as JSON schema: the OpenAPI document says every 4xx has this shape.

@@ -24,12 +24,15 @@ answering chat completions meanwhile, from the previous weights. The new step is
 old weights finishes on them.
 
 If the client goes away mid-step the step still completes on the server (a thread cannot be cancelled) and
-becomes the new latest step; a client that reconnects learns it from `get_step`. If the server dies
+becomes the new latest step; a client that reconnects learns it from `get_step`. An op (below) whose client
+goes away before the training thread took it up is dropped. At most `Service.max_train_queue` jobs wait for
+the training thread; past that a train step or an op is answered 429 with Retry-After, before anything runs. If the server dies
 mid-step, the partly written checkpoint is a `.tmp-*` dir that the next `register` sweeps: the newest
 complete step stays the latest.
 
 Bodies are JSON (NaN is accepted on the wire, so a NaN reward reaches the validation that explains it) and
-unknown fields are refused. Auth is the app's middleware, as for every route.
+unknown fields are refused; they are parsed, and the groups rebuilt and checked, on worker threads. Auth is
+the app's middleware, as for every route.
 """
 
 from __future__ import annotations
@@ -46,13 +49,15 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from advantage.config import LoRAConfig, TrainConfig
-from advantage.server.schemas import INTERNAL_ERROR, APIError
+from advantage.engine.torch_engine import QueueFull
+from advantage.server.parsing import OffLoopRoute
+from advantage.server.schemas import INTERNAL_ERROR, APIError, queue_full
 from advantage.service import ModelEntry, Service, UnknownServedModel, check_name
 from advantage.service_ops import OPS, check_group, run_op
 from advantage.trajectory import TrajectoryGroup
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/training")
+router = APIRouter(prefix="/v1/training", route_class=OffLoopRoute)
 HEARTBEAT_S = 15.0
 NOT_REGISTERED = "model_not_registered"  # the error code RemoteBackend answers by registering again
 
@@ -127,16 +132,27 @@ async def get_step(name: str, request: Request) -> Response:
 async def train(name: str, body: TrainBody, request: Request) -> StreamingResponse:
     service = _service(request)
     entry = _trainable(service, name)
-    groups = _groups(body.groups, "train", _vocab_size(entry))
-    events = _train_events(service, name, groups, body.config)
-    return StreamingResponse(events, media_type="application/x-ndjson")
+    groups = await asyncio.to_thread(_groups, body.groups, "train", _vocab_size(entry))
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
+
+    def progress(done: int, total: int) -> None:  # called on the training thread
+        loop.call_soon_threadsafe(queue.put_nowait, (done, total))
+
+    start = entry.latest
+    try:  # queued now: a full training queue is a 429, before the stream starts
+        task = asyncio.ensure_future(service.train_async(name, groups, body.config, progress))
+    except QueueFull as exc:
+        raise queue_full(exc) from None
+    task.add_done_callback(lambda _: queue.put_nowait(None))  # after every progress item already queued
+    return StreamingResponse(_train_events(start, task, queue), media_type="application/x-ndjson")
 
 
 @router.post("/models/{name}/log")
 async def log_groups(name: str, body: LogBody, request: Request) -> Response:
     service = _service(request)
     _trainable(service, name)
-    groups = _groups(body.groups, "log")
+    groups = await asyncio.to_thread(_groups, body.groups, "log")
     try:
         check_name("split", body.split)  # it becomes a directory name
         metrics = await asyncio.to_thread(service.log_groups, name, groups, body.split)
@@ -161,9 +177,10 @@ def _add_op_route(op: str, body_model: type[BaseModel]) -> None:
         service = _service(request)
         _trainable(service, name)
         try:
-            return _json(await run_op(service, name, op, body))
+            result = await run_op(service, name, op, body)
         except Exception as exc:
             raise api_error(exc) from exc
+        return await asyncio.to_thread(_json, result)  # logprobs or datums can be megabytes
 
     handler.__annotations__ = {"name": str, "body": body_model, "request": Request, "return": Response}
     handler.__name__ = f"op_{op}"
@@ -181,6 +198,8 @@ def api_error(exc: BaseException) -> APIError:
     """The service's exceptions as HTTP errors: bad input is a 4xx whose message says what to do."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, QueueFull):
+        return queue_full(exc)
     if isinstance(exc, UnknownServedModel):
         message = str(exc.args[0]) if exc.args else "Unknown model."
         return APIError(
@@ -257,17 +276,10 @@ def _groups(bodies: list[GroupBody], action: str, vocab_size: int | None = None)
 
 
 async def _train_events(
-    service: Service, name: str, groups: list[TrajectoryGroup], config: TrainConfig
+    start: int,
+    task: asyncio.Future[tuple[int, dict[str, float]]],
+    queue: asyncio.Queue[tuple[int, int] | None],
 ) -> AsyncIterator[bytes]:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
-
-    def progress(done: int, total: int) -> None:  # called on the training thread
-        loop.call_soon_threadsafe(queue.put_nowait, (done, total))
-
-    start = service.model_entry(name).latest
-    task = asyncio.ensure_future(service.train_async(name, groups, config, progress))
-    task.add_done_callback(lambda _: queue.put_nowait(None))  # after every progress item already queued
     try:
         yield _line({"event": "started", "step": start})
         while True:

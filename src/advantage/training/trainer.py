@@ -27,7 +27,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.config import LoRAConfig
-from advantage.engine.precision import use_fp32_head
+from advantage.engine.precision import resolve_dtype, use_fp32_head
 
 # A loss over one micro-batch: (logp (B,T), datums' tensors) -> (scalar loss, metrics)
 BatchLossFn = Callable[["Batch"], tuple[torch.Tensor, dict[str, float]]]
@@ -63,7 +63,7 @@ class Trainer:
         model_path: str | Path,
         lora: LoRAConfig,
         *,
-        dtype: str = "bfloat16",
+        dtype: str = "auto",
         device: str | None = None,
         seed: int = 0,
         head_dtype: str = "float32",
@@ -72,7 +72,8 @@ class Trainer:
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(self.device)
+        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
+        base = base.to(self.device)
         base.config.use_cache = True
         torch.manual_seed(seed)
         peft_cfg = LoraConfig(
