@@ -30,7 +30,7 @@ class DemoConfig(BaseModel):
     )
     root: Path = Field(Path(".advantage"), description="Checkpoint and run root.")
     base_model: str = Field("smollm2-135m-instruct", description="Bundled model name or HF model dir.")
-    steps: int = Field(12, ge=0, description="Training steps (about 60 s each on 2 CPU cores).")
+    steps: int = Field(12, ge=0, description="Training steps (60-150 s each on 2 CPU cores).")
     groups_per_step: int = Field(4, ge=1, description="Scenarios per step.")
     group_size: int = Field(8, ge=2, description="Rollouts per scenario.")
     val_size: int = Field(32, ge=1, description="Held-out scenarios for the baseline and final evaluation.")
@@ -52,9 +52,7 @@ class DemoConfig(BaseModel):
         0.25, ge=0, le=1, description="Where the decay ends, as a fraction of the peak."
     )
     warmup_steps: int = Field(1, ge=0, description="Steps of linear learning-rate warm-up.")
-    micro_batch_size: int = Field(
-        16, ge=1, description="Sequences per forward/backward (16: ~1.3x faster than 8, ~9 GiB peak)."
-    )
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; bounds memory.")
     guard: bool = Field(
         True,
         description="Roll back to the best step and halve the learning rate when a dev evaluation falls "
