@@ -41,3 +41,18 @@ def tiny_model_dir(smollm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     LlamaForCausalLM(cfg).save_pretrained(out)
     AutoTokenizer.from_pretrained(smollm_dir).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for the engines a module starts (a thread reads the setting on its first op).
+
+    On a shared two-core box, two OpenMP threads spin at every barrier whenever another process holds a
+    core: a 1 s request then takes 15-50 s at random. One thread is slower on an idle box but steady.
+    Use it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

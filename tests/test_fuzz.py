@@ -37,24 +37,13 @@ from advantage.server.app import create_app
 from advantage.server.runner import BackgroundServer
 from advantage.service import Service
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 MODEL = "smollm2-135m-instruct"
 TRAINABLE = "fuzz"
 KEY = "fuzz-key"
 HI = [{"role": "user", "content": "Name a color."}]
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: steady on a shared two-core box (see tests/test_server.py)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ from advantage.server.runner import BackgroundServer, free_port
 from advantage.server.schemas import INTERNAL_ERROR
 from advantage.service import Service
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 KEY = "hostile-key"
 NAME = "h"
@@ -50,15 +50,6 @@ NAN, INF = float("nan"), float("inf")
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    """One intra-op thread: steady on a shared two-core box (see tests/test_server.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

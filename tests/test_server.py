@@ -23,7 +23,7 @@ from advantage.server.app import OPEN_PATHS, create_app
 from advantage.server.runner import BackgroundServer
 from advantage.service import Service
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 MODEL = "smollm2-135m-instruct"
 KEY = "test-key-123"
@@ -67,20 +67,6 @@ def weather_conversation(city: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread for the engines started here (a thread reads the setting on its first op).
-
-    On a shared two-core box, two OpenMP threads spin at every barrier whenever another process holds a
-    core: a 1 s request then takes 15-50 s at random. One thread is slower on an idle box but steady."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
