@@ -109,6 +109,7 @@ class Service:
         self._engines: dict[str, TorchEngine] = {}
         self._models: dict[str, ModelEntry] = {}
         self._lock = threading.RLock()
+        self._register_gates: dict[str, threading.Lock] = {}  # name -> lock: one register of a name at a time
         # Every train step runs on this one thread. Steps spread over a thread pool each left their peak
         # (~6 GiB) in a different glibc malloc arena, and RSS grew by that much per step until the OOM killer
         # stepped in; one thread reuses one arena.
@@ -164,8 +165,7 @@ class Service:
         with self._lock:
             # One gate per name, made on first use: a second register of a name waits for the first to
             # finish, then finds its result (or, if it failed, tries afresh).
-            gates: dict[str, threading.Lock] = vars(self).setdefault("_register_gates", {})
-            gate = gates.setdefault(name, threading.Lock())
+            gate = self._register_gates.setdefault(name, threading.Lock())
         with gate:
             existing = self._models.get(name)
             if existing is not None:
@@ -246,20 +246,18 @@ class Service:
         assert entry.run_dir is not None
         with entry.lock:
             on_disk = ckpt.list_steps(entry.run_dir)
-            value: float | None = None
+            logged = entry.log.metric_by_step(metric)
             if step is None:
-                scores = {s: v for s, v in entry.log.metric_by_step(metric).items() if s in on_disk}
+                scores = {s: v for s, v in logged.items() if s in on_disk}
                 if not scores:
                     raise ValueError(
                         f"No step on disk has a logged {metric!r}; evaluate with model.log(groups, split=...) "
                         "first, or pass the step to restore."
                     )
-                step = max(scores, key=lambda s: (scores[s], s))
-                value = scores[step]
+                step = ckpt.best_step(scores)
             if step not in on_disk:
                 raise ValueError(f"Step {step} of {name!r} is not on disk; steps on disk: {on_disk}.")
-            if value is None:
-                value = entry.log.metric_by_step(metric).get(step)
+            value = logged.get(step)
             trainer.load(ckpt.step_dir(entry.run_dir, step))
             new = self.save_step(name, {"source": "restore", "restored_from": step})
             row: dict[str, Any] = {"restored_from": float(step)}

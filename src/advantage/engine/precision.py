@@ -10,10 +10,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import functools
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn

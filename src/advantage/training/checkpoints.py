@@ -104,8 +104,13 @@ def steps_to_delete(scores: dict[int, float | None], latest: int, keep: str = "b
     kept = {0, latest}
     measured = {s: v for s, v in scores.items() if v is not None}
     if keep == "best+latest" and measured:
-        kept.add(max(measured, key=lambda s: (measured[s], s)))
+        kept.add(best_step(measured))
     return sorted(s for s in scores if s not in kept)
+
+
+def best_step(scores: dict[int, float]) -> int:
+    """The step with the highest score; the later step on ties. `scores` must not be empty."""
+    return max(scores, key=lambda s: (scores[s], s))
 
 
 def _fsync_dir(path: Path) -> None:
