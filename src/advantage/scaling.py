@@ -4,11 +4,10 @@
 
 C is compute on any axis (steps, tokens, seconds), R0 the starting reward, A the asymptotic reward, B > 0
 the compute efficiency and C_mid the compute at half the gain. R0 is held fixed (the mean of the first
-three rewards by compute, unless given) and A, B, log(C_mid) are fit by bounded least squares: a coarse
-grid over (B, C_mid), where A has a closed form, then Levenberg-Marquardt. The sigmoid is written in
-log C, so C_mid is fit as log(C_mid) and steps in it are scale-free. The interval on A comes from
-resampling the residuals around the fit and refitting (with R0 redrawn too when it was estimated, since A
-leans on it). Plain numpy: no scipy needed.
+three rewards by compute, unless given) and A, B, log(C_mid) are fit by bounded least squares
+(`scipy.optimize.least_squares`, from a few starting C_mid). The sigmoid is written in log C, so C_mid is
+fit as log(C_mid) and steps in it are scale-free. The interval on A comes from resampling the residuals
+around the fit and refitting (with R0 redrawn too when it was estimated, since A leans on it).
 
 A ceiling only means something for a curve that rises. A run that peaks and then collapses would get an A
 below its start, even below the reward's floor, so `fit_scaling_curve` first judges the curve (see
@@ -85,57 +84,38 @@ def _residual(log_c: Array, y: Array, r0: float, p: Array) -> Array:
     return y - (r0 + (p[0] - r0) * _sigmoid(log_c, p[1], p[2]))
 
 
-def _levenberg_marquardt(
-    log_c: Array, y: Array, r0: float, p: Array, lo: Array, hi: Array, iters: int = 200
-) -> Array:
-    """Minimise |y - f(p)|^2 over p = (A, B, log C_mid) within [lo, hi] (steps are clipped to the box)."""
-    res = _residual(log_c, y, r0, p)
-    cost, lam = float(res @ res), 1e-3
-    for _ in range(iters):
-        s = _sigmoid(log_c, p[1], p[2])
-        ds = -s * (1.0 - s) * (p[0] - r0)  # (n,) d f / d z, where z = B (log C_mid - log C)
-        jac = np.stack([s, ds * (p[2] - log_c), ds * p[1]], axis=1)  # (n, 3) d f / d (A, B, log C_mid)
-        h, g = jac.T @ jac, jac.T @ res
-        while lam < 1e12:
-            try:
-                step = np.linalg.solve(h + lam * np.diag(np.diag(h) + 1e-12), g)
-            except np.linalg.LinAlgError:
-                lam *= 10.0
-                continue
-            p_new = np.clip(p + step, lo, hi)
-            res_new = _residual(log_c, y, r0, p_new)
-            cost_new = float(res_new @ res_new)
-            if cost_new < cost:
-                break
-            lam *= 4.0
-        else:
-            return p  # no step lowers the cost: converged (or stuck on a bound)
-        done = cost - cost_new <= 1e-12 * max(cost, 1e-30)
-        p, res, cost, lam = p_new, res_new, cost_new, max(lam / 3.0, 1e-9)
-        if done:
-            break
-    return p
+def _residual_jac(log_c: Array, y: Array, r0: float, p: Array) -> Array:
+    """(n, 3) d residual / d (A, B, log C_mid): minus the curve's derivatives."""
+    s = _sigmoid(log_c, p[1], p[2])
+    ds = -s * (1.0 - s) * (p[0] - r0)  # (n,) d f / d z, where z = B (log C_mid - log C)
+    return -np.stack([s, ds * (p[2] - log_c), ds * p[1]], axis=1)
+
+
+def _refine(log_c: Array, y: Array, r0: float, p0: Array, lo: Array, hi: Array) -> Array:
+    """Minimise |y - f(p)|^2 over p = (A, B, log C_mid) within [lo, hi], starting from `p0`."""
+    from scipy.optimize import least_squares  # imported here: it adds ~0.6 s and only a fit needs it
+
+    fit = least_squares(
+        lambda p: _residual(log_c, y, r0, p),
+        np.clip(p0, lo, hi),
+        jac=lambda p: _residual_jac(log_c, y, r0, p),
+        bounds=(lo, hi),
+        method="trf",
+        x_scale="jac",
+        ftol=1e-12,
+        xtol=1e-12,
+        gtol=1e-12,
+    )
+    return np.asarray(fit.x, dtype=np.float64)
 
 
 def _fit(log_c: Array, y: Array, r0: float, lo: Array, hi: Array) -> Array:
-    """Best of a (B, log C_mid) grid, with A solved in closed form at each node, refined by LM."""
-    b_grid = np.array([0.3, 0.6, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0])
-    l_grid = np.linspace(lo[2], min(hi[2], log_c.max() + math.log(30.0)), 24)
-    s = _sigmoid(log_c[None, None, :], b_grid[:, None, None], l_grid[None, :, None])  # (nB, nL, n)
-    # f = r0 + (A - r0) s is linear in A, so for fixed (B, C_mid): A - r0 = <s, y - r0> / <s, s>.
-    gain = (s @ (y - r0)) / np.maximum((s * s).sum(-1), 1e-300)  # (nB, nL)
-    a = np.clip(r0 + gain, lo[0], hi[0])
-    cost = (((r0 + (a - r0)[..., None] * s) - y) ** 2).sum(-1)  # (nB, nL)
-    best: Array | None = None
-    best_cost = math.inf
-    for flat in np.argsort(cost, axis=None)[:3]:
-        i, j = np.unravel_index(flat, cost.shape)
-        p = _levenberg_marquardt(log_c, y, r0, np.array([a[i, j], b_grid[i], l_grid[j]]), lo, hi)
-        res = _residual(log_c, y, r0, p)
-        if float(res @ res) < best_cost:
-            best, best_cost = p, float(res @ res)
-    assert best is not None
-    return best
+    """The best of a few bounded least-squares fits, started with C_mid inside the data, near its end and
+    beyond it (a run that has not yet bent), so one basin of the non-convex cost does not decide."""
+    a0 = float(np.clip(y.max() if y[-1] >= r0 else y.min(), lo[0], hi[0]))
+    starts = [np.quantile(log_c, 0.5), log_c.max(), log_c.max() + math.log(10.0)]
+    fits = [_refine(log_c, y, r0, np.array([a0, 1.0, l0]), lo, hi) for l0 in starts]
+    return min(fits, key=lambda p: float(np.sum(_residual(log_c, y, r0, p) ** 2)))
 
 
 def kendall_tau(y: Array) -> float:
@@ -242,8 +222,8 @@ def fit_scaling_curve(
             y_k = fitted + rng.choice(res, size=res.size, replace=True)
             # A estimated R0 is noisy too and A leans on it, so it is redrawn from the same residuals.
             r0_k = r0_value + (0.0 if r0 is not None else float(rng.choice(res, size=R0_POINTS).mean()))
-            # Refit from the point estimate: the resampled curve is near it, so the grid is not needed.
-            a_boot[k] = _levenberg_marquardt(log_c, y_k, r0_k, p.copy(), lo, hi)[0]
+            # Refit from the point estimate: the resampled curve is near it, so one start is enough.
+            a_boot[k] = _refine(log_c, y_k, r0_k, p, lo, hi)[0]
         interval = (float(np.percentile(a_boot, 5)), float(np.percentile(a_boot, 95)))
     return ScalingFit(
         a=float(p[0]),
