@@ -4,9 +4,10 @@ Rollouts, tools and rewards stay in this process; `model.openai_client()` talks 
 routes, and the training calls go to its `/v1/training/` routes (see `advantage.server.training_routes`).
 This module imports nothing from the server side.
 
-Retries, and why each call gets the ones it gets:
-- Every call is sent again, with exponential backoff, when the connection could not be made at all
-  (refused, or the connect timed out): the server never saw the request, so sending it again is safe.
+Retries, and why each call gets the ones it gets (connection retries are httpx's transport retries; the
+others are tenacity's, with exponential backoff from 0.5 s to 8 s):
+- Every call is sent again when the connection could not be made at all (refused, or the connect timed
+  out): the server never saw the request, so sending it again is safe.
 - `register`, `get_step` and `delete_checkpoints` are idempotent, so they are also retried when the
   connection breaks after the request went out, and on 502/503/504 (a proxy in front of a restarting
   server). A retried `delete_checkpoints` may return `[]` when the first attempt already deleted.
@@ -32,10 +33,12 @@ import asyncio
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 from tqdm.auto import tqdm
 
 from advantage.backends.base import TrainResult
@@ -48,17 +51,28 @@ if TYPE_CHECKING:
 NOT_REGISTERED = "model_not_registered"  # the server's error code for a model it does not know (any more)
 _RETRY_STATUS = frozenset({502, 503, 504})
 _IDEMPOTENT_OPS = frozenset({"datums", "sft_datums", "forward", "sample"})
+# Raised before the request went out. httpx's transport retries the first two itself; a pool timeout (every
+# connection busy) is retried here.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_BACKOFF = wait_exponential(multiplier=0.5, max=8.0)  # 0.5, 1, 2, 4, 8, 8, ... seconds
+T = TypeVar("T")
 
 
 class BackendError(Exception):
     """The server refused or failed a request. `status` is the HTTP status; `type` and `code` come from
-    the OpenAI-shaped error body."""
+    the OpenAI-shaped error body. `retry_after` is the wait in seconds a 429 asked for (None otherwise)."""
 
     def __init__(
-        self, message: str, status: int | None = None, type_: str | None = None, code: str | None = None
+        self,
+        message: str,
+        status: int | None = None,
+        type_: str | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message, self.status, self.type, self.code = message, status, type_, code
+        self.retry_after = retry_after
 
 
 class BackendRequestError(BackendError, ValueError):
@@ -134,7 +148,7 @@ class RemoteBackend:
         content = _dumps({"groups": [g.to_dict() for g in groups], "config": config.model_dump(mode="json")})
         bar = tqdm(total=0, desc=f"train {model.name}", unit="mb", leave=False, disable=not self.progress)
         try:
-            return await self._train_stream(model, content, bar)
+            return await self._again_if_unregistered(model, lambda: self._train_stream(model, content, bar))
         finally:
             bar.close()
 
@@ -157,10 +171,41 @@ class RemoteBackend:
             headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
             timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, 10.0))
             self._http = httpx.AsyncClient(
-                base_url=f"{self.base_url}/training", headers=headers, timeout=timeout
+                base_url=f"{self.base_url}/training",
+                headers=headers,
+                timeout=timeout,
+                transport=httpx.AsyncHTTPTransport(retries=self.max_retries),  # refused or timed-out connects
             )
             self._loop = loop
         return self._http
+
+    def _retrying(self, idempotent: bool) -> AsyncRetrying:
+        """What is sent again beyond the transport's connect retries: a 429 (nothing was queued) and a pool
+        timeout (nothing was sent) always; a broken connection and a 502/503/504 only for an idempotent call."""
+
+        def worth_retrying(exc: BaseException) -> bool:
+            if isinstance(exc, BackendError):
+                return exc.retry_after is not None or (idempotent and exc.status in _RETRY_STATUS)
+            if isinstance(exc, httpx.PoolTimeout):
+                return True
+            already_retried = isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout))  # by the transport
+            return idempotent and isinstance(exc, httpx.TransportError) and not already_retried
+
+        return AsyncRetrying(
+            retry=retry_if_exception(worth_retrying),
+            wait=_wait,
+            stop=stop_after_attempt(self.max_retries + 1),
+            reraise=True,
+        )
+
+    async def _again_if_unregistered(self, model: TrainableModel, send: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await send()
+        except BackendRequestError as exc:
+            if exc.code != NOT_REGISTERED:
+                raise
+        await self.register(model)  # the server restarted since: register again, then repeat once
+        return await send()
 
     async def _call_registered(
         self,
@@ -172,96 +217,62 @@ class RemoteBackend:
         idempotent: bool,
     ) -> dict[str, Any]:
         path = f"/models/{quote(model.name, safe='')}/{action}"
-        try:
-            return await self._call(method, path, body, idempotent=idempotent, what=action)
-        except BackendRequestError as exc:
-            if exc.code != NOT_REGISTERED:
-                raise
-        await self.register(model)  # the server restarted since: register again, then repeat once
-        return await self._call(method, path, body, idempotent=idempotent, what=action)
+        return await self._again_if_unregistered(
+            model, lambda: self._call(method, path, body, idempotent=idempotent, what=action)
+        )
 
     async def _call(
         self, method: str, path: str, body: dict[str, Any] | None, *, idempotent: bool, what: str
     ) -> dict[str, Any]:
         content = None if body is None else _dumps(body)
         headers = {"Content-Type": "application/json"} if body is not None else {}
-        last: Exception | None = None
-        busy: float | None = None  # the server's Retry-After, after a 429
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                await asyncio.sleep(_backoff(attempt - 1) if busy is None else busy)
-            busy = None
-            try:
-                resp = await self._client().request(method, path, content=content, headers=headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                last = exc  # never reached the server: safe to send again
-                continue
-            except httpx.TransportError as exc:
-                if not idempotent:
-                    raise BackendUnavailableError(
-                        f"The connection to {self.server_url} broke during {what}() ({_cause(exc)}); the "
-                        "server may or may not have recorded it. Check the run's metrics.jsonl on the server "
-                        "before sending it again."
-                    ) from exc
-                last = exc
-                continue
-            if (resp.status_code in _RETRY_STATUS and idempotent) or resp.status_code == 429:
-                last = _error(resp.status_code, _json_or_none(resp), self.server_url, what)
-                busy = _retry_after(resp) if resp.status_code == 429 else None
-                continue
+
+        async def send() -> dict[str, Any]:
+            resp = await self._client().request(method, path, content=content, headers=headers)
             payload = _json_or_none(resp)
             if resp.status_code >= 400 or payload is None:
-                raise _error(resp.status_code, payload, self.server_url, what)
+                raise _error(resp, payload, self.server_url, what)
             return payload
-        if isinstance(last, BackendError):
-            raise last
-        raise BackendUnavailableError(
-            f"Cannot reach the advantage server at {self.server_url} for {what}() after "
-            f"{self.max_retries + 1} attempts ({_cause(last)}). Is `advantage serve` running there, and is "
-            "the URL right?"
-        ) from last
+
+        try:
+            return await self._retrying(idempotent)(send)
+        except httpx.TransportError as exc:
+            if idempotent or isinstance(exc, _NOT_SENT):
+                raise self._unreachable(what, exc) from exc
+            raise BackendUnavailableError(
+                f"The connection to {self.server_url} broke during {what}() ({_cause(exc)}); the "
+                "server may or may not have recorded it. Check the run's metrics.jsonl on the server "
+                "before sending it again."
+            ) from exc
 
     async def _train_stream(self, model: TrainableModel, content: bytes, bar: tqdm) -> TrainResult:
         path = f"/models/{quote(model.name, safe='')}/train"
         headers = {"Content-Type": "application/json"}
-        failures, registered_again, busy_tries = 0, False, 0
-        while True:
-            error: BackendError | None = None
-            busy: float | None = None
-            result: TrainResult | None = None
-            try:
-                async with self._client().stream("POST", path, content=content, headers=headers) as resp:
-                    if resp.status_code >= 400:  # refused before anything was trained
-                        await resp.aread()
-                        error = _error(resp.status_code, _json_or_none(resp), self.server_url, "train")
-                        busy = _retry_after(resp) if resp.status_code == 429 else None
-                    else:  # an error event in the stream raises from here, and is never retried
-                        result = await _read_train_events(resp, bar, self.server_url)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                failures += 1  # raised only while connecting: the server never saw the step, so send it again
-                if failures > self.max_retries:
-                    raise BackendUnavailableError(
-                        f"Cannot reach the advantage server at {self.server_url} for train() after "
-                        f"{failures} attempts ({_cause(exc)}); nothing was trained. Is `advantage serve` "
-                        "running there, and is the URL right?"
-                    ) from exc
-                await asyncio.sleep(_backoff(failures - 1))
-                continue
-            except httpx.TransportError as exc:  # the step went out: never send it twice
-                raise self._went_away(model, exc) from exc
-            if error is not None:
-                if busy is not None and busy_tries < self.max_retries:  # nothing was queued: send it again
-                    busy_tries += 1
-                    await asyncio.sleep(busy)
-                    continue
-                if error.code == NOT_REGISTERED and not registered_again:  # the server restarted since
-                    registered_again = True
-                    await self.register(model)
-                    continue
-                raise error
+
+        async def send() -> TrainResult:
+            async with self._client().stream("POST", path, content=content, headers=headers) as resp:
+                if resp.status_code >= 400:  # refused before anything was trained
+                    await resp.aread()
+                    raise _error(resp, _json_or_none(resp), self.server_url, "train")
+                # An error event in the stream raises from here, and is never retried.
+                result = await _read_train_events(resp, bar, self.server_url)
             if result is None:  # a clean end of stream without a result: the server stopped mid-step
                 raise self._went_away(model, None)
             return result
+
+        try:
+            return await self._retrying(idempotent=False)(send)
+        except _NOT_SENT as exc:
+            raise self._unreachable("train", exc, "; nothing was trained") from exc
+        except httpx.TransportError as exc:  # the step went out: never send it twice
+            raise self._went_away(model, exc) from exc
+
+    def _unreachable(self, what: str, exc: Exception, consequence: str = "") -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"Cannot reach the advantage server at {self.server_url} for {what}() after "
+            f"{self.max_retries + 1} attempts ({_cause(exc)}){consequence}. Is `advantage serve` running "
+            "there, and is the URL right?"
+        )
 
     def _went_away(self, model: TrainableModel, exc: Exception | None) -> BackendUnavailableError:
         cause = _cause(exc) if exc is not None else "the stream ended without a result"
@@ -287,11 +298,19 @@ async def _read_train_events(resp: httpx.Response, bar: tqdm, server: str) -> Tr
         elif kind == "result":
             return TrainResult(int(event["step"]), {k: float(v) for k, v in event["metrics"].items()})
         elif kind == "error":
-            raise _error(int(event.get("status", 500)), {"error": event.get("error")}, server, "train")
+            raise _error_from(int(event.get("status", 500)), {"error": event.get("error")}, server, "train")
     return None
 
 
-def _error(status: int, payload: dict[str, Any] | None, server: str, what: str) -> BackendError:
+def _error(resp: httpx.Response, payload: dict[str, Any] | None, server: str, what: str) -> BackendError:
+    """The error for a refused request; a 429 carries the wait its Retry-After asks for."""
+    error = _error_from(resp.status_code, payload, server, what)
+    if resp.status_code == 429:
+        error.retry_after = _retry_after(resp)
+    return error
+
+
+def _error_from(status: int, payload: dict[str, Any] | None, server: str, what: str) -> BackendError:
     err = (payload or {}).get("error")
     if isinstance(err, dict) and err.get("message"):
         message, type_, code = str(err["message"]), err.get("type"), err.get("code")
@@ -342,11 +361,13 @@ def _retry_after(resp: httpx.Response) -> float:
     return min(max(seconds, 0.1), 60.0) if math.isfinite(seconds) else 1.0
 
 
-def _backoff(attempt: int) -> float:
-    return float(min(0.5 * 2**attempt, 8.0))
+def _wait(state: RetryCallState) -> float:
+    """The server's Retry-After after a 429, exponential backoff otherwise."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    if isinstance(exc, BackendError) and exc.retry_after is not None:
+        return exc.retry_after
+    return _BACKOFF(state)
 
 
-def _cause(exc: BaseException | None) -> str:
-    if exc is None:
-        return "no attempt made"
+def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
