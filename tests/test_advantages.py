@@ -1,4 +1,5 @@
-"""Group advantages against hand-computed numbers, plus the invariants (zero-sum groups, zero variance)."""
+"""Group advantages against hand-computed numbers, plus the invariants (zero-sum groups, zero variance), and
+the sampler-vs-trainer drift metrics by hand."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import random
 import pytest
 
 from advantage.training.advantages import group_advantages
+from advantage.training.grpo import drift_metrics
 
 
 def test_group_scale_by_hand() -> None:
@@ -99,3 +101,16 @@ def test_non_finite_reward_raises_with_location(bad: float) -> None:
 def test_unknown_scale_raises() -> None:
     with pytest.raises(ValueError, match="scale must be one of"):
         group_advantages([[0.0, 1.0]], scale="std")  # type: ignore[arg-type]
+
+
+def test_drift_metrics_by_hand() -> None:
+    # new (0, 1, 2), old (0, 2, 1): mean |diff| = (0 + 1 + 1) / 3 = 2/3. Both means 1, so
+    # cov = (-1)(-1) + 0(1) + 1(0) = 1 and var = 2 each: correlation 1 / sqrt(2 * 2) = 0.5.
+    m = drift_metrics([0.0, 1.0, 2.0], [0.0, 2.0, 1.0])
+    assert m == pytest.approx({"logprob_drift_mean_abs": 2 / 3, "logprob_drift_corr": 0.5})
+    # One token, or one constant side, has no correlation to measure: it reads as agreement (1.0).
+    assert drift_metrics([-1.0], [-1.5]) == pytest.approx(
+        {"logprob_drift_mean_abs": 0.5, "logprob_drift_corr": 1.0}
+    )
+    assert drift_metrics([1.0, 1.0], [0.0, 2.0])["logprob_drift_corr"] == 1.0
+    assert drift_metrics([], []) == {} and drift_metrics([1.0], [1.0, 2.0]) == {}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import statistics
 import threading
 import time
 import warnings
@@ -42,16 +42,14 @@ def group_metrics(groups: list[TrajectoryGroup], prefix: str) -> dict[str, float
     if not trajs:
         return out
     rewards = [t.reward for t in trajs]
-    mean = sum(rewards) / len(rewards)
-    out[f"{prefix}/reward"] = mean
-    try:
-        out[f"{prefix}/reward_std"] = math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards))
-    except OverflowError:  # rewards near the float limit (the server refuses them; a local caller may not)
-        out[f"{prefix}/reward_std"] = math.inf
+    # statistics.mean and pstdev sum exactly, so rewards near the float limit (the server refuses them; a
+    # local caller may not) give their true mean and std instead of overflowing.
+    out[f"{prefix}/reward"] = statistics.mean(rewards)
+    out[f"{prefix}/reward_std"] = statistics.pstdev(rewards)
     keys = sorted({k for t in trajs for k in t.metrics})
     for k in keys:
         vals = [float(t.metrics[k]) for t in trajs if k in t.metrics]
-        out[f"{prefix}/{k}"] = sum(vals) / len(vals)
+        out[f"{prefix}/{k}"] = statistics.mean(vals)
     return out
 
 

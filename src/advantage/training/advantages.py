@@ -19,20 +19,11 @@ such groups rather than feeding them to the loss, where they would only dilute t
 from __future__ import annotations
 
 import math
+from statistics import fmean, pstdev
 from typing import Literal
 
 Scale = Literal["group", "batch", "none"]
 SCALES: tuple[Scale, ...] = ("group", "batch", "none")
-
-
-def _mean(xs: list[float]) -> float:
-    return math.fsum(xs) / len(xs)
-
-
-def _pstd(xs: list[float]) -> float:
-    """Population standard deviation (divides by len(xs))."""
-    mu = _mean(xs)
-    return math.sqrt(math.fsum((x - mu) ** 2 for x in xs) / len(xs))
 
 
 def _validate(rewards: list[list[float]], scale: str) -> None:
@@ -69,7 +60,7 @@ def group_advantages(
     """
     _validate(rewards, scale)
     flat = [float(r) for group in rewards for r in group]
-    batch_std = _pstd(flat)
+    batch_std = pstdev(flat)  # population: divides by len(flat)
 
     advantages: list[list[float]] = []
     n_zero_var = 0
@@ -79,9 +70,9 @@ def group_advantages(
             advantages.append([0.0] * len(group))
             n_zero_var += 1
             continue
-        mu = _mean(group)
+        mu = fmean(group)
         if scale == "group":
-            denom = _pstd(group) + eps
+            denom = pstdev(group) + eps
         elif scale == "batch":
             denom = batch_std + eps
         else:
@@ -89,7 +80,7 @@ def group_advantages(
         advantages.append([(r - mu) / denom for r in group])
 
     metrics = {
-        "reward_mean": _mean(flat),
+        "reward_mean": fmean(flat),
         "reward_std": batch_std,
         "n_groups": float(len(rewards)),
         "frac_zero_variance_groups": n_zero_var / len(rewards),

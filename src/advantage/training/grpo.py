@@ -8,7 +8,7 @@ DESIGN §5, including the sampler-vs-trainer logprob drift.
 
 from __future__ import annotations
 
-import math
+import statistics
 import time
 
 from advantage.config import TrainConfig
@@ -109,10 +109,9 @@ def drift_metrics(new: list[float], old: list[float]) -> dict[str, float]:
     n = len(new)
     if n == 0 or len(old) != n:
         return {}
-    mean_abs = sum(abs(a - b) for a, b in zip(new, old, strict=True)) / n
-    ma, mb = sum(new) / n, sum(old) / n
-    cov = sum((a - ma) * (b - mb) for a, b in zip(new, old, strict=True))
-    va = sum((a - ma) ** 2 for a in new)
-    vb = sum((b - mb) ** 2 for b in old)
-    corr = cov / math.sqrt(va * vb) if va > 0 and vb > 0 else 1.0
+    mean_abs = statistics.fmean(abs(a - b) for a, b in zip(new, old, strict=True))
+    try:
+        corr = statistics.correlation(new, old)
+    except statistics.StatisticsError:  # one token, or a constant side: nothing to disagree on
+        corr = 1.0
     return {"logprob_drift_mean_abs": mean_abs, "logprob_drift_corr": corr}
