@@ -1,5 +1,5 @@
-"""Crash safety of what a run keeps on disk: a step dir survives a crash while it is being rewritten, and
-metrics.jsonl keeps every whole row when a write is torn (its neighbours too), with one fsynced append at a
+"""Crash safety of what a run keeps on disk: a step dir survives a crash while it is being rewritten, a file
+written atomically is old or new whole, and metrics.jsonl keeps every whole row when a write is torn (its neighbours too), with one fsynced append at a
 time. Also the run log's own rules: reserved column names, numeric metrics, huge rewards."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from advantage import tracking
+from advantage.files import write_text_atomic
 from advantage.service import ModelEntry, Service
 from advantage.tracking import RunLog, group_metrics
 from advantage.training import checkpoints as ckpt
@@ -92,6 +93,24 @@ def test_sweep_drops_the_old_step_once_the_new_one_landed(tmp_path: Path) -> Non
     (aside / ckpt.STATE_FILE).write_text("{}")
     assert ckpt.sweep_partial(tmp_path) == [aside]
     assert (tmp_path / "0002" / "a.bin").read_text() == "new" and not aside.exists()
+
+
+def test_an_atomic_file_write_is_old_or_new_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "report.html"
+    write_text_atomic(path, "old")
+    synced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new" and len(synced) == 2  # the file, then the directory holding its name
+
+    def replace(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        raise OSError("device gone")
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="device gone"):
+        write_text_atomic(path, "newer")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["report.html"]
 
 
 # ------------------------------------------------------------------------------------------- metrics.jsonl

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from advantage.files import write_text_atomic
 from advantage.report.data import ReportData, build_report_data
 from advantage.report.html import render_html
 
@@ -15,8 +16,5 @@ def write_report(run_dir: Path, out: Path | None = None, max_steps: int = 50) ->
     """Write the report of `run_dir` to `out` (default `<run_dir>/report.html`) and return its path."""
     data = build_report_data(Path(run_dir), max_steps=max_steps)
     path = Path(out) if out is not None else Path(run_dir) / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_html(data), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, render_html(data))
     return path

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import openai
 
+from advantage.files import write_text_atomic
 from advantage.model import Model, TrainableModel
 from advantage.trajectory import Message, TrajectoryGroup
 
@@ -313,10 +314,7 @@ class RulerJudge:
                 messages = [*request["messages"], *answer, {"role": "user", "content": hint}]
                 continue
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(raw, encoding="utf-8")
-                tmp.replace(path)
+                write_text_atomic(path, raw)
             return verdict
         shown = raw if len(raw) <= 500 else raw[:500] + "...[truncated]"
         raise RulerError(

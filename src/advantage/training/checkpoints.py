@@ -14,10 +14,11 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from advantage.files import fsync_entry, write_dir_atomic
 
 STATE_FILE = "trainer_state.json"
 
@@ -52,7 +53,7 @@ def sweep_partial(mdir: Path) -> list[Path]:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(old, final)
-            _fsync_entry(mdir)
+            fsync_entry(mdir)
         else:
             removed.append(old)
     for p in removed:
@@ -61,33 +62,17 @@ def sweep_partial(mdir: Path) -> list[Path]:
 
 
 def write_step(mdir: Path, step: int, write: Callable[[Path], None], state: dict[str, Any]) -> Path:
-    """Atomically create step dir `step`: `write(tmp_dir)` fills it, then it is renamed into place."""
-    mdir.mkdir(parents=True, exist_ok=True)
-    final = step_dir(mdir, step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{step:04d}-", dir=mdir))
-    old: Path | None = None
-    try:
+    """Atomically create step dir `step`: `write(tmp_dir)` fills it, then it is renamed into place. A re-run
+    of a step replaces it whole; the old one steps aside (`.old-*`) until then."""
+
+    def fill(tmp: Path) -> None:
         write(tmp)
         # Fault injection for the kill -9 resume test: die with the step half written.
         if os.environ.get("ADVANTAGE_FAULT") == "kill-in-checkpoint-write":
             os.kill(os.getpid(), signal.SIGKILL)
         (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=1))
-        _fsync_dir(tmp)
-        if final.exists():  # a re-run of a step replaces it whole; the old one steps aside until then
-            old = mdir / tmp.name.replace(".tmp-", ".old-", 1)
-            os.rename(final, old)
-        os.rename(tmp, final)
-        _fsync_entry(mdir)  # make the renames themselves durable
-    except BaseException:
-        if old is not None and not final.exists():
-            os.rename(old, final)
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+
+    return write_dir_atomic(step_dir(mdir, step), fill, f".tmp-{step:04d}-", f".old-{step:04d}-")
 
 
 def read_state(mdir: Path, step: int) -> dict[str, Any]:
@@ -111,18 +96,3 @@ def steps_to_delete(scores: dict[int, float | None], latest: int, keep: str = "b
 def best_step(scores: dict[int, float]) -> int:
     """The step with the highest score; the later step on ties. `scores` must not be empty."""
     return max(scores, key=lambda s: (scores[s], s))
-
-
-def _fsync_dir(path: Path) -> None:
-    for p in path.iterdir() if path.is_dir() else []:
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _fsync_entry(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
