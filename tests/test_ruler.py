@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -298,12 +299,31 @@ async def test_cost_is_counted_per_verdict_and_in_the_judge_totals() -> None:
     assert (judge.usage.prompt_tokens, judge.usage.completion_tokens, judge.usage.calls) == (3000, 1500, 3)
 
 
-def test_built_in_prices() -> None:
+def test_built_in_prices_without_litellm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "litellm", None)  # `import litellm` raises ImportError, as uninstalled
     assert known_price("openai/o4-mini") == (1.10, 4.40)
     assert known_price("gpt-4o-2024-08-06") == (2.50, 10.00)
     assert known_price("anthropic/claude-sonnet-4-20250514") == (3.00, 15.00)
     assert known_price("o3-pro") is None and known_price("smollm2-135m-instruct") is None
     assert RulerJudge("gpt-4o-mini").price_per_mtok is None  # resolved when scoring, not stored
+
+
+def test_litellm_cost_table_first_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake `litellm` module (litellm is not installed here), with the shape of its `model_cost` table:
+    $ per token, under the bare name or the provider's prefix."""
+    fake = types.ModuleType("litellm")
+    fake.model_cost = {  # type: ignore[attr-defined]
+        "o4-mini": {"input_cost_per_token": 1e-6, "output_cost_per_token": 5e-6},
+        "mistral/mistral-large-latest": {"input_cost_per_token": 2e-6, "output_cost_per_token": 6e-6},
+        "no-prices": {"max_tokens": 100},
+    }
+    monkeypatch.setitem(sys.modules, "litellm", fake)
+    assert known_price("openai/o4-mini") == pytest.approx(
+        (1.0, 5.0)
+    )  # litellm's, not the built-in 1.10, 4.40
+    assert known_price("mistral/mistral-large-latest") == pytest.approx((2.0, 6.0))
+    assert known_price("gpt-4o") == (2.50, 10.00)  # not in litellm's table: the built-in price
+    assert known_price("no-prices") is None and known_price("smollm2-135m-instruct") is None
 
 
 async def test_unknown_models_cost_nothing() -> None:

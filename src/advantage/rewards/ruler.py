@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 DEFAULT_RUBRIC = Path(__file__).with_name("ruler_rubric.txt").read_text(encoding="utf-8")
 DEFAULT_JUDGE = "o4-mini"
 
-# (input, output) US$ per million tokens: list prices of a few judges, for `cost_usd`. Pass
+# (input, output) US$ per million tokens: list prices of a few judges, for `cost_usd` when litellm (whose
+# cost table is maintained and far larger) is not installed or does not know the model. Pass
 # `price_per_mtok` for any other model; an unknown model (a local judge, say) costs 0.0.
 # fmt: off
 PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
@@ -83,7 +84,26 @@ def _bare_name(model: str) -> str:
 
 
 def known_price(model: str) -> tuple[float, float] | None:
-    """The built-in (input, output) $/Mtok of `model` ("openai/o4-mini", "claude-sonnet-4-20250514"...)."""
+    """The (input, output) $/Mtok of `model` ("openai/o4-mini", "claude-sonnet-4-20250514"...): litellm's
+    cost table when litellm is installed and lists the model, else the built-in PRICES_PER_MTOK."""
+    return _litellm_price(model) or _built_in_price(model)
+
+
+def _litellm_price(model: str) -> tuple[float, float] | None:
+    try:
+        import litellm  # optional (advantage[litellm]); its table is read only when it is there
+    except ImportError:
+        return None
+    table: dict[str, Any] = litellm.model_cost
+    # The table lists some models under their provider ("anthropic/...") and most without it ("o4-mini").
+    for key in dict.fromkeys((model, model.rsplit("/", 1)[-1], _bare_name(model))):
+        entry = table.get(key)
+        if isinstance(entry, dict) and {"input_cost_per_token", "output_cost_per_token"} <= entry.keys():
+            return float(entry["input_cost_per_token"]) * 1e6, float(entry["output_cost_per_token"]) * 1e6
+    return None
+
+
+def _built_in_price(model: str) -> tuple[float, float] | None:
     name = _bare_name(model)
     for key, price in PRICES_PER_MTOK.items():
         if re.fullmatch(re.escape(key) + r"(-\d{4}-?\d{2}-?\d{2}|-latest)?", name):
@@ -224,7 +244,7 @@ class RulerJudge:
     rubric: str | None = None  # None: DEFAULT_RUBRIC (ruler_rubric.txt)
     max_retries: int = 2
     cache_dir: Path | None = None  # a verdict per request, keyed by the request's sha256
-    price_per_mtok: tuple[float, float] | None = None  # (input, output) $/Mtok; None: PRICES_PER_MTOK or 0
+    price_per_mtok: tuple[float, float] | None = None  # (input, output) $/Mtok; None: known_price() or 0
     temperature: float = 0.0
     max_tokens: int | None = None  # None: answer_token_budget(group size), enough for any valid answer
     usage: JudgeUsage = field(default_factory=JudgeUsage, init=False)
