@@ -136,3 +136,14 @@ def test_bench_command_with_the_bundled_model(tmp_path: Path) -> None:
         records[0]
     )
     assert (out / "comparison.png").stat().st_size > 1000
+
+
+def test_the_bench_chart_names_the_plot_extra_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from examples.email_agent.bench import Summary, plot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises, as when not installed
+    row = Summary("m", 1, 1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 10.0, 0.0)
+    with pytest.raises(ImportError, match=r"pip install 'advantage\[plot\]'"):
+        plot([row, row], tmp_path / "comparison.png")

@@ -121,7 +121,13 @@ def format_table(rows: list[Summary]) -> str:
 
 
 def plot(rows: list[Summary], path: Path) -> Path:
-    import matplotlib
+    """A bar chart of accuracy, latency and cost per model. Needs matplotlib: pip install 'advantage[plot]'."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(
+            "The comparison chart needs matplotlib, which is optional: pip install 'advantage[plot]'"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -237,9 +243,12 @@ async def run(cfg: BenchConfig) -> list[Summary]:
     finally:
         await models.close()
     print(format_table(rows))
-    if len(rows) > 1:
-        print(f"chart: {plot(rows, cfg.out / 'comparison.png')}")
     (cfg.out / "summary.json").write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    if len(rows) > 1:
+        try:
+            print(f"chart: {plot(rows, cfg.out / 'comparison.png')}")
+        except ImportError as exc:  # the numbers are written; only the picture is missing
+            print(f"chart: not drawn. {exc}")
     return rows
 
 
