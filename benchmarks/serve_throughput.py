@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads; see advantage.environment
 
 import openai  # noqa: E402
 import torch  # noqa: E402

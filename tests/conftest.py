@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Set here, before any test module loads torch: `import advantage` sets nothing (advantage.environment).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session")

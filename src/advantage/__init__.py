@@ -1,12 +1,8 @@
-"""advantage: train LLM agents with reinforcement learning."""
+"""advantage: train LLM agents with reinforcement learning.
 
-import os
-
-# The engine and the trainer run torch on their own threads; with OpenMP's default spin-waiting, idle
-# worker pools of one thread burn the cores the other needs (measured: 10x slower decoding at batch size 1
-# on 2 cores). Passive waiting must be set before torch loads OpenMP, hence here, first.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+Importing it changes no environment variable and loads no torch: the engine's defaults are set when an
+engine starts (see `advantage.environment`).
+"""
 
 from advantage.backends.base import Backend, TrainResult
 from advantage.backends.local import LocalBackend

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Callable
 from pathlib import Path
 from types import UnionType
@@ -12,7 +11,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import typer
 from pydantic import BaseModel
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from advantage.environment import set_engine_defaults
+
+set_engine_defaults()  # every command may start an engine: before any of them loads torch
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help="Train LLM agents with reinforcement learning."

@@ -16,20 +16,24 @@ from tqdm.auto import tqdm
 
 from advantage.backends.base import TrainResult
 from advantage.config import TrainConfig
-from advantage.server.runner import BackgroundServer
-from advantage.service import Service
+from advantage.environment import set_engine_defaults
 from advantage.trajectory import TrajectoryGroup
 
 if TYPE_CHECKING:
     from advantage.model import TrainableModel
+    from advantage.service import Service
 
 
 class LocalBackend:
     def __init__(
         self, root: str | Path = ".advantage", *, progress: bool = True, **engine_kwargs: object
     ) -> None:
+        set_engine_defaults()  # before the engine's modules load torch: see advantage.environment
+        from advantage.server.runner import BackgroundServer
+        from advantage.service import Service
+
         self.root = Path(root)
-        self.service = Service(self.root, engine_kwargs=dict(engine_kwargs))
+        self.service: Service = Service(self.root, engine_kwargs=dict(engine_kwargs))
         self.api_key: str | None = secrets.token_hex(16)  # loopback only, but not open to other local users
         self._server = BackgroundServer(self.service, api_key=self.api_key).start()
         self.base_url = self._server.base_url
