@@ -1,6 +1,7 @@
 """Crash safety of what a run keeps on disk: a step dir survives a crash while it is being rewritten, a file
-written atomically is old or new whole, and metrics.jsonl keeps every whole row when a write is torn (its neighbours too), with one fsynced append at a
-time. Also the run log's own rules: reserved column names, numeric metrics, huge rewards."""
+written atomically is old or new whole, and metrics.jsonl keeps every whole row when a write is torn (its
+neighbours too), with one fsynced append at a time. Also the run log's own rules: reserved column names,
+numeric metrics, huge rewards."""
 
 from __future__ import annotations
 

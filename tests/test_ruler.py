@@ -318,9 +318,8 @@ def test_litellm_cost_table_first_when_installed(monkeypatch: pytest.MonkeyPatch
         "no-prices": {"max_tokens": 100},
     }
     monkeypatch.setitem(sys.modules, "litellm", fake)
-    assert known_price("openai/o4-mini") == pytest.approx(
-        (1.0, 5.0)
-    )  # litellm's, not the built-in 1.10, 4.40
+    # litellm's price, not the built-in (1.10, 4.40):
+    assert known_price("openai/o4-mini") == pytest.approx((1.0, 5.0))
     assert known_price("mistral/mistral-large-latest") == pytest.approx((2.0, 6.0))
     assert known_price("gpt-4o") == (2.50, 10.00)  # not in litellm's table: the built-in price
     assert known_price("no-prices") is None and known_price("smollm2-135m-instruct") is None
