@@ -126,3 +126,14 @@ def _fsync_entry(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def parse_ref(ref: str, project: str) -> tuple[str, str, int | None]:
+    """`name@step`, `name` (its latest step) or `project/name@step` -> (project, name, step or None)."""
+    head, at, step_s = ref.partition("@")
+    proj, slash, name = head.rpartition("/")
+    if at and not (step_s.isascii() and step_s.isdigit()):
+        raise ValueError(f"Bad step in {ref!r}: use name@<integer step>, e.g. {name or 'my-model'}@3.")
+    if not name or (slash and not proj):
+        raise ValueError(f"Bad checkpoint {ref!r}: use name@step, or project/name@step.")
+    return (proj if slash else project), name, int(step_s) if at else None
