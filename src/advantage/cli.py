@@ -187,6 +187,32 @@ def report(
         webbrowser.open(path.resolve().as_uri())
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[
+        str,
+        typer.Argument(
+            metavar="NAME@STEP",
+            help="The checkpoint: NAME@STEP, NAME (its latest step) or PROJECT/NAME@STEP.",
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Directory to write; it must not exist yet, or be empty.")],
+    project: Annotated[str, typer.Option(help="Project of NAME.")] = "default",
+    root: Annotated[Path, typer.Option(help="Checkpoint root.")] = Path(".advantage"),
+    merged: Annotated[
+        bool, typer.Option("--merged", help="A full Hugging Face model with the LoRA merged into the base.")
+    ] = False,
+) -> None:
+    """Export a checkpoint: its PEFT adapter, or with --merged a full Hugging Face model directory."""
+    from advantage.export import export_checkpoint
+
+    try:
+        path = export_checkpoint(checkpoint, out, root=root, project=project, merged=merged)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    typer.echo(path)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmark any model on an example task's test set.")
 app.add_typer(bench_app, name="bench")
 

@@ -56,10 +56,16 @@ class TrainableModel(Model):
         project: str = "default",
         base_model: str = "smollm2-135m-instruct",
         lora: LoRAConfig | None = None,
+        fork_from: str | None = None,
     ) -> None:
+        """`fork_from`: start from another model's checkpoint instead of the base weights. `"other@3"` (or
+        `"other"` for its latest step, or `"project/other@3"` in another project) becomes this model's step 0,
+        adapter and optimizer state both, when it is first registered; it needs the same base model and LoRA
+        shape. Registering it again resumes it."""
         super().__init__(name, project=project)
         self.base_model = base_model
         self.lora = lora or LoRAConfig()
+        self.fork_from = fork_from
         self._backend: Backend | None = None
         self._step = 0
         self.restored_from: int | None = None  # the step the last `restore` went back to

@@ -3,7 +3,8 @@
 Both the HTTP server and `LocalBackend` wrap one `Service`. Served names are:
 - a base model's name (`smollm2-135m-instruct`, or the path it was given as);
 - a trainable model's `name` (its latest step) and `name@step` (any step still on disk).
-Step 0 of a trainable model is the empty adapter, i.e. the base weights.
+Step 0 of a trainable model is the empty adapter, i.e. the base weights (or, for a fork, a copy of another
+model's checkpoint).
 
 Every use of a trainer runs on one training thread; at most `max_train_queue` jobs wait for it, and past
 that `submit_train` raises `QueueFull` (the server answers 429 with Retry-After). With `model_dirs` set (as
@@ -31,6 +32,7 @@ from advantage.engine.models import allowed_base_model, resolve_model_path
 from advantage.engine.torch_engine import QueueFull, TorchEngine
 from advantage.tracking import RunLog, group_metrics
 from advantage.training import checkpoints as ckpt
+from advantage.training import fork
 from advantage.training.grpo import Progress, train_step
 from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup
@@ -150,9 +152,18 @@ class Service:
                 self.engine(entry.base_model).remove_adapter(f"{name}@{old}")
 
     # ------------------------------------------------------------------ training
-    def register(self, project: str, name: str, base_model: str, lora: LoRAConfig | None = None) -> int:
+    def register(
+        self,
+        project: str,
+        name: str,
+        base_model: str,
+        lora: LoRAConfig | None = None,
+        fork_from: str | None = None,
+    ) -> int:
         """Register a trainable model; resume from its newest complete checkpoint. Returns the step.
 
+        `fork_from` (`other@step`, `other` for its latest step, or `project/other@step`): a model with no
+        checkpoints yet starts with a copy of that checkpoint as its step 0 (`training/fork.py`).
         Registers of one name run one at a time. One that fails (say, a LoRA config the base model cannot
         take) leaves no trace: the name stays free and unlisted, and an engine it started is closed."""
         check_name("project", project)
@@ -162,6 +173,14 @@ class Service:
                 loaded = list(self._engines)
             base_model = allowed_base_model(base_model, self.model_dirs, loaded)
         lora = lora or LoRAConfig()
+        ref = None
+        if fork_from is not None:
+            ref = ckpt.parse_ref(fork_from, project)
+            check_name("project", ref[0])
+            check_name("model name", ref[1])
+            if ref[:2] == (project, name):
+                raise ValueError(f"Model {name!r} cannot be forked from itself; fork into a new name.")
+        mdir = ckpt.model_dir(self.root, project, name)
         with self._lock:
             # One gate per name, made on first use: a second register of a name waits for the first to
             # finish, then finds its result (or, if it failed, tries afresh).
@@ -175,24 +194,37 @@ class Service:
                         f"{existing.base_model!r}); pick another name."
                     )
                 if existing.trainer is not None:
+                    if ref is not None:
+                        fork.check_resumable(mdir, name, ref)
                     return existing.latest
+            source = None
+            if ref is not None:  # checked before the (slow) trainer loads: a bad source fails fast
+                ckpt.sweep_partial(mdir)
+                if ckpt.list_steps(mdir):
+                    fork.check_resumable(mdir, name, ref)
+                else:
+                    source = fork.find_source(self.root, *ref, base_model, lora)
             with self._lock:
                 new_engine = base_model not in self._engines
             # A bad base model or LoRA config fails here, before anything is kept or served.
             trainer = Trainer(resolve_model_path(base_model), lora)
-            mdir = ckpt.model_dir(self.root, project, name)
             try:
                 self.engine(base_model)
                 ckpt.sweep_partial(mdir)
                 steps = ckpt.list_steps(mdir)
+                origin = {"base_model": base_model, "lora": lora.model_dump()}
+                if not steps and source is not None:  # step 0: a copy of the source's checkpoint
+                    fork.write_fork(mdir, source, origin)
+                    RunLog(mdir).append(0, fork.SPLIT, {"forked_from": source.ref()})
+                    steps = [0]
                 if not steps:  # step 0: the freshly initialised (empty) adapter, i.e. the base weights
-                    ckpt.write_step(
-                        mdir, 0, trainer.save, {"base_model": base_model, "lora": lora.model_dump()}
-                    )
+                    ckpt.write_step(mdir, 0, trainer.save, origin)
                     steps = [0]
                 else:
                     trainer.load(ckpt.step_dir(mdir, steps[-1]))
-                published = {s: ckpt.step_dir(mdir, s) for s in steps if s > 0}
+                # Step 0 is served as the base weights, unless it holds a forked adapter.
+                forked = fork.forked_from(mdir) is not None
+                published = {s: ckpt.step_dir(mdir, s) for s in steps if s > 0 or forked}
                 entry = ModelEntry(project, name, base_model, published, trainer=trainer, run_dir=mdir)
                 self.add_model(entry)
             except BaseException:
@@ -352,7 +384,7 @@ class Service:
                 raise UnknownServedModel(
                     f"Step {step} of {name!r} is not available; served steps: {sorted([0, *entry.steps])}."
                 )
-            adapter = f"{name}@{step}" if step else None
+            adapter = f"{name}@{step}" if step in entry.steps else None  # step 0: base weights, or a fork
             engine = self._engines[entry.base_model]
             if adapter and adapter not in engine.adapters():  # an older step on disk: load it on first use
                 engine.load_adapter(adapter, entry.steps[step])

@@ -41,7 +41,7 @@ class LocalBackend:
 
     async def register(self, model: TrainableModel) -> int:
         return await asyncio.to_thread(
-            self.service.register, model.project, model.name, model.base_model, model.lora
+            self.service.register, model.project, model.name, model.base_model, model.lora, model.fork_from
         )
 
     async def train(

@@ -125,6 +125,8 @@ class RemoteBackend:
             "base_model": model.base_model,
             "lora": model.lora.model_dump(mode="json"),
         }
+        if model.fork_from is not None:  # only when set: a server that predates forks takes the rest
+            body["fork_from"] = model.fork_from
         data = await self._call("POST", "/models", body, idempotent=True, what="register")
         return int(data["step"])
 

@@ -1,6 +1,7 @@
 """The training routes of `advantage serve`: what `RemoteBackend` calls, under `/v1/training/`.
 
-    POST   /v1/training/models                             register (resume from the newest complete step)
+    POST   /v1/training/models                             register (resume from the newest complete step,
+                                                           or fork a new model from `fork_from`)
     GET    /v1/training/models/{name}/step                 the latest step
     POST   /v1/training/models/{name}/train                one GRPO step; streams NDJSON events (below)
     POST   /v1/training/models/{name}/log                  record evaluation groups under a split
@@ -71,6 +72,11 @@ class RegisterBody(_Body):
     name: str = Field(description="Model name, unique on the server; served as `name` and `name@step`.")
     base_model: str = Field(description="A bundled model name or a model directory on the server.")
     lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA shape (fixed at step 0).")
+    fork_from: str | None = Field(
+        None,
+        description="Start from another model's checkpoint: `other@step`, `other` (its latest step) or "
+        "`project/other@step`; copied as step 0 (adapter and optimizer state) when the model is new.",
+    )
 
 
 class TrajectoryBody(_Body):
@@ -114,7 +120,9 @@ class DeleteCheckpointsBody(_Body):
 async def register(body: RegisterBody, request: Request) -> Response:
     service = _service(request)
     try:
-        step = await asyncio.to_thread(service.register, body.project, body.name, body.base_model, body.lora)
+        step = await asyncio.to_thread(
+            service.register, body.project, body.name, body.base_model, body.lora, body.fork_from
+        )
     except Exception as exc:
         raise api_error(exc) from exc
     return _json({"name": body.name, "project": body.project, "base_model": body.base_model, "step": step})

@@ -96,3 +96,14 @@ def steps_to_delete(scores: dict[int, float | None], latest: int, keep: str = "b
 def best_step(scores: dict[int, float]) -> int:
     """The step with the highest score; the later step on ties. `scores` must not be empty."""
     return max(scores, key=lambda s: (scores[s], s))
+
+
+def parse_ref(ref: str, project: str) -> tuple[str, str, int | None]:
+    """`name@step`, `name` (its latest step) or `project/name@step` -> (project, name, step or None)."""
+    head, at, step_s = ref.partition("@")
+    proj, slash, name = head.rpartition("/")
+    if at and not (step_s.isascii() and step_s.isdigit()):
+        raise ValueError(f"Bad step in {ref!r}: use name@<integer step>, e.g. {name or 'my-model'}@3.")
+    if not name or (slash and not proj):
+        raise ValueError(f"Bad checkpoint {ref!r}: use name@step, or project/name@step.")
+    return (proj if slash else project), name, int(step_s) if at else None

@@ -251,6 +251,8 @@ class Trainer:
         opt = src / "optimizer.pt"
         if opt.exists():
             self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
+        else:  # an adapter saved without its moments: they start afresh, never left over from other weights
+            self.optimizer.state.clear()
 
 
 def shared_prefix_len(datums: list[Datum]) -> int:
