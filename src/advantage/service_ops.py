@@ -31,7 +31,7 @@ from advantage.training.trainer import Trainer
 from advantage.trajectory import Trajectory, TrajectoryGroup
 
 R = TypeVar("R")
-LossName = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "linear"]
+LossName = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "dpo", "linear"]
 assert set(BUILTIN_LOSSES) | {"linear"} == set(LossName.__args__)  # type: ignore[attr-defined]
 
 
@@ -61,6 +61,7 @@ class LossKnobs(_Body):
     cispo_eps_max: float = Field(4.0, gt=0, le=100)
     agg: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
     kl_beta: float = Field(0.0, ge=0, le=10)
+    dpo_beta: float = Field(0.1, gt=0, le=100)
 
 
 class ForwardBackwardBody(ForwardBody):
