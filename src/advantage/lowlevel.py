@@ -126,13 +126,20 @@ class TrainingClient:
         return [Datum(**d) for d in (await self._op("datums", payload))["datums"]]
 
     async def sft_datums(
-        self, trajectories: Sequence[Trajectory], max_seq_len: int = 2048, on_overflow: str = "error"
+        self,
+        trajectories: Sequence[Trajectory],
+        max_seq_len: int = 2048,
+        on_overflow: str = "error",
+        where: Sequence[str] | None = None,
     ) -> list[Datum]:
-        """Cross-entropy datums: every assistant turn's rendered text is trained (any model's output)."""
+        """Cross-entropy datums: every assistant turn's rendered text is trained (any model's output), except
+        assistant messages with `"weight": 0`. Every trajectory is checked before any error is raised; the
+        error names each bad one by `where` (e.g. "data.jsonl, line 7"), else by its index."""
         payload = {
             "trajectories": [t.to_dict() for t in trajectories],
             "max_seq_len": max_seq_len,
             "on_overflow": on_overflow,
+            "where": None if where is None else list(where),
         }
         return [Datum(**d) for d in (await self._op("sft_datums", payload))["datums"]]
 
@@ -223,6 +230,10 @@ class TrainingClient:
         data = await self._op("save_weights", {"metrics": metrics or {}, "split": split})
         self.model._step = int(data["step"])
         return str(data["name"])
+
+    async def log_metrics(self, metrics: dict[str, float], split: str = "val") -> int:
+        """Record `metrics` under `split` at the latest step (e.g. a validation loss); returns that step."""
+        return int((await self._op("log_metrics", {"metrics": metrics, "split": split}))["step"])
 
     async def sample(
         self,
