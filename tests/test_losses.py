@@ -14,6 +14,8 @@ from advantage.training.losses import (
     aggregate,
     cispo_loss,
     cross_entropy_loss,
+    dpo_loss,
+    dpo_pairs_loss,
     get_loss,
     gspo_loss,
     importance_sampling_loss,
@@ -226,11 +228,88 @@ def test_masked_positions_contribute_nothing(name: str, agg: str) -> None:
     assert torch.all(g2[masked] == 0)
 
 
+# ---- DPO -----------------------------------------------------------------------------------------------------
+
+# β = 0.5, two pairs of summed logprobs (policy π, reference ref; c chosen, r rejected):
+#   pair 0: π_c −3, π_r −5, ref_c −4, ref_r −4: (−3+4) − (−5+4) = 2 → z = 0.5·2 = 1.0
+#           ℓ = −log σ(1) = log(1 + e^−1) = 0.3132617
+#   pair 1: π_c −2, π_r −1, ref_c −2, ref_r −2: (0) − (1) = −1 → z = −0.5
+#           ℓ = log(1 + e^0.5) = 0.9740770
+#   loss = (0.3132617 + 0.9740770) / 2 = 0.6436693; reward_margin (1.0 − 0.5) / 2 = 0.25; accuracy 1/2
+#   chosen_reward 0.5·(1 + 0) / 2 = 0.25; rejected_reward 0.5·(−1 + 1) / 2 = 0
+#   dℓ/dπ_c = −(1/P)·β·σ(−z): pair 0 −0.25·σ(−1) = −0.0672354; pair 1 −0.25·σ(0.5) = −0.1556148;
+#   dℓ/dπ_r is the same with the sign flipped.
+PC, PR, RC, RR = [-3.0, -2.0], [-5.0, -1.0], [-4.0, -2.0], [-4.0, -2.0]
+
+
+def test_dpo_by_hand() -> None:
+    pc = torch.tensor(PC, dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor(PR, dtype=torch.float64, requires_grad=True)
+    rc = torch.tensor(RC, dtype=torch.float64, requires_grad=True)
+    loss, m = dpo_loss(pc, pr, rc, torch.tensor(RR, dtype=torch.float64), beta=0.5)
+    assert loss.item() == pytest.approx(0.6436693358)
+    assert m["loss"] == pytest.approx(0.6436693358)
+    assert m["reward_margin"] == pytest.approx(0.25)
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["chosen_reward"] == pytest.approx(0.25) and m["rejected_reward"] == pytest.approx(0.0)
+    g_c, g_r, g_ref = torch.autograd.grad(loss, [pc, pr, rc], allow_unused=True)
+    torch.testing.assert_close(g_c, torch.tensor([-0.0672353553, -0.1556148328], dtype=torch.float64))
+    torch.testing.assert_close(g_r, -g_c)
+    assert g_ref is None or torch.all(g_ref == 0)  # the reference is a constant
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 5.0])
+def test_dpo_equal_margins_give_log_2(beta: float) -> None:
+    # policy = reference (the adapter at step 0): every margin is 0 and −log σ(0) = log 2, whatever β
+    lp = torch.tensor([-3.0, -7.5, -0.2], dtype=torch.float64)
+    loss, m = dpo_loss(lp, lp - 1.0, lp, lp - 1.0, beta)
+    assert loss.item() == pytest.approx(math.log(2))
+    assert m["reward_margin"] == 0.0 and m["accuracy"] == 0.0
+
+
+def test_dpo_gradient_raises_chosen_and_lowers_rejected() -> None:
+    gen = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-torch.rand(5, generator=gen, dtype=torch.float64) * 20 for _ in range(4))
+    pc.requires_grad_()
+    pr.requires_grad_()
+    loss, _ = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    g_c, g_r = torch.autograd.grad(loss, [pc, pr])
+    assert torch.all(g_c < 0) and torch.all(g_r > 0)  # a descent step raises π_c and lowers π_r
+    # A wider margin in the right direction lowers the loss.
+    wider, _ = dpo_loss(pc.detach() + 1.0, pr.detach(), rc, rr, beta=0.1)
+    assert wider.item() < loss.item()
+
+
+def test_dpo_in_the_registry_sums_each_rows_masked_tokens() -> None:
+    # Rows (0, 1) are pair 0 and rows (2, 3) pair 1; each row's masked tokens sum to the hand example's
+    # numbers, and the masked-out last position holds −inf, which must change nothing.
+    inf = float("inf")
+    logp = torch.tensor(
+        [[-1.0, -2.0, -inf], [-4.0, -1.0, -inf], [-1.5, -0.5, -inf], [-0.25, -0.75, -inf]],
+        dtype=torch.float64,
+        requires_grad=True,
+    )
+    ref = torch.tensor([[-2.0, -2.0, 0.0], [-3.0, -1.0, 0.0], [-1.0, -1.0, 0.0], [-1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]] * 4)
+    cfg = LossConfig(dpo_beta=0.5)
+    loss, m = dpo_pairs_loss(logp, torch.zeros_like(mask), torch.zeros(4), mask, cfg, ref.double())
+    assert loss.item() == pytest.approx(0.6436693358) and m["accuracy"] == pytest.approx(0.5)
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.all(g[:, 2] == 0) and torch.isfinite(g).all()
+    torch.testing.assert_close(g[0, 0], torch.tensor(-0.0672353553, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ref_logp"):
+        dpo_pairs_loss(logp, logp, torch.zeros(4), mask, cfg)
+    with pytest.raises(ValueError, match="odd number"):
+        dpo_pairs_loss(logp[:3], logp[:3], torch.zeros(3), mask[:3], cfg, ref[:3].double())
+    with pytest.raises(ValueError, match="dpo_beta"):
+        LossConfig(dpo_beta=0.0)
+
+
 # ---- registry and errors -----------------------------------------------------------------------------------
 
 
 def test_registry() -> None:
-    assert set(LOSSES) == {"ppo", "grpo", "cispo", "gspo", "importance_sampling", "cross_entropy"}
+    assert set(LOSSES) == {"ppo", "grpo", "cispo", "gspo", "importance_sampling", "cross_entropy", "dpo"}
     assert get_loss("grpo") is ppo_loss
     with pytest.raises(ValueError, match="unknown loss 'dapo'.*cispo.*cross_entropy.*grpo"):
         get_loss("dapo")

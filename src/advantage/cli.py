@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import typer
 from pydantic import BaseModel
 
+from advantage.config import SFTConfig
 from advantage.environment import set_engine_defaults
 
 set_engine_defaults()  # every command may start an engine: before any of them loads torch
@@ -85,10 +86,12 @@ def _example_module(task: str, module: str):  # examples use the public API only
 
 def _options_from(config: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command one --option per field of a pydantic config, with the field's description as its help:
-    the config is the single place where a knob and its documentation live."""
+    the config is the single place where a knob and its documentation live. The command's own named
+    parameters come first; the config's fields arrive in its `**given`."""
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
-        params = []
+        own = inspect.signature(fn, eval_str=True).parameters.values()
+        params = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
         for name, field in config.model_fields.items():
             ann: Any = field.annotation
             help_ = f"{field.description} (default: {field.get_default(call_default_factory=True)})"
@@ -98,6 +101,8 @@ def _options_from(config: type[BaseModel]) -> Callable[[Callable[..., None]], Ca
                 ann = str
             elif get_origin(ann) in (Union, UnionType):
                 ann = next(a for a in get_args(ann) if a is not type(None))
+            elif get_origin(ann) is tuple:  # typer takes plain element types (the config checks ranges)
+                ann = tuple[tuple(get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(ann))]
             if ann is bool:
                 dashed = name.replace("_", "-")
                 decls = (f"--{dashed}/--no-{dashed}",)
@@ -137,6 +142,53 @@ def demo(**given: Any) -> None:
     except ValidationError as e:
         raise typer.BadParameter(str(e)) from None
     train.main(cfg)
+
+
+@app.command()
+@_options_from(SFTConfig)
+def sft(
+    data: Annotated[Path, typer.Argument(help="Training data: JSONL in OpenAI's chat fine-tuning format.")],
+    *,
+    model: Annotated[str, typer.Option(help="Model name (a new one, or one to go on training).")],
+    project: Annotated[str, typer.Option(help="Project name.")] = "default",
+    base_model: Annotated[
+        str, typer.Option(help="Base model: a bundled name or an HF model dir.")
+    ] = "smollm2-135m-instruct",
+    val: Annotated[
+        Path | None, typer.Option(help="Validation data, same format (instead of --val-fraction).")
+    ] = None,
+    root: Annotated[Path, typer.Option(help="Checkpoint root.")] = Path(".advantage"),
+    **given: Any,
+) -> None:
+    """Fine-tune a LoRA on a JSONL file of chats (OpenAI's fine-tuning format: messages, tools, per-message
+    weight), one checkpoint per step, loss and validation loss in metrics.jsonl.
+
+    Every other option is a field of advantage.SFTConfig."""
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from advantage.sft import train_sft_file
+
+    try:
+        cfg = SFTConfig(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        result = asyncio.run(
+            train_sft_file(
+                data, model=model, project=project, base_model=base_model, root=root, config=cfg, val=val
+            )
+        )
+    except ValueError as e:  # bad data: the message names the file and line
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    m = result.metrics
+    val_part = f", val loss {m['sft/val_loss_last']:.4f}" if "sft/val_loss_last" in m else ""
+    typer.echo(
+        f"{model}@{result.step}: {int(m['sft/steps'])} steps, loss {m['sft/loss_first']:.4f} -> "
+        f"{m['sft/loss_last']:.4f}{val_part}; run dir {root / project / 'models' / model}"
+    )
 
 
 @app.command()

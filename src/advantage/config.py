@@ -93,10 +93,27 @@ class TrainConfig(_SequenceLimits):
 
 
 class SFTConfig(_SequenceLimits):
+    """Supervised fine-tuning (`model.train_sft`, `advantage sft`). Every optimizer step is a model step: a
+    checkpoint, served at once, with its loss in metrics.jsonl."""
+
     learning_rate: float = Field(2e-4, gt=0, le=1, description="AdamW learning rate for the LoRA weights.")
     epochs: int = Field(1, ge=1, description="Passes over the trajectories.")
     batch_size: int = Field(8, ge=1, description="Trajectories per optimizer step.")
     betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
-    seed: int = Field(0, description="Shuffles the trajectories between epochs.")
+    seed: int = Field(
+        0, description="Shuffles the trajectories between epochs and picks the validation split."
+    )
+    val_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Fraction of the data held out to measure the validation loss (0: none, unless a "
+        "validation set is given).",
+    )
+    eval_every: int = Field(
+        1,
+        ge=1,
+        description="Steps between validation-loss measurements (also before the first and after the last).",
+    )

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from advantage.model import TrainableModel
 
 CustomLoss = Callable[[list["Datum"], list["torch.Tensor"]], Any]
-BUILTIN_LOSSES = ("cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy")
+BUILTIN_LOSSES = ("cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "dpo")
 GRAD_KEY = "logprob_grad"  # the per-token weights of the backend's "linear" loss
 
 
@@ -126,13 +126,20 @@ class TrainingClient:
         return [Datum(**d) for d in (await self._op("datums", payload))["datums"]]
 
     async def sft_datums(
-        self, trajectories: Sequence[Trajectory], max_seq_len: int = 2048, on_overflow: str = "error"
+        self,
+        trajectories: Sequence[Trajectory],
+        max_seq_len: int = 2048,
+        on_overflow: str = "error",
+        where: Sequence[str] | None = None,
     ) -> list[Datum]:
-        """Cross-entropy datums: every assistant turn's rendered text is trained (any model's output)."""
+        """Cross-entropy datums: every assistant turn's rendered text is trained (any model's output), except
+        assistant messages with `"weight": 0`. Every trajectory is checked before any error is raised; the
+        error names each bad one by `where` (e.g. "data.jsonl, line 7"), else by its index."""
         payload = {
             "trajectories": [t.to_dict() for t in trajectories],
             "max_seq_len": max_seq_len,
             "on_overflow": on_overflow,
+            "where": None if where is None else list(where),
         }
         return [Datum(**d) for d in (await self._op("sft_datums", payload))["datums"]]
 
@@ -149,7 +156,9 @@ class TrainingClient:
         micro_batch_size: int = 8,
     ) -> ForwardBackwardOutput:
         """Accumulate the gradient of `loss_fn` over `batch`. `loss_fn` is a built-in name (with its knobs
-        in `loss_config`: eps, eps_high, cispo_eps_max, agg, kl_beta) or a callable (module docstring)."""
+        in `loss_config`: eps, eps_high, cispo_eps_max, agg, kl_beta, dpo_beta) or a callable (module
+        docstring). "dpo" takes preference pairs laid out chosen, rejected, chosen, rejected, ...
+        (`forward_backward_dpo` does that for you)."""
         if not batch:
             raise ValueError("forward_backward() got an empty batch; pass at least one Datum.")
         if callable(loss_fn):
@@ -163,6 +172,18 @@ class TrainingClient:
             "micro_batch_size": micro_batch_size,
         }
         return ForwardBackwardOutput(**await self._op("forward_backward", payload))
+
+    async def forward_backward_dpo(
+        self, pairs: Sequence[tuple[Datum, Datum]], beta: float = 0.1, micro_batch_size: int = 8
+    ) -> ForwardBackwardOutput:
+        """Accumulate the DPO gradient of preference pairs `(chosen, rejected)`, e.g. two completions of one
+        prompt with the preferred one first; each datum's loss mask covers its completion. The reference
+        logprobs are the base weights' (the adapter disabled), computed on the backend. Metrics: loss,
+        loss/reward_margin (β times the policy-minus-reference margin), loss/accuracy (pairs ranked right)."""
+        if not pairs:
+            raise ValueError("forward_backward_dpo() got no pairs; pass at least one (chosen, rejected).")
+        batch = [d for pair in pairs for d in pair]
+        return await self.forward_backward(batch, "dpo", {"dpo_beta": beta}, micro_batch_size)
 
     async def _custom(
         self, batch: list[Datum], loss_fn: CustomLoss, micro_batch_size: int
@@ -209,6 +230,10 @@ class TrainingClient:
         data = await self._op("save_weights", {"metrics": metrics or {}, "split": split})
         self.model._step = int(data["step"])
         return str(data["name"])
+
+    async def log_metrics(self, metrics: dict[str, float], split: str = "val") -> int:
+        """Record `metrics` under `split` at the latest step (e.g. a validation loss); returns that step."""
+        return int((await self._op("log_metrics", {"metrics": metrics, "split": split}))["step"])
 
     async def sample(
         self,

@@ -4,14 +4,17 @@ rollout code."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import openai
 
 from advantage.backends.base import Backend, TrainResult
 from advantage.config import LoRAConfig, SFTConfig, TrainConfig
-from advantage.lowlevel import AdamParams, TrainingClient
-from advantage.trajectory import Trajectory, TrajectoryGroup
+from advantage.lowlevel import TrainingClient
+from advantage.trajectory import TrajectoryGroup
+
+if TYPE_CHECKING:
+    from advantage.sft import SFTData
 
 
 class Model:
@@ -121,30 +124,13 @@ class TrainableModel(Model):
         _ = self.backend  # registered, or a clear error now rather than at the first call
         return TrainingClient(self)
 
-    async def train_sft(self, trajectories: list[Trajectory], config: SFTConfig | None = None) -> TrainResult:
-        """Supervised fine-tuning: cross-entropy on every assistant turn of `trajectories` (from any model),
-        then one checkpoint, served at once. Built on the low-level primitives."""
-        import random
+    async def train_sft(
+        self, data: SFTData, config: SFTConfig | None = None, *, val: SFTData | None = None
+    ) -> TrainResult:
+        """Supervised fine-tuning: cross-entropy on the assistant turns of `data` (trajectories from any model,
+        or a JSONL file in OpenAI's chat fine-tuning format), every step a checkpoint served at once, with the
+        train loss and, given `val` or `config.val_fraction`, the validation loss in metrics.jsonl. Built on
+        the low-level primitives (`advantage.sft`)."""
+        from advantage.sft import train_sft
 
-        cfg = config or SFTConfig()
-        if not trajectories:
-            raise ValueError("train_sft() got no trajectories; collect some first.")
-        tc = await self.training_client()
-        datums = await tc.sft_datums(trajectories, cfg.max_seq_len, cfg.on_overflow)
-        adam = AdamParams(
-            lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.max_grad_norm
-        )
-        rng = random.Random(cfg.seed)
-        losses: list[float] = []
-        for epoch in range(cfg.epochs):
-            order = list(range(len(datums)))
-            if epoch:
-                rng.shuffle(order)
-            for k in range(0, len(order), cfg.batch_size):
-                batch = [datums[i] for i in order[k : k + cfg.batch_size]]
-                out = await tc.forward_backward(batch, "cross_entropy", micro_batch_size=cfg.micro_batch_size)
-                await tc.optim_step(adam)
-                losses.append(out.metrics["loss"])
-        metrics = {"sft/loss_first": losses[0], "sft/loss_last": losses[-1], "sft/steps": float(len(losses))}
-        await tc.save_weights(metrics, split="sft")
-        return TrainResult(self._step, metrics)
+        return await train_sft(self, data, config, val)

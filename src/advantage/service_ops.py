@@ -31,7 +31,7 @@ from advantage.training.trainer import Trainer
 from advantage.trajectory import Trajectory, TrajectoryGroup
 
 R = TypeVar("R")
-LossName = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "linear"]
+LossName = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "dpo", "linear"]
 assert set(BUILTIN_LOSSES) | {"linear"} == set(LossName.__args__)  # type: ignore[attr-defined]
 
 
@@ -48,6 +48,10 @@ class SFTDatumsBody(_Body):
     trajectories: list[dict[str, Any]] = Field(min_length=1, description="`Trajectory.to_dict()` items.")
     max_seq_len: int = Field(2048, ge=16, le=131072)
     on_overflow: Literal["error", "truncate"] = "error"
+    where: list[str] | None = Field(
+        None,
+        description="A name per trajectory for errors (e.g. 'data.jsonl, line 7'); default 'Trajectory i'.",
+    )
 
 
 class ForwardBody(_Body):
@@ -61,6 +65,7 @@ class LossKnobs(_Body):
     cispo_eps_max: float = Field(4.0, gt=0, le=100)
     agg: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
     kl_beta: float = Field(0.0, ge=0, le=10)
+    dpo_beta: float = Field(0.1, gt=0, le=100)
 
 
 class ForwardBackwardBody(ForwardBody):
@@ -77,6 +82,13 @@ class SaveWeightsBody(_Body):
         default_factory=dict, description="Logged at the new step; not named step, split or time."
     )
     split: str = "train"
+
+
+class LogMetricsBody(_Body):
+    metrics: Annotated[dict[str, float], AfterValidator(check_metric_names)] = Field(
+        min_length=1, description="Logged at the latest step; not named step, split or time."
+    )
+    split: str = "val"
 
 
 class RestoreBody(_Body):
@@ -104,6 +116,7 @@ OPS: dict[str, type[_Body]] = {
     "forward_backward": ForwardBackwardBody,
     "optim_step": OptimStepBody,
     "save_weights": SaveWeightsBody,
+    "log_metrics": LogMetricsBody,
     "sample": SampleBody,
     "restore": RestoreBody,
 }
@@ -134,15 +147,31 @@ def _datums(service: Service, name: str, body: DatumsBody) -> dict[str, Any]:
 
 
 def _sft_datums(service: Service, name: str, body: SFTDatumsBody) -> dict[str, Any]:
+    """Every trajectory is tokenized before any error is raised, and the error lists each bad one (up to 20),
+    so a data file is checked whole before training starts."""
     _, trainer = service.trainable(name)
-    out = []
+    if body.where is not None and len(body.where) != len(body.trajectories):
+        raise ValueError(f"where has {len(body.where)} names for {len(body.trajectories)} trajectories.")
+    context = int(getattr(trainer.model.get_base_model().config, "max_position_embeddings", body.max_seq_len))
+    limit = min(body.max_seq_len, context)  # what the model can take, not only what the config allows
+    out, errors = [], []
     for i, t in enumerate(body.trajectories):
-        traj = _read(Trajectory.from_dict, t, f"Trajectory {i}", "Trajectory")
+        where = body.where[i] if body.where is not None else f"Trajectory {i}"
         try:
-            tok = tokenize_for_sft(trainer.tokenizer, traj, body.max_seq_len, body.on_overflow)
+            traj = _read(Trajectory.from_dict, t, where, "Trajectory")
+            tok = tokenize_for_sft(trainer.tokenizer, traj, limit, body.on_overflow)
         except ValueError as exc:
-            raise ValueError(f"Trajectory {i}: {exc}") from exc
+            too_long = f" (the model's context is {context} tokens)" if "over the limit" in str(exc) else ""
+            errors.append(f"{where}: {exc}{too_long}")
+            continue
         out.append(Datum(input_ids=tok.input_ids, loss_mask=[float(m) for m in tok.assistant_mask]))
+    if len(errors) == 1:
+        raise ValueError(errors[0])
+    if errors:
+        more = f"\n... and {len(errors) - 20} more" if len(errors) > 20 else ""
+        raise ValueError(
+            f"{len(errors)} trajectories cannot be trained on:\n" + "\n".join(errors[:20]) + more
+        )
     return {"datums": [d.model_dump(mode="json") for d in out]}
 
 
@@ -180,6 +209,15 @@ def _save_weights(service: Service, name: str, body: SaveWeightsBody) -> dict[st
     return {"step": step, "name": f"{name}@{step}"}
 
 
+def _log_metrics(service: Service, name: str, body: LogMetricsBody) -> dict[str, Any]:
+    check_name("split", body.split)
+    entry, _ = service.trainable(name)
+    with entry.lock:
+        step = entry.latest
+        entry.log.append(step, body.split, body.metrics)
+    return {"step": step}
+
+
 def _restore(service: Service, name: str, body: RestoreBody) -> dict[str, Any]:
     step, restored = service.restore(name, body.step, body.metric)
     return {"step": step, "name": f"{name}@{step}", "restored_from": restored}
@@ -192,6 +230,7 @@ _SYNC_OPS: dict[str, Any] = {
     "forward_backward": _forward_backward,
     "optim_step": _optim_step,
     "save_weights": _save_weights,
+    "log_metrics": _log_metrics,
     "restore": _restore,
 }
 

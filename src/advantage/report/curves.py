@@ -30,7 +30,7 @@ STACK: list[ChartSpec] = [
 ]
 # The other headline charts, beside the stack.
 HEADLINE: list[ChartSpec] = [
-    ("Loss", "loss", [("train", ["loss"])]),
+    ("Loss", "loss", [("train", ["loss"]), ("val", ["val/loss"])]),  # val: SFT's validation loss
     ("Gradient norm", "global norm before clipping", [("train", ["grad_norm"])]),
     ("Clip fraction", "fraction of tokens clipped", [("train", ["loss/clip_frac"])]),
     ("Truncated completions", "fraction of completions", [("train", ["frac_truncated_completions"])]),

@@ -29,6 +29,12 @@ a k3 KL penalty to the reference model with β = 0.04, std-scaled group advantag
 
 Masked positions never matter: their log-ratio and logprob are replaced by 0 before use, so any value
 there, even -inf, changes neither the loss nor the gradient.
+
+**DPO** (Rafailov et al. 2023) is here too, for preference pairs: `dpo_loss` is the pure function of
+summed sequence logprobs, −log σ(β·((π_c − ref_c) − (π_r − ref_r))) averaged over pairs, where the
+reference is the base model (the adapter disabled, as for the KL). In the registry (`"dpo"`) the batch's
+rows are pairs, chosen then rejected ((0, 1), (2, 3), ...); each row's logprob is summed over its masked
+tokens, not averaged, as in the paper; `old_logp` and `adv` are unused, and β is `LossConfig.dpo_beta`.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Agg = Literal["seq_mean", "token_mean", "dr_grpo"]
@@ -58,6 +65,8 @@ class LossConfig:
     """Weight of the k3 KL penalty to the base model; 0 turns it off (and ref_logp is not needed)."""
     max_len: int | None = None
     """L_max for "dr_grpo": the constant length in Σℓ / (B·L_max). None uses the batch's T."""
+    dpo_beta: float = 0.1
+    """DPO's β: how far the policy may move from the reference for a given preference margin."""
 
     def __post_init__(self) -> None:
         if self.agg not in AGGS:
@@ -72,6 +81,8 @@ class LossConfig:
             raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
         if self.max_len is not None and self.max_len <= 0:
             raise ValueError(f"max_len must be a positive int or None, got {self.max_len}")
+        if self.dpo_beta <= 0.0:
+            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
 
 
 class LossFn(Protocol):
@@ -218,6 +229,49 @@ def cross_entropy_loss(
     return loss, {"loss": float(loss.detach())}
 
 
+def dpo_loss(
+    policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor, beta: float
+) -> tuple[Tensor, dict[str, float]]:
+    """DPO over P pairs, each input (P,) summed sequence logprobs: ℓ = −log σ(β·((π_c − ref_c) − (π_r − ref_r))),
+    mean over pairs. The reference gets no gradient. Metrics: reward_margin, the mean of β·(...) (the
+    implicit reward of chosen minus rejected), accuracy (the fraction of pairs where it is > 0), and each
+    side's mean implicit reward."""
+    shapes = {tuple(x.shape) for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1 or policy_chosen.dim() != 1:
+        raise ValueError(f"DPO needs four (P,) tensors of one shape, got shapes {sorted(shapes)}")
+    chosen_reward = beta * (policy_chosen - ref_chosen.detach())  # (P,)
+    rejected_reward = beta * (policy_rejected - ref_rejected.detach())  # (P,)
+    margin = chosen_reward - rejected_reward  # (P,)
+    loss = -F.logsigmoid(margin).mean()
+    return loss, {
+        "loss": float(loss.detach()),
+        "reward_margin": float(margin.detach().mean()),
+        "accuracy": float((margin.detach() > 0).to(margin.dtype).mean()),
+        "chosen_reward": float(chosen_reward.detach().mean()),
+        "rejected_reward": float(rejected_reward.detach().mean()),
+    }
+
+
+def dpo_pairs_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """DPO in the registry's signature: rows (2k, 2k+1) are pair k's chosen and rejected sequences; each
+    row's masked logprobs are summed. Needs ref_logp (the base model's)."""
+    if logp.shape != mask.shape:
+        raise ValueError(f"mask must have logp's shape {tuple(logp.shape)}, got {tuple(mask.shape)}")
+    if ref_logp is None:
+        raise ValueError("DPO needs ref_logp (the base model's logprobs, adapter disabled)")
+    if ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp must have logp's shape {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    if logp.shape[0] % 2:
+        raise ValueError(f"DPO takes pairs (chosen, rejected) of rows; got an odd number, {logp.shape[0]}")
+    keep = mask > 0  # (B, T)
+    zero = logp.new_zeros(())
+    seq = torch.where(keep, logp, zero).sum(-1).view(-1, 2)  # (P, 2): chosen, rejected
+    ref = torch.where(keep, ref_logp, zero).sum(-1).view(-1, 2)  # (P, 2)
+    return dpo_loss(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], cfg.dpo_beta)
+
+
 LOSSES: dict[str, LossFn] = {
     "ppo": ppo_loss,
     "grpo": ppo_loss,
@@ -225,6 +279,7 @@ LOSSES: dict[str, LossFn] = {
     "gspo": gspo_loss,
     "importance_sampling": importance_sampling_loss,
     "cross_entropy": cross_entropy_loss,
+    "dpo": dpo_pairs_loss,
 }
 
 

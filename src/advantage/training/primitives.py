@@ -11,6 +11,10 @@ w in `extras["logprob_grad"]`. "linear" is how a custom loss runs anywhere, even
 client computes its loss from `forward`'s logprobs, takes d(loss)/d(logprobs) with autograd, and sends those
 gradients back as w; the gradient of Σ w·logp with respect to the weights is then the custom loss's
 (chain rule), and it is summed, not averaged, across micro-batches.
+
+"dpo" takes preference pairs laid out chosen, rejected, chosen, ...: its micro-batches keep each pair
+whole and in order (`pair_micro_batches`), the loss is a mean over pairs, and the reference logprobs come
+from the same trainer with its adapter disabled (the base weights).
 """
 
 from __future__ import annotations
@@ -89,6 +93,14 @@ def check_datums(datums: list[Datum], vocab_size: int, max_len: int) -> None:
                 raise ValueError(f"Datum {i}: {k} has a non-finite value (NaN or inf); fix or drop it.")
 
 
+def pair_micro_batches(n_datums: int, size: int) -> list[list[int]]:
+    """For DPO: indices in order, chunked so each chunk holds whole pairs (2k, 2k+1), at least one pair."""
+    if n_datums % 2:
+        raise ValueError(f"DPO takes pairs (chosen, rejected); got an odd number of datums, {n_datums}.")
+    step = max(2, size - size % 2)
+    return [list(range(k, min(k + step, n_datums))) for k in range(0, n_datums, step)]
+
+
 def forward(trainer: Trainer, datums: list[Datum], micro_batch_size: int = 8) -> list[list[float]]:
     """The current weights' per-token logprobs (no gradients), aligned to each datum's input_ids."""
     out: list[list[float]] = [[] for _ in datums]
@@ -112,7 +124,10 @@ def forward_backward(
         cfg = dataclasses.replace(cfg, max_len=max(len(d.input_ids) for d in datums))
     batch_loss = _linear_loss if loss == LINEAR else _named_loss(loss, cfg)
     total_tokens = sum(sum(1 for m in d.loss_mask if m) for d in datums)
-    chunks = micro_batches(datums, micro_batch_size)
+    dpo = loss == "dpo"  # pairs stay together, in order; the loss is a mean over pairs
+    chunks = (
+        pair_micro_batches(len(datums), micro_batch_size) if dpo else micro_batches(datums, micro_batch_size)
+    )
     sums: dict[str, float] = {}
     logprobs: list[list[float]] = [[] for _ in datums]
     computed = padded = 0
@@ -121,11 +136,11 @@ def forward_backward(
         chunk = [datums[i] for i in idx]
         if loss == LINEAR:
             weight = 1.0  # a sum: each micro-batch's part adds up to the whole
-        elif cfg.agg == "token_mean":
+        elif cfg.agg == "token_mean" and not dpo:
             weight = sum(sum(1 for m in d.loss_mask if m) for d in chunk) / max(total_tokens, 1)
         else:
             weight = len(chunk) / len(datums)
-        m, lps = trainer.forward_backward(chunk, batch_loss, weight=weight, ref_model=cfg.kl_beta > 0)
+        m, lps = trainer.forward_backward(chunk, batch_loss, weight=weight, ref_model=cfg.kl_beta > 0 or dpo)
         entropy_sum += m.pop("entropy", 0.0) * sum(sum(1 for x in d.loss_mask if x) for d in chunk)
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + v * weight

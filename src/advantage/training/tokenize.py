@@ -159,11 +159,19 @@ def tokenize_for_sft(
 
     Unlike `tokenize_trajectory`, assistant turns are trained on as text (plain dicts and Choices alike,
     from any model: a teacher's output has no token ids of ours), including the template's end-of-turn
-    marker, so the model learns to stop. Context is rendered with the chat template, as there."""
-    messages: list[Message] = trajectory.messages()
-    turns = [k for k, m in enumerate(messages) if m.get("role") == "assistant"]
+    marker, so the model learns to stop. Context is rendered with the chat template, as there. An assistant
+    message with `"weight": 0` (OpenAI's fine-tuning format) is context only, not trained on."""
+    messages: list[Message] = [{k: v for k, v in m.items() if k != "weight"} for m in trajectory.messages()]
+    turns = [
+        k
+        for k, m in enumerate(trajectory.messages())
+        if m.get("role") == "assistant" and m.get("weight", 1) != 0
+    ]
     if not turns:
-        raise ValueError("This trajectory has no assistant message, so there is nothing to fine-tune on.")
+        raise ValueError(
+            "This trajectory has no assistant message to train on (none, or all with weight 0), so there is "
+            "nothing to fine-tune on."
+        )
     if turns[0] == 0:
         raise ValueError("The trajectory starts with an assistant message; put its prompt before it.")
 
