@@ -7,7 +7,8 @@ import torch
 
 from advantage.config import LoRAConfig
 from advantage.training import primitives
-from advantage.training.trainer import Datum, Trainer, pack_rows
+from advantage.training.packing import pack_rows
+from advantage.training.trainer import Datum, Trainer
 
 
 def test_pack_rows_first_fit_longest_first() -> None:
@@ -75,3 +76,80 @@ def test_micro_batches_keep_groups_whole_and_neighbours_together():
     assert micro_batches(datums, 7) == [[6, 7, 3, 4, 5], [0, 1, 2]]  # the third group would not fit whole
     assert micro_batches(datums, 2) == [[6, 7], [3, 4], [5], [0, 1], [2]]
     assert sorted(i for c in micro_batches(datums, 3) for i in c) == list(range(8))
+
+
+def _tree_datums() -> list[Datum]:
+    """Three prompts with a common start [1, 5, 9]: two groups of completions and a lone one; one completion
+    is multi-turn (a masked tool result in the middle of its trained tokens)."""
+    system = [1, 5, 9]
+    prompts = [system + [13, 17], system + [21], system + [25, 29, 33, 37]]
+    comps = [
+        (0, [50, 51, 2], [1, 1, 1]),
+        (0, [30, 2], [1, 1]),
+        (0, [60, 61, 62, 63, 64, 65, 2], [1, 1, 0, 0, 1, 1, 1]),  # tokens 62-63: a tool result, not trained
+        (1, [40, 41, 42, 43], [1, 1, 1, 1]),
+        (1, [44], [1]),
+        (2, [70, 71], [1, 1]),
+    ]
+    return [
+        Datum(prompts[g] + c, [0] * len(prompts[g]) + m, [-1.0] * (len(prompts[g]) + len(c)), 0.3 * (k - 2))
+        for k, (g, c, m) in enumerate(comps)
+    ]
+
+
+def _alone(trainer: Trainer, datums: list[Datum]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The plain computation: each sequence in its own forward pass, over its full length."""
+    trainer.model.zero_grad(set_to_none=True)
+    lps = []
+    for d in datums:
+        lp, P = trainer.sequence_logprobs([d])
+        lp_full = torch.cat([torch.zeros(P), lp[0]])
+        (lp_full.sum() * d.advantage).backward()
+        lps.append(lp_full.detach())
+    return lps, [p.grad.clone() for p in trainer.params if p.grad is not None]
+
+
+def test_tree_layout_runs_each_prompt_once_and_matches_full_sequences(tiny_model_dir, monkeypatch) -> None:
+    from advantage.training import packing
+
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    for p in trainer.params:
+        torch.nn.init.normal_(p, std=0.02)
+    ds = _tree_datums()
+    lay = packing.layout(ds, packing.shared_prefix_len(ds), trainer.pad_id)
+    # The common [1, 5, 9] once (3); each prompt's rest once (2 + 1 + 4); completions 3+2+7+4+1+2 = 19.
+    assert lay.real_tokens == 3 + 7 + 19
+    alone_lp, alone_g = _alone(trainer, ds)
+    for row_tokens in (packing.ROW_TOKENS, 4):  # 4: a group's completions split over rows, parent repeated
+        monkeypatch.setattr(packing, "ROW_TOKENS", row_tokens)
+        packed_lp, packed_g = _run(trainer, ds)
+        P = packing.shared_prefix_len(ds)
+        for i, d in enumerate(ds):
+            full = torch.cat([torch.zeros(P), packed_lp[i, : len(d.input_ids) - P]])
+            torch.testing.assert_close(full, alone_lp[i], atol=1e-5, rtol=1e-4)
+        assert (packed_lp != 0).sum() == sum(sum(d.loss_mask) for d in ds)
+        for a, b in zip(packed_g, alone_g, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_tree_layout_masks_and_positions_by_hand() -> None:
+    from advantage.training.packing import layout
+
+    # Shared prefix [1] (P = 1). Group A: rest [2], completions [3, 4] and [5]; group B: rest [6, 7], [8].
+    ds = [Datum([1, 2, 3, 4], [0, 0, 1, 1]), Datum([1, 2, 5], [0, 0, 1]), Datum([1, 6, 7, 8], [0, 0, 0, 1])]
+    lay = layout(ds, 1, pad_id=0)
+    # Blocks: A = [2 | 3 4 | 5] (4 slots), B = [6 7 | 8] (3 slots): two rows of 4 slots.
+    assert lay.ids_RS.tolist() == [[2, 3, 4, 5], [6, 7, 8, 0]]
+    assert lay.pos_RS.tolist() == [[1, 2, 3, 2], [1, 2, 3, 1]]
+    # Row 0 keys: prefix, then slots 0..3. Completion [5] (slot 3) sees the prefix, its parent, itself.
+    assert lay.see_RSK[0].int().tolist() == [
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],
+    ]
+    # Datum 0's suffix [2, 3, 4]: token 3 predicted by slot 0 (flat 0, +1), token 4 by slot 1 (+1 = 2).
+    assert lay.pick_BS[0].tolist()[1:3] == [1, 2]
+    assert lay.pick_BS[1].tolist()[1] == 1  # [5]'s first token: also the parent's last slot
+    assert lay.pick_BS[2].tolist()[2] == 4 + 1 + 1  # [8]: predicted by row 1 slot 1 (flat 5, +1)
+    assert (lay.real_tokens, lay.slot_tokens) == (1 + 7, 1 + 8)

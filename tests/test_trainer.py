@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from advantage.config import LoRAConfig
-from advantage.training.trainer import Datum, Trainer, shared_prefix_len
+from advantage.training.packing import shared_prefix_len
+from advantage.training.trainer import Datum, Trainer
 
 
 def _datums() -> list[Datum]:

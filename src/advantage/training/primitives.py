@@ -25,18 +25,13 @@ from collections.abc import Callable
 from typing import Any
 
 from advantage.training.losses import LOSSES, LossConfig, get_loss
-from advantage.training.trainer import Batch, Datum, Trainer, pack_rows, shared_prefix_len
+from advantage.training.packing import prompt_key
+from advantage.training.trainer import Batch, Datum, Trainer
 
 LINEAR = "linear"
 GRAD_KEY = "logprob_grad"  # extras key of the per-token weights of the "linear" loss
 LOSS_NAMES: tuple[str, ...] = (*sorted(LOSSES), LINEAR)
 Progress = Callable[[int, int], None]  # (micro-batches done, total)
-
-
-def prompt_key(d: Datum) -> tuple[int, ...]:
-    """The tokens before the first trained token: sequences with equal keys share a prompt."""
-    first = next((i for i, m in enumerate(d.loss_mask) if m), len(d.input_ids))
-    return tuple(d.input_ids[:first])
 
 
 def micro_batches(datums: list[Datum], size: int) -> list[list[int]]:
@@ -146,12 +141,9 @@ def forward_backward(
             sums[key] = sums.get(key, 0.0) + v * weight
         for i, lp in zip(idx, lps, strict=True):
             logprobs[i] = lp
-        # What the model runs on: the shared prompt once, then rows of suffixes as long as the longest.
-        P = shared_prefix_len(chunk)
-        lens = [len(d.input_ids) - P for d in chunk]
-        rows = len(pack_rows(lens, max(lens))) if trainer.pack_suffixes else len(chunk)
-        computed += P + sum(lens)
-        padded += P + rows * max(lens)
+        # What the model ran on: the shared parts once, padding included (packing.py).
+        computed += trainer.last_slots[0]
+        padded += trainer.last_slots[1]
         if progress:
             progress(k + 1, len(chunks))
     real = sum(len(d.input_ids) for d in datums)

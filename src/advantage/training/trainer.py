@@ -2,16 +2,12 @@
 
 `train_step` (in `grpo.py`) composes these; the low-level API exposes them as they are.
 
-Prefix sharing: the sequences of a micro-batch (members of one group) share their prompt. The shared part
-runs once, its KV cache is repeated for every member, and only the members' own suffixes run per row. The
-gradient flows through the shared prompt too, so the update equals the one over full sequences (checked in
-tests). Logprobs are computed only where the loss mask is on: the vocabulary head never runs over the prompt.
-
-Packing: the suffixes are not one padded row each. They are packed first-fit (longest first) into rows as
-long as the longest suffix, each row attending to the shared prompt and, block-causally, to its own
-segments (a 4D attention mask; position ids restart at P in every segment). A group of completions of
-uneven length then runs on fewer rows with less padding, and the prompt's cache is repeated once per row,
-not once per sequence. `Trainer.pack_suffixes = False` gives the one-row-per-sequence layout.
+Prefix sharing and packing (`packing.py`): the prompt part common to a whole micro-batch runs once, as a KV
+cache every row attends to; each group's rest of the prompt runs once, followed in its row by the group's
+completions, under a block-causal 4D mask. The gradient flows through the shared parts too, so the update
+equals the one over full sequences (checked in tests). Logprobs are computed only where the loss mask is
+on: the vocabulary head never runs over the prompt. `Trainer.pack_suffixes = False` gives each sequence its
+own row.
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.config import LoRAConfig
 from advantage.engine.precision import resolve_dtype, use_fp32_head
+from advantage.training.packing import layout, shared_prefix_len
 
 # A loss over one micro-batch: (logp (B,T), datums' tensors) -> (scalar loss, metrics)
 BatchLossFn = Callable[["Batch"], tuple[torch.Tensor, dict[str, float]]]
@@ -89,8 +86,9 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.pack_suffixes = True  # False: one padded row per sequence (kept for benchmarks and tests)
+        self.pack_suffixes = True  # False: one row per sequence (kept for benchmarks and tests)
         self.last_entropy = (0.0, 0)  # (sum, tokens) of the policy entropy in the last sequence_logprobs
+        self.last_slots = (0, 0)  # (sequence tokens, slots incl. padding) the last sequence_logprobs computed
 
     # ------------------------------------------------------------------ logprobs
     def sequence_logprobs(self, datums: list[Datum], *, use_adapter: bool = True) -> tuple[torch.Tensor, int]:
@@ -98,65 +96,38 @@ class Trainer:
 
         Position j of the suffix is token input_ids[P + j]; its logprob is filled where loss_mask is 1."""
         P = shared_prefix_len(datums)
-        B = len(datums)
-        S = max(len(d.input_ids) for d in datums) - P
         inner = self.model.get_base_model().model  # the decoder; LoRA layers are injected in place
         head = self.model.get_base_model().lm_head
         ctx = self.model.disable_adapter() if not use_adapter else contextlib.nullcontext()
+        lay = layout(datums, P, self.pad_id, share=self.pack_suffixes)
+        self.last_slots = (lay.real_tokens, lay.slot_tokens)
+        dev = self.device
         with ctx:
             cache = DynamicCache()
             h_last_1H = None
             if P > 0:
-                prefix = torch.tensor([datums[0].input_ids[:P]], device=self.device)
+                prefix = torch.tensor([datums[0].input_ids[:P]], device=dev)
                 out = inner(input_ids=prefix, past_key_values=cache, use_cache=True)
                 h_last_1H = out.last_hidden_state[0, -1:, :]
-            lens = [len(d.input_ids) - P for d in datums]
-            rows = pack_rows(lens, S) if self.pack_suffixes else [[i] for i in range(B)]
-            R = len(rows)
-            suffix_BS = torch.full((B, S), self.pad_id, dtype=torch.long)
-            mask_BS = torch.zeros((B, S), dtype=torch.bool)
-            ids_RS = torch.full((R, S), self.pad_id, dtype=torch.long)
-            pos_RS = torch.full((R, S), P, dtype=torch.long)
-            # Who sees whom: query (row r, slot q) -> key (prompt position, or slot k of row r).
-            see_RSK = torch.zeros((R, S, P + S), dtype=torch.bool)
-            see_RSK[:, :, P:] = torch.eye(S, dtype=torch.bool)  # padding slots see themselves (no NaN)
-            src_B = torch.zeros(B, dtype=torch.long)  # flat slot r*S + o where datum i's suffix starts
-            for r, members in enumerate(rows):
-                o = 0
-                for i in members:
-                    d, n = datums[i], lens[i]
-                    suffix_BS[i, :n] = torch.tensor(d.input_ids[P:])
-                    mask_BS[i, :n] = torch.tensor(d.loss_mask[P:], dtype=torch.bool)
-                    ids_RS[r, o : o + n] = suffix_BS[i, :n]
-                    pos_RS[r, o : o + n] = P + torch.arange(n)
-                    see_RSK[r, o : o + n, :P] = True
-                    see_RSK[r, o : o + n, P + o : P + o + n] = torch.ones((n, n), dtype=torch.bool).tril()
-                    src_B[i] = r * S + o
-                    o += n
-            if P > 0:
-                cache.batch_repeat_interleave(R)
+                cache.batch_repeat_interleave(lay.ids_RS.shape[0])
             out = inner(
-                input_ids=ids_RS.to(self.device),
-                attention_mask=see_RSK.unsqueeze(1).to(self.device),  # (R, 1, S, P + S)
-                position_ids=pos_RS.to(self.device),
+                input_ids=lay.ids_RS.to(dev),
+                attention_mask=lay.see_RSK.unsqueeze(1).to(dev),  # (R, 1, S, P + S)
+                position_ids=lay.pos_RS.to(dev),
                 past_key_values=cache if P > 0 else None,
                 use_cache=P > 0,
             )
-            h_NH = out.last_hidden_state.reshape(R * S, -1)
-            if h_last_1H is None:  # no shared prefix: position 0 is never a trained token
+            h_NH = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+            if h_last_1H is None:  # no shared prefix: the first token of a sequence is never trained
                 h_last_1H = torch.zeros_like(h_NH[:1])
-            # The hidden state that predicts suffix token j of datum i: the prompt's last for j = 0, else
-            # its own slot j - 1. Row 0 of h_all is the prompt's; slot s of the packed rows is row 1 + s.
-            h_all = torch.cat([h_last_1H, h_NH], dim=0)
-            j_BS = torch.arange(S).expand(B, S)
-            pick_BS = torch.where(j_BS == 0, 0, 1 + src_B[:, None] + j_BS - 1)
-            pred_NH = h_all[pick_BS.to(self.device)[mask_BS.to(self.device)]]
-            mask_BS = mask_BS.to(self.device)
+            h_all = torch.cat([h_last_1H, h_NH], dim=0)  # row 0: the prefix's last; flat slot f: row f + 1
+            mask_BS = lay.mask_BS.to(dev)
+            pred_NH = h_all[lay.pick_BS.to(dev)[mask_BS]]
             logits_NV = head(pred_NH).float()
-            targets_N = suffix_BS.to(self.device)[mask_BS]
+            targets_N = lay.target_BS.to(dev)[mask_BS]
             logp_NV = torch.log_softmax(logits_NV, dim=-1)
             lp_N = logp_NV.gather(1, targets_N.unsqueeze(1)).squeeze(1)
-            logp_BS = torch.zeros((B, S), dtype=lp_N.dtype, device=self.device).masked_scatter(mask_BS, lp_N)
+            logp_BS = torch.zeros(mask_BS.shape, dtype=lp_N.dtype, device=dev).masked_scatter(mask_BS, lp_N)
             with torch.no_grad():  # the policy's entropy at the trained positions: a collapse shows here
                 self.last_entropy = (float(-(logp_NV.exp() * logp_NV).sum()), int(lp_N.numel()))
         return logp_BS, P
@@ -253,32 +224,6 @@ class Trainer:
             self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
         else:  # an adapter saved without its moments: they start afresh, never left over from other weights
             self.optimizer.state.clear()
-
-
-def shared_prefix_len(datums: list[Datum]) -> int:
-    """Longest common prefix of the datums' ids, stopped before the first trained token of any of them."""
-    first = datums[0].input_ids
-    limit = min(min((i for i, m in enumerate(d.loss_mask) if m), default=len(d.input_ids)) for d in datums)
-    limit = min(limit, *(len(d.input_ids) for d in datums))
-    n = 0
-    while n < limit and all(d.input_ids[n] == first[n] for d in datums[1:]):
-        n += 1
-    return n
-
-
-def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices of `lengths` packed first-fit, longest first, into rows holding at most `capacity` tokens."""
-    rows: list[list[int]] = []
-    used: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = next((r for r, u in enumerate(used) if u + lengths[i] <= capacity), None)
-        if r is None:
-            rows.append([])
-            used.append(0)
-            r = len(rows) - 1
-        rows[r].append(i)
-        used[r] += lengths[i]
-    return rows
 
 
 def aligned_logprobs(datums: list[Datum], logp_BS: torch.Tensor, P: int) -> list[list[float]]:
