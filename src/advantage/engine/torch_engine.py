@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
@@ -88,6 +89,7 @@ class _Row:
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
+    detok: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
     finish: Literal["stop", "length"] | None = None
 
 
@@ -107,6 +109,7 @@ class TorchEngine:
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._backend_tokenizer = self.tokenizer.backend_tokenizer  # the `tokenizers` one: streaming decode
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
         if head_dtype == "float32":  # logprobs computed as the trainer computes them (engine/precision.py)
             use_fp32_head(model)
@@ -439,21 +442,38 @@ class TorchEngine:
     def _advance_row(self, row: _Row, token: int, logprob: float) -> None:
         row.ids.append(token)
         row.logprobs.append(logprob)
-        stops = row.req.params.stop
         if row.constraint is not None:
             row.constraint.consume(token)
         if token in self.stop_token_ids:
             row.finish = "stop"
-        else:
-            row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-            hits = [row.text.find(s) for s in stops if s in row.text]
-            if hits:
-                row.text = row.text[: min(hits)]
-                row.finish = "stop"
-            elif row.constraint is not None and row.constraint.done:
-                row.finish = "stop"
-            elif len(row.ids) >= row.req.max_new:
-                row.finish = "length"
+            row.text = self.tokenizer.decode(row.ids[:-1], skip_special_tokens=True)
+        elif not self._stop_string_in(row, row.detok.step(self._backend_tokenizer, token)):
+            done = row.constraint is not None and row.constraint.done
+            if done or len(row.ids) >= row.req.max_new:
+                row.finish = "stop" if done else "length"
+                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)  # with a partial character
+        self._emit(row)
+
+    @staticmethod
+    def _stop_string_in(row: _Row, piece: str | None) -> bool:
+        """Append the new token's text (None while a character is incomplete: incremental detokenization,
+        not a decode of the whole row per token); on a stop string, cut the text there and finish the row.
+        A stop string is looked for only where it could newly end."""
+        if not piece:
+            return False
+        stops = row.req.params.stop
+        start = max(0, len(row.text) - max((len(s) for s in stops), default=1) + 1)
+        row.text += piece
+        hits = [i for i in (row.text.find(s, start) for s in stops) if i >= 0]
+        if not hits:
+            return False
+        row.text = row.text[: min(hits)]
+        row.finish = "stop"
+        return True
+
+    def _emit(self, row: _Row) -> None:
+        """Stream the row's new text, holding back what might still turn into a stop string."""
+        stops = row.req.params.stop
         if row.req.on_token is not None:
             hold = 0 if row.finish else max((len(s) - 1 for s in stops), default=0)
             end = len(row.text) - hold
