@@ -217,6 +217,14 @@ def test_parse_arguments_as_json_string_and_missing():
     assert [json.loads(c["function"]["arguments"]) for c in out.tool_calls] == [{"x": 1}, {}]
 
 
+def test_parse_close_tag_inside_an_argument_string():
+    # A grammar-forced call admits any string, "</tool_call>" included: the JSON object is read first.
+    text = '<tool_call>\n{"name": "note", "arguments": {"text": "a}}</tool_call>b"}}\n</tool_call> done'
+    out = parse_assistant_output(text, tools_enabled=True)
+    assert json.loads(out.tool_calls[0]["function"]["arguments"]) == {"text": "a}}</tool_call>b"}
+    assert out.content == "done"
+
+
 def test_parse_unclosed_final_tag():
     out = parse_assistant_output('Sure. <tool_call>\n{"name": "get_time", "arguments": {}}\n', True)
     assert out.content == "Sure."

@@ -23,9 +23,11 @@ def test_splits_are_seeded_and_disjoint() -> None:
     assert dates.MONTHS[s.month - 1] in s.sentence and dates.ordinal_words(s.day) in s.sentence
 
 
-def test_reward_is_a_third_per_field() -> None:
+def test_reward_credits_each_field_and_brevity() -> None:
     s = dates.DateScenario("", 2024, 3, 7)
-    assert dates.reward("2024-03-07", s) == 1.0
-    assert dates.reward("The date is 2024-3-7.", s) == 1.0
-    assert dates.reward("2024-07-03", s) == 1 / 3  # day and month swapped: only the year
-    assert dates.reward("March 7, 2024", s) == 0.0  # not ISO
+    assert dates.reward("2024-03-07", s) == round(0.8 * 1.0 + 0.2 * (1 - 10 / 80), 6)  # 0.975
+    assert dates.reward("", s) == 0.2  # nothing right, but as short as can be
+    # day and month swapped: ISO 0.1 + the year 0.3 = 0.4; 20 characters: brevity 0.75
+    assert dates.reward("It is 2024-07-03 ok.", s) == round(0.8 * 0.4 + 0.2 * 0.75, 6)
+    # no ISO date: the year's digits and the month's name, 0.1 each; 80+ characters: no brevity
+    assert dates.reward("March 7, 2024" + "." * 80, s) == round(0.8 * 0.2, 6)

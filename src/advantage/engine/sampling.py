@@ -57,27 +57,53 @@ def sample_next(
     logprobs_BV = torch.log_softmax(logits_BV.float(), dim=-1)
     pick_BV = logprobs_BV if allowed_BV is None else logprobs_BV.masked_fill(~allowed_BV, float("-inf"))
     greedy_B = temperature_B <= 0
-    tokens_B = pick_BV.argmax(dim=-1)
-    if not bool(greedy_B.all()):
+    if bool(greedy_B.all()):
+        tokens_B = pick_BV.argmax(dim=-1)
+    else:
         scaled_BV = pick_BV / temperature_B.clamp_min(1e-5).unsqueeze(1)
         probs_BV = torch.softmax(scaled_BV, dim=-1)
         if bool((top_p_B < 1.0).any()):
             probs_BV = _top_p_filter(probs_BV, top_p_B)
-        if all(g is None for g in generators):
-            sampled_B = torch.multinomial(probs_BV, 1).squeeze(1)
-        else:
-            sampled_B = torch.stack(
-                [torch.multinomial(probs_BV[i], 1, generator=g).squeeze(0) for i, g in enumerate(generators)]
-            )
-        tokens_B = torch.where(greedy_B, tokens_B, sampled_B)
+        tokens_B = _inverse_cdf(probs_BV, generators)
+        if bool(greedy_B.any()):
+            tokens_B = torch.where(greedy_B, pick_BV.argmax(dim=-1), tokens_B)
     return tokens_B, logprobs_BV.gather(1, tokens_B.unsqueeze(1)).squeeze(1)
 
 
+def _inverse_cdf(probs_BV: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row drawn from `probs_BV` with one uniform number per row: the first index where the
+    cumulative sum passes it. `torch.multinomial` draws one exponential per vocabulary entry: measured on a
+    2-core CPU, 49 ms for 32 rows of SmolLM2's 49k vocabulary, against about 5 ms for this. The fp32 sum
+    resolves probabilities down to ~1e-7 (a rarer token is drawn at that rate or not at all); the logprobs
+    reported are those of the logits, unaffected."""
+    cdf_BV = probs_BV.float().cumsum(dim=-1)
+    if all(g is None for g in generators):
+        u_B = torch.rand(probs_BV.shape[0], device=probs_BV.device)
+    else:
+        u_B = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf_BV.device)
+    u_B1 = (u_B * cdf_BV[:, -1]).unsqueeze(1)  # the rows' sums are 1 only up to rounding
+    tokens_B = torch.searchsorted(cdf_BV, u_B1, right=True).squeeze(1).clamp_max(probs_BV.shape[1] - 1)
+    # A draw that rounds onto the very end can land on a token of probability 0: take the likeliest instead.
+    bad_B = probs_BV.gather(1, tokens_B.unsqueeze(1)).squeeze(1) <= 0
+    if bool(bad_B.any()):
+        tokens_B = torch.where(bad_B, probs_BV.argmax(dim=-1), tokens_B)
+    return tokens_B
+
+
+TOP_P_CANDIDATES = 1024  # top-p looks among this many likeliest tokens first (a full sort is slow on CPU)
+
+
 def _top_p_filter(probs_BV: torch.Tensor, top_p_B: torch.Tensor) -> torch.Tensor:
-    sorted_BV, idx_BV = probs_BV.sort(dim=-1, descending=True)
-    cum_BV = sorted_BV.cumsum(dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-    drop_BV = (cum_BV - sorted_BV) >= top_p_B.unsqueeze(1)
-    sorted_BV = sorted_BV.masked_fill(drop_BV, 0.0)
-    out_BV = torch.zeros_like(probs_BV).scatter(1, idx_BV, sorted_BV)
+    """Keep the smallest set of likeliest tokens whose mass reaches top_p (the first token is always kept),
+    renormalised. Sorting 32 rows of a 49k vocabulary takes ~170 ms on 2 CPU cores; the likeliest 1024 tokens
+    almost always hold the mass asked for, and are found in a few ms. Otherwise the whole row is sorted."""
+    k = min(TOP_P_CANDIDATES, probs_BV.shape[-1])
+    sorted_BK, idx_BK = probs_BV.topk(k, dim=-1)  # descending
+    cum_BK = sorted_BK.cumsum(dim=-1)
+    if not bool((cum_BK[:, -1] >= top_p_B).all()):
+        sorted_BK, idx_BK = probs_BV.sort(dim=-1, descending=True)
+        cum_BK = sorted_BK.cumsum(dim=-1)
+    drop_BK = (cum_BK - sorted_BK) >= top_p_B.unsqueeze(1)
+    sorted_BK = sorted_BK.masked_fill(drop_BK, 0.0)
+    out_BV = torch.zeros_like(probs_BV).scatter(1, idx_BK, sorted_BK)
     return out_BV / out_BV.sum(dim=-1, keepdim=True)
