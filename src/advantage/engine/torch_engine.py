@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
-from advantage.engine.precision import resolve_dtype, use_fp32_head
+from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class TorchEngine:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
         if head_dtype == "float32":  # logprobs computed as the trainer computes them (engine/precision.py)
             use_fp32_head(model)
-        self.model: Any = model.to(self.device).eval()
+        self.model: Any = column_major_linears(model.to(self.device).eval())
         cfg_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_len = min(max_context or cfg_len, cfg_len)
         self.max_batch_size = max_batch_size
