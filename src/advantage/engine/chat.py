@@ -306,7 +306,9 @@ def parse_assistant_output(text: str, tools_enabled: bool) -> ParsedOutput:
     while (start := text.find(TOOL_CALL_OPEN, pos)) != -1:
         kept.append(text[pos:start])
         body_start = start + len(TOOL_CALL_OPEN)
-        close = text.find(TOOL_CALL_CLOSE, body_start)
+        close = _json_close(text, body_start)  # an argument may itself contain "</tool_call>"
+        if close == -1:
+            close = text.find(TOOL_CALL_CLOSE, body_start)
         end = len(text) if close == -1 else close + len(TOOL_CALL_CLOSE)
         body = text[body_start : len(text) if close == -1 else close]
         call = _parse_call(body)
@@ -318,6 +320,18 @@ def parse_assistant_output(text: str, tools_enabled: bool) -> ParsedOutput:
     kept.append(text[pos:])
     content = "".join(kept).strip()
     return ParsedOutput(content=content or (None if calls else ""), tool_calls=calls)
+
+
+def _json_close(text: str, body_start: int) -> int:
+    """Where the close tag after a block's JSON object starts; -1 unless the block is one JSON object and then
+    a close tag. The object is read first, so a string inside it may hold anything, "</tool_call>" included."""
+    i = body_start + len(text[body_start:]) - len(text[body_start:].lstrip())
+    try:
+        _, j = json.JSONDecoder().raw_decode(text, i)
+    except json.JSONDecodeError:
+        return -1
+    j += len(text[j:]) - len(text[j:].lstrip())
+    return j if text.startswith(TOOL_CALL_CLOSE, j) else -1
 
 
 def _parse_call(body: str) -> dict[str, Any] | None:

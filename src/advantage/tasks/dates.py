@@ -3,8 +3,7 @@
 One system instruction and one sentence (about 120 tokens with SmolLM2's chat template), one short answer.
 It is the short-prompt workload of `benchmarks/vs_trl.py`: where the demo's 700-token prompt lets prompt
 sharing do most of the work, here the prompts are short and distinct, so the speed of generation and of the
-update itself shows. The reward gives a third for each of year, month and day of the first YYYY-MM-DD in the
-answer; 1.0 is an exact answer.
+update itself shows. The reward gives partial credit (see `reward`); 1.0 is an exact answer.
 """
 
 from __future__ import annotations
@@ -18,9 +17,8 @@ Message = dict[str, Any]
 
 SYSTEM = (
     "You extract dates. Read the user's sentence, find the date it mentions, and reply with that date in "
-    "ISO format, YYYY-MM-DD, and nothing else. Years, months and days may be written out in words, and "
-    "the day may come before or after the month. Write the month and the day with two digits each; do not "
-    "explain your answer."
+    "ISO format, YYYY-MM-DD, and nothing else. Years, months and days may be written out in words. Example: "
+    "for 'We met on the fifth of May, nineteen ninety-one.' reply 1991-05-05."
 )
 MONTHS = [
     "January", "February", "March", "April", "May", "June",
@@ -101,9 +99,15 @@ def prompt(s: DateScenario) -> list[Message]:
 
 
 def reward(text: str, s: DateScenario) -> float:
-    """A third for each of year, month and day of the first YYYY-MM-DD in `text`; 0 without one."""
+    """0.8 x correctness + 0.2 x brevity, so that even a small model's attempts differ. Correctness: 0.1 for an
+    ISO date (YYYY-MM-DD) in the answer, then 0.3 each for its year, month and day; without an ISO date, 0.1
+    each for the year's digits and the month's name appearing somewhere. Brevity: 1 for an empty answer,
+    falling linearly to 0 at 80 characters. 1.0 is an exact answer and nothing else."""
     m = _ISO.search(text)
     if m is None:
-        return 0.0
-    y, mo, d = (int(g) for g in m.groups())
-    return ((y == s.year) + (mo == s.month) + (d == s.day)) / 3
+        correct = 0.1 * (str(s.year) in text) + 0.1 * (MONTHS[s.month - 1] in text)
+    else:
+        y, mo, d = (int(g) for g in m.groups())
+        correct = 0.1 + 0.3 * ((y == s.year) + (mo == s.month) + (d == s.day))
+    brevity = max(0.0, 1 - len(text.strip()) / 80)
+    return round(0.8 * correct + 0.2 * brevity, 6)
