@@ -25,8 +25,9 @@ Both trainers get the same conditions:
   TRL          gradient checkpointing off (its default is on, which is slower), no vLLM (CPU)
 
 What differs by design: our step includes `save_weights` (the new adapter is checkpointed and served by the
-engine that samples the next step), TRL samples from the model it trains in-process; we skip groups whose
-rewards are all equal, TRL runs them with zero advantage.
+engine that samples the next step), TRL samples from the model it trains in-process. A group whose rewards
+are all equal trains on both sides (with advantage 0; `model.train` would skip it), so both
+do the same work each step.
 
 Each side runs in its own process: ours in this interpreter's environment, TRL in its own virtualenv
 (`benchmarks/.venv-trl`, created on first use with pinned CPU packages: torch first, so no CUDA build is
@@ -172,7 +173,11 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
                     rs = [task.reward(q.text, s) for q in out.sequences]
                     rewards += rs
                     tokens += sum(len(out.prompt_tokens) + len(q.tokens) for q in out.sequences)
-                    batch += group_datums(out.prompt_tokens, out.sequences, rs)
+                    # A group without reward variance trains with zero advantage, as in TRL: the same work.
+                    batch += group_datums(out.prompt_tokens, out.sequences, rs) or [
+                        d.model_copy(update={"advantage": 0.0})
+                        for d in group_datums(out.prompt_tokens, out.sequences, list(range(len(rs))))
+                    ]
                 if batch:
                     cfg = {"eps": 0.2, "eps_high": 0.2, "agg": "token_mean"}
                     await tc.forward_backward(batch, "ppo", cfg, micro_batch_size=a.micro_batch)
