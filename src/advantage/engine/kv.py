@@ -131,6 +131,10 @@ class PrefixCache:
         self._entries.move_to_end(key)
         return [(k[None, :, :m], v[None, :, :m]) for k, v in self._entries[key].kv], m
 
+    def cached_len(self, adapter: str | None, prompts: list[list[int]]) -> int:
+        """How many leading tokens of all `prompts` a `lookup` would serve from the cache (no stats counted)."""
+        return self._best(adapter, prompts)[1]
+
     def _best(self, adapter: str | None, prompts: list[list[int]]) -> tuple[int | None, int]:
         if not self._entries or not prompts:
             return None, 0

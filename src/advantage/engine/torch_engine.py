@@ -7,8 +7,9 @@ system prompt and tool schemas, or the previous turn of the conversation, comes 
 left-pads them into the running KV cache and decodes all rows together. The KV cache grows in place (see
 `kv.py`). Finished rows leave the batch at once, and columns that no row needs any more are cropped.
 
-Rows in one batch share one LoRA adapter (peft's active adapter); a request for another adapter waits until
-the rows ahead of it drain, so FIFO order is kept. Adapters are loaded and removed by name without a
+Rows in one batch share one LoRA adapter: merged into the weights for fp32 models on CPU (`lora.py`), else
+peft's active adapter. A request for another adapter waits until the rows ahead of it drain, so FIFO order
+is kept. Adapters are loaded and removed by name without a
 restart; those commands run on the engine thread between steps, so a swap never tears a running batch.
 
 At most `max_pending` requests wait to join the batch; past that, `submit` raises `QueueFull` (the server
@@ -22,6 +23,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -36,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
+from advantage.engine.lora import LoraWeights, MergedLora, load_lora
 from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 
@@ -106,6 +109,7 @@ class TorchEngine:
         prefix_cache_mb: int = 512,
         head_dtype: str = "float32",
         max_pending: int = 256,
+        merge_lora: bool | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -125,6 +129,11 @@ class TorchEngine:
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.grammars = GrammarCompiler(self.tokenizer, int(model.config.vocab_size))
         self._adapters: dict[str, str] = {}  # adapter name -> path
+        # fp32 on CPU: adapters are merged into the weights per batch (engine/lora.py); else peft layers.
+        if merge_lora is None:
+            merge_lora = self.device.type == "cpu" and self.model.dtype == torch.float32
+        self._merged = MergedLora(self.model) if merge_lora else None
+        self._lora: dict[str, LoraWeights] = {}
         self._pending: deque[_Request] = deque()
         self._commands: deque[tuple[Callable[[], None], concurrent.futures.Future[None]]] = deque()
         self._cv = threading.Condition()
@@ -262,7 +271,10 @@ class TorchEngine:
 
     @contextlib.contextmanager
     def _adapter_context(self):  # type: ignore[no-untyped-def]
-        if self._batch_adapter is None and self._adapters:
+        if self._merged is not None:
+            self._merged.activate(self._batch_adapter, self._lora)
+            yield
+        elif self._batch_adapter is None and self._adapters:
             with self.model.disable_adapter():
                 yield
         else:
@@ -274,12 +286,14 @@ class TorchEngine:
         if name in self._adapters:
             self._remove_adapter(name)
         self.prefix_cache.clear(name)  # the KV states were computed with the old weights
-        if not self._adapters and not isinstance(self.model, PeftModel):
+        if self._merged is not None:
+            self._lora[name] = load_lora(path, self.model)
+        elif not self._adapters and not isinstance(self.model, PeftModel):
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
         else:
             self.model.load_adapter(path, adapter_name=name)
         self._adapters[name] = path
-        if self._batch_adapter is not None:
+        if self._batch_adapter is not None and self._merged is None:
             self.model.set_adapter(self._batch_adapter)
 
     def _remove_adapter(self, name: str) -> None:
@@ -287,11 +301,15 @@ class TorchEngine:
             return
         if self._rows and self._batch_adapter == name:
             raise RuntimeError(f"adapter {name!r} is serving requests; retry when they finish")
-        if name in self.model.peft_config and len(self.model.peft_config) > 1:
+        if self._merged is not None:
+            if self._merged.active == name:
+                self._merged.restore()
+            del self._lora[name]
+        elif name in self.model.peft_config and len(self.model.peft_config) > 1:
             if self.model.active_adapter == name:
                 self.model.set_adapter(next(a for a in self._adapters if a != name))
             self.model.delete_adapter(name)
-        # The last adapter stays in peft (deleting it is not allowed) but is no longer served.
+        # (peft) The last adapter stays in peft (deleting it is not allowed) but is no longer served.
         del self._adapters[name]
         self.prefix_cache.clear(name)
 
@@ -300,7 +318,7 @@ class TorchEngine:
         with self._cv:
             if not self._rows and self._pending:
                 self._batch_adapter = self._pending[0].adapter
-                if self._batch_adapter is not None:
+                if self._batch_adapter is not None and self._merged is None:
                     self.model.set_adapter(self._batch_adapter)
             batch: list[_Request] = []
             n_rows = sum(r.finish is None for r in self._rows)
@@ -345,7 +363,14 @@ class TorchEngine:
 
     def _forward_prompts(self, unique: list[list[int]]) -> tuple[GrowingCache, torch.Tensor, Any]:
         """Prefill distinct prompts in one left-padded batch, starting from the longest cached prefix they
-        share; each prompt's KV then goes into the prefix cache. Returns (cache, attention mask, output)."""
+        share; each prompt's KV then goes into the prefix cache. Returns (cache, attention mask, output).
+
+        Distinct prompts that start alike (one system prompt, different questions) have that start computed
+        once: it is prefilled on its own first, into the prefix cache, and the batch starts from it."""
+        if len(unique) > 1 and self.prefix_cache.max_bytes:
+            shared = min(len(os.path.commonprefix(unique)), min(len(p) for p in unique) - 1)
+            if shared - self.prefix_cache.cached_len(self._batch_adapter, unique) >= self.prefix_cache.min_reuse:
+                self._forward_prompts([unique[0][:shared]])
         hit = self.prefix_cache.lookup(self._batch_adapter, unique)
         m = hit[1] if hit else 0
         rows = len(unique)
