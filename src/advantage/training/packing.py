@@ -85,15 +85,18 @@ def layout(datums: list[HasTokens], P: int, pad_id: int, *, share: bool = True) 
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, d in enumerate(datums):
         groups.setdefault(tuple(d.input_ids[: keys[i]]) if share else (i,), []).append(i)
-    # Blocks: a parent (the group's prompt after P) and children (completions), at most ROW_TOKENS of them.
+    # Blocks: a parent (the group's prompt after P) and children (completions), up to ROW_TOKENS of them.
+    # Without a parent (the whole prompt is in the shared prefix) a row costs nothing to split: each child
+    # is its own block, and short ones share rows below (shorter rows, less attention over the prefix).
     blocks: list[tuple[int, list[int]]] = []  # (parent length, child datum indices)
     for members in groups.values():
         a = keys[members[0]] - P
+        budget = ROW_TOKENS if a else 0
         chunk: list[int] = []
         used = 0
         for i in sorted(members, key=lambda i: -(len(datums[i].input_ids) - keys[i])):
             n = len(datums[i].input_ids) - keys[i]
-            if chunk and used + n > ROW_TOKENS:
+            if chunk and used + n > budget:
                 blocks.append((a, chunk))
                 chunk, used = [], 0
             chunk.append(i)
