@@ -60,7 +60,9 @@ def load_lora(path: str | Path, model: nn.Module) -> LoraWeights:
         b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         target = modules.get(name)
         if b is None or not isinstance(target, nn.Linear):
-            raise ValueError(f"Adapter {path}: {name!r} is not a linear layer of this model (or lacks lora_B).")
+            raise ValueError(
+                f"Adapter {path}: {name!r} is not a linear layer of this model (or lacks lora_B)."
+            )
         if a.shape != (r, target.in_features) or b.shape != (target.out_features, r):
             raise ValueError(f"Adapter {path}: {name!r} has shapes {tuple(a.shape)}, {tuple(b.shape)}.")
         w = target.weight
@@ -75,7 +77,8 @@ class MergedLora:
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = dict(model.named_modules())
-        self.pristine: dict[str, torch.Tensor] = {}  # module name -> its base weight, copied when first merged
+        # module name -> its base weight, copied the first time an adapter is merged into it
+        self.pristine: dict[str, torch.Tensor] = {}
         self.active: str | None = None
         self._merged: list[str] = []  # modules whose weights differ from pristine
 

@@ -29,7 +29,7 @@ def native_bf16_cpu() -> bool:
 
 
 def default_dtype(device: torch.device) -> str:
-    """"bfloat16" on CUDA and on CPUs with native bf16 matmuls, "float32" on other CPUs."""
+    """ "bfloat16" on CUDA and on CPUs with native bf16 matmuls, "float32" on other CPUs."""
     if device.type == "cuda":
         return "bfloat16"
     return "bfloat16" if native_bf16_cpu() else "float32"

@@ -369,7 +369,8 @@ class TorchEngine:
         once: it is prefilled on its own first, into the prefix cache, and the batch starts from it."""
         if len(unique) > 1 and self.prefix_cache.max_bytes:
             shared = min(len(os.path.commonprefix(unique)), min(len(p) for p in unique) - 1)
-            if shared - self.prefix_cache.cached_len(self._batch_adapter, unique) >= self.prefix_cache.min_reuse:
+            cached = self.prefix_cache.cached_len(self._batch_adapter, unique)
+            if shared - cached >= self.prefix_cache.min_reuse:
                 self._forward_prompts([unique[0][:shared]])
         hit = self.prefix_cache.lookup(self._batch_adapter, unique)
         m = hit[1] if hit else 0
@@ -476,7 +477,8 @@ class TorchEngine:
             done = row.constraint is not None and row.constraint.done
             if done or len(row.ids) >= row.req.max_new:
                 row.finish = "stop" if done else "length"
-                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)  # with a partial character
+                # the whole row once: with a trailing partial character, as a full decode has it
+                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
         self._emit(row)
 
     @staticmethod
