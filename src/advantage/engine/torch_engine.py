@@ -9,8 +9,8 @@ left-pads them into the running KV cache and decodes all rows together. The KV c
 
 Rows in one batch share one LoRA adapter: merged into the weights for fp32 models on CPU (`lora.py`), else
 peft's active adapter. A request for another adapter waits until the rows ahead of it drain, so FIFO order
-is kept. Adapters are loaded and removed by name without a
-restart; those commands run on the engine thread between steps, so a swap never tears a running batch.
+is kept. Adapters are loaded and removed by name without a restart; those commands run on the engine thread
+between steps, so a swap never tears a running batch.
 
 At most `max_pending` requests wait to join the batch; past that, `submit` raises `QueueFull` (the server
 answers 429 with Retry-After). Cancelling a request's future (the server does when its client goes away)
