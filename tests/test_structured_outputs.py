@@ -160,3 +160,23 @@ async def test_forced_tool_calls_always_parse_and_fit_their_schema(
             assert isinstance(args["amount"], (int, float))
         else:
             assert isinstance(args["city"], str)
+
+
+async def test_grammar_forced_tokens_are_reported(server: BackgroundServer, tokenizer) -> None:
+    """A forced call of a named function: the call's opening up to the first argument value is fixed by the
+    grammar token by token, so those indices come back in `forced_token_indices` (training skips them); an
+    unconstrained reply has none."""
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="unused")
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    forced_call = {"type": "function", "function": {"name": "get_weather"}}
+    resp = await client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], tool_choice=forced_call, temperature=1.0, max_tokens=64
+    )  # fmt: skip
+    extra = resp.choices[0].model_extra
+    ids, forced = extra["token_ids"], extra["forced_token_indices"]
+    assert forced and all(0 <= i < len(ids) for i in forced)
+    first_free = next(i for i in range(len(ids)) if i not in forced)
+    head = tokenizer.decode(ids[:first_free])
+    assert head.startswith('<tool_call>\n{"name": "get_weather"'), head
+    free = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    assert free.choices[0].model_extra["forced_token_indices"] == []

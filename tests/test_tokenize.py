@@ -161,6 +161,25 @@ def test_choice_without_token_ids_raises(tokenizer):
         tokenize_trajectory(tokenizer, Trajectory([*context, foreign]), max_len=1024)
 
 
+def test_grammar_forced_tokens_are_context_not_trained(tokenizer):
+    """Where the grammar left one token to pick, the sampled token stays in the sequence but out of the mask:
+    the acting policy's logprob there is 0, whatever the weights."""
+    context = [{"role": "user", "content": "Weather in Paris?"}]
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    choice = make_choice(tokenizer, call, context, tools=[WEATHER])
+    n = len(choice.model_extra["token_ids"])
+    forced = [0, 1, 2, n - 2]
+    choice = Choice.model_validate({**choice.model_dump(), "forced_token_indices": forced})
+    out = tokenize_trajectory(tokenizer, Trajectory([*context, choice], tools=[WEATHER]), max_len=4096)
+    s, e = out.choice_spans[0]
+    assert out.input_ids[s:e] == choice.model_extra["token_ids"]
+    assert out.assistant_mask[s:e] == [0 if i in forced else 1 for i in range(n)]
+
+    bad = Choice.model_validate({**choice.model_dump(), "forced_token_indices": [n]})
+    with pytest.raises(ValueError, match="forced_token_indices outside"):
+        tokenize_trajectory(tokenizer, Trajectory([*context, bad], tools=[WEATHER]), max_len=4096)
+
+
 def test_mismatched_logprobs_raise(tokenizer):
     context = [{"role": "user", "content": "hi"}]
     choice = make_choice(tokenizer, "hello", context)

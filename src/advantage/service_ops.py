@@ -323,6 +323,14 @@ def _check_choice(extra: dict[str, Any], where: str, vocab_size: int | None) -> 
         raise ValueError(
             f"{where}: {len(ids)} token_ids but {len(lps)} token_logprobs; send one logprob per id."
         )
+    forced = extra.get("forced_token_indices")
+    if forced is not None and not (
+        isinstance(forced, list)
+        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(ids or []) for i in forced)
+    ):
+        raise ValueError(
+            f"{where}: forced_token_indices must be a list of indices into token_ids, as the backend sent it."
+        )
 
 
 def _read(from_dict: Callable[[dict[str, Any]], R], d: dict[str, Any], where: str, kind: str) -> R:

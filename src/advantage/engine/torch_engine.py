@@ -67,6 +67,9 @@ class Completion:
     text: str
     finish_reason: Literal["stop", "length"]
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Indices into token_ids where the grammar allowed exactly one token: no choice was made there, so the
+    # acting (constrained) policy's logprob is 0 and a trainer must not train on them.
+    forced: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class _Row:
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    forced: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
     detok: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
@@ -443,9 +447,12 @@ class TorchEngine:
         temp = torch.tensor([r.req.params.temperature for r in rows], device=logits_RV.device)
         top_p = torch.tensor([r.req.params.top_p for r in rows], device=logits_RV.device)
         allowed_RV = None
+        forced_R: list[bool] = [False] * len(rows)
         constraints = [r.constraint if r.finish is None else None for r in rows]  # a finished row rides along
         if any(constraints):
-            allowed_RV = allowed_tokens(constraints, logits_RV.shape[-1]).to(logits_RV.device)
+            allowed_RV = allowed_tokens(constraints, logits_RV.shape[-1])
+            forced_R = (allowed_RV.sum(-1) == 1).tolist()
+            allowed_RV = allowed_RV.to(logits_RV.device)
         tokens_R, lp_R = sample_next(logits_RV, temp, top_p, [r.generator for r in rows], allowed_RV)
         k = max(r.req.params.top_logprobs for r in rows)
         top_vals = top_idx = None
@@ -458,6 +465,8 @@ class TorchEngine:
             if row.finish is not None:
                 continue
             live += 1
+            if forced_R[j]:
+                row.forced.append(len(row.ids))
             self._advance_row(row, int(tokens_R[j]), float(lp_R[j]))
             if row.req.params.top_logprobs and top_vals is not None and top_idx is not None:
                 n = row.req.params.top_logprobs
@@ -517,7 +526,7 @@ class TorchEngine:
         finished = [r for r in self._rows if r.finish is not None]
         for r in finished:
             if r.req.results[r.index] is None:
-                r.req.results[r.index] = Completion(r.ids, r.logprobs, r.text, r.finish, r.top)
+                r.req.results[r.index] = Completion(r.ids, r.logprobs, r.text, r.finish, r.top, r.forced)
                 if all(c is not None for c in r.req.results):
                     _settle(r.req.future, [c for c in r.req.results if c is not None])
         if finished and len(finished) * 4 >= len(self._rows):

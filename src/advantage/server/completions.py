@@ -2,8 +2,10 @@
 
 Besides the standard fields, every choice carries extension fields that the official SDK keeps in
 `choice.model_extra`: `token_ids` (the exact sampled ids), `token_logprobs` (their logprobs under the
-unmodified model distribution), `prompt_token_ids`, and `weights` ({"model", "step"}), which say which
-weights produced it. Training uses these ids; it never re-tokenizes the model's text.
+unmodified model distribution), `forced_token_indices` (where a grammar left exactly one token to pick:
+training skips those, since nothing was chosen there), `prompt_token_ids`, and `weights` ({"model",
+"step"}), which say which weights produced it. Training uses these ids; it never re-tokenizes the model's
+text.
 
 `prepare` (rendering, tokenizing, grammar checks, loading an older step's adapter) runs on a worker thread,
 and so does encoding a response; the event loop only moves bytes. A request is submitted to the engine before
@@ -171,6 +173,7 @@ def _extensions(p: PreparedRequest, c: Completion) -> dict[str, Any]:
     return {
         "token_ids": c.token_ids,
         "token_logprobs": c.logprobs,
+        "forced_token_indices": c.forced,
         "prompt_token_ids": p.prompt_ids,
         "weights": p.weights.info(),
     }

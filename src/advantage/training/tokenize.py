@@ -11,6 +11,12 @@ is tokenized. This relies on the chat template being concatenative (each turn's 
 next render, as in ChatML); a template that rewrites earlier turns raises. After a Choice, the template's
 end-of-turn suffix (e.g. "<|im_end|>\\n") is appended as context, minus the EOS token when the sampled ids
 already end with it. Context after the last Choice is dropped: there is nothing to train on there.
+
+Tokens that a grammar forced (`model_extra["forced_token_indices"]`: a forced tool call's JSON keys and
+punctuation) stay in the sequence as context but out of the mask. The policy that acted there had one token
+to pick, so its logprob is 0 whatever the weights; training them with the episode's advantage would only
+move the unconstrained model's view of the JSON syntax, up or down with the reward of values chosen
+elsewhere, and that spills over into the turns that are not constrained.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ _SENTINEL = "\u2063ADVANTAGE-SENTINEL\u2063"
 @dataclass
 class TokenizedTrajectory:
     input_ids: list[int]
-    assistant_mask: list[int]  # 1 exactly on the tokens sampled in Choices
+    assistant_mask: list[int]  # 1 exactly on the tokens sampled in Choices, except those a grammar forced
     old_logprobs: list[float]  # the sampler's logprob where the mask is 1, else 0.0
     choice_spans: list[tuple[int, int]]  # [start, end) of each Choice's sampled ids in input_ids
     truncated: bool = False
@@ -78,7 +84,7 @@ def tokenize_trajectory(
     for k, item in enumerate(items[: last + 1]):
         if not isinstance(item, Choice):
             continue
-        sampled, sampled_lp = _sampled(item, k)
+        sampled, sampled_lp, forced = _sampled(item, k)
         if k == 0:
             raise ValueError(
                 "messages_and_choices starts with a Choice; put the messages it was sampled from before it."
@@ -88,7 +94,7 @@ def tokenize_trajectory(
 
         spans.append((len(ids), len(ids) + len(sampled)))
         ids.extend(sampled)
-        mask.extend([1] * len(sampled))
+        mask.extend(0 if i in forced else 1 for i in range(len(sampled)))
         logprobs.extend(sampled_lp)
 
         suffix = _turn_suffix(render, messages[:k], prompt)
@@ -112,8 +118,8 @@ def tokenize_trajectory(
     return TokenizedTrajectory(ids, mask, logprobs, spans, truncated)
 
 
-def _sampled(choice: Choice, k: int) -> tuple[list[int], list[float]]:
-    """The backend's sampled ids and logprobs for a Choice, checked."""
+def _sampled(choice: Choice, k: int) -> tuple[list[int], list[float], set[int]]:
+    """The backend's sampled ids, their logprobs and the indices a grammar forced, for a Choice, checked."""
     extra = choice.model_extra or {}
     token_ids, token_lps = extra.get("token_ids"), extra.get("token_logprobs")
     if token_ids is None or token_lps is None:
@@ -126,7 +132,12 @@ def _sampled(choice: Choice, k: int) -> tuple[list[int], list[float]]:
             f"messages_and_choices[{k}] has {len(token_ids)} token_ids but {len(token_lps)} token_logprobs; "
             "they must be the same length."
         )
-    return [int(t) for t in token_ids], [float(x) for x in token_lps]
+    forced = {int(i) for i in extra.get("forced_token_indices") or []}
+    if any(not 0 <= i < len(token_ids) for i in forced):
+        raise ValueError(
+            f"messages_and_choices[{k}] has forced_token_indices outside its {len(token_ids)} token_ids."
+        )
+    return [int(t) for t in token_ids], [float(x) for x in token_lps], forced
 
 
 def _delta(emitted: str, rendered: str, k: int) -> str:
