@@ -153,3 +153,31 @@ def test_tree_layout_masks_and_positions_by_hand() -> None:
     assert lay.pick_BS[1].tolist()[1] == 1  # [5]'s first token: also the parent's last slot
     assert lay.pick_BS[2].tolist()[2] == 4 + 1 + 1  # [8]: predicted by row 1 slot 1 (flat 5, +1)
     assert (lay.real_tokens, lay.slot_tokens) == (1 + 7, 1 + 8)
+
+
+def test_prefix_shared_across_micro_batches_gives_the_same_gradient(tiny_model_dir) -> None:
+    """Micro-batches of one or two groups: the batch-wide [1, 5, 9] runs once for all of them (one decoder
+    call, plus one per micro-batch) and the gradient equals the one from a single micro-batch."""
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    for p in trainer.params:
+        torch.nn.init.normal_(p, std=0.02)
+    ds = _tree_datums()
+    calls = []
+    hook = trainer.decoder.register_forward_pre_hook(lambda _m, _a: calls.append(1))
+
+    def grads(micro_batch_size: int) -> tuple[dict[str, float], list[list[float]], list[torch.Tensor]]:
+        trainer.model.zero_grad(set_to_none=True)
+        calls.clear()
+        m, lps = primitives.forward_backward(trainer, ds, "cispo", micro_batch_size=micro_batch_size)
+        return m, lps, [p.grad.clone() for p in trainer.params]
+
+    one_m, one_lp, one_g = grads(64)
+    assert len(calls) == 2  # the shared prefix, then the rows
+    split_m, split_lp, split_g = grads(2)
+    assert split_m["micro_batches"] == 4 and len(calls) == 1 + 4
+    for a, b in zip(split_lp, one_lp, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-4)
+    for a, b in zip(split_g, one_g, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert abs(split_m["loss"] - one_m["loss"]) < 1e-5
+    hook.remove()

@@ -25,8 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from advantage.training.losses import LOSSES, LossConfig, get_loss
-from advantage.training.packing import prompt_key
-from advantage.training.trainer import Batch, Datum, Trainer
+from advantage.training.packing import prompt_key, shared_prefix_len
+from advantage.training.trainer import Batch, Datum, SharedPrefix, Trainer
 
 LINEAR = "linear"
 GRAD_KEY = "logprob_grad"  # extras key of the per-token weights of the "linear" loss
@@ -126,6 +126,11 @@ def forward_backward(
     sums: dict[str, float] = {}
     logprobs: list[list[float]] = [[] for _ in datums]
     computed = padded = 0
+    # A prompt start shared by several micro-batches runs once for all of them (trainer.SharedPrefix).
+    P = shared_prefix_len(datums) if len(chunks) > 1 and not dpo else 0
+    prefix = SharedPrefix(trainer, datums[0].input_ids[:P]) if P > 0 else None
+    if prefix is not None:
+        computed, padded = P, P
     entropy_sum = 0.0  # token-weighted: the mean policy entropy over every trained token
     for k, idx in enumerate(chunks):
         chunk = [datums[i] for i in idx]
@@ -135,7 +140,9 @@ def forward_backward(
             weight = sum(sum(1 for m in d.loss_mask if m) for d in chunk) / max(total_tokens, 1)
         else:
             weight = len(chunk) / len(datums)
-        m, lps = trainer.forward_backward(chunk, batch_loss, weight=weight, ref_model=cfg.kl_beta > 0 or dpo)
+        m, lps = trainer.forward_backward(
+            chunk, batch_loss, weight=weight, ref_model=cfg.kl_beta > 0 or dpo, prefix=prefix
+        )
         entropy_sum += m.pop("entropy", 0.0) * sum(sum(1 for x in d.loss_mask if x) for d in chunk)
         for key, v in m.items():
             sums[key] = sums.get(key, 0.0) + v * weight
@@ -146,6 +153,8 @@ def forward_backward(
         padded += trainer.last_slots[1]
         if progress:
             progress(k + 1, len(chunks))
+    if prefix is not None:
+        prefix.backward()
     real = sum(len(d.input_ids) for d in datums)
     metrics = {f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()}
     metrics.update(

@@ -91,23 +91,35 @@ class Trainer:
         self.last_slots = (0, 0)  # (sequence tokens, slots incl. padding) the last sequence_logprobs computed
 
     # ------------------------------------------------------------------ logprobs
-    def sequence_logprobs(self, datums: list[Datum], *, use_adapter: bool = True) -> tuple[torch.Tensor, int]:
+    @property
+    def decoder(self) -> Any:
+        return self.model.get_base_model().model  # LoRA layers are injected in place
+
+    def sequence_logprobs(
+        self, datums: list[Datum], *, use_adapter: bool = True, prefix: SharedPrefix | None = None
+    ) -> tuple[torch.Tensor, int]:
         """New logprobs of each datum's tokens after the shared prefix: ((B, S), prefix length P).
 
-        Position j of the suffix is token input_ids[P + j]; its logprob is filled where loss_mask is 1."""
-        P = shared_prefix_len(datums)
-        inner = self.model.get_base_model().model  # the decoder; LoRA layers are injected in place
+        Position j of the suffix is token input_ids[P + j]; its logprob is filled where loss_mask is 1.
+        With `prefix` (the whole batch's shared prefix, run once per step), P is its length and the datums'
+        own common start after it is laid out as rows, not recomputed as a second prefix."""
+        P = len(prefix.ids) if prefix is not None else shared_prefix_len(datums)
+        inner = self.decoder
         head = self.model.get_base_model().lm_head
         ctx = self.model.disable_adapter() if not use_adapter else contextlib.nullcontext()
         lay = layout(datums, P, self.pad_id, share=self.pack_suffixes)
-        self.last_slots = (lay.real_tokens, lay.slot_tokens)
+        shared = P if prefix is not None else 0  # computed once per step, not here
+        self.last_slots = (lay.real_tokens - shared, lay.slot_tokens - shared)
         dev = self.device
         with ctx:
             cache = DynamicCache()
             h_last_1H = None
-            if P > 0:
-                prefix = torch.tensor([datums[0].input_ids[:P]], device=dev)
-                out = inner(input_ids=prefix, past_key_values=cache, use_cache=True)
+            if prefix is not None:
+                cache, h_last_1H = prefix.attach()
+                cache.batch_repeat_interleave(lay.ids_RS.shape[0])
+            elif P > 0:
+                ids = torch.tensor([datums[0].input_ids[:P]], device=dev)
+                out = inner(input_ids=ids, past_key_values=cache, use_cache=True)
                 h_last_1H = out.last_hidden_state[0, -1:, :]
                 cache.batch_repeat_interleave(lay.ids_RS.shape[0])
             out = inner(
@@ -134,12 +146,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ primitives
     def forward_backward(
-        self, datums: list[Datum], loss_fn: BatchLossFn, *, weight: float = 1.0, ref_model: bool = False
+        self,
+        datums: list[Datum],
+        loss_fn: BatchLossFn,
+        *,
+        weight: float = 1.0,
+        ref_model: bool = False,
+        prefix: SharedPrefix | None = None,
     ) -> tuple[dict[str, float], list[list[float]]]:
         """Accumulate gradients of `loss_fn` on one micro-batch. Returns its metrics and the new per-token
-        logprobs, one list per datum aligned to its input_ids (0.0 where the loss mask is 0)."""
+        logprobs, one list per datum aligned to its input_ids (0.0 where the loss mask is 0). With `prefix`,
+        the gradient that reaches the shared prefix waits in it until `prefix.backward()`."""
         self.model.train()
-        logp_BS, P = self.sequence_logprobs(datums)
+        logp_BS, P = self.sequence_logprobs(datums, prefix=prefix)
         entropy_sum, n_tokens = self.last_entropy  # before the reference pass overwrites it
         batch = _layout(datums, logp_BS, P, weight)
         if ref_model:
@@ -148,6 +167,8 @@ class Trainer:
         loss, metrics = loss_fn(batch)
         metrics = {**metrics, "entropy": entropy_sum / max(n_tokens, 1)}
         (loss * weight).backward()
+        if prefix is not None:
+            prefix.collect()
         return metrics, aligned_logprobs(datums, logp_BS.detach(), P)
 
     @torch.no_grad()
@@ -224,6 +245,49 @@ class Trainer:
             self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
         else:  # an adapter saved without its moments: they start afresh, never left over from other weights
             self.optimizer.state.clear()
+
+
+class SharedPrefix:
+    """The prompt part common to a whole batch (system prompt, tools, examples), run once per optimizer step
+    instead of once per micro-batch.
+
+    Its forward pass runs once, with gradients, and its graph is kept. Each micro-batch attends to detached
+    copies of its keys and values (and of its last hidden state, which predicts the first token after it);
+    their gradients are summed over the micro-batches (`collect`) and sent through the prefix's graph once
+    (`backward`). The adapter's gradient is the same as recomputing the prefix in every micro-batch, for a
+    third to a half less work when a long system prompt is split over several micro-batches."""
+
+    def __init__(self, trainer: Trainer, ids: list[int]) -> None:
+        self.ids = ids
+        cache = DynamicCache()
+        out = trainer.decoder(
+            input_ids=torch.tensor([ids], device=trainer.device), past_key_values=cache, use_cache=True
+        )
+        self._outputs: list[torch.Tensor] = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        self._outputs.append(out.last_hidden_state[0, -1:, :])
+        self._leaves: list[torch.Tensor] = []
+        self._grads: list[torch.Tensor | None] = [None] * len(self._outputs)
+
+    def attach(self) -> tuple[DynamicCache, torch.Tensor]:
+        """A fresh cache over detached copies of the prefix's keys and values, and its last hidden state."""
+        self._leaves = [t.detach().requires_grad_() for t in self._outputs]
+        kv = self._leaves[:-1]
+        return DynamicCache(ddp_cache_data=list(zip(kv[0::2], kv[1::2], strict=True))), self._leaves[-1]
+
+    def collect(self) -> None:
+        """Add the last micro-batch's gradients w.r.t. the copies to the running sums."""
+        for i, leaf in enumerate(self._leaves):
+            if leaf.grad is not None:
+                g = self._grads[i]
+                self._grads[i] = leaf.grad if g is None else g + leaf.grad
+        self._leaves = []
+
+    def backward(self) -> None:
+        """Send the summed gradients through the prefix's graph (into the adapter's .grad), then free it."""
+        pairs = [(t, g) for t, g in zip(self._outputs, self._grads, strict=True) if g is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+        self._outputs, self._grads = [], []
 
 
 def aligned_logprobs(datums: list[Datum], logp_BS: torch.Tensor, P: int) -> list[list[float]]:
