@@ -24,7 +24,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from advantage.engine.chat import forced_functions, parse_assistant_output, render_prompt, validate_messages
+from advantage.engine.chat import forced_functions, parse_reply, render_prompt, validate_messages
 from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.sampling import SamplingError, SamplingParams
 from advantage.engine.torch_engine import Completion, ContextLengthError, QueueFull, TokenCallback
@@ -150,7 +150,7 @@ def _completion(p: PreparedRequest, outs: list[Completion]) -> dict[str, Any]:
 
 
 def _choice(p: PreparedRequest, index: int, c: Completion) -> dict[str, Any]:
-    parsed = parse_assistant_output(c.text, p.tools_enabled)
+    parsed = parse_reply(p.weights.engine.tokenizer, c.text, p.tools_enabled)
     # A reply without tool calls is returned verbatim, as OpenAI does (the parser strips whitespace): the
     # streamed deltas then add up to the same content, and token_ids decode to it.
     content = parsed.content if parsed.tool_calls else c.text
