@@ -170,7 +170,7 @@ class Qwen3Renderer:
             return parse_assistant_output(text, tools_enabled)
         reasoning = head.split("<think>")[-1].strip()
         rest = parse_assistant_output(tail, tools_enabled)
-        think = head.strip() + sep
+        think = head.lstrip() + sep
         content = think + ("\n\n" + rest.content if rest.content else "")
         return ParsedOutput(content=content, tool_calls=rest.tool_calls, reasoning=reasoning)
 
