@@ -69,6 +69,7 @@ class ChatMLRenderer:
     default_system: str | None = SMOLLM2_SYSTEM
     name: str = "chatml"
     concatenative: bool = True
+    tool_format: str = "hermes"
     stop_tokens: tuple[str, ...] = ("<|im_end|>",)
 
     def render(
@@ -94,6 +95,7 @@ class Qwen25Renderer:
 
     name: str = "qwen2.5"
     concatenative: bool = True
+    tool_format: str = "hermes"
     stop_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
 
     def render(
@@ -131,6 +133,7 @@ class Qwen3Renderer:
     thinking: bool = True
     name: str = "qwen3"
     concatenative: bool = False
+    tool_format: str = "hermes"
     stop_tokens: tuple[str, ...] = ("<|im_end|>", "<|endoftext|>")
 
     def render(

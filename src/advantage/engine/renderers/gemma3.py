@@ -37,6 +37,7 @@ class Gemma3Renderer:
     bos_token: str = "<bos>"
     name: str = "gemma3"
     concatenative: bool = True
+    tool_format: str = "hermes"
     stop_tokens: tuple[str, ...] = ("<end_of_turn>", "<eos>")
 
     def render(

@@ -27,6 +27,7 @@ class HFTemplateRenderer:
     tokenizer: Any = field(repr=False)
     name: str = "hf-template"
     concatenative: bool = True
+    tool_format: str = "hermes"
     stop_tokens: tuple[str, ...] = ()
 
     def render(

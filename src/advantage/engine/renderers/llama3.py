@@ -42,6 +42,7 @@ class Llama3Renderer:
     date_string: str = "26 Jul 2024"
     name: str = "llama3"
     concatenative: bool = True
+    tool_format: str = "json"
     stop_tokens: tuple[str, ...] = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 
     def render(
