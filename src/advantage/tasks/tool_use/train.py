@@ -55,6 +55,13 @@ class DemoConfig(BaseModel):
         2, ge=0, description="Steps of linear warm-up (Adam's first steps move every LoRA weight by ~lr)."
     )
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; bounds memory.")
+    agg: Literal["seq_mean", "token_mean", "dr_grpo"] = Field(
+        "seq_mean",
+        description="Loss aggregation. Per sequence here: a failed episode that rambles until max_tokens "
+        "has three times the tokens of a good one, and with token_mean its push on each sampled token "
+        "(down, flattening the distribution) outweighs the good ones; the policy's entropy then climbs "
+        "and it collapses.",
+    )
     guard: bool = Field(
         False,
         description="Roll back to the best step and halve the learning rate when two dev evaluations in a "
@@ -130,7 +137,9 @@ def train_config(cfg: DemoConfig, lr: float) -> adv.TrainConfig:
         total_steps=max(cfg.steps, cfg.warmup_steps + 1),
         min_lr_ratio=cfg.min_lr_ratio,
     )
-    return adv.TrainConfig(learning_rate=lr, schedule=schedule, micro_batch_size=cfg.micro_batch_size)
+    return adv.TrainConfig(
+        learning_rate=lr, schedule=schedule, micro_batch_size=cfg.micro_batch_size, agg=cfg.agg
+    )
 
 
 async def run(cfg: DemoConfig) -> dict[str, float]:
