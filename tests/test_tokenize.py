@@ -1,13 +1,24 @@
-"""Trajectory → (ids, mask, old logprobs) on SmolLM2's real tokenizer and ChatML template."""
+"""Trajectory → (ids, mask, old logprobs) on SmolLM2's real tokenizer: its ChatML template, and Qwen3's."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from openai.types.chat.chat_completion import Choice
 
+from advantage.config import TrainConfig
 from advantage.engine.chat import parse_assistant_output, render_prompt
-from advantage.training.tokenize import tokenize_trajectory
-from advantage.trajectory import Trajectory
+from advantage.engine.renderers import renderer_for
+from advantage.training.grpo import build_datums
+from advantage.training.tokenize import (
+    HistoryRewrittenError,
+    tokenize_for_training,
+    tokenize_trajectory,
+    tokenize_turns,
+)
+from advantage.trajectory import Trajectory, TrajectoryGroup
 
 EOS = 2  # <|im_end|>
 WEATHER = {
@@ -31,7 +42,9 @@ def make_choice(
             "index": 0,
             "finish_reason": ("tool_calls" if parsed.tool_calls else "stop") if eos else "length",
             "message": {
-                "role": "assistant", "content": parsed.content, "tool_calls": parsed.tool_calls or None
+                "role": "assistant",
+                "content": parsed.content,
+                "tool_calls": parsed.tool_calls or None,
             },
             "token_ids": ids,
             "token_logprobs": [lp_start - 0.01 * i for i in range(len(ids))],
@@ -85,8 +98,8 @@ def test_tool_trajectory_spans_mask_and_logprobs(tokenizer):
     # user message after the last Choice is dropped.
     s0, e0 = out.choice_spans[0]
     assert out.input_ids[e0 - 1] == EOS and out.input_ids[e0] != EOS
-    assert tokenizer.decode(out.input_ids[e0:e0 + 1]) == "\n"
-    assert out.input_ids[out.choice_spans[1][1]:] == tokenizer.encode("\n", add_special_tokens=False)
+    assert tokenizer.decode(out.input_ids[e0 : e0 + 1]) == "\n"
+    assert out.input_ids[out.choice_spans[1][1] :] == tokenizer.encode("\n", add_special_tokens=False)
     assert "Thanks!" not in tokenizer.decode(out.input_ids)
 
     # The whole thing equals a plain tokenization of the rendered conversation up to the last Choice.
@@ -191,3 +204,82 @@ def test_mismatched_logprobs_raise(tokenizer):
 def test_trajectory_without_choices_raises(tokenizer):
     with pytest.raises(ValueError, match="nothing to train on"):
         tokenize_trajectory(tokenizer, Trajectory([{"role": "user", "content": "hi"}]), max_len=1024)
+
+
+# ------------------------------------------------------------------ a template that rewrites history (Qwen3)
+
+QWEN3_TEMPLATE = Path(__file__).parent / "fixtures" / "templates" / "Qwen-Qwen3-0.6B.jinja"
+
+
+@pytest.fixture(scope="module")
+def qwen3_tokenizer(smollm_dir):
+    """SmolLM2's tokenizer (its <|im_start|>/<|im_end|> are special tokens too) with Qwen3's chat template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm_dir)
+    tok.chat_template = QWEN3_TEMPLATE.read_text()
+    return tok
+
+
+def thinking_trajectory(tok, reward: float = 0.0) -> Trajectory:
+    """Two turns, the first with a think block, which Qwen3 drops from history once the user speaks again."""
+    items: list = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    items.append(make_choice(tok, "<think>\nEasy: four.\n</think>\n\n4", list(items)))
+    items.append({"role": "user", "content": "And 3+3?"})
+    items.append(
+        make_choice(tok, "<think>\nSix.\n</think>\n\n6", Trajectory(items).messages(), lp_start=-1.0)
+    )
+    return Trajectory(items, reward=reward)
+
+
+def test_history_rewriting_template_trains_one_sequence_per_turn(qwen3_tokenizer):
+    tok = qwen3_tokenizer
+    assert renderer_for(tok).name == "qwen3"
+    traj = thinking_trajectory(tok)
+    with pytest.raises(HistoryRewrittenError):
+        tokenize_trajectory(tok, traj, max_len=4096)
+
+    seqs = tokenize_for_training(tok, traj, max_len=4096)
+    assert len(seqs) == 2
+    for seq, choice in zip(seqs, traj.choices(), strict=True):
+        [(s, e)] = seq.choice_spans
+        extra = choice.model_extra
+        assert seq.input_ids[:s] == extra["prompt_token_ids"]  # the context is what the sampler saw
+        assert seq.input_ids[s:e] == extra["token_ids"] and e == len(seq.input_ids)
+        assert seq.assistant_mask == [0] * s + [1] * (e - s)
+        assert seq.old_logprobs[s:] == extra["token_logprobs"] and set(seq.old_logprobs[:s]) == {0.0}
+    second_context = tok.decode(seqs[1].input_ids[: seqs[1].choice_spans[0][0]])
+    assert "Easy: four." not in second_context  # Qwen3 dropped turn 1's thinking from what turn 2 saw
+    assert second_context.endswith(
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nAnd 3+3?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_per_turn_context_is_rendered_when_the_choice_has_no_prompt_ids(qwen3_tokenizer):
+    traj = thinking_trajectory(qwen3_tokenizer)
+    recorded = [c.model_extra["prompt_token_ids"] for c in traj.choices()]
+    traj.messages_and_choices = [
+        Choice.model_validate({k: v for k, v in m.model_dump().items() if k != "prompt_token_ids"})
+        if isinstance(m, Choice)
+        else m
+        for m in traj.messages_and_choices
+    ]
+    seqs = tokenize_turns(qwen3_tokenizer, traj, max_len=4096)
+    assert [seq.input_ids[: seq.choice_spans[0][0]] for seq in seqs] == recorded
+
+
+def test_per_turn_sequences_each_get_the_trajectory_advantage(qwen3_tokenizer):
+    group = TrajectoryGroup(
+        [thinking_trajectory(qwen3_tokenizer, 1.0), thinking_trajectory(qwen3_tokenizer, 0.0)]
+    )
+    trainer = SimpleNamespace(tokenizer=qwen3_tokenizer)
+    datums, metrics = build_datums(trainer, [group], TrainConfig())
+    assert len(datums) == 4 and metrics["n_sequences"] == 4 and metrics["n_trajectories"] == 2
+    advantages = [d.advantage for d in datums]
+    assert advantages[0] == advantages[1] > 0 > advantages[2] == advantages[3]
+
+
+def test_concatenative_template_keeps_one_sequence(tokenizer):
+    traj = tool_trajectory(tokenizer)
+    [seq] = tokenize_for_training(tokenizer, traj, max_len=4096)
+    assert seq == tokenize_trajectory(tokenizer, traj, max_len=4096) and len(seq.choice_spans) == 2

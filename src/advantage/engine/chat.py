@@ -3,50 +3,40 @@
 The server and the trainer both turn OpenAI-style `messages` into a prompt through `render_prompt`, so the
 prompt a completion was sampled from and the context the trainer rebuilds are the same text.
 
-Tool format. A model whose chat template knows about tools (its template mentions `tools`) gets them passed
-through `apply_chat_template(tools=...)`. Others, like the bundled SmolLM2, get a Hermes-style convention
-rendered by this module:
+Formats. Each model family has a renderer (`engine.renderers`): SmolLM2/ChatML, Qwen2.5, Qwen3, Llama 3.x
+and Gemma 3 are transcribed from their published chat templates and tested against them; any other model
+uses its tokenizer's own template. Families whose template has no tools (SmolLM2, Gemma 3) get the Hermes
+convention of `engine.hermes`: a tool block in the system prompt, `<tool_call>` blocks in the reply,
+`<tool_response>` blocks in a user turn. `parse_reply` reads a sampled reply back the family's way; a call
+that does not parse stays in the content as plain text: a sampled model often writes broken calls, and that
+is a reward signal, not a crash.
 
-- The tools go into the system prompt, in front of any existing system message (one is created otherwise):
-
-      You may call one or more functions to help with the user's request. Their JSON schemas are inside
-      <tools></tools>:
-      <tools>
-      {"type": "function", "function": {"name": ..., "description": ..., "parameters": {...}}}
-      </tools>
-      To call a function, respond with one block per call:
-      <tool_call>
-      {"name": <function-name>, "arguments": <args-json-object>}
-      </tool_call>
-
-- An assistant message with `tool_calls` renders as its content followed by one
-  `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` block per call (blocks joined by "\\n").
-- `role: "tool"` messages render as a `user` turn holding `<tool_response>\\n{content}\\n</tool_response>`;
-  consecutive tool messages share one user turn, one block each, joined by "\\n".
-- `tool_choice`: "none" renders no tools. "required" and a named function (`{"type": "function",
-  "function": {"name": X}}`) leave the prompt exactly as "auto" does and are enforced at decoding time
-  instead, by a grammar that only admits `<tool_call>` blocks of the allowed functions with arguments that
-  fit their schemas (`grammar.grammar_for_tool_choice`). Keeping the prompt the same matters for training:
-  a rollout may force a call on one turn and not the next, and the trainer rebuilds every turn's context
-  from the trajectory's one `tools` list.
-
-`parse_assistant_output` reads the `<tool_call>` blocks back. A block that does not parse stays in the
-content as plain text: a sampled model often writes broken calls, and that is a reward signal, not a crash.
+`tool_choice`: "none" renders no tools. "required" and a named function (`{"type": "function", "function":
+{"name": X}}`) leave the prompt exactly as "auto" does and are enforced at decoding time instead, by a
+grammar that only admits `<tool_call>` blocks of the allowed functions with arguments that fit their schemas
+(`grammar.grammar_for_tool_choice`). Keeping the prompt the same matters for training: a rollout may force a
+call on one turn and not the next, and the trainer rebuilds every turn's context from the trajectory's one
+`tools` list.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-from dataclasses import dataclass, field
 from typing import Any
 
-Message = dict[str, Any]
+from advantage.engine.hermes import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    Message,
+    ParsedOutput,
+    parse_assistant_output,
+    tools_system_prompt,
+)
+from advantage.engine.renderers import renderer_for
+
 ToolChoice = str | dict[str, Any] | None
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -178,46 +168,18 @@ def render_prompt(
     tool_choice: ToolChoice = None,
     add_generation_prompt: bool = True,
 ) -> str:
-    """The prompt text for `messages` under the tokenizer's chat template (format: see module docstring)."""
+    """The prompt text for `messages` in the tokenizer's model family's chat format (see module docstring)."""
     validate_messages(messages)
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError("This tokenizer has no chat template; use an instruct/chat model as base_model.")
     tools = _check_tools(tools) if tools else []
     forced_functions(tool_choice, tools)  # validated here; enforced by the sampler's grammar
     if tool_choice == "none":
         tools = []
-    native = isinstance(template, str) and "tools" in template
-
-    msgs = [_normalize(m) for m in messages]
-    kwargs: dict[str, Any] = {}
-    if native:
-        msgs = [_native_tool_args(m) for m in msgs]
-        if tools:
-            kwargs["tools"] = tools
-    else:
-        msgs = _hermes_messages(msgs)
-        if tools:
-            msgs = _with_system_text(msgs, tools_system_prompt(tools), prepend=True)
-    text = tokenizer.apply_chat_template(
-        msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
-    )
-    if not isinstance(text, str):
-        raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str.")
-    return text
+    return renderer_for(tokenizer).render([_normalize(m) for m in messages], tools, add_generation_prompt)
 
 
-def tools_system_prompt(tools: list[dict[str, Any]]) -> str:
-    """The Hermes-style tool block put into the system prompt of models whose template has no tools."""
-    schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    lines = [
-        "You may call one or more functions to help with the user's request. "
-        "Their JSON schemas are inside <tools></tools>:",
-        f"<tools>\n{schemas}\n</tools>",
-        "To call a function, respond with one block per call:",
-        f'{TOOL_CALL_OPEN}\n{{"name": <function-name>, "arguments": <args-json-object>}}\n{TOOL_CALL_CLOSE}',
-    ]
-    return "\n".join(lines)
+def parse_reply(tokenizer: Any, text: str, tools_enabled: bool) -> ParsedOutput:
+    """Content and tool calls of a sampled reply, in the tokenizer's model family's format."""
+    return renderer_for(tokenizer).parse(text, tools_enabled)
 
 
 def _normalize(m: Message) -> Message:
@@ -233,125 +195,14 @@ def _normalize(m: Message) -> Message:
     return out
 
 
-def _native_tool_args(m: Message) -> Message:
-    """HF tool templates expect `arguments` as a mapping (they `tojson` it); OpenAI sends a JSON string."""
-    if not m.get("tool_calls"):
-        return m
-    calls = []
-    for tc in m["tool_calls"]:
-        fn = dict(tc["function"])
-        if isinstance(fn.get("arguments"), str):
-            fn["arguments"] = json.loads(fn["arguments"] or "{}")
-        calls.append({**tc, "type": "function", "function": fn})
-    return {**m, "tool_calls": calls}
-
-
-def _hermes_messages(msgs: list[Message]) -> list[Message]:
-    """Rewrite tool calls and tool results as plain text turns for a template that knows neither."""
-    out: list[Message] = []
-    for m in msgs:
-        if m["role"] == "assistant" and m.get("tool_calls"):
-            blocks = [_tool_call_block(tc["function"]) for tc in m["tool_calls"]]
-            body = "\n".join(([m["content"]] if m["content"] else []) + blocks)
-            out.append({"role": "assistant", "content": body})
-        elif m["role"] == "tool":
-            block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if out and out[-1].get("_tool_turn"):
-                out[-1]["content"] += "\n" + block
-            else:
-                out.append({"role": "user", "content": block, "_tool_turn": True})
-        else:
-            out.append({"role": m["role"], "content": m["content"]})
-    for m in out:
-        m.pop("_tool_turn", None)
-    return out
-
-
-def _tool_call_block(fn: dict[str, Any]) -> str:
-    args = fn.get("arguments", "{}")
-    args_obj = json.loads(args or "{}") if isinstance(args, str) else args
-    call = json.dumps({"name": fn["name"], "arguments": args_obj}, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
-
-
-def _with_system_text(msgs: list[Message], text: str, prepend: bool) -> list[Message]:
-    """Add `text` to the leading system message (before or after its content), creating one if needed."""
-    if msgs and msgs[0]["role"] == "system":
-        old = msgs[0]["content"]
-        new = (f"{text}\n\n{old}" if prepend else f"{old}\n\n{text}") if old else text
-        return [{**msgs[0], "content": new}, *msgs[1:]]
-    return [{"role": "system", "content": text}, *msgs]
-
-
-# ------------------------------------------------------------------------------------------------- parse
-
-
-@dataclass
-class ParsedOutput:
-    """An assistant reply split into text and OpenAI-shaped tool calls."""
-
-    content: str | None
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
-
-
-def parse_assistant_output(text: str, tools_enabled: bool) -> ParsedOutput:
-    """Split sampled text into content and `<tool_call>` blocks (a missing final close tag is tolerated).
-
-    A block whose body is not `{"name": str, "arguments": object-or-JSON-string}` stays in the content."""
-    if not tools_enabled or TOOL_CALL_OPEN not in text:
-        return ParsedOutput(content=text.strip(), tool_calls=[])
-    kept: list[str] = []
-    calls: list[dict[str, Any]] = []
-    pos = 0
-    while (start := text.find(TOOL_CALL_OPEN, pos)) != -1:
-        kept.append(text[pos:start])
-        body_start = start + len(TOOL_CALL_OPEN)
-        close = _json_close(text, body_start)  # an argument may itself contain "</tool_call>"
-        if close == -1:
-            close = text.find(TOOL_CALL_CLOSE, body_start)
-        end = len(text) if close == -1 else close + len(TOOL_CALL_CLOSE)
-        body = text[body_start : len(text) if close == -1 else close]
-        call = _parse_call(body)
-        if call is None:
-            kept.append(text[start:end])
-        else:
-            calls.append(call)
-        pos = end
-    kept.append(text[pos:])
-    content = "".join(kept).strip()
-    return ParsedOutput(content=content or (None if calls else ""), tool_calls=calls)
-
-
-def _json_close(text: str, body_start: int) -> int:
-    """Where the close tag after a block's JSON object starts; -1 unless the block is one JSON object and then
-    a close tag. The object is read first, so a string inside it may hold anything, "</tool_call>" included."""
-    i = body_start + len(text[body_start:]) - len(text[body_start:].lstrip())
-    try:
-        _, j = json.JSONDecoder().raw_decode(text, i)
-    except json.JSONDecodeError:
-        return -1
-    j += len(text[j:]) - len(text[j:].lstrip())
-    return j if text.startswith(TOOL_CALL_CLOSE, j) else -1
-
-
-def _parse_call(body: str) -> dict[str, Any] | None:
-    """The OpenAI tool call a block body stands for, or None when it is malformed."""
-    try:
-        obj = json.loads(body.strip())
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
-        return None
-    args = obj.get("arguments", {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            return None
-    if not isinstance(args, dict):
-        return None
-    return {
-        "id": f"call_{secrets.token_hex(12)}",
-        "type": "function",
-        "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)},
-    }
+__all__ = [
+    "TOOL_CALL_CLOSE",
+    "TOOL_CALL_OPEN",
+    "ParsedOutput",
+    "forced_functions",
+    "parse_assistant_output",
+    "parse_reply",
+    "render_prompt",
+    "tools_system_prompt",
+    "validate_messages",
+]

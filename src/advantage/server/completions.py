@@ -24,8 +24,9 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from advantage.engine.chat import forced_functions, parse_assistant_output, render_prompt, validate_messages
+from advantage.engine.chat import forced_functions, parse_reply, render_prompt, validate_messages
 from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
+from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
 from advantage.engine.torch_engine import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.server.schemas import APIError, ChatCompletionRequest, queue_full
@@ -60,7 +61,7 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
-    grammar, source = _grammar(req)
+    grammar, source = _grammar(req, renderer_for(weights.engine.tokenizer).tool_format)
     if grammar is not None:
         try:
             weights.engine.grammars.validate(grammar)
@@ -87,7 +88,7 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     return PreparedRequest(req, weights, prompt_ids, params)
 
 
-def _grammar(req: ChatCompletionRequest) -> tuple[str | None, str]:
+def _grammar(req: ChatCompletionRequest, tool_format: str) -> tuple[str | None, str]:
     """The grammar that constrains the reply, and the field it comes from: response_format, or the tools
     of a forced tool_choice.
 
@@ -105,6 +106,13 @@ def _grammar(req: ChatCompletionRequest) -> tuple[str | None, str]:
     if grammar is not None:
         raise APIError(
             400, "Use either response_format or a forced tool_choice, not both.", param="response_format"
+        )
+    if tool_format != "hermes":  # the grammar writes <tool_call> blocks, which this family does not read
+        raise APIError(
+            400,
+            f"tool_choice 'required' or a named function is enforced with <tool_call> blocks, which this "
+            f"model's tool format ({tool_format}) does not use; send tool_choice 'auto'.",
+            param="tool_choice",
         )
     try:
         return grammar_for_tool_choice(req.tools or [], forced), "tools"
@@ -150,7 +158,7 @@ def _completion(p: PreparedRequest, outs: list[Completion]) -> dict[str, Any]:
 
 
 def _choice(p: PreparedRequest, index: int, c: Completion) -> dict[str, Any]:
-    parsed = parse_assistant_output(c.text, p.tools_enabled)
+    parsed = parse_reply(p.weights.engine.tokenizer, c.text, p.tools_enabled)
     # A reply without tool calls is returned verbatim, as OpenAI does (the parser strips whitespace): the
     # streamed deltas then add up to the same content, and token_ids decode to it.
     content = parsed.content if parsed.tool_calls else c.text

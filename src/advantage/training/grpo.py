@@ -16,7 +16,7 @@ from advantage.training.advantages import group_advantages
 from advantage.training.losses import LossConfig
 from advantage.training.primitives import Progress, forward_backward
 from advantage.training.schedules import lr_at
-from advantage.training.tokenize import tokenize_trajectory
+from advantage.training.tokenize import tokenize_for_training
 from advantage.training.trainer import Datum, Trainer
 from advantage.trajectory import TrajectoryGroup
 
@@ -38,11 +38,14 @@ def build_datums(
         if all(a == 0.0 for a in adv_g):
             continue
         for t, a in zip(g.trajectories, adv_g, strict=True):
-            tok = tokenize_trajectory(trainer.tokenizer, t, config.max_seq_len, config.on_overflow)
-            truncated += tok.truncated
-            datums.append(Datum(tok.input_ids, tok.assistant_mask, tok.old_logprobs, a))
+            # One sequence, or one per sampled turn when the chat template rewrites history; each carries
+            # the trajectory's advantage.
+            toks = tokenize_for_training(trainer.tokenizer, t, config.max_seq_len, config.on_overflow)
+            truncated += any(tok.truncated for tok in toks)
+            datums += [Datum(tok.input_ids, tok.assistant_mask, tok.old_logprobs, a) for tok in toks]
     metrics["truncated_trajectories"] = float(truncated)
     metrics["n_trajectories"] = float(sum(len(g.trajectories) for g in groups))
+    metrics["n_sequences"] = float(len(datums))
     return datums, metrics
 
 
