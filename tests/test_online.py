@@ -1,5 +1,5 @@
-"""Online RL, parts 1 and 2: the traffic a recording model serves is stored (SQLite, WAL, in its run dir), and
-callers rate it with `POST /v1/feedback` / `model.feedback`.
+"""Online RL: the traffic a recording model serves is stored (SQLite, WAL, in its run dir), callers rate it
+with `POST /v1/feedback` / `model.feedback`, and rated choices that share a prompt become GRPO groups.
 
 The store and the feedback rules are tested on hand-built records; recording and the route go through the
 real server on 127.0.0.1 with the tiny random Llama, driven by the official `openai` SDK and `httpx`.
@@ -21,16 +21,19 @@ from helpers import PROMPT
 import advantage as adv
 from advantage.backends.remote import BackendRequestError, RemoteBackend
 from advantage.online.feedback import LABEL_REWARDS, FeedbackError, give_feedback, reward_for
+from advantage.online.groups import groups_from_traffic
 from advantage.online.store import (
     FILENAME,
     Feedback,
     RecordedChoice,
     RecordedCompletion,
     Retention,
+    RewardedChoice,
     SQLiteTrafficStore,
 )
 from advantage.server.runner import BackgroundServer
 from advantage.service import Service
+from advantage.training.tokenize import tokenize_trajectory
 
 KEY = "k"
 
@@ -161,6 +164,40 @@ def test_feedback_on_an_episode_applies_to_all_its_turns(store: SQLiteTrafficSto
     rated = {(row.completion.id, row.feedback.source_id, row.feedback.reward) for row in store.rewarded()}
     assert rated == {("e0", "e2", 0.9), ("e1", "e2", 0.9), ("e2", "e2", 0.9)}
     assert give_feedback([store], "int7", reward=1.0).choices == 1  # 7 and "7" are different tags
+
+
+# ------------------------------------------------------------------------------------------------ groups
+
+
+def rated(cid: str, idx: int, prompt: list[int], reward: float) -> RewardedChoice:
+    rec = completion(cid, n=idx + 1)
+    for ch in rec.choices:
+        ch.prompt_token_ids = prompt
+    return RewardedChoice(rec, rec.choices[idx], Feedback(cid, idx, reward))
+
+
+def test_groups_from_traffic_by_prompt_skipping_small_and_flat_groups() -> None:
+    rows = [
+        rated("a", 0, [1, 2], 1.0),  # one request with n=2 ...
+        rated("a", 1, [1, 2], 0.0),
+        rated("b", 0, [1, 2], 0.5),  # ... and a repeat of its prompt: one group of three
+        rated("c", 0, [7], 1.0),  # alone: too small
+        rated("d", 0, [8, 9], 0.25),  # two with the same reward: zero variance
+        rated("e", 0, [8, 9], 0.25),
+    ]
+    out = groups_from_traffic(rows)
+    assert (out.too_small, out.zero_variance, len(out.groups)) == (1, 1, 1)
+    [group] = out.groups
+    assert group.rewards() == [1.0, 0.0, 0.5]
+    t = group.trajectories[1]
+    assert t.messages_and_choices[:-1] == PROMPT and t.metadata["completion_id"] == "a"
+    assert (t.metadata["choice"], t.metadata["task"], t.metadata["user"]) == (1, "t1", "u")
+    extra = t.choices()[0].model_extra
+    assert (extra["token_ids"], extra["token_logprobs"]) == ([11, 11], [-0.5, -0.25])
+    assert extra["weights"] == {"model": "m", "step": 0} and t.weight_steps() == [0]
+    assert groups_from_traffic(rows, min_size=4).too_small == 3
+    with pytest.raises(ValueError, match="min_size"):
+        groups_from_traffic(rows, min_size=1)
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -336,3 +373,29 @@ async def test_model_feedback_through_the_local_backend(tiny_model_dir: Path, tm
         assert (backend.run_dir(model) / FILENAME).exists()
     finally:
         await backend.close()
+
+
+@pytest.mark.integration
+def test_rated_traffic_trains_a_step(served, client: openai.OpenAI, tokenizer) -> None:
+    """Recorded, rated traffic -> groups -> a GRPO step, on the exact sampled ids (last: "rec" moves to step 1)."""
+    svc, srv = served
+    store = svc.recorder("rec")
+    since = max((r.feedback.updated for r in store.rewarded()), default=0.0)
+    for seed in (1, 2):
+        r = client.chat.completions.create(model="rec", messages=PROMPT, max_tokens=6, n=2, seed=seed)
+        for i in range(2):
+            assert post_feedback(srv, completion_id=r.id, choice=i, reward=float(i + seed)).status_code == 200
+    out = groups_from_traffic(store.rewarded(since=since))
+    [group] = out.groups  # four choices of one prompt, from two requests
+    assert sorted(group.rewards()) == [1.0, 2.0, 2.0, 3.0]
+    for t in group.trajectories:
+        tok = tokenize_trajectory(tokenizer, t, 256)
+        extra = t.choices()[0].model_extra
+        [(start, end)] = tok.choice_spans
+        assert (
+            tok.input_ids[:start] == extra["prompt_token_ids"]
+            and tok.input_ids[start:end] == extra["token_ids"]
+        )
+    step, metrics = svc.train("rec", out.groups, adv.TrainConfig(learning_rate=1e-2))
+    assert step == 1 and metrics["trained_tokens"] > 0
+    assert metrics["logprob_drift_mean_abs"] < 0.05  # the recorded logprobs are the trainer's
