@@ -399,3 +399,19 @@ def test_rated_traffic_trains_a_step(served, client: openai.OpenAI, tokenizer) -
     step, metrics = svc.train("rec", out.groups, adv.TrainConfig(learning_rate=1e-2))
     assert step == 1 and metrics["trained_tokens"] > 0
     assert metrics["logprob_drift_mean_abs"] < 0.05  # the recorded logprobs are the trainer's
+
+
+@pytest.mark.integration
+def test_a_restarted_service_still_rates_old_traffic(
+    served, client: openai.OpenAI, tiny_model_dir: Path
+) -> None:
+    svc, _ = served
+    old = client.chat.completions.create(model="rec", messages=PROMPT, max_tokens=3).id
+    again = Service(svc.root, engine_kwargs={"max_context": 256})  # the same root: a restart
+    try:
+        again.register("p", "rec", str(tiny_model_dir))  # recording off now
+        assert again.recorder("rec") is None
+        result = give_feedback(again.traffic_stores("rec"), old, label="down")  # the store opens on demand
+        assert result.reward == 0.0 and svc.recorder("rec").feedback(old)[0].label == "down"
+    finally:
+        again.close()

@@ -271,10 +271,9 @@ class Service:
     def traffic_stores(self, name: str | None = None) -> list[TrafficStore]:
         """The stores feedback looks in: model `name`'s (every trainable model's with None). A model that
         records no more keeps the store it wrote, opened on demand, so its traffic can still be rated."""
-        entries = [self.model_entry(name)] if name is not None else list(self._models.values())
         stores = []
         with self._lock:
-            for e in entries:
+            for e in [self.model_entry(name)] if name is not None else list(self._models.values()):
                 path = e.run_dir / TRAFFIC_FILE if e.run_dir is not None else None
                 if e.traffic is None and path is not None and path.exists():
                     e.traffic = SQLiteTrafficStore(path, self.traffic_retention)
