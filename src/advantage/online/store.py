@@ -2,8 +2,9 @@
 
 `TrafficStore` is the interface the server and the online trainer use; it is narrow (record, look up,
 write feedback, read rewarded choices, prune) so that a server-grade database can replace SQLite later.
-`SQLiteTrafficStore` keeps one file per model, `<run dir>/traffic.sqlite`, in WAL mode (readers never
-block the writer, and a crash loses at most the last transaction). One connection is shared under a lock;
+`SQLiteTrafficStore` keeps one file per model, `<run dir>/traffic.sqlite`, in WAL mode with
+synchronous=NORMAL: readers never block the writer, a process crash loses nothing committed, and a power cut
+may lose the last few transactions but never leaves the file inconsistent. One connection is shared under a lock;
 callers run its methods on worker threads, never on the event loop.
 
 Tables (JSON columns hold what a completion request or a choice was on the wire):
@@ -14,9 +15,9 @@ Tables (JSON columns hold what a completion request or a choice was on the wire)
 `episode` is the JSON of the request's `metadata["episode"]` (NULL without one), indexed so that feedback
 on an episode finds its completions. A choice has at most one feedback row: writing one replaces it.
 
-Retention (`Retention`): on every insert, completions older than `max_age_s` (30 days by default) are
-deleted, and past `max_completions` (100,000 by default) the oldest go first; their choices and feedback go
-with them.
+Retention (`Retention`, per store, so per model): on every insert, completions older than `max_age_s`
+(`MAX_AGE_S`, 30 days) are deleted, and past `max_completions` (`MAX_COMPLETIONS`, 100,000) the oldest go
+first; their choices and feedback go with them.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class SQLiteTrafficStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash; WAL keeps it whole
+        self._db.execute("PRAGMA synchronous=NORMAL")  # no fsync per insert: see the module docstring
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
@@ -212,7 +213,7 @@ class SQLiteTrafficStore:
                         json.dumps(ch.forced_token_indices),
                         ch.finish_reason,
                         json.dumps(ch.message),
-                    )  # fmt: skip
+                    )
                     for ch in c.choices
                 ],
             )
