@@ -54,6 +54,14 @@ def serve(
             "running; more are answered 429.",
         ),
     ] = 16,
+    record: Annotated[
+        bool,
+        typer.Option(
+            help="Record the chat completions of every trainable model (each in traffic.sqlite in its run "
+            "dir), for POST /v1/feedback and online training. Without it, only models registered with "
+            "record_traffic=True record."
+        ),
+    ] = False,
 ) -> None:
     """Serve base models and trained adapters through an OpenAI-compatible API."""
     from advantage.server.runner import serve_forever
@@ -64,6 +72,7 @@ def serve(
         engine_kwargs={"max_pending": max_pending},
         model_dirs=model_dir,
         max_train_queue=max_train_queue,
+        record_traffic=record,
     )
     for name in base_model:
         service.engine(name)

@@ -11,6 +11,7 @@ import openai
 from advantage.backends.base import Backend, TrainResult
 from advantage.config import LoRAConfig, SFTConfig, TrainConfig
 from advantage.lowlevel import TrainingClient
+from advantage.online.feedback import FeedbackResult
 from advantage.trajectory import TrajectoryGroup
 
 if TYPE_CHECKING:
@@ -60,15 +61,21 @@ class TrainableModel(Model):
         base_model: str = "smollm2-135m-instruct",
         lora: LoRAConfig | None = None,
         fork_from: str | None = None,
+        record_traffic: bool = False,
     ) -> None:
         """`fork_from`: start from another model's checkpoint instead of the base weights. `"other@3"` (or
         `"other"` for its latest step, or `"project/other@3"` in another project) becomes this model's step 0,
         adapter and optimizer state both, when it is first registered; it needs the same base model and LoRA
-        shape. Registering it again resumes it."""
+        shape. Registering it again resumes it.
+
+        `record_traffic`: the backend records every chat completion this model serves (the request, each
+        choice's sampled token ids and logprobs, the weights step, the caller's `metadata` and `user`) in a
+        SQLite store in its run dir, so that `feedback` can rate them (see `advantage.online`)."""
         super().__init__(name, project=project)
         self.base_model = base_model
         self.lora = lora or LoRAConfig()
         self.fork_from = fork_from
+        self.record_traffic = record_traffic
         self._backend: Backend | None = None
         self._step = 0
         self.restored_from: int | None = None  # the step the last `restore` went back to
@@ -100,6 +107,30 @@ class TrainableModel(Model):
         result = await self.backend.train(self, list(groups), config or TrainConfig())
         self._step = result.step
         return result
+
+    async def feedback(
+        self,
+        completion_id: str,
+        *,
+        reward: float | None = None,
+        label: str | None = None,
+        choice: int = 0,
+        comment: str | None = None,
+    ) -> FeedbackResult:
+        """Rate a recorded completion's choice: a `reward`, or a `label` ("up"/"good" -> 1.0, "down"/"bad"
+        -> 0.0). A second call for the same choice replaces the first. When the completion's request carried
+        `metadata={"episode": E}`, every completion recorded with that episode gets it too. The rules are in
+        `advantage.online.feedback`; bad input (unknown id, non-finite reward, choice out of range) raises
+        a ValueError that says what to send."""
+        body: dict[str, Any] = {
+            "completion_id": completion_id,
+            "choice": choice,
+            "reward": reward,
+            "label": label,
+        }
+        if comment is not None:
+            body["comment"] = comment
+        return FeedbackResult(**await self.backend.feedback(self, body))
 
     async def log(self, groups: list[TrajectoryGroup], split: str = "val") -> dict[str, Any]:
         """Record evaluation groups (metrics `<split>/reward` etc. at the current step, and the trajectories)."""

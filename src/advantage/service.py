@@ -10,6 +10,10 @@ Every use of a trainer runs on one training thread; at most `max_train_queue` jo
 that `submit_train` raises `QueueFull` (the server answers 429 with Retry-After). With `model_dirs` set (as
 `advantage serve` does), `register` loads only bundled models, models already loaded, and model directories
 under those dirs; without it (the embedded LocalBackend), any local model directory.
+
+A trainable model registered with `record_traffic=True` (or every one, with `Service(record_traffic=True)`,
+i.e. `advantage serve --record`) has the chat completions it serves recorded in its run dir
+(`online/store.py`), for feedback (`online/feedback.py`) and online training.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from typing import Any, TypeVar
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.engine.models import allowed_base_model, resolve_model_path
 from advantage.engine.torch_engine import QueueFull, TorchEngine
+from advantage.online.store import FILENAME as TRAFFIC_FILE
+from advantage.online.store import Retention, SQLiteTrafficStore, TrafficStore
 from advantage.tracking import RunLog, group_metrics
 from advantage.training import checkpoints as ckpt
 from advantage.training import fork
@@ -77,6 +83,8 @@ class ModelEntry:
     trainer: Trainer | None = None
     run_dir: Path | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)  # one train step at a time per model
+    record: bool = False  # record the chat completions it serves in `traffic`
+    traffic: TrafficStore | None = None  # opened when recording is first on, or for feedback on old traffic
 
     @property
     def latest(self) -> int:
@@ -96,16 +104,21 @@ class Service:
         *,
         model_dirs: Sequence[str | Path] | None = None,
         max_train_queue: int = 16,
+        record_traffic: bool = False,
+        traffic_retention: Retention | None = None,
     ) -> None:
         """`engine_kwargs` go to every `TorchEngine` (e.g. `max_pending`). `model_dirs`: where `register` may
         load base models from besides the bundled ones (None: anywhere). `max_train_queue`: jobs that may wait
-        for the training thread besides the one running."""
+        for the training thread besides the one running. `record_traffic`: record every trainable model's
+        traffic, whatever its register asked; `traffic_retention`: how much each model's store keeps."""
         self.root = Path(root)
         self.engine_kwargs = engine_kwargs or {}
         self.model_dirs = None if model_dirs is None else [Path(d) for d in model_dirs]
         if max_train_queue < 0:
             raise ValueError(f"max_train_queue must be >= 0, got {max_train_queue}.")
         self.max_train_queue = max_train_queue
+        self.record_traffic = record_traffic
+        self.traffic_retention = traffic_retention or Retention()
         self._train_jobs = 0  # submitted to the training thread and not finished
         self._train_jobs_lock = threading.Lock()
         self._engines: dict[str, TorchEngine] = {}
@@ -159,11 +172,14 @@ class Service:
         base_model: str,
         lora: LoRAConfig | None = None,
         fork_from: str | None = None,
+        record_traffic: bool = False,
     ) -> int:
         """Register a trainable model; resume from its newest complete checkpoint. Returns the step.
 
         `fork_from` (`other@step`, `other` for its latest step, or `project/other@step`): a model with no
         checkpoints yet starts with a copy of that checkpoint as its step 0 (`training/fork.py`).
+        `record_traffic`: record the chat completions it serves (each register sets it anew; the service's
+        own `record_traffic` turns it on for every model).
         Registers of one name run one at a time. One that fails (say, a LoRA config the base model cannot
         take) leaves no trace: the name stays free and unlisted, and an engine it started is closed."""
         check_name("project", project)
@@ -196,6 +212,7 @@ class Service:
                 if existing.trainer is not None:
                     if ref is not None:
                         fork.check_resumable(mdir, name, ref)
+                    self._set_recording(existing, record_traffic)
                     return existing.latest
             source = None
             if ref is not None:  # checked before the (slow) trainer loads: a bad source fails fast
@@ -226,6 +243,7 @@ class Service:
                 forked = fork.forked_from(mdir) is not None
                 published = {s: ckpt.step_dir(mdir, s) for s in steps if s > 0 or forked}
                 entry = ModelEntry(project, name, base_model, published, trainer=trainer, run_dir=mdir)
+                self._set_recording(entry, record_traffic)
                 self.add_model(entry)
             except BaseException:
                 with self._lock:
@@ -235,6 +253,33 @@ class Service:
                     engine.close()
                 raise
             return entry.latest
+
+    # ------------------------------------------------------------------ traffic
+    def _set_recording(self, entry: ModelEntry, record: bool) -> None:
+        assert entry.run_dir is not None
+        with self._lock:
+            entry.record = record or self.record_traffic
+            if entry.record and entry.traffic is None:
+                entry.traffic = SQLiteTrafficStore(entry.run_dir / TRAFFIC_FILE, self.traffic_retention)
+
+    def recorder(self, name: str) -> TrafficStore | None:
+        """The store a completion served by model `name` is recorded in; None when it does not record."""
+        with self._lock:
+            entry = self._models.get(name)
+            return entry.traffic if entry is not None and entry.record else None
+
+    def traffic_stores(self, name: str | None = None) -> list[TrafficStore]:
+        """The stores feedback looks in: model `name`'s (every trainable model's with None). A model that
+        records no more keeps the store it wrote, opened on demand, so its traffic can still be rated."""
+        stores = []
+        with self._lock:
+            for e in [self.model_entry(name)] if name is not None else list(self._models.values()):
+                path = e.run_dir / TRAFFIC_FILE if e.run_dir is not None else None
+                if e.traffic is None and path is not None and path.exists():
+                    e.traffic = SQLiteTrafficStore(path, self.traffic_retention)
+                if e.traffic is not None:
+                    stores.append(e.traffic)
+        return stores
 
     def train_async(
         self, name: str, groups: list[TrajectoryGroup], config: TrainConfig, progress: Progress | None = None
@@ -402,6 +447,9 @@ class Service:
         self._train_thread.shutdown(wait=True)
         for engine in self._engines.values():
             engine.close()
+        for entry in self._models.values():
+            if entry.traffic is not None:
+                entry.traffic.close()
 
 
 def _release_freed_memory() -> None:

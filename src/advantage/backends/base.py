@@ -34,6 +34,10 @@ class Backend(Protocol):
         self, model: TrainableModel, groups: list[TrajectoryGroup], split: str
     ) -> dict[str, float]: ...
 
+    async def feedback(self, model: TrainableModel, body: dict[str, Any]) -> dict[str, Any]:
+        """Feedback on a recorded completion (`POST /v1/feedback`'s body and answer)."""
+        ...
+
     async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]: ...
 
     async def primitive(self, model: TrainableModel, op: str, payload: dict[str, Any]) -> dict[str, Any]:

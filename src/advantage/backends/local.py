@@ -41,7 +41,13 @@ class LocalBackend:
 
     async def register(self, model: TrainableModel) -> int:
         return await asyncio.to_thread(
-            self.service.register, model.project, model.name, model.base_model, model.lora, model.fork_from
+            self.service.register,
+            model.project,
+            model.name,
+            model.base_model,
+            model.lora,
+            model.fork_from,
+            model.record_traffic,
         )
 
     async def train(
@@ -65,6 +71,15 @@ class LocalBackend:
 
     async def log(self, model: TrainableModel, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
         return await asyncio.to_thread(self.service.log_groups, model.name, groups, split)
+
+    async def feedback(self, model: TrainableModel, body: dict[str, Any]) -> dict[str, Any]:
+        from advantage.online.feedback import give_feedback
+
+        def run() -> dict[str, Any]:
+            stores = self.service.traffic_stores(model.name)
+            return vars(give_feedback(stores, **body))
+
+        return await asyncio.to_thread(run)  # SQLite reads and writes block
 
     async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]:
         return await asyncio.to_thread(self.service.delete_checkpoints, model.name, keep, metric)

@@ -8,7 +8,7 @@ Retries, and why each call gets the ones it gets (connection retries are httpx's
 others are tenacity's, with exponential backoff from 0.5 s to 8 s):
 - Every call is sent again when the connection could not be made at all (refused, or the connect timed
   out): the server never saw the request, so sending it again is safe.
-- `register`, `get_step` and `delete_checkpoints` are idempotent, so they are also retried when the
+- `register`, `get_step`, `delete_checkpoints` and `feedback` are idempotent, so they are also retried when the
   connection breaks after the request went out, and on 502/503/504 (a proxy in front of a restarting
   server). A retried `delete_checkpoints` may return `[]` when the first attempt already deleted.
 - `log` appends a row to the run's metrics and trajectories: it is not idempotent and is never sent twice
@@ -127,6 +127,8 @@ class RemoteBackend:
         }
         if model.fork_from is not None:  # only when set: a server that predates forks takes the rest
             body["fork_from"] = model.fork_from
+        if model.record_traffic:  # likewise for a server that predates recording
+            body["record_traffic"] = True
         data = await self._call("POST", "/models", body, idempotent=True, what="register")
         return int(data["step"])
 
@@ -138,6 +140,14 @@ class RemoteBackend:
         body = {"groups": [g.to_dict() for g in groups], "split": split}
         data = await self._call_registered(model, "POST", "log", body, idempotent=False)
         return {k: float(v) for k, v in data["metrics"].items()}
+
+    async def feedback(self, model: TrainableModel, body: dict[str, Any]) -> dict[str, Any]:
+        # Not a training route: an absolute URL overrides the client's /v1/training base.
+        url = f"{self.base_url}/feedback"
+        return await self._again_if_unregistered(
+            model,
+            lambda: self._call("POST", url, {**body, "model": model.name}, idempotent=True, what="feedback"),
+        )
 
     async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]:
         body = {"keep": keep, "metric": metric}

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from advantage.server import completions, training_routes
+from advantage.server import completions, feedback_routes, training_routes
 from advantage.server.guard import MAX_BODY_BYTES, MAX_TRAIN_BODY_BYTES, OPEN_PATHS, Guard
 from advantage.server.parsing import OffLoopRoute
 from advantage.server.schemas import (
@@ -96,6 +96,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return await completions.complete(prepared)
 
     app.include_router(training_routes.router)
+    app.include_router(feedback_routes.router)
     _document_errors(app)
     return app
 

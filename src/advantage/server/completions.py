@@ -7,6 +7,12 @@ training skips those, since nothing was chosen there), `prompt_token_ids`, and `
 "step"}), which say which weights produced it. Training uses these ids; it never re-tokenizes the model's
 text.
 
+**Recording.** For a trainable model that records its traffic (`Service.recorder`), each completion is
+stored (`online/store.py`) with its request, every choice's sampled ids and logprobs, the weights step and
+the caller's `metadata` and `user`, before the response (or a stream's last chunk) goes out: a caller that
+has the completion id can send feedback on it at once. A store that fails to write is logged and does not
+fail the completion.
+
 `prepare` (rendering, tokenizing, grammar checks, loading an older step's adapter) runs on a worker thread,
 and so does encoding a response; the event loop only moves bytes. A request is submitted to the engine before
 the response starts, so a full engine queue is a 429 even when streaming.
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,15 +36,24 @@ from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, gram
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
 from advantage.engine.torch_engine import Completion, ContextLengthError, QueueFull, TokenCallback
+from advantage.online.store import RecordedChoice, RecordedCompletion, TrafficStore
 from advantage.server.schemas import APIError, ChatCompletionRequest, queue_full
 from advantage.service import Service, UnknownServedModel, Weights
+
+log = logging.getLogger(__name__)
 
 
 class PreparedRequest:
     def __init__(
-        self, req: ChatCompletionRequest, weights: Weights, prompt_ids: list[int], params: SamplingParams
+        self,
+        req: ChatCompletionRequest,
+        weights: Weights,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        recorder: TrafficStore | None = None,
     ):
         self.req, self.weights, self.prompt_ids, self.params = req, weights, prompt_ids, params
+        self.recorder = recorder
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.tools_enabled = bool(req.tools) and req.tool_choice != "none"
@@ -85,7 +101,7 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
         raise APIError(400, str(exc)) from None
     except ContextLengthError as exc:
         raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
-    return PreparedRequest(req, weights, prompt_ids, params)
+    return PreparedRequest(req, weights, prompt_ids, params, service.recorder(weights.model))
 
 
 def _grammar(req: ChatCompletionRequest, tool_format: str) -> tuple[str | None, str]:
@@ -144,6 +160,7 @@ async def complete(p: PreparedRequest) -> JSONResponse:
 
 def _completion(p: PreparedRequest, outs: list[Completion]) -> dict[str, Any]:
     choices = [_choice(p, i, c) for i, c in enumerate(outs)]
+    _record(p, outs, choices)
     n_out = sum(len(c.token_ids) for c in outs)
     return {
         "id": p.id,
@@ -175,6 +192,38 @@ def _choice(p: PreparedRequest, index: int, c: Completion) -> dict[str, Any]:
         "logprobs": _logprobs(p, c) if p.req.logprobs else None,
         **_extensions(p, c),
     }
+
+
+def _record(p: PreparedRequest, outs: list[Completion], choices: list[dict[str, Any]]) -> None:
+    """Store the completion when its model records traffic. On a worker thread: SQLite writes block."""
+    if p.recorder is None:
+        return
+    request = p.req.model_dump(exclude_none=True, exclude={"metadata", "user", "stream", "stream_options"})
+    record = RecordedCompletion(
+        id=p.id,
+        model=p.weights.model,
+        step=p.weights.step,
+        created=time.time(),
+        request=request,
+        choices=[
+            RecordedChoice(
+                index=i,
+                token_ids=c.token_ids,
+                logprobs=c.logprobs,
+                prompt_token_ids=p.prompt_ids,
+                forced_token_indices=c.forced,
+                finish_reason=full["finish_reason"],
+                message=full["message"],
+            )
+            for i, (c, full) in enumerate(zip(outs, choices, strict=True))
+        ],
+        metadata=dict(p.req.metadata or {}),
+        user=p.req.user,
+    )
+    try:
+        p.recorder.record(record)
+    except Exception:  # a full disk or a locked file must not fail the completion the caller is owed
+        log.exception("could not record completion %s of %s", p.id, p.weights.model)
 
 
 def _extensions(p: PreparedRequest, c: Completion) -> dict[str, Any]:
@@ -242,7 +291,13 @@ async def _chunks(
         outs = task.result()
     finally:  # the client went away mid-stream (or the stream failed): the engine drops the request's rows
         task.cancel()
-    fulls = await asyncio.to_thread(lambda: [_choice(p, i, c) for i, c in enumerate(outs)])
+
+    def encode() -> list[dict[str, Any]]:
+        fulls = [_choice(p, i, c) for i, c in enumerate(outs)]
+        _record(p, outs, fulls)
+        return fulls
+
+    fulls = await asyncio.to_thread(encode)
     for i, (c, full) in enumerate(zip(outs, fulls, strict=True)):
         delta: dict[str, Any] = {}
         if p.tools_enabled:

@@ -38,6 +38,10 @@ class ChatCompletionRequest(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
+    # Recorded with the completion when the model records its traffic; `metadata["episode"]` ties the
+    # completions of one multi-turn episode together for feedback (`online/feedback.py`).
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
 
 
 # What a 500 says: the details are in the server's log, never in the response.

@@ -78,6 +78,11 @@ class RegisterBody(_Body):
         description="Start from another model's checkpoint: `other@step`, `other` (its latest step) or "
         "`project/other@step`; copied as step 0 (adapter and optimizer state) when the model is new.",
     )
+    record_traffic: bool = Field(
+        False,
+        description="Record the chat completions this model serves (request, sampled ids and logprobs, "
+        "weights step, metadata), for `POST /v1/feedback` and online training. Each register sets it anew.",
+    )
 
 
 class TrajectoryBody(_Body):
@@ -122,7 +127,13 @@ async def register(body: RegisterBody, request: Request) -> Response:
     service = _service(request)
     try:
         step = await asyncio.to_thread(
-            service.register, body.project, body.name, body.base_model, body.lora, body.fork_from
+            service.register,
+            body.project,
+            body.name,
+            body.base_model,
+            body.lora,
+            body.fork_from,
+            body.record_traffic,
         )
     except Exception as exc:
         raise api_error(exc) from exc

@@ -1,0 +1,356 @@
+"""The traffic store: every chat completion a recording model served, and the feedback given on it.
+
+`TrafficStore` is the interface the server and the online trainer use; it is narrow (record, look up,
+write feedback, read rewarded choices, prune) so that a server-grade database can replace SQLite later.
+`SQLiteTrafficStore` keeps one file per model, `<run dir>/traffic.sqlite`, in WAL mode with
+synchronous=NORMAL: readers never block the writer, a process crash loses nothing committed, and a power cut
+may lose the last few transactions but never leaves the file inconsistent. One connection is shared under a lock;
+callers run its methods on worker threads, never on the event loop.
+
+Tables (JSON columns hold what a completion request or a choice was on the wire):
+    completions(id, model, step, created, episode, user, request_json, metadata_json)
+    choices(completion_id, idx, token_ids, logprobs, prompt_token_ids, forced_token_indices,
+            finish_reason, message_json)
+    feedback(completion_id, idx, reward, label, comment, source_id, updated)
+`episode` is the JSON of the request's `metadata["episode"]` (NULL without one), indexed so that feedback
+on an episode finds its completions. A choice has at most one feedback row: writing one replaces it.
+
+Retention (`Retention`, per store, so per model): on every insert, completions older than `max_age_s`
+(`MAX_AGE_S`, 30 days) are deleted, and past `max_completions` (`MAX_COMPLETIONS`, 100,000) the oldest go
+first; their choices and feedback go with them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+FILENAME = "traffic.sqlite"
+MAX_AGE_S = 30 * 24 * 3600.0
+MAX_COMPLETIONS = 100_000
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much traffic a store keeps: completions younger than `max_age_s`, at most `max_completions`."""
+
+    max_age_s: float = MAX_AGE_S
+    max_completions: int = MAX_COMPLETIONS
+
+    def __post_init__(self) -> None:
+        if not self.max_age_s > 0 or self.max_completions < 1:
+            raise ValueError(
+                f"Retention needs max_age_s > 0 and max_completions >= 1, got {self.max_age_s} and "
+                f"{self.max_completions}."
+            )
+
+
+@dataclass
+class RecordedChoice:
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    prompt_token_ids: list[int]
+    forced_token_indices: list[int]
+    finish_reason: str | None
+    message: dict[str, Any]  # the assistant message as served (content, tool_calls)
+
+
+@dataclass
+class RecordedCompletion:
+    id: str
+    model: str  # the trainable model's name (not name@step)
+    step: int  # the weights step that produced it
+    created: float  # unix time, seconds
+    request: dict[str, Any]  # messages, tools, tool_choice and sampling params, as sent
+    choices: list[RecordedChoice]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    user: str | None = None
+
+    @property
+    def episode(self) -> str | None:
+        """The episode tag as stored: the JSON of `metadata["episode"]`, or None."""
+        return episode_key(self.metadata)
+
+
+@dataclass
+class Feedback:
+    completion_id: str
+    choice: int
+    reward: float
+    label: str | None = None
+    comment: str | None = None
+    source_id: str | None = None  # the completion the caller named (another one for an episode's turns)
+    updated: float = 0.0
+
+
+@dataclass
+class RewardedChoice:
+    """One recorded choice with the feedback on it: what the online trainer learns from."""
+
+    completion: RecordedCompletion
+    choice: RecordedChoice
+    feedback: Feedback
+
+
+class TrafficStore(Protocol):
+    def record(self, completion: RecordedCompletion) -> None:
+        """Store a completion and its choices (and prune what retention no longer keeps)."""
+        ...
+
+    def get(self, completion_id: str) -> RecordedCompletion | None: ...
+
+    def episode(self, model: str, episode: str) -> list[tuple[str, int]]:
+        """(completion id, number of choices) of the model's completions tagged `episode`, oldest first."""
+        ...
+
+    def set_feedback(self, rows: list[Feedback]) -> None:
+        """Write feedback rows, replacing any on the same choices, in one transaction."""
+        ...
+
+    def feedback(self, completion_id: str) -> dict[int, Feedback]:
+        """The feedback on a completion's choices, by choice index."""
+        ...
+
+    def rewarded(self, since: float | None = None, limit: int | None = None) -> list[RewardedChoice]:
+        """Choices with feedback updated after `since` (all with None), oldest feedback first."""
+        ...
+
+    def prune(self, now: float | None = None) -> int:
+        """Apply retention; returns how many completions were deleted."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def episode_key(metadata: dict[str, Any] | None) -> str | None:
+    if not metadata or metadata.get("episode") is None:
+        return None
+    return json.dumps(metadata["episode"], sort_keys=True)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS completions (
+    id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    created REAL NOT NULL,
+    episode TEXT,
+    user TEXT,
+    request_json TEXT NOT NULL,
+    metadata_json TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS completions_created ON completions(created);
+CREATE INDEX IF NOT EXISTS completions_episode ON completions(model, episode) WHERE episode IS NOT NULL;
+CREATE TABLE IF NOT EXISTS choices (
+    completion_id TEXT NOT NULL REFERENCES completions(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    token_ids TEXT NOT NULL,
+    logprobs TEXT NOT NULL,
+    prompt_token_ids TEXT NOT NULL,
+    forced_token_indices TEXT NOT NULL,
+    finish_reason TEXT,
+    message_json TEXT NOT NULL,
+    PRIMARY KEY (completion_id, idx)
+);
+CREATE TABLE IF NOT EXISTS feedback (
+    completion_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    reward REAL NOT NULL,
+    label TEXT,
+    comment TEXT,
+    source_id TEXT,
+    updated REAL NOT NULL,
+    PRIMARY KEY (completion_id, idx),
+    FOREIGN KEY (completion_id, idx) REFERENCES choices(completion_id, idx) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS feedback_updated ON feedback(updated);
+"""
+
+
+class SQLiteTrafficStore:
+    """`TrafficStore` on one SQLite file in WAL mode. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: str | Path, retention: Retention | None = None) -> None:
+        self.path = Path(path)
+        self.retention = retention or Retention()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # no fsync per insert: see the module docstring
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        # Kept here: COUNT(*) walks the whole table, and the count is checked on every insert.
+        self._count = int(self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0])
+
+    def record(self, completion: RecordedCompletion) -> None:
+        c = completion
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    c.id, c.model, c.step, c.created, c.episode, _text(c.user),
+                    json.dumps(c.request), json.dumps(c.metadata),
+                ),
+            )  # fmt: skip
+            self._db.executemany(
+                "INSERT INTO choices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        c.id,
+                        ch.index,
+                        json.dumps(ch.token_ids),
+                        json.dumps(ch.logprobs),
+                        json.dumps(ch.prompt_token_ids),
+                        json.dumps(ch.forced_token_indices),
+                        ch.finish_reason,
+                        json.dumps(ch.message),
+                    )
+                    for ch in c.choices
+                ],
+            )
+            self._count += 1
+            self._prune(time.time())
+
+    def get(self, completion_id: str) -> RecordedCompletion | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM completions WHERE id = ?", (completion_id,)).fetchone()
+            if row is None:
+                return None
+            choices = self._db.execute(
+                "SELECT * FROM choices WHERE completion_id = ? ORDER BY idx", (completion_id,)
+            ).fetchall()
+        return _completion(row, {completion_id: [_choice(r) for r in choices]})
+
+    def episode(self, model: str, episode: str) -> list[tuple[str, int]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT c.id, COUNT(ch.idx) FROM completions c JOIN choices ch ON ch.completion_id = c.id "
+                "WHERE c.model = ? AND c.episode = ? GROUP BY c.id ORDER BY c.created, c.rowid",
+                (model, episode),
+            ).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def set_feedback(self, rows: list[Feedback]) -> None:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        f.completion_id,
+                        f.choice,
+                        f.reward,
+                        _text(f.label),
+                        _text(f.comment),
+                        f.source_id,
+                        f.updated,
+                    )
+                    for f in rows
+                ],
+            )
+
+    def feedback(self, completion_id: str) -> dict[int, Feedback]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM feedback WHERE completion_id = ?", (completion_id,)
+            ).fetchall()
+        return {int(r[1]): _feedback(r) for r in rows}
+
+    def rewarded(self, since: float | None = None, limit: int | None = None) -> list[RewardedChoice]:
+        with self._lock:
+            fbs = self._db.execute(
+                "SELECT * FROM feedback WHERE updated > ? ORDER BY updated, rowid LIMIT ?",
+                (-1.0 if since is None else since, -1 if limit is None else limit),
+            ).fetchall()
+            ids = sorted({str(r[0]) for r in fbs})
+            completions: dict[str, Any] = {}
+            choices: dict[str, list[RecordedChoice]] = {i: [] for i in ids}
+            for start in range(0, len(ids), 500):  # SQLite caps the number of bound parameters
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(f"SELECT * FROM completions WHERE id IN ({marks})", chunk):
+                    completions[str(row[0])] = row
+                query = f"SELECT * FROM choices WHERE completion_id IN ({marks}) ORDER BY completion_id, idx"
+                for row in self._db.execute(query, chunk):
+                    choices[str(row[0])].append(_choice(row))
+        records = {i: _completion(row, choices) for i, row in completions.items()}
+        out = []
+        for r in fbs:
+            fb = _feedback(r)
+            rec = records[fb.completion_id]
+            out.append(RewardedChoice(rec, next(c for c in rec.choices if c.index == fb.choice), fb))
+        return out
+
+    def prune(self, now: float | None = None) -> int:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            return self._prune(time.time() if now is None else now)
+
+    def _prune(self, now: float) -> int:
+        """Delete by age, then the oldest past the count; both walk the `created` index from its old end, so
+        a prune with nothing to delete costs one index probe. Runs inside the caller's transaction."""
+        cutoff = now - self.retention.max_age_s
+        deleted = self._db.execute("DELETE FROM completions WHERE created < ?", (cutoff,)).rowcount
+        excess = self._count - deleted - self.retention.max_completions
+        if excess > 0:
+            deleted += self._db.execute(
+                "DELETE FROM completions WHERE rowid IN "
+                "(SELECT rowid FROM completions ORDER BY created, rowid LIMIT ?)",
+                (excess,),
+            ).rowcount
+        self._count -= deleted
+        return deleted
+
+    def count(self) -> int:
+        with self._lock:
+            return self._count
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def _text(value: str | None) -> str | None:
+    """SQLite stores UTF-8: a lone surrogate (valid in a Python str, and in JSON) is written escaped."""
+    return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _completion(row: tuple[Any, ...], choices: dict[str, list[RecordedChoice]]) -> RecordedCompletion:
+    cid, model, step, created, _episode, user, request_json, metadata_json = row
+    return RecordedCompletion(
+        id=cid,
+        model=model,
+        step=int(step),
+        created=float(created),
+        request=json.loads(request_json),
+        choices=choices.get(cid, []),
+        metadata=json.loads(metadata_json),
+        user=user,
+    )
+
+
+def _choice(row: tuple[Any, ...]) -> RecordedChoice:
+    _cid, idx, token_ids, logprobs, prompt_ids, forced, finish, message_json = row
+    return RecordedChoice(
+        index=int(idx),
+        token_ids=json.loads(token_ids),
+        logprobs=json.loads(logprobs),
+        prompt_token_ids=json.loads(prompt_ids),
+        forced_token_indices=json.loads(forced),
+        finish_reason=finish,
+        message=json.loads(message_json),
+    )
+
+
+def _feedback(row: tuple[Any, ...]) -> Feedback:
+    cid, idx, reward, label, comment, source_id, updated = row
+    return Feedback(cid, int(idx), float(reward), label, comment, source_id, float(updated))
