@@ -1,10 +1,10 @@
 """The default demo, run start to finish with several seeds in turn; prints one summary row per run and the
 per-step curves (train reward and success, entropy, drift, dev success) as markdown, for BENCHMARKS.md.
 
-    .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 3 4 [--root /tmp/demo-seeds]
+    .venv/bin/python benchmarks/demo_seeds.py --seeds 0 1 2 3 4 [--root /tmp/demo-seeds] [-- --groups-per-step 8 ...]
 
 Each run is `python -m advantage.tasks.tool_use.train --seed K --root ROOT/seed-K` (the whole command, model load
-and both held-out evaluations included, timed from outside) with every other setting at its default.
+and both held-out evaluations included, timed from outside) with every other setting at its default (or as given after `--`, passed to every run).
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--root", type=Path, default=Path("/tmp/demo-seeds"))
+    ap.add_argument("demo_args", nargs="*", help="after --: options for the demo (DemoConfig fields)")
     args = ap.parse_args()
     summary = ["| seed | baseline | final (held-out success) | served step | wall time | load avg (1 min) at end |",
                "|---|---|---|---|---|---|"]  # fmt: skip
@@ -51,7 +52,8 @@ def main() -> None:
         root = args.root / f"seed-{seed}"
         t0 = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "advantage.tasks.tool_use.train", "--seed", str(seed), "--root", str(root)],
+            [sys.executable, "-m", "advantage.tasks.tool_use.train", "--seed", str(seed), "--root", str(root),
+             *args.demo_args],
             cwd=REPO, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
         wall = time.perf_counter() - t0
