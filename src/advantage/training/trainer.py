@@ -259,6 +259,7 @@ class SharedPrefix:
 
     def __init__(self, trainer: Trainer, ids: list[int]) -> None:
         self.ids = ids
+        trainer.model.train()  # as forward_backward runs the rows (LoRA dropout, if any)
         cache = DynamicCache()
         out = trainer.decoder(
             input_ids=torch.tensor([ids], device=trainer.device), past_key_values=cache, use_cache=True
