@@ -40,6 +40,12 @@ from advantage.engine.chat import render_prompt
 from advantage.engine.renderers import renderer_for
 from advantage.trajectory import Message, Trajectory
 
+NO_CHOICE = (
+    "This trajectory has no Choice, so there is nothing to train on; keep at least one completion returned by "
+    "the backend in messages_and_choices."
+)
+CHOICE_FIRST = "messages_and_choices starts with a Choice; put the messages it was sampled from before it."
+
 # Stands in for an assistant turn's content, to read off the template's end-of-turn suffix.
 _SENTINEL = "\u2063ADVANTAGE-SENTINEL\u2063"
 
@@ -71,10 +77,7 @@ def tokenize_trajectory(
     items = trajectory.messages_and_choices
     last = max((k for k, m in enumerate(items) if isinstance(m, Choice)), default=-1)
     if last < 0:
-        raise ValueError(
-            "This trajectory has no Choice, so there is nothing to train on; keep at least one completion "
-            "returned by the backend in messages_and_choices."
-        )
+        raise ValueError(NO_CHOICE)
     messages: list[Message] = trajectory.messages()
     eos_id = tokenizer.eos_token_id
     stops = set(renderer_for(tokenizer).stop_tokens)
@@ -101,9 +104,7 @@ def tokenize_trajectory(
             continue
         sampled, sampled_lp, forced = _sampled(item, k)
         if k == 0:
-            raise ValueError(
-                "messages_and_choices starts with a Choice; put the messages it was sampled from before it."
-            )
+            raise ValueError(CHOICE_FIRST)
         prompt = render(messages[:k], gen=True)
         emit_context(_delta(emitted, prompt, k))
 
@@ -140,9 +141,7 @@ def tokenize_turns(
         if not isinstance(item, Choice):
             continue
         if k == 0:
-            raise ValueError(
-                "messages_and_choices starts with a Choice; put the messages it was sampled from before it."
-            )
+            raise ValueError(CHOICE_FIRST)
         sampled, sampled_lp, forced = _sampled(item, k)
         context = _prompt_ids(item, k)
         if context is None:
@@ -157,10 +156,7 @@ def tokenize_turns(
             _fit(TokenizedTrajectory(ids, mask, logprobs, [(len(context), len(ids))]), max_len, on_overflow)
         )
     if not out:
-        raise ValueError(
-            "This trajectory has no Choice, so there is nothing to train on; keep at least one completion "
-            "returned by the backend in messages_and_choices."
-        )
+        raise ValueError(NO_CHOICE)
     return out
 
 
