@@ -1,12 +1,19 @@
-"""Generation for one step of the CPU demo, with the engine's prefix cache on and off, side by side.
+"""Generation for one step of the CPU demo, with an engine feature on and off, side by side.
 
-Two embedded backends in one process (the bundled SmolLM2-135M-Instruct, bf16), one with the prefix cache
-and one without (`prefix_cache_mb=0`); everything else is the same engine. Each round runs the demo's
-rollouts for one training step (G scenarios x N rollouts, T=0.7, multi-turn, first call forced) on both,
-alternating which goes first, and prints the wall times and their ratio. The prompts repeat as in the
-demo: one system prompt, tool schemas and worked example for every rollout, and each turn extends the last.
+Two embedded backends in one process (the bundled SmolLM2-135M-Instruct), the same engine but for one
+setting (`--compare`):
 
-    .venv/bin/python benchmarks/rollout_gen.py [--groups 4] [--group-size 8] [--rounds 2] [--json out.json]
+- `prefix-cache`: the prompt-prefix cache on, and off (`prefix_cache_mb=0`);
+- `cascade`: cascade attention on (rows read one shared copy of the prompt prefix's KV), and off
+  (`cascade=False`: every row holds and reads its own copy).
+
+Each round runs the demo's rollouts for one training step (G scenarios x N rollouts, T=0.7, multi-turn,
+first call forced, seeded so both sides sample alike) on both, alternating which goes first, and prints the
+wall times and their ratio. The prompts repeat as in the demo: one system prompt, tool schemas and worked
+example for every rollout, and each turn extends the last.
+
+    .venv/bin/python benchmarks/rollout_gen.py [--compare cascade] [--groups 8] [--group-size 4]
+        [--rounds 2] [--dtype float32] [--json out.json]
 """
 
 from __future__ import annotations
@@ -29,14 +36,22 @@ import advantage as adv  # noqa: E402
 from advantage.tasks.tool_use.env import make_scenarios  # noqa: E402
 from advantage.tasks.tool_use.rollout import rollout  # noqa: E402
 
+COMPARE = {  # label -> engine settings, the feature on first
+    "prefix-cache": {"prefix cache": {"prefix_cache_mb": 512}, "no prefix cache": {"prefix_cache_mb": 0}},
+    "cascade": {"cascade": {"cascade": True}, "no cascade": {"cascade": False}},
+}
+
 
 async def one_step(model: adv.TrainableModel, seed: int, groups: int, group_size: int) -> tuple[float, float]:
     scenarios = make_scenarios(groups, seed=seed, split="train")
     t0 = time.perf_counter()
     done = await adv.gather_trajectory_groups(
         [
-            [rollout(model, s, temperature=0.7, force_first_call=True) for _ in range(group_size)]
-            for s in scenarios
+            [
+                rollout(model, s, temperature=0.7, force_first_call=True, seed=1000 * seed + 10 * g + i)
+                for i in range(group_size)
+            ]
+            for g, s in enumerate(scenarios)
         ],
         max_exceptions=0,
         progress=False,
@@ -54,9 +69,9 @@ async def one_step(model: adv.TrainableModel, seed: int, groups: int, group_size
 async def main(args: argparse.Namespace) -> dict[str, object]:
     with TemporaryDirectory() as tmp:
         sides = {}
-        for label, mb in (("prefix cache", 512), ("no prefix cache", 0)):
+        for label, kwargs in COMPARE[args.compare].items():
             backend = adv.LocalBackend(
-                Path(tmp) / label.replace(" ", "-"), progress=False, prefix_cache_mb=mb
+                Path(tmp) / label.replace(" ", "-"), progress=False, dtype=args.dtype, **kwargs
             )
             model = adv.TrainableModel("bench", project="bench", base_model="smollm2-135m-instruct")
             await model.register(backend)
@@ -73,16 +88,18 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         for backend, _ in sides.values():
             await backend.close()
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["no prefix cache"] / med["prefix cache"]
-    print(f"median s per demo step: with {med['prefix cache']:.1f}, without {med['no prefix cache']:.1f}; "
-          f"speed-up {ratio:.2f}x")  # fmt: skip
+    on, off = COMPARE[args.compare]
+    ratio = med[off] / med[on]
+    print(f"median s per demo step: {on} {med[on]:.1f}, {off} {med[off]:.1f}; speed-up {ratio:.2f}x")
     return {"seconds": times, "completion_tokens": tokens, "median_seconds": med, "speedup": ratio}
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--compare", choices=sorted(COMPARE), default="cascade")
+    p.add_argument("--groups", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--dtype", default="auto", help="as the demo: fp32 on CPUs without bf16 units")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", type=Path)
     a = p.parse_args()

@@ -3,12 +3,43 @@ logprobs as computing everything from scratch (fp32, so the comparison is exact 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from advantage.engine.kv import GrowingCache, PrefixCache, common_prefix_len
 from advantage.engine.sampling import SamplingParams
 from advantage.engine.torch_engine import TorchEngine
+
+
+def test_cascade_attention_equals_attention_over_the_whole_context():
+    """Rows that read one shared copy of a prefix get exactly the attention over [prefix ; own columns]:
+    grouped-query heads, several query tokens, a padded column and a causal edge in the rows' part."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from advantage.engine.cascade import cascade_attention
+
+    torch.manual_seed(0)
+    B, H, KVH, T, P, S, d = 3, 6, 2, 2, 5, 4, 8
+    module = types.SimpleNamespace(layer_idx=1, num_key_value_groups=H // KVH, is_causal=True)
+    q = torch.randn(B, H, T, d).transpose(1, 2).contiguous().transpose(1, 2)  # strided as a model's are
+    kp, vp = torch.randn(KVH, P, d), torch.randn(KVH, P, d)
+    k, v = torch.randn(B, KVH, S, d), torch.randn(B, KVH, S, d)
+    mask = torch.ones(B, 1, T, P + S, dtype=torch.bool)
+    mask[0, :, :, P] = False  # row 0's first own column is padding
+    mask[:, :, 0, -1] = False  # the first query token does not see the last column yet
+    whole_k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)
+    whole_v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
+    want, _ = sdpa_attention_forward(module, q, whole_k, whole_v, mask, scaling=0.3)
+    other = (torch.zeros_like(kp), torch.zeros_like(vp))  # layer 0's prefix: must not be read for layer 1
+    got, _ = cascade_attention(module, q, k, v, mask, scaling=0.3, shared_prefix=[other, (kp, vp)])
+    assert got.shape == (B, T, H, d)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    plain, _ = cascade_attention(module, q, whole_k, whole_v, mask, scaling=0.3)  # no prefix: plain SDPA
+    torch.testing.assert_close(plain, want)
 
 
 def _kv(n: int, value: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,7 +93,7 @@ def test_growing_cache_matches_concatenation():
 @pytest.fixture(scope="module")
 def engines(smollm_dir):
     cached = TorchEngine(smollm_dir, dtype="float32", max_batch_size=8)
-    plain = TorchEngine(smollm_dir, dtype="float32", max_batch_size=8, prefix_cache_mb=0)
+    plain = TorchEngine(smollm_dir, dtype="float32", max_batch_size=8, prefix_cache_mb=0, cascade=False)
     yield cached, plain
     cached.close()
     plain.close()
@@ -99,6 +130,41 @@ def test_prefix_reuse_gives_the_same_completions(engines, tokenizer):
     want = plain.submit(follow, params).result()[0]
     assert got.token_ids == want.token_ids
     assert got.logprobs == pytest.approx(want.logprobs, abs=1e-4)
+
+
+def test_rows_sharing_a_prefix_decode_as_rows_holding_their_own_copy(engines, tokenizer):
+    """Cascade attention in the engine: rows that join the batch while it runs, with prompts sharing the
+    system prompt, a longer cached prefix, or nothing, get the tokens and logprobs of an engine where every
+    row holds its whole prompt (no cascade, no prefix cache)."""
+    cached, plain = engines
+    assert cached.cascade and not plain.cascade
+    system = [{"role": "system", "content": "Answer in one short sentence, then stop. " * 10}]
+
+    def chat(q: str) -> list[int]:
+        text = tokenizer.apply_chat_template(
+            system + [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    prompts = [chat(q) for q in ("Name a river.", "Name a mountain.", "Name a sea.")]
+    prompts.append(prompts[0] + tokenizer.encode(" A river", add_special_tokens=False))  # extends a prompt
+    prompts.append(tokenizer.encode("Unrelated: one two three", add_special_tokens=False))  # shares nothing
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, n=k)
+        for n, k in ((24, 2), (8, 1), (16, 3), (6, 1), (10, 2))
+    ]
+    steps = cached.stats["shared_prefix_steps"]
+    futures = []
+    for p, sp in zip(prompts, params, strict=True):  # each joins the running batch a moment later
+        futures.append(cached.submit(p, sp))
+        time.sleep(0.3)
+    got = [f.result() for f in futures]
+    assert cached.stats["shared_prefix_steps"] > steps
+    for p, sp, choices in zip(prompts, params, got, strict=True):
+        want = plain.submit(p, sp).result()
+        for g, w in zip(choices, want, strict=True):
+            assert g.token_ids == w.token_ids and g.finish_reason == w.finish_reason
+            assert g.logprobs == pytest.approx(w.logprobs, abs=1e-4)
 
 
 def test_allowed_tokens_unpacks_llguidance_bitmasks(tokenizer):

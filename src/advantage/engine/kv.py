@@ -24,12 +24,19 @@ SPARE_COLUMNS = 128  # room for this many more tokens before a buffer is copied 
 
 
 class GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` backed by buffers with spare columns; `keys`/`values` are views of the used part."""
+    """A `DynamicLayer` backed by buffers with spare columns; `keys`/`values` are views of the used part.
 
-    def __init__(self) -> None:
+    `offset` tokens come before its columns and are held elsewhere (a batch's shared prefix, `cascade.py`):
+    they count in the sequence length that `transformers` sizes masks and positions by."""
+
+    def __init__(self, offset: int = 0) -> None:
         self._buf: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
         self._len = {"keys": 0, "values": 0}
+        self.offset = offset
         super().__init__()
+
+    def get_seq_length(self) -> int:
+        return self.offset + super().get_seq_length()
 
     def _get(self, attr: str) -> torch.Tensor | None:
         buf = self._buf[attr]
@@ -71,9 +78,24 @@ class GrowingLayer(DynamicLayer):
 
 
 class GrowingCache(DynamicCache):
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, offset: int = 0) -> None:
         super().__init__()
-        self.layers = [GrowingLayer() for _ in range(num_layers)]
+        self.layers = [GrowingLayer(offset) for _ in range(num_layers)]
+
+    def set_offset(self, offset: int) -> None:
+        for layer in self.layers:
+            layer.offset = offset
+
+    def prepend(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put the same columns (per layer (keys, values), each (kv_heads, n, head_dim)) before every row's;
+        they leave the offset held elsewhere."""
+        n = kv[0][0].shape[1]
+        for layer, (k, v) in zip(self.layers, kv, strict=True):
+            for attr, new in (("keys", k), ("values", v)):
+                used = layer._get(attr)
+                assert used is not None and used.dim() == 4
+                layer._set(attr, torch.cat([new.unsqueeze(0).expand(used.shape[0], -1, -1, -1), used], dim=2))
+            layer.offset -= n
 
 
 def layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -34,8 +34,9 @@ from typing import Any, Literal
 
 import torch
 from tokenizers.decoders import DecodeStream
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
@@ -115,6 +116,7 @@ class TorchEngine:
         head_dtype: str = "float32",
         max_pending: int = 256,
         merge_lora: bool | None = None,
+        cascade: bool | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -122,6 +124,10 @@ class TorchEngine:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
         if head_dtype == "float32":  # logprobs computed as the trainer computes them (engine/precision.py)
             use_fp32_head(model)
+        # Rows that share a cached prompt prefix read one copy of its KV (cascade.py), where the model allows.
+        self.cascade = supports_cascade(model) if cascade is None else cascade and supports_cascade(model)
+        if self.cascade:
+            model.set_attn_implementation(CASCADE)
         self.model: Any = column_major_linears(model.to(self.device).eval())
         cfg_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_len = min(max_context or cfg_len, cfg_len)
@@ -144,8 +150,9 @@ class TorchEngine:
         self._cv = threading.Condition()
         self._rows: list[_Row] = []
         self._batch_adapter: str | None = None
-        self._cache: DynamicCache | None = None
-        self._attn: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token
+        self._cache: GrowingCache | None = None
+        self._shared: SharedPrefix | None = None  # the batch's prompt prefix, kept once for all rows
+        self._attn: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token (after _shared)
         self._last: torch.Tensor | None = None  # (B,) token to feed at the next decode step
         self._closed = False
         self.stats = {
@@ -154,6 +161,7 @@ class TorchEngine:
             "prefill_prompts": 0,
             "generated_tokens": 0,
             "cancelled_rows": 0,
+            "shared_prefix_steps": 0,  # decode steps whose rows read one shared copy of a prompt prefix
         }
         self._thread = threading.Thread(target=self._loop, name="advantage-engine", daemon=True)
         self._thread.start()
@@ -353,7 +361,7 @@ class TorchEngine:
                 rows.append(_Row(req, i, gen, constraint))
                 src.append(u)
         unique = [list(p) for p in prompts]
-        cache, attn_UP, out = self._forward_prompts(unique)
+        cache, shared, attn_UP, out = self._forward_prompts(unique)
         src_t = torch.tensor(src, device=self.device)
         cache.batch_select_indices(src_t)
         attn_RP = attn_UP.to(self.device)[src_t]
@@ -361,14 +369,18 @@ class TorchEngine:
         self.stats["prefill_prompts"] += len(unique)
         self.stats["prefill_rows"] += len(rows)
         self._compact()  # finished rows would only be copied along
-        self._merge(cache, attn_RP)
+        self._merge(cache, shared, attn_RP)
         self._rows.extend(rows)
         first = len(self._rows) - len(rows)
         self._sample_and_advance(logits_RV, range(first, len(self._rows)))
 
-    def _forward_prompts(self, unique: list[list[int]]) -> tuple[GrowingCache, torch.Tensor, Any]:
+    def _forward_prompts(
+        self, unique: list[list[int]]
+    ) -> tuple[GrowingCache, SharedPrefix | None, torch.Tensor, Any]:
         """Prefill distinct prompts in one left-padded batch, starting from the longest cached prefix they
-        share; each prompt's KV then goes into the prefix cache. Returns (cache, attention mask, output).
+        share; each prompt's KV then goes into the prefix cache. Returns (cache, shared prefix, attention
+        mask, output): with cascade attention the cached prefix stays one shared copy, and the cache and
+        mask cover only the columns after it; without, the cache holds it for every prompt.
 
         Distinct prompts that start alike (one system prompt, different questions) have that start computed
         once: it is prefilled on its own first, into the prefix cache, and the batch starts from it."""
@@ -380,11 +392,14 @@ class TorchEngine:
         hit = self.prefix_cache.lookup(self._batch_adapter, unique)
         m = hit[1] if hit else 0
         rows = len(unique)
-        cache = (
-            cache_from([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in hit[0]])
-            if hit
-            else GrowingCache(int(self.model.config.num_hidden_layers))
-        )
+        shared = None
+        if hit and self.cascade:
+            shared = SharedPrefix(tuple(unique[0][:m]), [(k[0], v[0]) for k, v in hit[0]])
+            cache = GrowingCache(int(self.model.config.num_hidden_layers), offset=m)
+        elif hit:
+            cache = cache_from([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in hit[0]])
+        else:
+            cache = GrowingCache(int(self.model.config.num_hidden_layers))
         width = max(len(p) for p in unique) - m
         ids_UP = torch.full((len(unique), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         attn_UP = torch.zeros((len(unique), m + width), dtype=torch.long)
@@ -400,20 +415,52 @@ class TorchEngine:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **self._prefix_kwargs(shared),
         )
-        if self.prefix_cache.max_bytes:
+        held = len(shared) if shared else 0  # columns of attn_UP that the cache does not hold
+        one = self.cascade and rows == 1  # all of the prompt becomes the shared prefix of its rows
+        if self.prefix_cache.max_bytes or one:
             for u, p in enumerate(unique):
-                cols = attn_UP[u].nonzero().squeeze(1).to(self.device)
+                cols = attn_UP[u, held:].nonzero().squeeze(1).to(self.device)
                 kv = [(k[u].index_select(1, cols), v[u].index_select(1, cols)) for k, v in layer_kv(cache)]
+                if shared:
+                    kv = [
+                        (torch.cat([sk, k], 1), torch.cat([sv, v], 1))
+                        for (sk, sv), (k, v) in zip(shared.kv, kv, strict=True)
+                    ]
                 self.prefix_cache.insert(self._batch_adapter, p, kv)
-        return cache, attn_UP, out
+            if one:
+                shared, held = SharedPrefix(tuple(unique[0]), kv), len(unique[0])
+                cache = GrowingCache(len(kv), offset=held)
+                for layer, (k, v) in zip(cache.layers, kv, strict=True):
+                    layer.update(k[None, :, :0], v[None, :, :0])  # no columns of its own yet
+        return cache, shared, attn_UP[:, held:], out
 
-    def _merge(self, cache: DynamicCache, attn_RP: torch.Tensor) -> None:
-        """Append freshly prefilled rows to the running batch, left-padding whichever side is shorter."""
+    @staticmethod
+    def _prefix_kwargs(shared: SharedPrefix | None) -> dict[str, Any]:
+        return {"shared_prefix": shared.kv} if shared else {}
+
+    def _full_mask(self, attn: torch.Tensor) -> torch.Tensor:
+        """The attention mask over the shared prefix and the rows' own columns."""
+        if self._shared is None:
+            return attn
+        return torch.cat([attn.new_ones((attn.shape[0], len(self._shared))), attn], dim=1)
+
+    def _merge(self, cache: GrowingCache, shared: SharedPrefix | None, attn_RP: torch.Tensor) -> None:
+        """Append freshly prefilled rows to the running batch, left-padding whichever side is shorter.
+
+        The batch keeps the part of its shared prefix that the new rows share too (if still worth it); the
+        rest of each side's prefix is copied into its rows' own columns."""
         if self._cache is None or self._attn is None or not self._rows:
-            self._cache, self._attn = cache, attn_RP
+            self._cache, self._shared, self._attn = cache, shared, attn_RP
             self._last = torch.zeros(attn_RP.shape[0], dtype=torch.long, device=self.device)
             return
+        keep = shared.common_len(self._shared) if shared else 0
+        if keep < self.prefix_cache.min_reuse:
+            keep = 0
+        self._attn = _unshare(self._cache, self._shared, keep, self._attn)
+        attn_RP = _unshare(cache, shared, keep, attn_RP)
+        self._shared = shared.head(keep) if shared and keep else None
         old_len, new_len = self._attn.shape[1], attn_RP.shape[1]
         width = max(old_len, new_len)
         for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
@@ -431,16 +478,19 @@ class TorchEngine:
 
     def _decode_step(self) -> None:
         assert self._cache is not None and self._attn is not None and self._last is not None
-        pos_B1 = self._attn.sum(-1, keepdim=True)  # real tokens so far = position of the fed token
-        self._attn = torch.cat([self._attn, torch.ones_like(self._attn[:, :1])], dim=1)
+        held = len(self._shared) if self._shared else 0
+        pos_B1 = self._attn.sum(-1, keepdim=True) + held  # real tokens so far = position of the fed token
+        self._attn = torch.cat([self._attn, self._attn.new_ones((self._attn.shape[0], 1))], dim=1)
         out = self.model(
             input_ids=self._last.unsqueeze(1),
-            attention_mask=self._attn,
+            attention_mask=self._full_mask(self._attn),
             position_ids=pos_B1,
             past_key_values=self._cache,
             use_cache=True,
+            **self._prefix_kwargs(self._shared),
         )
         self.stats["decode_steps"] += 1
+        self.stats["shared_prefix_steps"] += held > 0
         self._sample_and_advance(out.logits[:, -1, :], range(len(self._rows)))
 
     def _sample_and_advance(self, logits_RV: torch.Tensor, row_ids: range) -> None:
@@ -547,7 +597,7 @@ class TorchEngine:
             return
         self._rows = [self._rows[i] for i in keep]
         if not self._rows:
-            self._cache = self._attn = self._last = None
+            self._cache = self._attn = self._last = self._shared = None
             return
         assert self._cache is not None and self._attn is not None and self._last is not None
         idx = torch.tensor(keep, device=self.device)
@@ -563,7 +613,7 @@ class TorchEngine:
     def _fail_rows(self, exc: Exception) -> None:
         for r in self._rows:
             _settle(r.req.future, exc)
-        self._rows, self._cache, self._attn, self._last = [], None, None, None
+        self._rows, self._cache, self._attn, self._last, self._shared = [], None, None, None, None
 
     def _fail_all(self, exc: Exception) -> None:
         self._fail_rows(exc)
@@ -589,6 +639,14 @@ def _settle(fut: concurrent.futures.Future[list[Completion]], outcome: list[Comp
             fut.set_exception(outcome)
         else:
             fut.set_result(outcome)
+
+
+def _unshare(cache: GrowingCache, shared: SharedPrefix | None, keep: int, attn: torch.Tensor) -> torch.Tensor:
+    """Copy the shared prefix's tokens from `keep` on into every row's own columns; returns the new mask."""
+    if shared is None or len(shared) == keep:
+        return attn
+    cache.prepend(shared.tail(keep))
+    return torch.cat([attn.new_ones((attn.shape[0], len(shared) - keep)), attn], dim=1)
 
 
 def _left_pad(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
