@@ -75,7 +75,16 @@ class DemoConfig(BaseModel):
         "updates before it climbs, and a guard on 16 dev questions mistakes that dip for a collapse.",
     )
     stop_at: float = Field(
-        1.0, ge=0, le=1, description="Stop early once a dev evaluation reaches this success rate."
+        1.0,
+        ge=0,
+        le=1,
+        description="Stop early once stop_after dev evaluations in a row reach this success rate.",
+    )
+    stop_after: int = Field(
+        2,
+        ge=1,
+        description="Dev evaluations in a row at stop_at before stopping early. Two, not one: 16 dev "
+        "questions all right once is weak evidence (a run stopped on it at step 6 scored 84% held-out).",
     )
     force_first_call: bool = Field(
         True,
@@ -180,6 +189,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         evaluated.add(first_step)
         print(f"  dev success {rate:.0%} (step {first_step})")
     history: list[dict[str, float]] = []
+    at_target = 0  # dev evaluations in a row at stop_at
     for i in range(cfg.steps):
         scenarios = make_scenarios(
             cfg.groups_per_step, seed=cfg.seed * 100_003 + first_step + i, split="train"
@@ -228,8 +238,9 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             evaluated.add(result.step)
             action = guard.update(result.step, rate)
             print(f"  dev success {rate:.0%} (best {guard.best_score:.0%} at step {guard.best_step})")
-            if rate >= cfg.stop_at:
-                print(f"  dev success reached {cfg.stop_at:.0%}: stopping early")
+            at_target = at_target + 1 if rate >= cfg.stop_at else 0
+            if at_target >= cfg.stop_after:
+                print(f"  dev success at {cfg.stop_at:.0%} {at_target} times in a row: stopping early")
                 break
             if action == "rollback" and cfg.guard:
                 lr *= guard.lr_factor
