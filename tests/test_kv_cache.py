@@ -154,6 +154,11 @@ def test_rows_sharing_a_prefix_decode_as_rows_holding_their_own_copy(engines, to
         for n, k in ((24, 2), (8, 1), (16, 3), (6, 1), (10, 2))
     ]
     steps = cached.stats["shared_prefix_steps"]
+    # Alone in the batch, one prompt's rows hold nothing but the shared prefix; one finishes at once.
+    pair = [cached.submit(prompts[1], SamplingParams(max_tokens=n, temperature=0.0)) for n in (1, 4)]
+    for f, n in zip(pair, (1, 4), strict=True):
+        want = plain.submit(prompts[1], SamplingParams(max_tokens=n, temperature=0.0)).result()[0]
+        assert f.result()[0].token_ids == want.token_ids
     futures = []
     for p, sp in zip(prompts, params, strict=True):  # each joins the running batch a moment later
         futures.append(cached.submit(p, sp))

@@ -603,7 +603,8 @@ class TorchEngine:
         idx = torch.tensor(keep, device=self.device)
         self._cache.batch_select_indices(idx)
         self._attn, self._last = self._attn[idx], self._last[idx]
-        first_used = int(self._attn.any(dim=0).nonzero()[0])
+        used = self._attn.any(dim=0).nonzero()  # none: the rows hold only the shared prefix so far
+        first_used = int(used[0]) if used.numel() else self._attn.shape[1]
         if first_used:  # columns no remaining row attends to
             for layer in self._cache.layers:
                 layer.keys = layer.keys[..., first_used:, :]
