@@ -5,8 +5,8 @@ wide enough that its distributions are far from uniform: a logprob off by one po
 The truth every engine is held to is an independent fp32 forward pass of the same weights on the CPU
 (transformers, with peft for an adapter): sampled tokens' logprobs must equal it, whatever the batch.
 
-Engines: TorchEngine on the CPU with adapters merged into its fp32 weights and with peft's layers (CI), and
-on CUDA in fp32 and bf16 (`gpu` marker: `pytest -m gpu tests/test_engine_contract.py`, skipped without
+Engines: TorchEngine on the CPU in fp32 with adapters merged into its weights and with peft's layers, and in
+bf16 (CI); on CUDA in fp32 and bf16 (`gpu` marker: `pytest -m gpu tests/test_engine_contract.py`, skipped without
 CUDA). A vLLM engine would be one more entry of ENGINES, under the `gpu` marker.
 """
 
@@ -51,11 +51,14 @@ def _torch(device: str, dtype: str, **kw: Any) -> Callable[[Path], Engine]:
 ENGINES = [
     pytest.param(EngineSpec(_torch("cpu", "float32", merge_lora=True), "cpu", 2e-4, 5e-5), id="torch-cpu-merged"),
     pytest.param(EngineSpec(_torch("cpu", "float32", merge_lora=False), "cpu", 2e-4, 5e-5), id="torch-cpu-peft"),
+    # bf16 against the fp32 reference: the bf16 decoder's own rounding (~0.06 nats mean, 0.3 max on this
+    # model's wide weights, measured on a CPU), not the engine's; a token off by one position is off by nats.
+    pytest.param(EngineSpec(_torch("cpu", "bfloat16"), "cpu", 0.6, 0.12, exact_greedy=False), id="torch-cpu-bf16"),
     pytest.param(
         EngineSpec(_torch("cuda", "float32"), "cuda", 2e-3, 5e-4), id="torch-cuda-fp32", marks=pytest.mark.gpu
     ),
     pytest.param(
-        EngineSpec(_torch("cuda", "bfloat16"), "cuda", 0.25, 0.06, exact_greedy=False),
+        EngineSpec(_torch("cuda", "bfloat16"), "cuda", 0.6, 0.12, exact_greedy=False),
         id="torch-cuda-bf16",
         marks=pytest.mark.gpu,
     ),
