@@ -7,7 +7,7 @@
 #    bundled model would be (ADVANTAGE_CACHE_DIR), so that tests asking for the bundled name get it;
 # 3. the engine contract suite, the gpu-marked CUDA engines included;
 # 4. benchmarks/gpu_check.py bench (generation, a GRPO step, sampler-trainer agreement; bf16 and fp32);
-# 5. a selection of fast tests, on CUDA since that is the default device where there is one: first the
+# 5. a selection of fast tests (gpu-marked ones included), on CUDA since that is the default device where there is one: first the
 #    trainer / engine / training-loop ones, then the server ones (on a random model: a test that checks
 #    what the model says fails there, and says nothing about CUDA).
 # Everything lands in $OUT (at most 8 files): install.log contract.log bench.log bench.json tests.log
@@ -67,7 +67,7 @@ for k, v in d["results"].items():
 CORE=(${CORE_TESTS:-tests/test_trainer.py tests/test_packing.py tests/test_kv_cache.py tests/test_lora_merge.py
   tests/test_resume.py tests/test_lowlevel.py tests/test_training_loop.py tests/test_export.py tests/test_sampling.py
   tests/test_losses.py})
-timeout "$(cap 150)" "${PYTEST[@]}" "${CORE[@]}" >"$OUT/tests.log" 2>&1
+timeout "$(cap 150)" "${PYTEST[@]}" -m "not slow" "${CORE[@]}" >"$OUT/tests.log" 2>&1
 note "core tests: rc=$? $(tail -1 "$OUT/tests.log")"
 
 SERVER=(${SERVER_TESTS:-tests/test_server.py tests/test_structured_outputs.py tests/test_remote_backend.py tests/test_online.py})
