@@ -11,7 +11,8 @@
 #    trainer / engine / training-loop ones, then the server ones (on a random model: a test that checks
 #    what the model says fails there, and says nothing about CUDA).
 # Everything lands in $OUT (at most 8 files): install.log contract.log bench.log bench.json tests.log
-# server_tests.log summary.txt. Each step has a time limit; all of them fit in BUDGET_S (default 330 s).
+# server_tests.log summary.txt. Each step has a time limit; all of them fit in BUDGET_S (default 330 s,
+# install included; a step that would start past it gets 10 s).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 WHL=${WHL:-.whl}
@@ -45,13 +46,13 @@ note "random SmolLM2-shaped model in $MODEL"
 
 # Pytest with only the plugins we name: the box's own (cov, xdist, benchmark, ...) stay out of the way.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
-PYTEST=($PY -m pytest -p pytest_asyncio.plugin -p no:cacheprovider -q -rfE --durations=8)
+PYTEST=($PY -m pytest -p pytest_asyncio.plugin -p no:cacheprovider -v --tb=short -rfE --durations=8)
 if $PY -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST+=(-p pytest_timeout --timeout=120); fi
 
-timeout "$(cap 150)" "${PYTEST[@]}" -m "" tests/test_engine_contract.py >"$OUT/contract.log" 2>&1
+timeout "$(cap 120)" "${PYTEST[@]}" -m "" tests/test_engine_contract.py >"$OUT/contract.log" 2>&1
 note "contract suite: rc=$? $(tail -1 "$OUT/contract.log")"
 
-timeout "$(cap 170)" $PY benchmarks/gpu_check.py bench --model-dir "$MODEL" --device "$DEVICE" ${SMALL:+--small} \
+timeout "$(cap 150)" $PY benchmarks/gpu_check.py bench --model-dir "$MODEL" --device "$DEVICE" ${SMALL:+--small} \
   --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
 note "bench: rc=$? $($PY -c '
 import json, sys
@@ -67,10 +68,16 @@ for k, v in d["results"].items():
 CORE=(${CORE_TESTS:-tests/test_trainer.py tests/test_packing.py tests/test_kv_cache.py tests/test_lora_merge.py
   tests/test_resume.py tests/test_lowlevel.py tests/test_training_loop.py tests/test_export.py tests/test_sampling.py
   tests/test_losses.py})
-timeout "$(cap 150)" "${PYTEST[@]}" -m "not slow" "${CORE[@]}" >"$OUT/tests.log" 2>&1
+# (the kill -9 tests spawn processes for 40 s and test no device code the others do not)
+timeout "$(cap 150)" "${PYTEST[@]}" -m "not slow" -k "not kill_9" "${CORE[@]}" >"$OUT/tests.log" 2>&1
 note "core tests: rc=$? $(tail -1 "$OUT/tests.log")"
 
-SERVER=(${SERVER_TESTS:-tests/test_server.py tests/test_structured_outputs.py tests/test_remote_backend.py tests/test_online.py})
-timeout "$(cap 150)" "${PYTEST[@]}" "${SERVER[@]}" >"$OUT/server_tests.log" 2>&1
+SERVER=(${SERVER_TESTS:-tests/test_server.py tests/test_structured_outputs.py})
+timeout "$(cap 100)" "${PYTEST[@]}" "${SERVER[@]}" >"$OUT/server_tests.log" 2>&1
 note "server tests (random weights): rc=$? $(tail -1 "$OUT/server_tests.log")"
+# On random weights the model rambles: these failed in the CPU rehearsal for that reason alone (the text,
+# not the server); any other failure is news.
+RANDOM_WEIGHT_FAILURES='test_server.py::(test_tool_call_round_trip|test_streamed_tool_call|test_finish_reasons|test_stop_string|test_whitespace_kept_verbatim)( |$)|test_structured_outputs.py::test_forced_tool_calls_always_parse_and_fit_their_schema\['
+other=$(grep -hE "^(FAILED|ERROR) " "$OUT/contract.log" "$OUT/tests.log" "$OUT/server_tests.log" | grep -vE "$RANDOM_WEIGHT_FAILURES")
+note "failures other than the random-weight ones: ${other:-none}"
 note "done"

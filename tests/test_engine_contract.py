@@ -324,3 +324,25 @@ async def test_generate_is_submit_awaited(engine: Engine) -> None:
     got = await engine.generate(PROMPT, SamplingParams(max_tokens=8, seed=9, n=2))
     want = _run(engine, PROMPT, max_tokens=8, seed=9, n=2)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+def test_service_serves_through_the_engine_factory(model_dir: Path, tmp_path: Path) -> None:
+    """`Service(engine_factory=...)` is how another engine is plugged in: it is asked once per base model."""
+    from advantage.engine.torch_engine import TorchEngine
+    from advantage.service import Service
+
+    made: list[Path] = []
+
+    def factory(path: Path) -> Engine:
+        made.append(path)
+        return TorchEngine(path, device="cpu", dtype="float32", max_context=CONTEXT)
+
+    service = Service(tmp_path, engine_factory=factory)
+    try:
+        engine = service.engine(str(model_dir))
+        assert service.engine(str(model_dir)) is engine and made == [model_dir]
+        weights = service.resolve(str(model_dir))
+        assert weights.engine is engine and weights.adapter is None
+        assert len(_run(weights.engine, PROMPT, max_tokens=3)[0].token_ids) <= 3
+    finally:
+        service.close()
