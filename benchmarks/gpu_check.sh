@@ -47,7 +47,11 @@ note "random SmolLM2-shaped model in $MODEL"
 # Pytest with only the plugins we name: the box's own (cov, xdist, benchmark, ...) stay out of the way.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 PYTEST=($PY -m pytest -p pytest_asyncio.plugin -p no:cacheprovider -v --tb=short -rfE --durations=8)
-if $PY -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST+=(-p pytest_timeout --timeout=120); fi
+# A per-test limit where the box's pytest-timeout loads with this pytest (checked on one small file).
+if "${PYTEST[@]}" -p pytest_timeout --timeout=60 --co tests/test_schedules.py >/dev/null 2>&1; then
+  PYTEST+=(-p pytest_timeout --timeout=120)
+fi
+note "pytest: $("${PYTEST[@]}" --version 2>&1 | head -1) | ${PYTEST[*]:3}"
 
 timeout "$(cap 120)" "${PYTEST[@]}" -m "" tests/test_engine_contract.py >"$OUT/contract.log" 2>&1
 note "contract suite: rc=$? $(tail -1 "$OUT/contract.log")"
