@@ -15,6 +15,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 @pytest.fixture(scope="session")
 def smollm_dir() -> Path:
+    """The bundled SmolLM2, or the directory in ADVANTAGE_TEST_MODEL_DIR: a machine without the bundled GGUF
+    (a GPU box) gives a directory with SmolLM2's config and tokenizer files there (its weights may be
+    random: tests that need the real model's quality then fail, the others run)."""
+    override = os.environ.get("ADVANTAGE_TEST_MODEL_DIR")
+    if override:
+        return Path(override)
     from advantage.engine.models import resolve_model_path
 
     return resolve_model_path("smollm2-135m-instruct")

@@ -3,6 +3,7 @@ gradient as running every sequence in full, and one step really changes the adap
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from advantage.config import LoRAConfig
@@ -113,7 +114,34 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch) -> None:
     assert precision.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit choice stands
     monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
     assert precision.resolve_dtype("auto", cpu) == torch.bfloat16
-    import pytest
-
     with pytest.raises(ValueError, match="dtype must be"):
         precision.resolve_dtype("fp8", cpu)
+
+
+def _cispo_step(trainer: Trainer) -> None:
+    from advantage.training.primitives import forward_backward
+
+    forward_backward(trainer, _datums(), "cispo", micro_batch_size=2)
+    trainer.optim_step(1e-2, (0.9, 0.99), 0.0, 1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_trainer_matches_cpu_and_its_checkpoint_loads_on_cpu(tiny_model_dir, tmp_path) -> None:
+    """The same step on CUDA and on the CPU (fp32) gives the same logprobs and adapter; a checkpoint written
+    on CUDA (adapter and AdamW state) loads into a CPU trainer and continues the same way."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    gpu = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32", device="cuda")
+    cpu = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32", device="cpu")
+    assert gpu.device.type == "cuda" and next(gpu.model.parameters()).is_cuda
+    for t in (gpu, cpu):
+        _cispo_step(t)
+    for a, b in zip(gpu.forward(_datums()), cpu.forward(_datums()), strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
+    gpu.save(tmp_path)
+    moved = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32", device="cpu")
+    moved.load(tmp_path)
+    for t in (moved, gpu):
+        _cispo_step(t)
+    for a, b in zip(moved.params, gpu.params, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach().cpu(), atol=1e-5, rtol=1e-4)

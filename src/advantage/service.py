@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from advantage.config import LoRAConfig, TrainConfig
+from advantage.engine.base import Engine, EngineFactory, QueueFull
 from advantage.engine.models import allowed_base_model, resolve_model_path
-from advantage.engine.torch_engine import QueueFull, TorchEngine
 from advantage.online.store import FILENAME as TRAFFIC_FILE
 from advantage.online.store import Retention, SQLiteTrafficStore, TrafficStore
 from advantage.tracking import RunLog, group_metrics
@@ -65,7 +65,7 @@ def check_name(kind: str, value: str) -> str:
 class Weights:
     """Which weights answer a request: an engine, and a LoRA adapter on it (None: the base weights)."""
 
-    engine: TorchEngine
+    engine: Engine
     adapter: str | None
     model: str
     step: int
@@ -106,13 +106,16 @@ class Service:
         max_train_queue: int = 16,
         record_traffic: bool = False,
         traffic_retention: Retention | None = None,
+        engine_factory: EngineFactory | None = None,
     ) -> None:
-        """`engine_kwargs` go to every `TorchEngine` (e.g. `max_pending`). `model_dirs`: where `register` may
+        """`engine_kwargs` go to every `TorchEngine` (e.g. `max_pending`); `engine_factory` replaces it (a base
+        model's directory -> any engine of the `engine/base.py` contract). `model_dirs`: where `register` may
         load base models from besides the bundled ones (None: anywhere). `max_train_queue`: jobs that may wait
         for the training thread besides the one running. `record_traffic`: record every trainable model's
         traffic, whatever its register asked; `traffic_retention`: how much each model's store keeps."""
         self.root = Path(root)
         self.engine_kwargs = engine_kwargs or {}
+        self.engine_factory = engine_factory
         self.model_dirs = None if model_dirs is None else [Path(d) for d in model_dirs]
         if max_train_queue < 0:
             raise ValueError(f"max_train_queue must be >= 0, got {max_train_queue}.")
@@ -121,7 +124,7 @@ class Service:
         self.traffic_retention = traffic_retention or Retention()
         self._train_jobs = 0  # submitted to the training thread and not finished
         self._train_jobs_lock = threading.Lock()
-        self._engines: dict[str, TorchEngine] = {}
+        self._engines: dict[str, Engine] = {}
         self._models: dict[str, ModelEntry] = {}
         self._lock = threading.RLock()
         self._register_gates: dict[str, threading.Lock] = {}  # name -> lock: one register of a name at a time
@@ -131,11 +134,18 @@ class Service:
         self._train_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="advantage-train")
 
     # ------------------------------------------------------------------ engines and names
-    def engine(self, base_model: str) -> TorchEngine:
+    def engine(self, base_model: str) -> Engine:
         with self._lock:
             if base_model not in self._engines:
-                self._engines[base_model] = TorchEngine(resolve_model_path(base_model), **self.engine_kwargs)
+                self._engines[base_model] = self._new_engine(resolve_model_path(base_model))
             return self._engines[base_model]
+
+    def _new_engine(self, model_dir: Path) -> Engine:
+        if self.engine_factory is not None:
+            return self.engine_factory(model_dir)
+        from advantage.engine.torch_engine import TorchEngine
+
+        return TorchEngine(model_dir, **self.engine_kwargs)
 
     def add_model(self, entry: ModelEntry) -> None:
         with self._lock:

@@ -36,6 +36,7 @@ import torch
 from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
@@ -46,32 +47,7 @@ from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 
 log = logging.getLogger(__name__)
 
-TokenCallback = Callable[[int, str], None]  # (choice index, text delta), called on the engine thread
 RETRY_AFTER_S = 1  # what a QueueFull advises: the batch turns over in about that time
-
-
-class ContextLengthError(ValueError):
-    """The prompt (plus max_tokens) does not fit the model's context."""
-
-
-class QueueFull(RuntimeError):
-    """Too much work is waiting already; trying again after `retry_after` seconds makes sense."""
-
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-@dataclass
-class Completion:
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: Literal["stop", "length"]
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    # Indices into token_ids where the grammar allowed exactly one token: no choice was made there, so the
-    # acting (constrained) policy's logprob is 0 and a trainer must not train on them.
-    forced: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -103,6 +79,8 @@ class _Row:
 
 
 class TorchEngine:
+    """The `Engine` contract (`engine/base.py`) on plain torch + transformers; see the module docstring."""
+
     def __init__(
         self,
         model_path: str | Path,
@@ -145,6 +123,7 @@ class TorchEngine:
             merge_lora = self.device.type == "cpu" and self.model.dtype == torch.float32
         self._merged = MergedLora(self.model) if merge_lora else None
         self._lora: dict[str, LoraWeights] = {}
+        self._peft = False  # whether self.model has peft's LoRA layers (they stay once added)
         self._pending: deque[_Request] = deque()
         self._commands: deque[tuple[Callable[[], None], concurrent.futures.Future[None]]] = deque()
         self._cv = threading.Condition()
@@ -287,7 +266,7 @@ class TorchEngine:
         if self._merged is not None:
             self._merged.activate(self._batch_adapter, self._lora)
             yield
-        elif self._batch_adapter is None and self._adapters:
+        elif self._batch_adapter is None and self._peft:  # the last adapter removed stays in peft's layers
             with self.model.disable_adapter():
                 yield
         else:
@@ -303,6 +282,7 @@ class TorchEngine:
             self._lora[name] = load_lora(path, self.model)
         elif not self._adapters and not isinstance(self.model, PeftModel):
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+            self._peft = True
         else:
             self.model.load_adapter(path, adapter_name=name)
         self._adapters[name] = path

@@ -31,11 +31,11 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.engine.chat import forced_functions, parse_reply, render_prompt, validate_messages
 from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
-from advantage.engine.torch_engine import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.online.store import RecordedChoice, RecordedCompletion, TrafficStore
 from advantage.server.schemas import APIError, ChatCompletionRequest, queue_full
 from advantage.service import Service, UnknownServedModel, Weights

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from advantage.engine.torch_engine import QueueFull
+from advantage.engine.base import QueueFull
 
 
 class StreamOptions(BaseModel):

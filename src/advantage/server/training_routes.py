@@ -51,7 +51,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from advantage.config import LoRAConfig, TrainConfig
-from advantage.engine.torch_engine import QueueFull
+from advantage.engine.base import QueueFull
 from advantage.server.parsing import OffLoopRoute
 from advantage.server.schemas import INTERNAL_ERROR, APIError, queue_full
 from advantage.service import ModelEntry, Service, UnknownServedModel, check_name

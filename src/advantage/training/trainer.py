@@ -242,7 +242,9 @@ class Trainer:
         set_peft_model_state_dict(self.model, load_file(src / "adapter_model.safetensors"))
         opt = src / "optimizer.pt"
         if opt.exists():
-            self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
+            # Read onto the CPU: a checkpoint written on a GPU then loads anywhere. load_state_dict moves
+            # the moments to their parameters' device and keeps Adam's step counts on the CPU, as it makes them.
+            self.optimizer.load_state_dict(torch.load(opt, weights_only=True, map_location="cpu"))
         else:  # an adapter saved without its moments: they start afresh, never left over from other weights
             self.optimizer.state.clear()
 
