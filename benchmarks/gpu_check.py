@@ -144,15 +144,22 @@ async def bench_dtype(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
         out["prompt_tokens"] = [len(p) for p in prompts]
         out["shared_prefix_tokens"] = len(os.path.commonprefix(prompts))
         await _generate(engine, prompts, n, new, 1, None)  # warm-up: kernels, allocator
-        runs: dict[str, list[float]] = {"cold": [], "warm": []}
+        runs: dict[str, list[float]] = {"cold": [], "warm": [], "warm_no_cascade": []}
         datums: list[Datum] = []
+        cascade = engine.cascade
         for r in range(args.repeats):
-            for kind in ("cold", "warm"):
+            for kind in ("cold", "warm", "warm_no_cascade"):
                 if kind == "cold":
                     engine.prefix_cache.clear(all_adapters=True)
+                engine.cascade = cascade and kind != "warm_no_cascade"  # safe between requests: no rows run
                 _sync(dev)
-                datums, s, tok = await _generate(engine, prompts, n, new, 100 + r, None)
+                got, s, tok = await _generate(engine, prompts, n, new, 100 + r, None)
                 runs[kind].append(tok / s)
+                if kind == "warm":
+                    datums = got
+        engine.cascade = cascade
+        out["cascade"] = cascade
+        out["gen_tok_s_warm_no_cascade"] = _median(runs["warm_no_cascade"])
         out["gen_tokens"] = tok
         out["gen_tok_s_cold"] = _median(runs["cold"])
         out["gen_tok_s_warm"] = _median(runs["warm"])

@@ -64,8 +64,8 @@ d = json.load(open(sys.argv[1]))
 for k, v in d["results"].items():
     if "error" in v:
         print(k, "ERROR", v["error"][:200]); continue
-    print(k, "gen tok/s cold %.0f warm %.0f adapter %.0f | train step %.2f s | agree base mean %.2g max %.2g, adapter mean %.2g max %.2g" % (
-        v["gen_tok_s_cold"], v["gen_tok_s_warm"], v["gen_tok_s_adapter"], v["train_step_s"],
+    print(k, "gen tok/s cold %.0f warm %.0f warm-no-cascade %.0f adapter %.0f | train step %.2f s | agree base mean %.2g max %.2g, adapter mean %.2g max %.2g" % (
+        v["gen_tok_s_cold"], v["gen_tok_s_warm"], v["gen_tok_s_warm_no_cascade"], v["gen_tok_s_adapter"], v["train_step_s"],
         v["agree_base"]["mean_abs"], v["agree_base"]["max_abs"], v["agree_adapter"]["mean_abs"], v["agree_adapter"]["max_abs"]), end=" || ")
 ' "$OUT/bench.json" 2>&1)"
 

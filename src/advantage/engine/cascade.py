@@ -66,7 +66,11 @@ def cascade_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    kp, vp = shared_prefix[module.layer_idx]  # (KVH, P, d)
+    # In fp32 throughout: the prefix is read once per step and the rows' own columns are few, so the upcast
+    # is cheap, and bf16 scores would round by ~0.4% (the trainer's SDPA accumulates in fp32 too).
+    dtype = query.dtype
+    kp, vp = (t.float() for t in shared_prefix[module.layer_idx])  # (KVH, P, d)
+    query, key, value = query.float(), key.float(), value.float()
     B, H, T, d = query.shape
     KVH, P = kp.shape[0], kp.shape[1]
     G, S = H // KVH, key.shape[2]
@@ -78,11 +82,11 @@ def cascade_attention(
     if attention_mask is not None:
         keep = attention_mask[..., P:].unsqueeze(2).expand(B, 1, G, T, S).reshape(B, 1, G * T, S)
         s_row = s_row.masked_fill(~keep, float("-inf"))
-    probs = (torch.cat([s_pre, s_row], dim=-1) * scale).softmax(-1, dtype=torch.float32).to(value.dtype)
+    probs = (torch.cat([s_pre, s_row], dim=-1) * scale).softmax(-1)
     out = torch.matmul(probs[..., P:], value)
     p_pre = probs[..., :P].transpose(0, 1).reshape(KVH, B * G * T, P)
     out = out + torch.matmul(p_pre, vp).view(KVH, B, G * T, d).transpose(0, 1)
-    return out.reshape(B, H, T, d).transpose(1, 2).contiguous(), None
+    return out.reshape(B, H, T, d).transpose(1, 2).to(dtype).contiguous(), None
 
 
 def _full_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
