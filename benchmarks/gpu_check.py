@@ -132,7 +132,7 @@ def _median(xs: list[float]) -> float:
 async def bench_dtype(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
     dev = args.device
     t0 = time.perf_counter()
-    engine = TorchEngine(args.model_dir, device=dev, dtype=dtype, max_batch_size=64)
+    engine = TorchEngine(args.model_dir, device=dev, dtype=dtype, max_batch_size=64, cascade=True)
     trainer = Trainer(args.model_dir, LoRAConfig(), device=dev, dtype=dtype)
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"dtype": dtype, "load_s": load_s}
@@ -146,6 +146,7 @@ async def bench_dtype(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
         await _generate(engine, prompts, n, new, 1, None)  # warm-up: kernels, allocator
         runs: dict[str, list[float]] = {"cold": [], "warm": [], "warm_no_cascade": []}
         datums: list[Datum] = []
+        cascade_datums: list[Datum] = []
         cascade = engine.cascade
         for r in range(args.repeats):
             for kind in ("cold", "warm", "warm_no_cascade"):
@@ -156,6 +157,8 @@ async def bench_dtype(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
                 got, s, tok = await _generate(engine, prompts, n, new, 100 + r, None)
                 runs[kind].append(tok / s)
                 if kind == "warm":
+                    cascade_datums = got
+                if kind == "warm_no_cascade":  # the default off CPUs
                     datums = got
         engine.cascade = cascade
         out["cascade"] = cascade
@@ -165,6 +168,7 @@ async def bench_dtype(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
         out["gen_tok_s_warm"] = _median(runs["warm"])
         out["gen_s_cold"] = tok / out["gen_tok_s_cold"]
         out["agree_base"] = _agreement(trainer, datums, cfg.micro_batch_size)
+        out["agree_base_cascade"] = _agreement(trainer, cascade_datums, cfg.micro_batch_size)
 
         steps = []
         for step in range(args.train_steps):  # the first includes the trainer's warm-up
@@ -201,6 +205,7 @@ async def bench_dtype(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
         out["train_step_s"] = _median([s["total_s"] for s in timed])
         out["train_tok_s"] = statistics.fmean(s["trained_tokens"] for s in timed) / out["train_step_s"]
 
+        engine.cascade = False  # the default off CPUs
         adapted, s, tok = await _generate(engine, prompts, n, new, 500, "policy")
         out["gen_tok_s_adapter"] = tok / s
         out["agree_adapter"] = _agreement(trainer, adapted, cfg.micro_batch_size)  # hot-swapped weights

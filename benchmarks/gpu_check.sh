@@ -53,8 +53,10 @@ if "${PYTEST[@]}" -p pytest_timeout --timeout=60 --co tests/test_schedules.py >/
 fi
 note "pytest: $("${PYTEST[@]}" --version 2>&1 | head -1) | ${PYTEST[*]:3}"
 
-timeout "$(cap 120)" "${PYTEST[@]}" -m "" tests/test_engine_contract.py >"$OUT/contract.log" 2>&1
-note "contract suite: rc=$? $(tail -1 "$OUT/contract.log")"
+if [ -z "${SKIP_CONTRACT:-}" ]; then
+  timeout "$(cap 120)" "${PYTEST[@]}" -m "" tests/test_engine_contract.py >"$OUT/contract.log" 2>&1
+  note "contract suite: rc=$? $(tail -1 "$OUT/contract.log")"
+fi
 
 timeout "$(cap 150)" $PY benchmarks/gpu_check.py bench --model-dir "$MODEL" --device "$DEVICE" ${SMALL:+--small} \
   --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
@@ -64,9 +66,9 @@ d = json.load(open(sys.argv[1]))
 for k, v in d["results"].items():
     if "error" in v:
         print(k, "ERROR", v["error"][:200]); continue
-    print(k, "gen tok/s cold %.0f warm %.0f warm-no-cascade %.0f adapter %.0f | train step %.2f s | agree base mean %.2g max %.2g, adapter mean %.2g max %.2g" % (
+    print(k, "gen tok/s cold %.0f warm %.0f warm-no-cascade %.0f adapter %.0f | train step %.2f s | agree base mean %.2g max %.2g (cascade mean %.2g max %.2g), adapter mean %.2g max %.2g" % (
         v["gen_tok_s_cold"], v["gen_tok_s_warm"], v["gen_tok_s_warm_no_cascade"], v["gen_tok_s_adapter"], v["train_step_s"],
-        v["agree_base"]["mean_abs"], v["agree_base"]["max_abs"], v["agree_adapter"]["mean_abs"], v["agree_adapter"]["max_abs"]), end=" || ")
+        v["agree_base"]["mean_abs"], v["agree_base"]["max_abs"], v["agree_base_cascade"]["mean_abs"], v["agree_base_cascade"]["max_abs"], v["agree_adapter"]["mean_abs"], v["agree_adapter"]["max_abs"]), end=" || ")
 ' "$OUT/bench.json" 2>&1)"
 
 CORE=(${CORE_TESTS:-tests/test_trainer.py tests/test_packing.py tests/test_kv_cache.py tests/test_lora_merge.py
@@ -76,12 +78,14 @@ CORE=(${CORE_TESTS:-tests/test_trainer.py tests/test_packing.py tests/test_kv_ca
 timeout "$(cap 150)" "${PYTEST[@]}" -m "not slow" -k "not kill_9" "${CORE[@]}" >"$OUT/tests.log" 2>&1
 note "core tests: rc=$? $(tail -1 "$OUT/tests.log")"
 
-SERVER=(${SERVER_TESTS:-tests/test_server.py tests/test_structured_outputs.py})
-timeout "$(cap 100)" "${PYTEST[@]}" "${SERVER[@]}" >"$OUT/server_tests.log" 2>&1
-note "server tests (random weights): rc=$? $(tail -1 "$OUT/server_tests.log")"
+if [ -z "${SKIP_SERVER:-}" ]; then
+  SERVER=(${SERVER_TESTS:-tests/test_server.py tests/test_structured_outputs.py})
+  timeout "$(cap 100)" "${PYTEST[@]}" "${SERVER[@]}" >"$OUT/server_tests.log" 2>&1
+  note "server tests (random weights): rc=$? $(tail -1 "$OUT/server_tests.log")"
+fi
 # On random weights the model rambles: these failed in the CPU rehearsal for that reason alone (the text,
 # not the server); any other failure is news.
 RANDOM_WEIGHT_FAILURES='test_server.py::(test_tool_call_round_trip|test_streamed_tool_call|test_finish_reasons|test_stop_string|test_whitespace_kept_verbatim)( |$)|test_structured_outputs.py::test_forced_tool_calls_always_parse_and_fit_their_schema\['
-other=$(grep -hE "^(FAILED|ERROR) " "$OUT/contract.log" "$OUT/tests.log" "$OUT/server_tests.log" | grep -vE "$RANDOM_WEIGHT_FAILURES")
+other=$(grep -shE "^(FAILED|ERROR) " "$OUT/contract.log" "$OUT/tests.log" "$OUT/server_tests.log" | grep -vE "$RANDOM_WEIGHT_FAILURES")
 note "failures other than the random-weight ones: ${other:-none}"
 note "done"

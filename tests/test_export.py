@@ -49,7 +49,7 @@ def test_adapter_export_loads_with_peft(tiny_model_dir: Path, tmp_path: Path) ->
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     plain = _logits(base)
     tuned = _logits(PeftModel.from_pretrained(base, out))
-    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32", device="cpu")  # beside `base`
     trainer.load(ckpt.step_dir(ckpt.model_dir(tmp_path, "p", "m"), 1))
     torch.testing.assert_close(tuned, _logits(trainer.model))
     assert (tuned - plain).abs().max() > 1e-3  # the adapter does something

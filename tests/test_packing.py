@@ -31,7 +31,7 @@ def _datums() -> list[Datum]:
 def _run(trainer: Trainer, datums: list[Datum]) -> tuple[torch.Tensor, list[torch.Tensor]]:
     trainer.model.zero_grad(set_to_none=True)
     lp_BS, P = trainer.sequence_logprobs(datums)
-    adv_B = torch.tensor([d.advantage for d in datums])
+    adv_B = torch.tensor([d.advantage for d in datums], device=trainer.device)
     (lp_BS.sum(dim=1) * adv_B).sum().backward()
     return lp_BS.detach(), [p.grad.clone() for p in trainer.params if p.grad is not None]
 
@@ -103,7 +103,7 @@ def _alone(trainer: Trainer, datums: list[Datum]) -> tuple[list[torch.Tensor], l
     lps = []
     for d in datums:
         lp, P = trainer.sequence_logprobs([d])
-        lp_full = torch.cat([torch.zeros(P), lp[0]])
+        lp_full = torch.cat([torch.zeros(P, device=trainer.device), lp[0]])
         (lp_full.sum() * d.advantage).backward()
         lps.append(lp_full.detach())
     return lps, [p.grad.clone() for p in trainer.params if p.grad is not None]

@@ -79,7 +79,8 @@ def test_entropy_metric_is_the_policy_entropy_at_trained_tokens(tiny_model_dir) 
     want, n = 0.0, 0
     with torch.no_grad():
         for d in ds:
-            logits = trainer.model(input_ids=torch.tensor([d.input_ids])).logits[0].float()
+            ids = torch.tensor([d.input_ids], device=trainer.device)
+            logits = trainer.model(input_ids=ids).logits[0].float().cpu()
             logp = torch.log_softmax(logits, -1)
             for j, m in enumerate(d.loss_mask):
                 if m:

@@ -102,8 +102,10 @@ class TorchEngine:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
         if head_dtype == "float32":  # logprobs computed as the trainer computes them (engine/precision.py)
             use_fp32_head(model)
-        # Rows that share a cached prompt prefix read one copy of its KV (cascade.py), where the model allows.
-        self.cascade = supports_cascade(model) if cascade is None else cascade and supports_cascade(model)
+        # Rows that share a cached prompt prefix read one copy of its KV (cascade.py), where the model allows;
+        # by default on CPU only: on an H200 its extra small kernels made decoding slower (BENCHMARKS.md).
+        want = self.device.type == "cpu" if cascade is None else cascade
+        self.cascade = want and supports_cascade(model)
         if self.cascade:
             model.set_attn_implementation(CASCADE)
         self.model: Any = column_major_linears(model.to(self.device).eval())
