@@ -92,7 +92,7 @@ def test_growing_cache_matches_concatenation():
 
 @pytest.fixture(scope="module")
 def engines(smollm_dir):
-    cached = TorchEngine(smollm_dir, dtype="float32", max_batch_size=8)
+    cached = TorchEngine(smollm_dir, dtype="float32", max_batch_size=8, cascade=True)  # (CPU only by default)
     plain = TorchEngine(smollm_dir, dtype="float32", max_batch_size=8, prefix_cache_mb=0, cascade=False)
     yield cached, plain
     cached.close()

@@ -125,7 +125,7 @@ def test_tree_layout_runs_each_prompt_once_and_matches_full_sequences(tiny_model
         packed_lp, packed_g = _run(trainer, ds)
         P = packing.shared_prefix_len(ds)
         for i, d in enumerate(ds):
-            full = torch.cat([torch.zeros(P), packed_lp[i, : len(d.input_ids) - P]])
+            full = torch.cat([torch.zeros(P, device=trainer.device), packed_lp[i, : len(d.input_ids) - P]])
             torch.testing.assert_close(full, alone_lp[i], atol=1e-5, rtol=1e-4)
         assert (packed_lp != 0).sum() == sum(sum(d.loss_mask) for d in ds)
         for a, b in zip(packed_g, alone_g, strict=True):
