@@ -1,0 +1,218 @@
+"""The continual trainer: the served model keeps learning from its own recorded, rated traffic.
+
+`train_online(model, config, evaluate=..., stop=...)` loops until stopped (`stop` set, `config.max_steps`
+steps, or `config.max_seconds`):
+1. read the rated choices not used yet (`TrafficStore.untrained`, through the backend's `online_traffic`
+   op); the ones sampled from weights more than `max_steps_off_policy` steps before the default step (or
+   from a later, unpromoted step) are marked "stale" and never trained on;
+2. form groups from the rest (`groups_from_traffic`); with fewer than `min_groups`, wait `poll_s` and look
+   again (choices of prompts not yet a group, or of zero-variance groups, wait for more feedback);
+3. add `replay_share` of earlier groups from promoted steps (those with a choice rated at least
+   `replay_min_reward`), then train one step (`model.train`, with `config.train`; its loss corrects for the
+   recorded sampler logprobs, and `train.kl_beta` anchors it to the base model);
+4. the promotion gate: with an `evaluate` function, the new step's score must be at least the default
+   step's minus `tolerance`. Passed, the step becomes the default (`name` without `@` serves it);
+   refused, it stays addressable as `name@step`, and the trainer goes back to the default's weights and
+   optimizer state, so the next step trains from the last promoted weights. Without `evaluate` every step
+   is promoted. The verdict is a row with split "online" in metrics.jsonl (`promoted` 1 or 0, the scores);
+5. the fresh choices are marked trained (outcome "promoted" or "rejected"): they are never trained on again,
+   whatever feedback comes later.
+
+Crash safety: the default step is kept in the run dir (`default_step.json`) and what was trained on in the
+traffic store, both written only after a step is judged. A trainer that dies mid-step (or between a step and
+its verdict) leaves that step on disk, addressable but never the default; on restart, `online_start`
+reloads the default's weights and optimizer state, and the choices of the lost step, still unmarked, are
+trained again. Recorded traffic and feedback live in the store, which a crash of the trainer never touches.
+One narrow window remains: a crash after a step is promoted and before its choices are marked would train
+them once more; nothing is ever lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from advantage.config import OnlineConfig
+from advantage.online.groups import groups_from_traffic
+from advantage.online.store import RewardedChoice, rewarded_from_dict
+from advantage.trajectory import TrajectoryGroup
+
+if TYPE_CHECKING:
+    from advantage.model import TrainableModel
+
+Evaluate = Callable[[str], Awaitable[float]]  # a served name (`name@step`) -> a score, higher is better
+REPLAY_POOL = 2000  # the most recent promoted choices replay picks from
+
+
+@dataclass
+class OnlineStep:
+    step: int  # the step trained
+    promoted: bool
+    score: float | None  # its evaluation score (None without `evaluate`)
+    default_score: float | None  # the default's score it was compared with
+    groups: int  # fresh groups trained on
+    replay_groups: int
+    choices: int  # fresh choices trained on (marked trained)
+    metrics: dict[str, float] = field(default_factory=dict)  # the train step's
+
+
+@dataclass
+class OnlineResult:
+    steps: list[OnlineStep] = field(default_factory=list)
+    default: int = 0  # the default step when the trainer stopped
+    stale: int = 0  # choices never trained on: sampled from weights too old
+    stopped: str = ""  # "stop", "max_steps" or "max_seconds"
+
+    @property
+    def rejected(self) -> list[int]:
+        return [s.step for s in self.steps if not s.promoted]
+
+
+async def train_online(
+    model: TrainableModel,
+    config: OnlineConfig | None = None,
+    *,
+    evaluate: Evaluate | None = None,
+    stop: asyncio.Event | None = None,
+) -> OnlineResult:
+    """Train `model` on its recorded, rated traffic until stopped (see the module docstring)."""
+    config = config or OnlineConfig()
+    if config.max_steps is None and config.max_seconds is None and stop is None:
+        raise ValueError(
+            "train_online runs until stopped: pass a `stop` event, or set max_steps or max_seconds."
+        )
+    backend = model.backend
+    start = await backend.primitive(model, "online_start", {})
+    default = int(start["default"])
+    default_score = await evaluate(model.get_inference_name(default)) if evaluate is not None else None
+    rng = random.Random(config.seed)
+    t0 = time.monotonic()
+    out = OnlineResult(default=default)
+    while True:
+        if stop is not None and stop.is_set():
+            out.stopped = "stop"
+            break
+        if config.max_steps is not None and len(out.steps) >= config.max_steps:
+            out.stopped = "max_steps"
+            break
+        if config.max_seconds is not None and time.monotonic() - t0 >= config.max_seconds:
+            out.stopped = "max_seconds"
+            break
+        fresh, stale = await _fresh_traffic(model, default, config)
+        if stale:
+            keys = [_key(r) for r in stale]
+            await backend.primitive(
+                model, "mark_trained", {"keys": keys, "step": default, "outcome": "stale"}
+            )
+            out.stale += len(stale)
+        groups = groups_from_traffic(fresh, config.group_size).groups[: config.max_groups]
+        if len(groups) < config.min_groups:
+            await _wait(stop, config.poll_s, t0, config.max_seconds)
+            continue
+        replay = await _replay(model, config, len(groups), rng) if config.replay_share > 0 else []
+        result = await model.train(groups + replay, config.train)
+        used = [
+            (str(t.metadata["completion_id"]), int(t.metadata["choice"]))
+            for g in groups
+            for t in g.trajectories
+        ]
+        staleness = [default - int(t.metadata["step"]) for g in groups for t in g.trajectories]
+        if result.metrics.get("skipped_step"):  # nothing trainable after all: no step to judge
+            await backend.primitive(
+                model, "mark_trained", {"keys": used, "step": default, "outcome": "rejected"}
+            )
+            out.steps.append(
+                OnlineStep(result.step, False, None, default_score, len(groups), len(replay), len(used))
+            )
+            continue
+        step = result.step
+        score = await evaluate(model.get_inference_name(step)) if evaluate is not None else None
+        accept = score is None or default_score is None or score >= default_score - config.tolerance
+        gate = {
+            "groups": float(len(groups)),
+            "replay_groups": float(len(replay)),
+            "choices": float(len(used)),
+            "staleness_mean": statistics.mean(staleness),
+            "staleness_max": float(max(staleness)),
+            "stale_total": float(out.stale),
+        }
+        if score is not None and default_score is not None:
+            gate.update(score=score, default_score=default_score, default_step=float(default))
+        default = int(
+            (await backend.primitive(model, "promote", {"step": step, "accept": accept, "metrics": gate}))[
+                "default"
+            ]
+        )
+        outcome = "promoted" if accept else "rejected"
+        await backend.primitive(model, "mark_trained", {"keys": used, "step": step, "outcome": outcome})
+        out.steps.append(
+            OnlineStep(
+                step, accept, score, default_score, len(groups), len(replay), len(used), result.metrics
+            )
+        )
+        if accept:
+            default_score = score
+        out.default = default
+    return out
+
+
+async def _fresh_traffic(
+    model: TrainableModel, default: int, config: OnlineConfig
+) -> tuple[list[RewardedChoice], list[RewardedChoice]]:
+    """The untrained rated choices, split into (fresh enough, stale)."""
+    answer = await model.backend.primitive(model, "online_traffic", {"kind": "untrained"})
+    if not answer["recording"]:
+        raise RuntimeError(
+            f"{model.name!r} has no recorded traffic: register it with `TrainableModel(..., "
+            "record_traffic=True)` (or serve with `advantage serve --record`) so there is something to train on."
+        )
+    rows = [rewarded_from_dict(d) for d in answer["rows"]]
+    limit = config.max_steps_off_policy
+    fresh, stale = [], []
+    for r in rows:
+        age = default - r.completion.step
+        (stale if age < 0 or (limit is not None and age > limit) else fresh).append(r)
+    return fresh, stale
+
+
+async def _replay(
+    model: TrainableModel, config: OnlineConfig, fresh: int, rng: random.Random
+) -> list[TrajectoryGroup]:
+    """`replay_share` of the step's groups, drawn from groups already trained in promoted steps."""
+    want = math.ceil(config.replay_share * fresh / (1 - config.replay_share))
+    answer = await model.backend.primitive(
+        model, "online_traffic", {"kind": "promoted", "limit": REPLAY_POOL}
+    )
+    rows = [rewarded_from_dict(d) for d in answer["rows"]]
+    pool = [
+        g
+        for g in groups_from_traffic(rows, config.group_size).groups
+        if config.replay_min_reward is None or max(g.rewards()) >= config.replay_min_reward
+    ]
+    picked = rng.sample(pool, min(want, len(pool)))
+    for g in picked:
+        for t in g.trajectories:
+            t.metadata["replay"] = True
+    return picked
+
+
+async def _wait(stop: asyncio.Event | None, seconds: float, t0: float, max_seconds: float | None) -> None:
+    if max_seconds is not None:
+        seconds = max(0.0, min(seconds, max_seconds - (time.monotonic() - t0)))
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        pass
+
+
+def _key(row: RewardedChoice) -> tuple[str, int]:
+    return row.completion.id, row.choice.index
