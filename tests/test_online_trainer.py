@@ -219,6 +219,9 @@ def test_a_trainer_killed_mid_step_resumes_from_the_default_and_loses_nothing(
         backend, model = await start(tmp_path, tiny_model_dir)
         try:
             assert backend.service.resolve("bot").step == 1
+            trainer = backend.service.model_entry("bot").trainer
+            assert trainer is not None  # registered from step 1, not from the newer, unjudged step 2:
+            assert int(next(iter(trainer.optimizer.state.values()))["step"]) == 1
             store = backend.service.traffic_stores("bot")[0]
             assert sorted({r.completion.id for r in store.untrained()}) == sorted(ids)
             out = await model.train_online(adv.OnlineConfig(max_steps=1, **FAST))
