@@ -11,11 +11,15 @@ import asyncio
 import json
 from pathlib import Path
 
+import openai
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import advantage as adv
 from advantage.backends.remote import RemoteBackend
+from advantage.cli import app
+from advantage.online.feedback import give_feedback
 from advantage.server.runner import BackgroundServer
 from advantage.service import Service
 
@@ -259,6 +263,36 @@ def test_train_online_over_a_remote_backend(tmp_path: Path, tiny_model_dir: Path
 
     try:
         asyncio.run(main())
+    finally:
+        srv.stop()
+        svc.close()
+
+
+async def always_worse(name: str) -> float:
+    """The gate `advantage online --eval test_online_trainer:always_worse` uses: step 0 is the best."""
+    return 1.0 if name.endswith("@0") else 0.0
+
+
+def test_the_online_command_trains_a_served_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    svc = Service(tmp_path, engine_kwargs={"max_context": 256})
+    svc.register("p", "bot", str(tiny_model_dir), record_traffic=True)
+    srv = BackgroundServer(svc, api_key="k").start()
+    try:
+        with openai.OpenAI(base_url=srv.base_url, api_key="k", max_retries=0) as client:
+            for task in (1, 2):
+                r = client.chat.completions.create(model="bot", messages=prompt(task), n=2, max_tokens=4)
+                for i in range(2):
+                    give_feedback(svc.traffic_stores("bot"), r.id, choice=i, reward=float(i))
+        args = ["online", "bot", "--server", srv.base_url, "--api-key", "k", "--project", "p"]
+        args += ["--base-model", str(tiny_model_dir), "--max-steps", "2", "--max-groups", "1"]
+        args += ["--poll-s", "0.05", "--train", '{"learning_rate": 0.01}']
+        out = CliRunner().invoke(app, [*args, "--eval", "test_online_trainer:always_worse"])
+        assert out.exit_code == 0, out.output
+        assert "bot@1: rejected" in out.output and "bot@2: rejected" in out.output
+        assert "2 steps, 2 rejected" in out.output and "bot serves step 0" in out.output
+        assert svc.resolve("bot").step == 0 and svc.model_entry("bot").latest == 2
+        bad = CliRunner().invoke(app, [*args, "--train", '{"learning_rat": 1}'])
+        assert bad.exit_code != 0 and "learning_rat" in bad.output
     finally:
         srv.stop()
         svc.close()

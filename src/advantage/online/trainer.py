@@ -216,3 +216,55 @@ async def _wait(stop: asyncio.Event | None, seconds: float, t0: float, max_secon
 
 def _key(row: RewardedChoice) -> tuple[str, int]:
     return row.completion.id, row.choice.index
+
+
+def load_evaluate(spec: str) -> Evaluate:
+    """`module:function` (importable from the working directory) -> the async evaluation function."""
+    import importlib
+    import inspect
+    import sys
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(
+            f"--eval takes module:function (an async function of the served name), got {spec!r}."
+        )
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if fn is None or not inspect.iscoroutinefunction(fn):
+        raise ValueError(f"{spec!r} is not an async function: define `async def {attr}(name: str) -> float`.")
+    return fn  # type: ignore[no-any-return]
+
+
+async def run_online(
+    server: str,
+    name: str,
+    *,
+    api_key: str | None = None,
+    project: str = "default",
+    base_model: str = "smollm2-135m-instruct",
+    config: OnlineConfig | None = None,
+    evaluate: Evaluate | None = None,
+) -> OnlineResult:
+    """`advantage online`: train the model `name` on `advantage serve` at `server` from its recorded traffic
+    until interrupted (SIGINT or SIGTERM stop it between steps) or a limit of `config` is reached. The model
+    is registered with recording on, so its traffic is recorded from now on if it was not already."""
+    import signal
+
+    from advantage.backends.remote import RemoteBackend
+    from advantage.model import TrainableModel
+
+    backend = RemoteBackend(server, api_key=api_key)
+    model = TrainableModel(name, project=project, base_model=base_model, record_traffic=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await model.register(backend)
+        return await train_online(model, config, evaluate=evaluate, stop=stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await backend.close()
