@@ -23,9 +23,36 @@ from advantage.online.feedback import give_feedback
 from advantage.server.runner import BackgroundServer
 from advantage.service import Service
 
-pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TRAIN = adv.TrainConfig(learning_rate=1e-2)
 FAST = {"poll_s": 0.05, "train": TRAIN}
+
+
+def test_the_store_keeps_what_was_trained_on(tmp_path: Path) -> None:
+    from test_online import completion
+
+    from advantage.online.store import Feedback, SQLiteTrafficStore, rewarded_from_dict, rewarded_to_dict
+
+    s = SQLiteTrafficStore(tmp_path / "t.sqlite")
+    s.record(completion("c1", n=2))
+    s.record(completion("c2", n=1))
+    s.set_feedback([Feedback("c1", 0, 1.0, updated=1), Feedback("c1", 1, 0.0, updated=2)])
+    s.set_feedback([Feedback("c2", 0, 0.5, updated=3)])
+    s.mark_trained([("c1", 0), ("c1", 1)], step=4, outcome="promoted")
+    assert [(r.completion.id, r.choice.index) for r in s.untrained()] == [("c2", 0)]
+    assert {(r.completion.id, r.choice.index) for r in s.trained("promoted")} == {("c1", 0), ("c1", 1)}
+    assert s.trained("rejected") == []
+    [row] = s.untrained()
+    assert rewarded_from_dict(json.loads(json.dumps(rewarded_to_dict(row)))) == row  # the op's wire form
+    with pytest.raises(ValueError, match="not recorded"):
+        s.mark_trained([("c2", 0), ("nope", 0)], step=5, outcome="stale")
+    assert len(s.untrained()) == 1  # the whole call was rolled back
+    with pytest.raises(ValueError, match="outcome"):
+        s.mark_trained([("c2", 0)], step=5, outcome="eaten")
+    s.close()
+    again = SQLiteTrafficStore(tmp_path / "t.sqlite")  # durable
+    assert len(again.trained("promoted")) == 2 and len(again.untrained()) == 1
+    again.close()
 
 
 def prompt(i: int) -> list[dict[str, str]]:
@@ -60,6 +87,7 @@ def optimizer_steps(backend: adv.LocalBackend, model: adv.TrainableModel, step: 
     return int(next(iter(state.values()))["step"])
 
 
+@pytest.mark.integration
 def test_trains_each_rated_choice_once_and_serves_the_new_step(tmp_path: Path, tiny_model_dir: Path) -> None:
     async def main() -> None:
         backend, model = await start(tmp_path, tiny_model_dir)
@@ -95,6 +123,7 @@ def test_trains_each_rated_choice_once_and_serves_the_new_step(tmp_path: Path, t
     asyncio.run(main())
 
 
+@pytest.mark.integration
 def test_stale_choices_are_never_trained_on(tmp_path: Path, tiny_model_dir: Path) -> None:
     async def main() -> None:
         backend, model = await start(tmp_path, tiny_model_dir)
@@ -128,6 +157,7 @@ def test_stale_choices_are_never_trained_on(tmp_path: Path, tiny_model_dir: Path
     asyncio.run(main())
 
 
+@pytest.mark.integration
 def test_the_gate_rejects_a_worse_step_and_trains_on_from_the_default(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -164,6 +194,7 @@ def test_the_gate_rejects_a_worse_step_and_trains_on_from_the_default(
     asyncio.run(main())
 
 
+@pytest.mark.integration
 def test_forgetting_guards_replay_and_kl_anchor(tmp_path: Path, tiny_model_dir: Path) -> None:
     async def main() -> None:
         backend, model = await start(tmp_path, tiny_model_dir)
@@ -197,6 +228,7 @@ def test_forgetting_guards_replay_and_kl_anchor(tmp_path: Path, tiny_model_dir: 
     asyncio.run(main())
 
 
+@pytest.mark.integration
 def test_a_trainer_killed_mid_step_resumes_from_the_default_and_loses_nothing(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
@@ -239,6 +271,7 @@ def test_a_trainer_killed_mid_step_resumes_from_the_default_and_loses_nothing(
     asyncio.run(main())
 
 
+@pytest.mark.integration
 def test_train_online_over_a_remote_backend(tmp_path: Path, tiny_model_dir: Path) -> None:
     svc = Service(tmp_path, engine_kwargs={"max_context": 256}, model_dirs=[tiny_model_dir.parent])
     srv = BackgroundServer(svc, api_key="k").start()
@@ -273,6 +306,7 @@ async def always_worse(name: str) -> float:
     return 1.0 if name.endswith("@0") else 0.0
 
 
+@pytest.mark.integration
 def test_the_online_command_trains_a_served_model(tmp_path: Path, tiny_model_dir: Path) -> None:
     svc = Service(tmp_path, engine_kwargs={"max_context": 256})
     svc.register("p", "bot", str(tiny_model_dir), record_traffic=True)

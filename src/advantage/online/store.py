@@ -321,12 +321,18 @@ class SQLiteTrafficStore:
         if outcome not in OUTCOMES:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}.")
         now = time.time()
-        with self._lock, self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO trained VALUES (?, ?, ?, ?, ?)",
-                [(cid, idx, step, outcome, now) for cid, idx in keys],
-            )
+        try:
+            with self._lock, self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO trained VALUES (?, ?, ?, ?, ?)",
+                    [(cid, idx, step, outcome, now) for cid, idx in keys],
+                )
+        except sqlite3.IntegrityError:  # the whole transaction is rolled back
+            raise ValueError(
+                "mark_trained names a choice that is not recorded (or no longer kept): send the "
+                "(completion id, choice index) pairs of recorded choices."
+            ) from None
 
     def trained(self, outcome: str, limit: int | None = None) -> list[RewardedChoice]:
         return self._rated(
