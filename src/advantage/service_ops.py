@@ -134,7 +134,7 @@ class OnlineTrafficBody(_Body):
 class MarkTrainedBody(_Body):
     keys: list[tuple[str, int]] = Field(description="(completion id, choice index) pairs.")
     step: int = Field(ge=0, description="The step they went into (or the step trained from, when stale).")
-    outcome: Literal["promoted", "rejected", "stale"]
+    outcome: Literal["promoted", "rejected", "stale", "skipped"]
 
 
 OPS: dict[str, type[_Body]] = {

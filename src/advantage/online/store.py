@@ -18,7 +18,7 @@ on an episode finds its completions. A choice has at most one feedback row: writ
 `trained` is the online trainer's durable record of what it has used (`online/trainer.py`): a rated choice
 with a row there is never trained on as fresh traffic again; `outcome` says what became of it ("promoted":
 in a step that became the default, "rejected": in a step the promotion gate refused, "stale": sampled from
-weights too old to train on).
+weights too old to train on, "skipped": in a step that trained nothing).
 
 Retention (`Retention`, per store, so per model): on every insert, completions older than `max_age_s`
 (`MAX_AGE_S`, 30 days) are deleted, and past `max_completions` (`MAX_COMPLETIONS`, 100,000) the oldest go
@@ -209,7 +209,7 @@ CREATE TABLE IF NOT EXISTS trained (
 );
 CREATE INDEX IF NOT EXISTS trained_outcome ON trained(outcome, updated);
 """
-OUTCOMES = ("promoted", "rejected", "stale")
+OUTCOMES = ("promoted", "rejected", "stale", "skipped")
 
 
 class SQLiteTrafficStore:

@@ -15,8 +15,9 @@ steps, or `config.max_seconds`):
    refused, it stays addressable as `name@step`, and the trainer goes back to the default's weights and
    optimizer state, so the next step trains from the last promoted weights. Without `evaluate` every step
    is promoted. The verdict is a row with split "online" in metrics.jsonl (`promoted` 1 or 0, the scores);
-5. the fresh choices are marked trained (outcome "promoted" or "rejected"): they are never trained on again,
-   whatever feedback comes later.
+5. the fresh choices are marked trained (outcome "promoted" or "rejected"; "skipped" if the step trained
+   nothing, say every sequence was over `train.max_seq_len`): they are never trained on again, whatever
+   feedback comes later.
 
 Crash safety: the default step is kept in the run dir (`default_step.json`) and what was trained on in the
 traffic store, both written only after a step is judged. A trainer that dies mid-step (or between a step and
@@ -87,79 +88,80 @@ async def train_online(
         raise ValueError(
             "train_online runs until stopped: pass a `stop` event, or set max_steps or max_seconds."
         )
-    backend = model.backend
-    start = await backend.primitive(model, "online_start", {})
+    start = await model.backend.primitive(model, "online_start", {})
     default = int(start["default"])
     default_score = await evaluate(model.get_inference_name(default)) if evaluate is not None else None
     rng = random.Random(config.seed)
     t0 = time.monotonic()
     out = OnlineResult(default=default)
-    while True:
-        if stop is not None and stop.is_set():
-            out.stopped = "stop"
-            break
-        if config.max_steps is not None and len(out.steps) >= config.max_steps:
-            out.stopped = "max_steps"
-            break
-        if config.max_seconds is not None and time.monotonic() - t0 >= config.max_seconds:
-            out.stopped = "max_seconds"
-            break
+    while not (reason := _stop_reason(config, stop, len(out.steps), time.monotonic() - t0)):
         fresh, stale = await _fresh_traffic(model, default, config)
         if stale:
-            keys = [_key(r) for r in stale]
-            await backend.primitive(
-                model, "mark_trained", {"keys": keys, "step": default, "outcome": "stale"}
-            )
+            await _mark(model, [_key(r) for r in stale], default, "stale")
             out.stale += len(stale)
         groups = groups_from_traffic(fresh, config.group_size).groups[: config.max_groups]
         if len(groups) < config.min_groups:
             await _wait(stop, config.poll_s, t0, config.max_seconds)
             continue
         replay = await _replay(model, config, len(groups), rng) if config.replay_share > 0 else []
-        result = await model.train(groups + replay, config.train)
-        used = [
-            (str(t.metadata["completion_id"]), int(t.metadata["choice"]))
-            for g in groups
-            for t in g.trajectories
-        ]
-        staleness = [default - int(t.metadata["step"]) for g in groups for t in g.trajectories]
-        if result.metrics.get("skipped_step"):  # nothing trainable after all: no step to judge
-            await backend.primitive(
-                model, "mark_trained", {"keys": used, "step": default, "outcome": "rejected"}
-            )
-            out.steps.append(
-                OnlineStep(result.step, False, None, default_score, len(groups), len(replay), len(used))
-            )
-            continue
-        step = result.step
-        score = await evaluate(model.get_inference_name(step)) if evaluate is not None else None
-        accept = score is None or default_score is None or score >= default_score - config.tolerance
-        gate = {
-            "groups": float(len(groups)),
-            "replay_groups": float(len(replay)),
-            "choices": float(len(used)),
-            "staleness_mean": statistics.mean(staleness),
-            "staleness_max": float(max(staleness)),
-            "stale_total": float(out.stale),
-        }
-        if score is not None and default_score is not None:
-            gate.update(score=score, default_score=default_score, default_step=float(default))
-        default = int(
-            (await backend.primitive(model, "promote", {"step": step, "accept": accept, "metrics": gate}))[
-                "default"
-            ]
-        )
-        outcome = "promoted" if accept else "rejected"
-        await backend.primitive(model, "mark_trained", {"keys": used, "step": step, "outcome": outcome})
-        out.steps.append(
-            OnlineStep(
-                step, accept, score, default_score, len(groups), len(replay), len(used), result.metrics
-            )
-        )
-        if accept:
-            default_score = score
+        step = await _step(model, config, groups, replay, default, default_score, evaluate, out.stale)
+        out.steps.append(step)
+        if step.promoted:
+            default, default_score = step.step, step.score
         out.default = default
+    out.stopped = reason
     return out
+
+
+async def _step(
+    model: TrainableModel,
+    config: OnlineConfig,
+    groups: list[TrajectoryGroup],
+    replay: list[TrajectoryGroup],
+    default: int,
+    default_score: float | None,
+    evaluate: Evaluate | None,
+    stale_total: int,
+) -> OnlineStep:
+    """Train one step on `groups` (+ `replay`), judge it, and mark the fresh choices."""
+    trajs = [t for g in groups for t in g.trajectories]
+    used = [(str(t.metadata["completion_id"]), int(t.metadata["choice"])) for t in trajs]
+    result = await model.train(groups + replay, config.train)
+    counts = (len(groups), len(replay), len(used))
+    if result.metrics.get("skipped_step"):  # nothing trainable after all (say, all truncated): no new step
+        await _mark(model, used, default, "skipped")
+        return OnlineStep(result.step, False, None, default_score, *counts, result.metrics)
+    score = await evaluate(model.get_inference_name(result.step)) if evaluate is not None else None
+    accept = score is None or default_score is None or score >= default_score - config.tolerance
+    staleness = [default - int(t.metadata["step"]) for t in trajs]
+    gate = {
+        "groups": float(len(groups)),
+        "replay_groups": float(len(replay)),
+        "choices": float(len(used)),
+        "staleness_mean": statistics.mean(staleness),
+        "staleness_max": float(max(staleness)),
+        "stale_total": float(stale_total),
+    }
+    if score is not None and default_score is not None:
+        gate.update(score=score, default_score=default_score, default_step=float(default))
+    payload = {"step": result.step, "accept": accept, "metrics": gate}
+    await model.backend.primitive(model, "promote", payload)
+    await _mark(model, used, result.step, "promoted" if accept else "rejected")
+    return OnlineStep(result.step, accept, score, default_score, *counts, result.metrics)
+
+
+def _stop_reason(config: OnlineConfig, stop: asyncio.Event | None, steps: int, elapsed: float) -> str:
+    if stop is not None and stop.is_set():
+        return "stop"
+    if config.max_steps is not None and steps >= config.max_steps:
+        return "max_steps"
+    if config.max_seconds is not None and elapsed >= config.max_seconds:
+        return "max_seconds"
+    return ""
+
+
+async def _mark(model: TrainableModel, keys: list[tuple[str, int]], step: int, outcome: str) -> None:
+    await model.backend.primitive(model, "mark_trained", {"keys": keys, "step": step, "outcome": outcome})
 
 
 async def _fresh_traffic(
