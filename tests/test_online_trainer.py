@@ -188,6 +188,8 @@ def test_the_gate_rejects_a_worse_step_and_trains_on_from_the_default(
             # The rejected step's choices are marked, not trained again.
             store = backend.service.traffic_stores("bot")[0]
             assert store.untrained() == [] and len(store.trained("rejected")) == 3
+            assert await model.restore(2) == 4  # a restore is served at once: it moves the default
+            assert backend.service.resolve("bot").step == 4
         finally:
             await backend.close()
 
@@ -248,6 +250,7 @@ def test_a_trainer_killed_mid_step_resumes_from_the_default_and_loses_nothing(
         with pytest.raises(RuntimeError, match="killed"):
             await model.train_online(adv.OnlineConfig(max_steps=1, **FAST))
         assert backend.service.resolve("bot").step == 1 and backend.service.model_entry("bot").latest == 2
+        assert await model.delete_checkpoints(keep="latest") == []  # the default step is never deleted
         await backend.close()
 
         # A restart: a new process on the same root. The default is still step 1, all traffic and feedback
