@@ -384,6 +384,8 @@ class Service:
                     f"Step {step} of {name!r} is not served; served steps: {sorted(entry.steps)}."
                 )
             if accept:
+                if step != entry.latest:  # the trainer holds the latest step: train on from the promoted one
+                    trainer.load(ckpt.step_dir(entry.run_dir, step))
                 self._set_default(entry, step)
             elif entry.default is None:
                 raise ValueError(f"No default step to go back to for {name!r}: call online_start first.")
