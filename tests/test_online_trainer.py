@@ -117,6 +117,10 @@ def test_trains_each_rated_choice_once_and_serves_the_new_step(tmp_path: Path, t
             stop.set()
             assert (await model.train_online(stop=stop)).stopped == "stop"
             assert [r["promoted"] for r in online_rows(backend, model)] == [1.0]
+            plain = adv.TrainableModel("plain", project="p", base_model=str(tiny_model_dir))
+            await plain.register(backend)
+            with pytest.raises(RuntimeError, match="record_traffic=True"):
+                await plain.train_online(adv.OnlineConfig(max_steps=1, **FAST))
         finally:
             await backend.close()
 
