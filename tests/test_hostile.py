@@ -266,6 +266,10 @@ def train_cases(choice: dict[str, Any]) -> list[tuple[str, str, Any, list[str], 
         ("delete-metric-split", "delete_checkpoints", {"metric": "split"}, ["split", "numeric metrics"], None),
         ("delete-metric-step", "delete_checkpoints", {"metric": "step"}, ["step", "numeric metrics"], None),
         ("delete-keep-bad", "delete_checkpoints", {"keep": "best"}, ["keep"], "keep"),
+        ("promote-step-1e9", "promote", {"step": 10**9, "accept": True}, ["step 1000000000", "not served"], None),
+        ("promote-metric-step", "promote", {"step": 1, "accept": False, "metrics": {"step": 1}}, ["reserved"], "metrics"),
+        ("mark-outcome-bad", "mark_trained", {"keys": [["c", 0]], "step": 1, "outcome": "eaten"}, ["outcome"], "outcome"),
+        ("traffic-limit-zero", "online_traffic", {"limit": 0}, ["limit"], "limit"),
     ]
     # fmt: on
 

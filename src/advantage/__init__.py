@@ -7,7 +7,7 @@ engine starts (see `advantage.environment`).
 from advantage.backends.base import Backend, TrainResult
 from advantage.backends.local import LocalBackend
 from advantage.backends.remote import BackendUnavailableError, RemoteBackend
-from advantage.config import LoRAConfig, LRSchedule, SFTConfig, TrainConfig
+from advantage.config import LoRAConfig, LRSchedule, OnlineConfig, SFTConfig, TrainConfig
 from advantage.gather import RolloutError, gather_trajectory_groups
 from advantage.health import CollapseGuard, HealthBands, health_warnings
 from advantage.lowlevel import (
@@ -46,6 +46,7 @@ __all__ = [
     "HealthBands",
     "health_warnings",
     "Model",
+    "OnlineConfig",
     "RolloutError",
     "TrainConfig",
     "TrainResult",

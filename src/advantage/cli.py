@@ -110,6 +110,9 @@ def _options_from(config: type[BaseModel]) -> Callable[[Callable[..., None]], Ca
                 ann = str
             elif get_origin(ann) in (Union, UnionType):
                 ann = next(a for a in get_args(ann) if a is not type(None))
+            elif isinstance(ann, type) and issubclass(ann, BaseModel):  # a nested config: its fields as JSON
+                help_ = f"{field.description} As JSON of its fields, e.g. '{{\"learning_rate\": 5e-5}}'."
+                ann = str
             elif get_origin(ann) is tuple:  # typer takes plain element types (the config checks ranges)
                 ann = tuple[tuple(get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(ann))]
             if ann is bool:
@@ -197,6 +200,75 @@ def sft(
     typer.echo(
         f"{model}@{result.step}: {int(m['sft/steps'])} steps, loss {m['sft/loss_first']:.4f} -> "
         f"{m['sft/loss_last']:.4f}{val_part}; run dir {root / project / 'models' / model}"
+    )
+
+
+def _online_config() -> type[BaseModel]:
+    from advantage.config import OnlineConfig
+
+    return OnlineConfig
+
+
+@app.command()
+@_options_from(_online_config())
+def online(
+    model: Annotated[str, typer.Argument(help="The trainable model's name on the server.")],
+    *,
+    server: Annotated[str, typer.Option(help="The `advantage serve` URL, e.g. http://host:7999.")],
+    api_key: Annotated[
+        str | None, typer.Option(envvar="ADVANTAGE_API_KEY", help="The server's API key.")
+    ] = None,
+    project: Annotated[str, typer.Option(help="Project name.")] = "default",
+    base_model: Annotated[
+        str, typer.Option(help="Base model: a bundled name or an HF model dir the server may load.")
+    ] = "smollm2-135m-instruct",
+    evaluate: Annotated[
+        str | None,
+        typer.Option(
+            "--eval",
+            help="Promotion gate: module:function, an `async def f(name: str) -> float` importable from the "
+            "working directory that scores a served name (name@step); without it every step is promoted.",
+        ),
+    ] = None,
+    **given: Any,
+) -> None:
+    """Keep training a served model on its recorded, rated traffic (feedback sent to /v1/feedback), until
+    Ctrl-C or a limit. Every other option is a field of advantage.OnlineConfig; --train takes TrainConfig's
+    fields as JSON, e.g. '{"learning_rate": 5e-5, "kl_beta": 0.05}'."""
+    import asyncio
+    import json
+
+    from pydantic import ValidationError
+
+    from advantage.config import OnlineConfig
+    from advantage.online.trainer import load_evaluate, run_online
+
+    fields = {k: v for k, v in given.items() if v is not None}
+    try:
+        if "train" in fields:
+            fields["train"] = json.loads(fields["train"])
+        cfg = OnlineConfig(**fields)
+        evaluate_fn = load_evaluate(evaluate) if evaluate is not None else None
+    except (ValidationError, ValueError, ImportError) as e:
+        raise typer.BadParameter(str(e)) from None
+    result = asyncio.run(
+        run_online(
+            server,
+            model,
+            api_key=api_key,
+            project=project,
+            base_model=base_model,
+            config=cfg,
+            evaluate=evaluate_fn,
+        )
+    )
+    for s in result.steps:
+        verdict = "promoted" if s.promoted else "rejected"
+        score = "" if s.score is None else f", score {s.score:.4f} (default {s.default_score:.4f})"
+        typer.echo(f"{model}@{s.step}: {verdict}, {s.groups} groups ({s.replay_groups} replayed){score}")
+    typer.echo(
+        f"stopped ({result.stopped}): {len(result.steps)} steps, {len(result.rejected)} rejected, "
+        f"{result.stale} stale choices; {model} serves step {result.default}"
     )
 
 

@@ -117,3 +117,51 @@ class SFTConfig(_SequenceLimits):
         ge=1,
         description="Steps between validation-loss measurements (also before the first and after the last).",
     )
+
+
+class OnlineConfig(_Config):
+    """The continual trainer (`model.train_online`, `advantage online`): it trains on the model's recorded,
+    rated traffic whenever enough groups are ready, and a promotion gate decides which steps are served.
+    The guards against forgetting are `train.kl_beta` (a KL anchor to the base model) and `replay_share`."""
+
+    train: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="The knobs of each step (learning rate, loss, ...); train.kl_beta > 0 anchors the policy "
+        "to the base model against forgetting.",
+    )
+    min_groups: int = Field(1, ge=1, description="Train a step once at least this many groups are ready.")
+    max_groups: int = Field(
+        32, ge=1, description="At most this many fresh groups per step (oldest first); the rest wait."
+    )
+    group_size: int = Field(
+        2, ge=2, description="Rated choices a prompt needs before it is a group (they are compared)."
+    )
+    max_steps_off_policy: int | None = Field(
+        4,
+        ge=0,
+        description="Choices sampled from weights more than this many steps before the step trained from "
+        "(or from a later, unpromoted step) are never trained on; None: no limit.",
+    )
+    tolerance: float = Field(
+        0.0,
+        ge=0,
+        description="Promotion gate: a new step is served as the default only if its evaluation score is at "
+        "least the default's minus this.",
+    )
+    replay_share: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of each step's groups replayed from traffic already trained in promoted steps.",
+    )
+    replay_min_reward: float | None = Field(
+        None, description="A replayed group must hold a choice rated at least this (None: any group)."
+    )
+    poll_s: float = Field(2.0, gt=0, le=3600, description="Seconds between looks at the traffic store.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many steps (None: run until stopped)."
+    )
+    max_seconds: float | None = Field(
+        None, gt=0, description="Stop after this long (None: run until stopped)."
+    )
+    seed: int = Field(0, description="Picks the replayed groups.")

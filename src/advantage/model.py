@@ -9,12 +9,15 @@ from typing import TYPE_CHECKING, Any
 import openai
 
 from advantage.backends.base import Backend, TrainResult
-from advantage.config import LoRAConfig, SFTConfig, TrainConfig
+from advantage.config import LoRAConfig, OnlineConfig, SFTConfig, TrainConfig
 from advantage.lowlevel import TrainingClient
 from advantage.online.feedback import FeedbackResult
 from advantage.trajectory import TrajectoryGroup
 
 if TYPE_CHECKING:
+    import asyncio
+
+    from advantage.online.trainer import Evaluate, OnlineResult
     from advantage.sft import SFTData
 
 
@@ -131,6 +134,22 @@ class TrainableModel(Model):
         if comment is not None:
             body["comment"] = comment
         return FeedbackResult(**await self.backend.feedback(self, body))
+
+    async def train_online(
+        self,
+        config: OnlineConfig | None = None,
+        *,
+        evaluate: Evaluate | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> OnlineResult:
+        """Keep training on this model's recorded, rated traffic until `stop` is set (or `config.max_steps`
+        / `config.max_seconds`): one step whenever `config.min_groups` groups are ready, each promoted to the
+        default served weights only if `await evaluate("name@step")` scores it no worse than the default by
+        more than `config.tolerance` (every step, without `evaluate`). Returns the steps, promoted or
+        rejected. The rules, guards and crash safety are in `advantage.online.trainer`."""
+        from advantage.online.trainer import train_online
+
+        return await train_online(self, config, evaluate=evaluate, stop=stop)
 
     async def log(self, groups: list[TrajectoryGroup], split: str = "val") -> dict[str, Any]:
         """Record evaluation groups (metrics `<split>/reward` etc. at the current step, and the trajectories)."""

@@ -2,7 +2,8 @@
 
 Both the HTTP server and `LocalBackend` wrap one `Service`. Served names are:
 - a base model's name (`smollm2-135m-instruct`, or the path it was given as);
-- a trainable model's `name` (its latest step) and `name@step` (any step still on disk).
+- a trainable model's `name` (its default step: the latest, unless the online trainer's promotion gate has
+  set one, see `promote`) and `name@step` (any step still on disk).
 Step 0 of a trainable model is the empty adapter, i.e. the base weights (or, for a fork, a copy of another
 model's checkpoint).
 
@@ -23,6 +24,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import functools
+import json
 import re
 import shutil
 import threading
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.engine.base import Engine, EngineFactory, QueueFull
 from advantage.engine.models import allowed_base_model, resolve_model_path
+from advantage.files import write_text_atomic
 from advantage.online.store import FILENAME as TRAFFIC_FILE
 from advantage.online.store import Retention, SQLiteTrafficStore, TrafficStore
 from advantage.tracking import RunLog, group_metrics
@@ -45,6 +48,7 @@ from advantage.trajectory import TrajectoryGroup
 
 T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_FILE = "default_step.json"  # in the run dir: the step `name` serves, once a promotion gate set one
 TRAIN_RETRY_AFTER_S = 5  # what a full training queue advises: a job takes seconds to minutes
 
 
@@ -85,10 +89,16 @@ class ModelEntry:
     lock: threading.Lock = field(default_factory=threading.Lock)  # one train step at a time per model
     record: bool = False  # record the chat completions it serves in `traffic`
     traffic: TrafficStore | None = None  # opened when recording is first on, or for feedback on old traffic
+    default: int | None = None  # the step `name` serves (None: the latest), set by `Service.promote`
 
     @property
     def latest(self) -> int:
         return max(self.steps, default=0)
+
+    @property
+    def served(self) -> int:
+        """The step `name` without `@` answers with."""
+        return self.latest if self.default is None else self.default
 
     @property
     def log(self) -> RunLog:
@@ -170,7 +180,7 @@ class Service:
         self.engine(entry.base_model).load_adapter(f"{name}@{step}", adapter_dir)
         entry.steps[step] = adapter_dir
         # Keep the engine's memory bounded: older steps stay on disk and load again on demand.
-        for old in [s for s in entry.steps if s < step - 1]:
+        for old in [s for s in entry.steps if s < step - 1 and s != entry.default]:
             with contextlib.suppress(RuntimeError):  # still serving a batch: it goes on the next publish
                 self.engine(entry.base_model).remove_adapter(f"{name}@{old}")
 
@@ -244,15 +254,17 @@ class Service:
                     fork.write_fork(mdir, source, origin)
                     RunLog(mdir).append(0, fork.SPLIT, {"forked_from": source.ref()})
                     steps = [0]
+                default = _read_default(mdir, steps)
                 if not steps:  # step 0: the freshly initialised (empty) adapter, i.e. the base weights
                     ckpt.write_step(mdir, 0, trainer.save, origin)
                     steps = [0]
-                else:
-                    trainer.load(ckpt.step_dir(mdir, steps[-1]))
+                else:  # training goes on from the promoted step when a gate set one (`promote`), else the latest
+                    trainer.load(ckpt.step_dir(mdir, steps[-1] if default is None else default))
                 # Step 0 is served as the base weights, unless it holds a forked adapter.
                 forked = fork.forked_from(mdir) is not None
                 published = {s: ckpt.step_dir(mdir, s) for s in steps if s > 0 or forked}
                 entry = ModelEntry(project, name, base_model, published, trainer=trainer, run_dir=mdir)
+                entry.default = default
                 self._set_recording(entry, record_traffic)
                 self.add_model(entry)
             except BaseException:
@@ -347,11 +359,56 @@ class Service:
             value = logged.get(step)
             trainer.load(ckpt.step_dir(entry.run_dir, step))
             new = self.save_step(name, {"source": "restore", "restored_from": step})
+            if entry.default is not None:  # a restore is served at once, gate or not
+                self._set_default(entry, new)
             row: dict[str, Any] = {"restored_from": float(step)}
             if value is not None:
                 row.update(metric=metric, value=value)
             entry.log.append(new, "restore", row)
         return new, step
+
+    # ------------------------------------------------------------------ promotion (the online trainer's gate)
+    def online_start(self, name: str) -> tuple[int, int]:
+        """Begin (or resume) gated training: the default step is fixed (the latest, if no gate set one yet)
+        and the trainer reloads its weights and optimizer state, dropping whatever a step that died midway
+        or a step never gated left in memory. Returns (default step, latest step)."""
+        entry, trainer = self.trainable(name)
+        assert entry.run_dir is not None
+        with entry.lock:
+            if entry.default is None:
+                self._set_default(entry, entry.latest)
+            assert entry.default is not None
+            trainer.load(ckpt.step_dir(entry.run_dir, entry.default))
+            return entry.default, entry.latest
+
+    def promote(self, name: str, step: int, accept: bool, metrics: dict[str, float]) -> int:
+        """The promotion gate's verdict on `step`: accepted, it becomes the default (`name` serves it, and
+        training goes on from it); refused, it stays addressable as `name@step` and the trainer goes back to
+        the default's weights and optimizer state. A row with split "online" (`promoted` 1 or 0, and
+        `metrics`) goes to metrics.jsonl at `step`. Returns the default step."""
+        entry, trainer = self.trainable(name)
+        assert entry.run_dir is not None
+        with entry.lock:
+            if step not in entry.steps:
+                raise ValueError(
+                    f"Step {step} of {name!r} is not served; served steps: {sorted(entry.steps)}."
+                )
+            if accept:
+                if step != entry.latest:  # the trainer holds the latest step: train on from the promoted one
+                    trainer.load(ckpt.step_dir(entry.run_dir, step))
+                self._set_default(entry, step)
+            elif entry.default is None:
+                raise ValueError(f"No default step to go back to for {name!r}: call online_start first.")
+            else:
+                trainer.load(ckpt.step_dir(entry.run_dir, entry.default))
+            entry.log.append(step, "online", {"promoted": float(accept), **metrics})
+            assert entry.default is not None
+            return entry.default
+
+    def _set_default(self, entry: ModelEntry, step: int) -> None:
+        assert entry.run_dir is not None
+        write_text_atomic(entry.run_dir / DEFAULT_FILE, json.dumps({"default": step}))
+        entry.default = step
 
     def trainable(self, name: str) -> tuple[ModelEntry, Trainer]:
         entry = self.model_entry(name)
@@ -403,7 +460,7 @@ class Service:
         with entry.lock:  # not while a train step writes and publishes the next step
             scores: dict[int, float | None] = {s: None for s in entry.steps}
             scores.update({s: v for s, v in entry.log.metric_by_step(metric).items() if s in entry.steps})
-            doomed = ckpt.steps_to_delete(scores, entry.latest, keep)
+            doomed = [s for s in ckpt.steps_to_delete(scores, entry.latest, keep) if s != entry.default]
             for s in doomed:
                 with self._lock:  # not while `resolve` loads this step's adapter from disk
                     self.unpublish_step(name, s)
@@ -434,7 +491,7 @@ class Service:
                     raise UnknownServedModel(f"Bad step in {served!r}: use name@<integer step>.")
                 step = int(step_s)
             else:
-                step = entry.latest
+                step = entry.served
             if step != 0 and step not in entry.steps:
                 raise UnknownServedModel(
                     f"Step {step} of {name!r} is not available; served steps: {sorted([0, *entry.steps])}."
@@ -460,6 +517,15 @@ class Service:
         for entry in self._models.values():
             if entry.traffic is not None:
                 entry.traffic.close()
+
+
+def _read_default(mdir: Path, steps: list[int]) -> int | None:
+    """The default step a promotion gate recorded, if it is still on disk."""
+    path = mdir / DEFAULT_FILE
+    if not path.exists():
+        return None
+    step = int(json.loads(path.read_text())["default"])
+    return step if step in steps else None
 
 
 def _release_freed_memory() -> None:

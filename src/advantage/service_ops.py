@@ -20,6 +20,7 @@ from advantage.config import TrainConfig
 from advantage.engine.chat import render_prompt, validate_messages
 from advantage.engine.sampling import SamplingParams
 from advantage.lowlevel import BUILTIN_LOSSES, AdamParams, Datum
+from advantage.online.store import rewarded_to_dict
 from advantage.service import Service, UnknownServedModel, Weights, check_name
 from advantage.tracking import check_metric_names
 from advantage.training import primitives
@@ -109,6 +110,33 @@ class SampleBody(_Body):
     step: int | None = Field(None, ge=0, description="Sample from this step (default: the latest).")
 
 
+class OnlineStartBody(_Body):
+    pass
+
+
+class PromoteBody(_Body):
+    step: int = Field(ge=1, description="The step the promotion gate judged.")
+    accept: bool = Field(
+        description="True: it becomes the default; False: training goes back to the default."
+    )
+    metrics: Annotated[dict[str, float], AfterValidator(check_metric_names)] = Field(
+        default_factory=dict, description="Logged with it under split 'online' (the gate's scores)."
+    )
+
+
+class OnlineTrafficBody(_Body):
+    kind: Literal["untrained", "promoted"] = Field(
+        "untrained", description="Rated choices not trained on yet, or those in promoted steps (replay)."
+    )
+    limit: int | None = Field(None, ge=1, description="At most this many rows.")
+
+
+class MarkTrainedBody(_Body):
+    keys: list[tuple[str, int]] = Field(description="(completion id, choice index) pairs.")
+    step: int = Field(ge=0, description="The step they went into (or the step trained from, when stale).")
+    outcome: Literal["promoted", "rejected", "stale", "skipped"]
+
+
 OPS: dict[str, type[_Body]] = {
     "datums": DatumsBody,
     "sft_datums": SFTDatumsBody,
@@ -119,6 +147,10 @@ OPS: dict[str, type[_Body]] = {
     "log_metrics": LogMetricsBody,
     "sample": SampleBody,
     "restore": RestoreBody,
+    "online_start": OnlineStartBody,
+    "promote": PromoteBody,
+    "online_traffic": OnlineTrafficBody,
+    "mark_trained": MarkTrainedBody,
 }
 
 
@@ -223,6 +255,32 @@ def _restore(service: Service, name: str, body: RestoreBody) -> dict[str, Any]:
     return {"step": step, "name": f"{name}@{step}", "restored_from": restored}
 
 
+def _online_start(service: Service, name: str, body: OnlineStartBody) -> dict[str, Any]:
+    default, latest = service.online_start(name)
+    return {"default": default, "latest": latest}
+
+
+def _promote(service: Service, name: str, body: PromoteBody) -> dict[str, Any]:
+    return {"default": service.promote(name, body.step, body.accept, body.metrics)}
+
+
+def _online_traffic(service: Service, name: str, body: OnlineTrafficBody) -> dict[str, Any]:
+    stores = service.traffic_stores(name)
+    if not stores:
+        return {"recording": False, "rows": []}
+    [store] = stores
+    rows = store.untrained(body.limit) if body.kind == "untrained" else store.trained("promoted", body.limit)
+    return {"recording": True, "rows": [rewarded_to_dict(r) for r in rows]}
+
+
+def _mark_trained(service: Service, name: str, body: MarkTrainedBody) -> dict[str, Any]:
+    stores = service.traffic_stores(name)
+    if not stores:
+        raise ValueError(f"{name!r} has no recorded traffic to mark.")
+    stores[0].mark_trained([(cid, int(idx)) for cid, idx in body.keys], body.step, body.outcome)
+    return {"marked": len(body.keys)}
+
+
 _SYNC_OPS: dict[str, Any] = {
     "datums": _datums,
     "sft_datums": _sft_datums,
@@ -232,6 +290,10 @@ _SYNC_OPS: dict[str, Any] = {
     "save_weights": _save_weights,
     "log_metrics": _log_metrics,
     "restore": _restore,
+    "online_start": _online_start,
+    "promote": _promote,
+    "online_traffic": _online_traffic,
+    "mark_trained": _mark_trained,
 }
 
 

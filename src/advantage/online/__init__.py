@@ -1,2 +1,3 @@
-"""Online RL: the served model's own traffic (`store.py`), the feedback its callers give (`feedback.py`), and
-the GRPO groups formed from both (`groups.py`)."""
+"""Online RL: the served model's own traffic (`store.py`), the feedback its callers give (`feedback.py`), the
+GRPO groups formed from both (`groups.py`), and the continual trainer that learns from them while the model
+serves (`trainer.py`)."""

@@ -12,8 +12,13 @@ Tables (JSON columns hold what a completion request or a choice was on the wire)
     choices(completion_id, idx, token_ids, logprobs, prompt_token_ids, forced_token_indices,
             finish_reason, message_json)
     feedback(completion_id, idx, reward, label, comment, source_id, updated)
+    trained(completion_id, idx, step, outcome, updated)
 `episode` is the JSON of the request's `metadata["episode"]` (NULL without one), indexed so that feedback
 on an episode finds its completions. A choice has at most one feedback row: writing one replaces it.
+`trained` is the online trainer's durable record of what it has used (`online/trainer.py`): a rated choice
+with a row there is never trained on as fresh traffic again; `outcome` says what became of it ("promoted":
+in a step that became the default, "rejected": in a step the promotion gate refused, "stale": sampled from
+weights too old to train on, "skipped": in a step that trained nothing).
 
 Retention (`Retention`, per store, so per model): on every insert, completions older than `max_age_s`
 (`MAX_AGE_S`, 30 days) are deleted, and past `max_completions` (`MAX_COMPLETIONS`, 100,000) the oldest go
@@ -26,7 +31,7 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -121,11 +126,34 @@ class TrafficStore(Protocol):
         """Choices with feedback updated after `since` (all with None), oldest feedback first."""
         ...
 
+    def untrained(self, limit: int | None = None) -> list[RewardedChoice]:
+        """Rated choices the online trainer has not used yet (no `trained` row), oldest feedback first."""
+        ...
+
+    def mark_trained(self, keys: list[tuple[str, int]], step: int, outcome: str) -> None:
+        """Record (completion id, choice) pairs as used by step `step` with `outcome`, in one transaction."""
+        ...
+
+    def trained(self, outcome: str, limit: int | None = None) -> list[RewardedChoice]:
+        """Rated choices used with `outcome`, most recently used first (replay reads "promoted")."""
+        ...
+
     def prune(self, now: float | None = None) -> int:
         """Apply retention; returns how many completions were deleted."""
         ...
 
     def close(self) -> None: ...
+
+
+def rewarded_to_dict(row: RewardedChoice) -> dict[str, Any]:
+    """A rated choice as JSON-able data (what the `online_traffic` op sends)."""
+    return asdict(row)
+
+
+def rewarded_from_dict(d: dict[str, Any]) -> RewardedChoice:
+    c = dict(d["completion"])
+    c["choices"] = [RecordedChoice(**ch) for ch in c["choices"]]
+    return RewardedChoice(RecordedCompletion(**c), RecordedChoice(**d["choice"]), Feedback(**d["feedback"]))
 
 
 def episode_key(metadata: dict[str, Any] | None) -> str | None:
@@ -170,7 +198,18 @@ CREATE TABLE IF NOT EXISTS feedback (
     FOREIGN KEY (completion_id, idx) REFERENCES choices(completion_id, idx) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS feedback_updated ON feedback(updated);
+CREATE TABLE IF NOT EXISTS trained (
+    completion_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (completion_id, idx),
+    FOREIGN KEY (completion_id, idx) REFERENCES choices(completion_id, idx) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS trained_outcome ON trained(outcome, updated);
 """
+OUTCOMES = ("promoted", "rejected", "stale", "skipped")
 
 
 class SQLiteTrafficStore:
@@ -266,11 +305,47 @@ class SQLiteTrafficStore:
         return {int(r[1]): _feedback(r) for r in rows}
 
     def rewarded(self, since: float | None = None, limit: int | None = None) -> list[RewardedChoice]:
+        return self._rated(
+            "SELECT f.* FROM feedback f WHERE f.updated > ? ORDER BY f.updated, f.rowid LIMIT ?",
+            (-1.0 if since is None else since, -1 if limit is None else limit),
+        )
+
+    def untrained(self, limit: int | None = None) -> list[RewardedChoice]:
+        return self._rated(
+            "SELECT f.* FROM feedback f LEFT JOIN trained t ON t.completion_id = f.completion_id "
+            "AND t.idx = f.idx WHERE t.completion_id IS NULL ORDER BY f.updated, f.rowid LIMIT ?",
+            (-1 if limit is None else limit,),
+        )
+
+    def mark_trained(self, keys: list[tuple[str, int]], step: int, outcome: str) -> None:
+        if outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}.")
+        now = time.time()
+        try:
+            with self._lock, self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO trained VALUES (?, ?, ?, ?, ?)",
+                    [(cid, idx, step, outcome, now) for cid, idx in keys],
+                )
+        except sqlite3.IntegrityError:  # the whole transaction is rolled back
+            raise ValueError(
+                "mark_trained names a choice that is not recorded (or no longer kept): send the "
+                "(completion id, choice index) pairs of recorded choices."
+            ) from None
+
+    def trained(self, outcome: str, limit: int | None = None) -> list[RewardedChoice]:
+        return self._rated(
+            "SELECT f.* FROM feedback f JOIN trained t ON t.completion_id = f.completion_id AND t.idx = f.idx "
+            "WHERE t.outcome = ? ORDER BY t.updated DESC, t.rowid DESC LIMIT ?",
+            (outcome, -1 if limit is None else limit),
+        )
+
+    def _rated(self, query: str, params: tuple[Any, ...]) -> list[RewardedChoice]:
+        """The feedback rows `query` selects (all of `feedback`'s columns, in its order), each with its
+        completion and choice."""
         with self._lock:
-            fbs = self._db.execute(
-                "SELECT * FROM feedback WHERE updated > ? ORDER BY updated, rowid LIMIT ?",
-                (-1.0 if since is None else since, -1 if limit is None else limit),
-            ).fetchall()
+            fbs = self._db.execute(query, params).fetchall()
             ids = sorted({str(r[0]) for r in fbs})
             completions: dict[str, Any] = {}
             choices: dict[str, list[RecordedChoice]] = {i: [] for i in ids}
