@@ -119,6 +119,33 @@ async def _sampled(tc: adv.TrainingClient, n: int, seed: int) -> list[adv.Datum]
     ]
 
 
+@pytest.mark.parametrize("max_logits_tokens", [3, 4096])
+def test_sequence_logprobs_equal_a_plain_forward(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, max_logits_tokens: int
+) -> None:
+    """Shared prefix, uneven lengths, a one-token sequence; with tiny logits budgets (prefix in pieces of
+    3 tokens, one row per chunk) and a roomy one."""
+    from transformers import AutoModelForCausalLM
+
+    from advantage.engine import scoring
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    monkeypatch.setattr(scoring, "MAX_LOGITS", max_logits_tokens * int(model.config.vocab_size))
+    prefix = [1, 520, 33, 4012, 77, 9, 310, 2048]
+    seqs = [prefix + [5, 6, 7], prefix + [8], prefix + [8, 9, 10, 11, 12, 13], prefix[:1] + [99]]
+    with torch.inference_mode():
+        assert scoring.sequence_logprobs(model, [[42]]) == [[0.0]]
+        for batch in (seqs[:3], seqs, [*seqs, [2, 500, 3]]):  # prefix of 8, of 1, none
+            got = scoring.sequence_logprobs(model, batch)
+            for seq, lp in zip(batch, got, strict=True):
+                ids = torch.tensor([seq])
+                want = model(ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+                assert lp[0] == 0.0 and len(lp) == len(seq)
+                torch.testing.assert_close(torch.tensor(lp[1:]), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least one token"):
+        scoring.sequence_logprobs(model, [[1, 2], []])
+
+
 @pytest.mark.integration
 async def test_compute_logprobs_is_a_plain_forward_under_any_served_step(
     local: adv.LocalBackend, tiny_model_dir: Path

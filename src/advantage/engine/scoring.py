@@ -37,14 +37,23 @@ def sequence_logprobs(model: Any, sequences: list[list[int]], pad_id: int = 0) -
     P = min(len(os.path.commonprefix(sequences)), min(len(s) for s in sequences) - 1)
     kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     next_lp_V: torch.Tensor | None = None  # log p(token P | prefix)
-    if P > 0:
-        ids_1P = torch.tensor([sequences[0][:P]], device=device)
-        res = model(input_ids=ids_1P, use_cache=True)
-        lp_P = _gather(res.logits[0, :-1], ids_1P[0, 1:])  # (P-1,) positions 1..P-1
-        for o in out:
-            o[1:P] = lp_P
-        kv = layer_kv(res.past_key_values)
-        next_lp_V = res.logits[0, -1].float().log_softmax(-1)
+    if P > 0:  # in pieces, each extending the cache, so its logits stay within MAX_LOGITS
+        prefix = sequences[0][:P]
+        piece = max(1, MAX_LOGITS // vocab)
+        past = None
+        for a in range(0, P, piece):
+            ids_1N = torch.tensor([prefix[a : a + piece]], device=device)
+            res = model(input_ids=ids_1N, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            if next_lp_V is not None:  # the first token of this piece, from the last piece's last logits
+                lp_first = float(next_lp_V[prefix[a]])
+                for o in out:
+                    o[a] = lp_first
+            lp_N = _gather(res.logits[0, :-1], ids_1N[0, 1:])  # positions a+1 .. a+N-1
+            for o in out:
+                o[a + 1 : a + 1 + len(lp_N)] = lp_N
+            next_lp_V = res.logits[0, -1].float().log_softmax(-1)
+        kv = layer_kv(past)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for chunk in _chunks([len(sequences[i]) - P for i in order], vocab):
         rows = [order[k] for k in chunk]
