@@ -268,3 +268,31 @@ async def test_distillation_lowers_the_reverse_kl_to_the_teacher(
         await tc.save_weights(metrics)
     assert kls[0] > 1.0  # the teacher finds the fresh student's samples unlikely
     assert sum(kls[-2:]) < 0.75 * sum(kls[:2]), kls
+
+
+def test_scoring_between_decode_steps_leaves_the_running_batch_alone(tiny_model_dir: Path) -> None:
+    """A score runs on the engine thread while rows decode; one whose caller gave up before it ran is
+    skipped, and neither touches the batch's rows or its weights."""
+    import time
+
+    from advantage.engine.sampling import SamplingParams
+    from advantage.engine.torch_engine import TorchEngine
+
+    engine = TorchEngine(tiny_model_dir, merge_lora=False)
+    try:
+        params = SamplingParams(max_tokens=300, temperature=0.0, n=2)
+        alone = engine.submit([1, 2, 3], params).result(timeout=60)
+        steps = engine.stats["decode_steps"]
+        running = engine.submit([1, 2, 3], params)
+        while engine.stats["decode_steps"] < steps + 2:  # the rows are decoding
+            time.sleep(0.001)
+        blocker = engine._command(lambda: time.sleep(0.3))  # holds the engine thread for a moment
+        dropped = engine.score([[1, 2, 3, 4]])
+        assert dropped.cancel()  # still queued behind the blocker
+        scored = engine.score([[1, 2, 3, 4], [1, 2, 5]])
+        blocker.result(timeout=60)
+        assert not running.done()  # the scores came in between its decode steps
+        assert [c.token_ids for c in running.result(timeout=60)] == [c.token_ids for c in alone]
+        assert [len(x) for x in scored.result(timeout=60)] == [4, 3]
+    finally:
+        engine.close()

@@ -319,6 +319,8 @@ class TorchEngine:
         while self._commands:
             with self._cv:
                 fn, fut = self._commands.popleft()
+            if not fut.set_running_or_notify_cancel():  # its caller gave up (a scoring client went away)
+                continue
             try:
                 fut.set_result(fn())
             except Exception as exc:
