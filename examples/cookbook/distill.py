@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import time
 from pathlib import Path
 
@@ -46,7 +47,13 @@ class Recipe(BaseModel):
     steps: int = Field(8, ge=0, description="Distillation steps.")
     groups_per_step: int = Field(8, ge=1, description="Scenarios per step (as the demo).")
     group_size: int = Field(4, ge=1, description="Rollouts per scenario (as the demo).")
-    learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (constant).")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak AdamW learning rate.")
+    min_lr_ratio: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Cosine decay to this fraction of the peak at the last step (1: constant).",
+    )
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature of the student's rollouts.")
     seed: int = Field(0, description="Seed of scenarios, rollouts and the dev/val questions (as the demo's).")
     val_size: int = Field(32, ge=0, description="Held-out questions for the final evaluation (0: none).")
@@ -109,7 +116,8 @@ async def run(r: Recipe) -> dict[str, float]:
             scores = await tc.compute_logprobs(datums, model=teacher_ref)
             batch, metrics = adv.distill_datums(datums, scores)
             fb = await tc.forward_backward(batch, "importance_sampling")
-            stepped = await tc.optim_step(adv.AdamParams(lr=r.learning_rate))
+            lr = cosine_lr(r.learning_rate, r.min_lr_ratio, i, r.steps)
+            stepped = await tc.optim_step(adv.AdamParams(lr=lr))
             metrics.update(
                 {
                     "train/success": sum(t.metrics.get("success", 0.0) for t in trajs) / max(len(trajs), 1),
@@ -117,6 +125,7 @@ async def run(r: Recipe) -> dict[str, float]:
                     "loss": fb.metrics["loss"],
                     "entropy": fb.metrics.get("entropy", float("nan")),
                     **stepped,
+                    "lr": lr,
                     "seconds": time.perf_counter() - t0,
                 }
             )
@@ -143,6 +152,13 @@ async def run(r: Recipe) -> dict[str, float]:
     finally:
         await backend.close()
     return out
+
+
+def cosine_lr(peak: float, min_ratio: float, i: int, steps: int) -> float:
+    """Step i of `steps` (from 0): the peak, decayed along a half cosine to min_ratio x peak at the last."""
+    if steps <= 1:
+        return peak
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * i / (steps - 1))))
 
 
 async def success_rate(model: adv.Model, scenarios: list, desc: str) -> float:
