@@ -31,7 +31,7 @@ from advantage.training.trainer import Batch, Datum, SharedPrefix, Trainer
 
 LINEAR = "linear"
 GRAD_KEY = "logprob_grad"  # extras key of the per-token weights of the "linear" loss
-ADV_KEY = "advantages"  # extras key of per-token advantages; the policy losses use them instead of `advantage`
+ADV_KEY = "advantages"  # extras key of per-token advantages, used instead of a datum's `advantage`
 LOSS_NAMES: tuple[str, ...] = (*sorted(LOSSES), LINEAR)
 Progress = Callable[[int, int], None]  # (micro-batches done, total)
 
