@@ -3,13 +3,14 @@ each, so they show the code paths work, not that the reward rises: the demo's sl
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
 import advantage as adv
-from examples.cookbook import custom_rl_loop, sft_then_rl
+from examples.cookbook import custom_rl_loop, distill, sft_then_rl
 
 pytestmark = pytest.mark.integration
 
@@ -32,3 +33,21 @@ async def test_sft_then_rl_two_steps(tmp_path: Path) -> None:
     out = await sft_then_rl.run(recipe)
     assert out["kept"] == out["collected"] == 3
     assert out["sft/steps"] == 1.0 and math.isfinite(out["sft/loss_last"])
+
+
+async def test_distill_one_step(tmp_path: Path) -> None:
+    """The base model as its own teacher (step 0 of a teacher run): every path of the recipe runs, and the
+    teacher's scores of the student's tokens equal the student's own (reverse KL 0 up to rounding)."""
+    (tmp_path / "demo" / "models" / "t").mkdir(parents=True)
+    recipe = distill.Recipe(
+        teacher="t@0", root=str(tmp_path), steps=1, groups_per_step=1, group_size=2, val_size=0,
+        eval_every=0,
+    )  # fmt: skip
+    out = await distill.run(recipe)
+    assert math.isfinite(out["seconds"])
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "cookbook" / "models" / "onpolicy-001" / "metrics.jsonl").open()
+    ]
+    [step] = [r for r in rows if r.get("step") == 1 and "distill/reverse_kl" in r]
+    assert step["distill/tokens"] > 0 and abs(step["distill/reverse_kl"]) < 1e-3

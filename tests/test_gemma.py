@@ -129,17 +129,37 @@ async def test_bundled_gemma_chats_calls_tools_and_trains(tmp_path: Path) -> Non
             assert extra["prompt_token_ids"][:2] == [BOS, START] and extra["token_ids"]
             assert choice.finish_reason in ("stop", "length", "tool_calls")
             trajectories.append(adv.Trajectory([*CONVERSATION, choice], tools=[WEATHER_TOOL]))
+        # Gemma's tokenizer spends ~30 tokens on the shortest call ("<tool_call>" alone is 5), and an open
+        # schema lets the grammar admit extra argument keys: at T=1.0 with max_tokens=40 the untrained model
+        # once wandered into keys like "type" and "properties" and was cut off mid-call (finish "length",
+        # no tool_calls). A closed schema, a seed and room for the call make this a test of the forcing.
+        closed = {**WEATHER_TOOL["function"]["parameters"], "additionalProperties": False}
+        weather = {"type": "function", "function": {**WEATHER_TOOL["function"], "parameters": closed}}
         forced = await client.chat.completions.create(
             model=model.get_inference_name(),
             messages=CONVERSATION[:2],
-            tools=[WEATHER_TOOL],
+            tools=[weather],
             tool_choice="required",
-            max_tokens=40,
+            max_tokens=128,
+            temperature=1.0,
+            seed=0,
         )
+        assert forced.choices[0].finish_reason == "tool_calls", forced.choices[0].message
         [call] = forced.choices[0].message.tool_calls
         assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
         trajectories[0].reward, trajectories[1].reward = 1.0, 0.0
+        tc = await model.training_client()
+        probe = (await tc.datums_from_groups([adv.TrajectoryGroup(trajectories)]))[:1]
+        before = await tc.compute_logprobs(probe)
         result = await model.train([adv.TrajectoryGroup(trajectories)], adv.TrainConfig(learning_rate=1e-3))
         assert result.step == 1 and result.metrics["trained_tokens"] > 0
+        assert result.metrics["logprob_drift_mean_abs"] < 0.05  # sampler and trainer agree on Gemma too
+        after = await tc.compute_logprobs(probe)  # the new step, as served
+        moved = [abs(a - b) for a, b, m in zip(after[0], before[0], probe[0].loss_mask, strict=True) if m]
+        assert max(moved) > 1e-3  # the weights changed, and the engine serves the new ones
+        resp = await client.chat.completions.create(
+            model=model.get_inference_name(), messages=CONVERSATION[:2], max_tokens=4
+        )
+        assert resp.choices[0].model_extra["weights"] == {"model": "g", "step": 1}
     finally:
         await backend.close()

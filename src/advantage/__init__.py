@@ -8,6 +8,7 @@ from advantage.backends.base import Backend, TrainResult
 from advantage.backends.local import LocalBackend
 from advantage.backends.remote import BackendUnavailableError, RemoteBackend
 from advantage.config import LoRAConfig, LRSchedule, OnlineConfig, SFTConfig, TrainConfig
+from advantage.distill import distill_datums, reverse_kl_advantages
 from advantage.gather import RolloutError, gather_trajectory_groups
 from advantage.health import CollapseGuard, HealthBands, health_warnings
 from advantage.lowlevel import (
@@ -54,4 +55,6 @@ __all__ = [
     "Trajectory",
     "TrajectoryGroup",
     "gather_trajectory_groups",
+    "distill_datums",
+    "reverse_kl_advantages",
 ]

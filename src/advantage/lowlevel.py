@@ -6,6 +6,7 @@
     await tc.optim_step(adv.AdamParams(lr=1e-4))
     name = await tc.save_weights()                         # "my-model@4", served at once
     res = await tc.sample(messages_or_token_ids, n=4, max_tokens=64)
+    lps = await tc.compute_logprobs(batch, model="teacher@12")   # any served weights: a teacher's scores
 
 Gradients accumulate over `forward_backward` calls until `optim_step`. `model.train` runs these same
 primitives (tokenize -> forward_backward -> optim_step -> save), so mixing both is fine between steps, but
@@ -17,6 +18,10 @@ loss mask is 0). The backend computes the logprobs (`forward`), this process com
 d(loss)/d(logprobs) with torch autograd, and sends those gradients back; the backend backpropagates them
 through the model (the built-in "linear" loss Σ w·logp). The result is the same update as running the loss
 on the backend, locally and remotely alike, at the cost of one extra forward pass.
+
+**Per-token advantages**: a datum with `extras["advantages"]` (one value per input id) trains the built-in
+policy losses ("cispo", "ppo", "grpo", "importance_sampling") with each token's own advantage instead of
+its `advantage`. On-policy distillation (`advantage.distill`) is built on it.
 
 Every call goes to the backend's `primitive(model, op, payload)` as JSON-able dicts, so LocalBackend and
 RemoteBackend run exactly the same code path.
@@ -41,6 +46,7 @@ if TYPE_CHECKING:
 CustomLoss = Callable[[list["Datum"], list["torch.Tensor"]], Any]
 BUILTIN_LOSSES = ("cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "dpo")
 GRAD_KEY = "logprob_grad"  # the per-token weights of the backend's "linear" loss
+ADV_KEY = "advantages"  # per-token advantages of the policy losses (instead of `Datum.advantage`)
 
 
 class _Wire(BaseModel):
@@ -115,13 +121,19 @@ class TrainingClient:
         return await self.model.backend.primitive(self.model, op, payload)
 
     async def datums_from_groups(
-        self, groups: Sequence[TrajectoryGroup], config: TrainConfig | None = None
+        self,
+        groups: Sequence[TrajectoryGroup],
+        config: TrainConfig | None = None,
+        *,
+        skip_zero_variance: bool = True,
     ) -> list[Datum]:
-        """What `model.train` trains on: group advantages, tokenized on the exact sampled ids. Groups with
-        equal rewards carry no signal and give no datums."""
+        """What `model.train` trains on: group advantages, tokenized on the exact sampled ids (with the
+        sampler's logprobs). Groups with equal rewards carry no signal and give no datums, unless
+        `skip_zero_variance=False` (for a loss that does not use the reward, such as distillation's)."""
         payload = {
             "groups": [g.to_dict() for g in groups],
             "config": (config or TrainConfig()).model_dump(mode="json"),
+            "skip_zero_variance": skip_zero_variance,
         }
         return [Datum(**d) for d in (await self._op("datums", payload))["datums"]]
 
@@ -147,6 +159,19 @@ class TrainingClient:
         """The current weights' per-token logprobs, without gradients."""
         payload = {"datums": _dump(batch), "micro_batch_size": micro_batch_size}
         return (await self._op("forward", payload))["logprobs"]
+
+    async def compute_logprobs(
+        self, sequences: Sequence[Datum] | Sequence[Sequence[int]], model: str | None = None
+    ) -> list[list[float]]:
+        """Per-token logprobs of whole token sequences (Datums' input_ids, or lists of ids) under the served
+        weights `model`: `out[i][j]` = log p(ids[j] | ids[:j]), 0.0 at j = 0, computed as the sampler
+        computes its logprobs (no temperature). `model` is any model the backend serves that shares this
+        model's tokenizer: a step of another model (`"teacher@12"`), its latest step (`"teacher"`), a base
+        model; default: this model's latest step. No gradients, and the training thread is not used."""
+        if not sequences:
+            raise ValueError("compute_logprobs() got no sequences; pass at least one.")
+        ids = [list(s.input_ids) if isinstance(s, Datum) else [int(t) for t in s] for s in sequences]
+        return (await self._op("logprobs", {"sequences": ids, "model": model}))["logprobs"]
 
     async def forward_backward(
         self,

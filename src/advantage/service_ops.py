@@ -43,6 +43,9 @@ class _Body(BaseModel):
 class DatumsBody(_Body):
     groups: list[dict[str, Any]] = Field(min_length=1, description="`TrajectoryGroup.to_dict()` items.")
     config: TrainConfig = Field(default_factory=TrainConfig)
+    skip_zero_variance: bool = Field(
+        True, description="Give no datums for groups whose rewards are all equal (False: every trajectory)."
+    )
 
 
 class SFTDatumsBody(_Body):
@@ -137,6 +140,17 @@ class MarkTrainedBody(_Body):
     outcome: Literal["promoted", "rejected", "stale", "skipped"]
 
 
+class LogprobsBody(_Body):
+    sequences: list[Annotated[list[int], Field(min_length=1)]] = Field(
+        min_length=1, description="Token ids; each sequence is scored whole."
+    )
+    model: str | None = Field(
+        None,
+        description="The served weights that score them: `name@step`, `name` (its latest step) or a base "
+        "model; it must share this model's tokenizer. Default: this model's latest step.",
+    )
+
+
 OPS: dict[str, type[_Body]] = {
     "datums": DatumsBody,
     "sft_datums": SFTDatumsBody,
@@ -146,6 +160,7 @@ OPS: dict[str, type[_Body]] = {
     "save_weights": SaveWeightsBody,
     "log_metrics": LogMetricsBody,
     "sample": SampleBody,
+    "logprobs": LogprobsBody,
     "restore": RestoreBody,
     "online_start": OnlineStartBody,
     "promote": PromoteBody,
@@ -162,6 +177,8 @@ async def run_op(service: Service, name: str, op: str, payload: dict[str, Any] |
     service.trainable(name)  # unknown or untrainable: UnknownServedModel before any work
     if isinstance(body, SampleBody):
         return await _sample(service, name, body)
+    if isinstance(body, LogprobsBody):
+        return await _logprobs(service, name, body)
     return await service.on_train_thread(_SYNC_OPS[op], service, name, body)
 
 
@@ -174,7 +191,7 @@ def _datums(service: Service, name: str, body: DatumsBody) -> dict[str, Any]:
         _read(TrajectoryGroup.from_dict, g, f"Group {i}", "TrajectoryGroup")
         for i, g in enumerate(body.groups)
     ]
-    datums, metrics = build_datums(trainer, groups, body.config)
+    datums, metrics = build_datums(trainer, groups, body.config, body.skip_zero_variance)
     return {"datums": [_public(d) for d in datums], "metrics": metrics}
 
 
@@ -335,6 +352,28 @@ def _sample_request(
     params.validate()
     engine.check_fits(len(ids), params.max_tokens)
     return weights, ids, params
+
+
+async def _logprobs(service: Service, name: str, body: LogprobsBody) -> dict[str, Any]:
+    weights = await asyncio.to_thread(_scoring_weights, service, name, body.model)
+    logprobs = await asyncio.wrap_future(weights.engine.score(body.sequences, weights.adapter))
+    return {"logprobs": logprobs, "weights": weights.info()}
+
+
+def _scoring_weights(service: Service, name: str, served: str | None) -> Weights:
+    """The weights `served` names (default: `name`'s latest), refused unless their tokenizer is `name`'s:
+    token ids mean nothing under another vocabulary."""
+    try:
+        weights = service.resolve(served or name)
+    except UnknownServedModel as exc:  # bad input to this op, not an unregistered trainable model
+        raise ValueError(str(exc.args[0])) from None
+    own = service.engine(service.model_entry(name).base_model)
+    if weights.engine is not own and weights.engine.tokenizer.get_vocab() != own.tokenizer.get_vocab():
+        raise ValueError(
+            f"{served!r} has another tokenizer than {name!r}; scoring {name!r}'s token ids needs a model that "
+            "shares its tokenizer (a step of a model on the same base, or a base model of the same family)."
+        )
+    return weights
 
 
 # ------------------------------------------------------------------------------ conversions

@@ -50,7 +50,9 @@ if TYPE_CHECKING:
 
 NOT_REGISTERED = "model_not_registered"  # the server's error code for a model it does not know (any more)
 _RETRY_STATUS = frozenset({502, 503, 504})
-_IDEMPOTENT_OPS = frozenset({"datums", "sft_datums", "forward", "sample", "online_traffic", "mark_trained"})
+_IDEMPOTENT_OPS = frozenset(
+    {"datums", "sft_datums", "forward", "sample", "logprobs", "online_traffic", "mark_trained"}
+)
 # Raised before the request went out. httpx's transport retries the first two itself; a pool timeout (every
 # connection busy) is retried here.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)

@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from tokenizers.decoders import DecodeStream
@@ -44,9 +44,11 @@ from advantage.engine.lora import LoraWeights, MergedLora, load_lora
 from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
+from advantage.engine.scoring import sequence_logprobs
 
 log = logging.getLogger(__name__)
 
+R = TypeVar("R")
 RETRY_AFTER_S = 1  # what a QueueFull advises: the batch turns over in about that time
 
 
@@ -127,7 +129,7 @@ class TorchEngine:
         self._lora: dict[str, LoraWeights] = {}
         self._peft = False  # whether self.model has peft's LoRA layers (they stay once added)
         self._pending: deque[_Request] = deque()
-        self._commands: deque[tuple[Callable[[], None], concurrent.futures.Future[None]]] = deque()
+        self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._cv = threading.Condition()
         self._rows: list[_Row] = []
         self._batch_adapter: str | None = None
@@ -215,6 +217,27 @@ class TorchEngine:
     def adapters(self) -> list[str]:
         return list(self._adapters)
 
+    def score(
+        self, sequences: list[list[int]], adapter: str | None = None
+    ) -> concurrent.futures.Future[list[list[float]]]:
+        """Per-token logprobs of whole token sequences under `adapter` (None: the base weights), as the
+        sampler computes them (`scoring.py`): out[i][j] = log p(ids[j] | ids[:j]), 0.0 at j = 0. Runs on the
+        engine thread between decode steps, so a running batch pauses for it and then goes on."""
+        if adapter is not None and adapter not in self._adapters:
+            raise KeyError(f"adapter {adapter!r} is not loaded")
+        vocab = int(self.model.config.vocab_size)
+        for i, seq in enumerate(sequences):
+            if not seq:
+                raise ValueError(f"Sequence {i} is empty; send at least one token id.")
+            if len(seq) > self.context_len:
+                raise ContextLengthError(
+                    f"Sequence {i} has {len(seq)} tokens but the model's context is {self.context_len}."
+                )
+            if any(not 0 <= t < vocab for t in seq):
+                raise ValueError(f"Sequence {i} has token ids outside the vocabulary [0, {vocab}).")
+        seqs = [list(s) for s in sequences]
+        return self._command(lambda: self._score(seqs, adapter))
+
     def close(self) -> None:
         with self._cv:
             self._closed = True
@@ -223,11 +246,39 @@ class TorchEngine:
 
     # ---------------------------------------------------------------- engine thread
     def _run_on_engine(self, fn: Callable[[], None]) -> None:
-        fut: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._command(fn).result()
+
+    def _command(self, fn: Callable[[], R]) -> concurrent.futures.Future[R]:
+        """Run `fn` on the engine thread before its next step; the future holds its result."""
+        fut: concurrent.futures.Future[R] = concurrent.futures.Future()
         with self._cv:
+            if self._closed:
+                raise RuntimeError("engine is closed")
             self._commands.append((fn, fut))
             self._cv.notify()
-        fut.result()
+        return fut
+
+    def _score(self, sequences: list[list[int]], adapter: str | None) -> list[list[float]]:
+        with torch.inference_mode(), self._weights_of(adapter):
+            return sequence_logprobs(self.model, sequences, self.tokenizer.pad_token_id or 0)
+
+    @contextlib.contextmanager
+    def _weights_of(self, adapter: str | None):  # type: ignore[no-untyped-def]
+        """The weights of `adapter` between steps; the next step puts its batch's own back
+        (`_adapter_context` merges or selects them again)."""
+        if self._merged is not None:
+            self._merged.activate(adapter, self._lora)
+            yield
+        elif adapter is None:
+            with self.model.disable_adapter() if self._adapters else contextlib.nullcontext():
+                yield
+        else:
+            self.model.set_adapter(adapter)
+            try:
+                yield
+            finally:
+                if self._batch_adapter is not None:
+                    self.model.set_adapter(self._batch_adapter)
 
     def _loop(self) -> None:
         while True:
@@ -257,9 +308,10 @@ class TorchEngine:
         while self._commands:
             with self._cv:
                 fn, fut = self._commands.popleft()
+            if not fut.set_running_or_notify_cancel():  # its caller gave up (a scoring client went away)
+                continue
             try:
-                fn()
-                fut.set_result(None)
+                fut.set_result(fn())
             except Exception as exc:
                 fut.set_exception(exc)
 
@@ -602,6 +654,10 @@ class TorchEngine:
         self._fail_rows(exc)
         while self._pending:
             _settle(self._pending.popleft().future, exc)
+        while self._commands:  # a command queued as the engine closed must not wait forever
+            _, fut = self._commands.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
 
     def _stop_token_ids(self, model: Any) -> set[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -8,8 +8,8 @@
     POST   /v1/training/models/{name}/delete_checkpoints   keep the latest (and best) steps only
     POST   /v1/training/models/{name}/{op}                 the low-level API's primitives: datums,
            sft_datums, forward, forward_backward, optim_step, save_weights, log_metrics,
-           sample, restore, and the online trainer's online_start, online_traffic, mark_trained,
-           promote (`service_ops`)
+           sample, logprobs, restore, and the online trainer's online_start, online_traffic,
+           mark_trained, promote (`service_ops`)
 
 `train` answers `application/x-ndjson`, one JSON object a line:
     {"event": "started", "step": 3}                        accepted; the model was at step 3

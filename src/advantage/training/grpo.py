@@ -22,9 +22,10 @@ from advantage.trajectory import TrajectoryGroup
 
 
 def build_datums(
-    trainer: Trainer, groups: list[TrajectoryGroup], config: TrainConfig
+    trainer: Trainer, groups: list[TrajectoryGroup], config: TrainConfig, skip_zero_variance: bool = True
 ) -> tuple[list[Datum], dict[str, float]]:
-    """Advantages and tokenization. Returns the datums of the groups that carry signal, and metrics."""
+    """Advantages and tokenization. Returns the datums of the groups that carry signal (of every group, with
+    advantage 0 where the rewards are equal, when not `skip_zero_variance`), and metrics."""
     if not groups:
         raise ValueError("train() got no trajectory groups; gather some rollouts first.")
     for g in groups:
@@ -35,7 +36,7 @@ def build_datums(
     datums: list[Datum] = []
     truncated = 0
     for g, adv_g in zip(groups, advs, strict=True):
-        if all(a == 0.0 for a in adv_g):
+        if skip_zero_variance and all(a == 0.0 for a in adv_g):
             continue
         for t, a in zip(g.trajectories, adv_g, strict=True):
             # One sequence, or one per sampled turn when the chat template rewrites history; each carries

@@ -2,7 +2,8 @@
 
 Every loss has the signature `(logp, old_logp, adv, mask, cfg, ref_logp=None) -> (loss, metrics)`:
 `logp` (B, T) are the trainer's logprobs of the sampled tokens (with grad), `old_logp` (B, T) the sampler's
-recorded logprobs, `adv` (B,) one advantage per sequence, `mask` (B, T) 1.0 on trained tokens. B is the
+recorded logprobs, `adv` (B,) one advantage per sequence or (B, T) one per token, `mask` (B, T) 1.0 on trained
+tokens. B is the
 number of sequences and T the number of token positions; shapes are written as `# (B, T)` comments.
 `LOSSES` maps names to these functions; `get_loss(name)` picks one.
 
@@ -24,6 +25,10 @@ a k3 KL penalty to the reference model with β = 0.04, std-scaled group advantag
   against the base model (the adapter disabled), aggregated like the policy term and added times β.
 - **The ratio is against the sampler's logprobs**, not a trainer recompute, so it also corrects for the
   sampler/trainer mismatch (different kernels, quantisation).
+- **Per-token advantages** (`adv` of shape (B, T)) are accepted by PPO/GRPO, CISPO and importance sampling:
+  each token's term uses its own advantage. On-policy distillation (`advantage.distill`) needs this: its
+  advantage is the teacher-minus-student logprob of each sampled token. GSPO's ratio is per sequence, so it
+  takes only (B,).
 - **Zero-variance groups are skipped upstream** (see `advantages.py`): their advantage is zero, so they
   would add no gradient here, only tokens to the denominators.
 
@@ -125,13 +130,21 @@ def _prepare(
     for name, x in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp)):
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"{name} must have logp's shape {tuple(logp.shape)}, got {tuple(x.shape)}")
-    if adv.shape != logp.shape[:1]:
-        raise ValueError(f"adv must be (B,) = {tuple(logp.shape[:1])}, got {tuple(adv.shape)}")
+    if adv.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(
+            f"adv must be (B,) = {tuple(logp.shape[:1])} or (B, T) = {tuple(logp.shape)}, got {tuple(adv.shape)}"
+        )
     keep = mask > 0  # (B, T) bool
     zero = logp.new_zeros(())
     logp_m = torch.where(keep, logp, zero)  # (B, T)
     log_ratio = torch.where(keep, logp - old_logp.detach(), zero)  # (B, T)
     return logp_m, log_ratio
+
+
+def _token_adv(adv: Tensor) -> Tensor:
+    """The advantage of each token, without grad: (B, 1) from a per-sequence (B,), or the (B, T) as given."""
+    a = adv.detach()
+    return a[:, None] if a.dim() == 1 else a
 
 
 def _finish(
@@ -167,7 +180,7 @@ def ppo_loss(
     """PPO-clip / GRPO: ℓ = −min(ρA, clip(ρ, 1−eps, 1+eps_high)·A) per token."""
     _, log_ratio = _prepare(logp, old_logp, adv, mask, ref_logp)
     ratio = torch.exp(log_ratio)  # (B, T)
-    a = adv.detach()[:, None]  # (B, 1)
+    a = _token_adv(adv)  # (B, 1) or (B, T)
     unclipped = ratio * a  # (B, T)
     clipped_obj = ratio.clamp(1.0 - cfg.eps, 1.0 + cfg.eps_high) * a  # (B, T)
     # Where the clip is active the min picks the constant clipped term: no gradient for that token.
@@ -182,7 +195,7 @@ def cispo_loss(
     logp_m, log_ratio = _prepare(logp, old_logp, adv, mask, ref_logp)
     ratio = torch.exp(log_ratio)  # (B, T)
     weight = ratio.detach().clamp(0.0, cfg.cispo_eps_max)  # (B, T), no grad
-    per_token = -weight * adv.detach()[:, None] * logp_m  # (B, T)
+    per_token = -weight * _token_adv(adv) * logp_m  # (B, T)
     return _finish(per_token, logp, mask, cfg, ref_logp, ratio, ratio > cfg.cispo_eps_max)
 
 
@@ -194,6 +207,8 @@ def gspo_loss(
     Each sequence's loss is spread over its tokens, so "seq_mean" gives the paper's mean over sequences
     and the other aggregations weight sequences by length. Metrics count a clipped sequence's tokens.
     """
+    if adv.dim() != 1:
+        raise ValueError(f"GSPO takes one advantage per sequence, (B,); got shape {tuple(adv.shape)}.")
     _, log_ratio = _prepare(logp, old_logp, adv, mask, ref_logp)
     n_tok = mask.to(logp.dtype).sum(-1).clamp(min=1.0)  # (B,)
     seq_ratio = torch.exp(log_ratio.sum(-1) / n_tok)  # (B,)
@@ -213,7 +228,7 @@ def importance_sampling_loss(
     """Plain off-policy REINFORCE: ℓ = −ρ·A per token, no clip (so clip_frac is always 0)."""
     _, log_ratio = _prepare(logp, old_logp, adv, mask, ref_logp)
     ratio = torch.exp(log_ratio)  # (B, T)
-    per_token = -ratio * adv.detach()[:, None]  # (B, T)
+    per_token = -ratio * _token_adv(adv)  # (B, T)
     return _finish(per_token, logp, mask, cfg, ref_logp, ratio, torch.zeros_like(mask, dtype=torch.bool))
 
 

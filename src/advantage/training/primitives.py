@@ -6,7 +6,8 @@ loss aggregates over the whole batch exactly as if it had run in one piece, and 
 `forward` gives the current weights' logprobs without gradients. Both return per-token logprobs aligned to
 each datum's input_ids (0.0 where the loss mask is 0).
 
-Losses are named: the policy losses of `losses.py`, plus "linear", the loss Σ w·logp with per-token weights
+Losses are named: the policy losses of `losses.py` (with per-token advantages when the datums carry
+`extras["advantages"]`, else each datum's `advantage`), plus "linear", the loss Σ w·logp with per-token weights
 w in `extras["logprob_grad"]`. "linear" is how a custom loss runs anywhere, even on a remote server: the
 client computes its loss from `forward`'s logprobs, takes d(loss)/d(logprobs) with autograd, and sends those
 gradients back as w; the gradient of Σ w·logp with respect to the weights is then the custom loss's
@@ -30,6 +31,7 @@ from advantage.training.trainer import Batch, Datum, SharedPrefix, Trainer
 
 LINEAR = "linear"
 GRAD_KEY = "logprob_grad"  # extras key of the per-token weights of the "linear" loss
+ADV_KEY = "advantages"  # extras key of per-token advantages, used instead of a datum's `advantage`
 LOSS_NAMES: tuple[str, ...] = (*sorted(LOSSES), LINEAR)
 Progress = Callable[[int, int], None]  # (micro-batches done, total)
 
@@ -171,7 +173,8 @@ def _named_loss(name: str, cfg: LossConfig) -> Callable[[Batch], tuple[Any, dict
     loss_fn = get_loss(name)
 
     def batch_loss(b: Batch) -> tuple[Any, dict[str, float]]:
-        return loss_fn(b.logp, b.old_logp, b.adv, b.mask, cfg, b.ref_logp)
+        adv = b.extras.get(ADV_KEY, b.adv)  # (B, T) per-token advantages (distillation), else (B,)
+        return loss_fn(b.logp, b.old_logp, adv, b.mask, cfg, b.ref_logp)
 
     return batch_loss
 

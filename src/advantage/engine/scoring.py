@@ -1,0 +1,105 @@
+"""Logprobs of given token ids under a model's weights: how a teacher scores what a student sampled.
+
+`sequence_logprobs(model, sequences)` returns, for each sequence, log p(ids[j] | ids[:j]) at every position
+j (0.0 at j = 0, which has no context), under the unmodified distribution (no temperature, no top-p): the
+numbers the engine reports for sampled tokens, so a teacher's score and a student's sampler logprob of the
+same token are comparable. The engine runs it on its own thread with the requested adapter's weights
+(`TorchEngine.score`).
+
+Sequences scored together usually share a long start (system prompt, tools, examples): that common prefix
+runs once, and the rest of each sequence runs in right-padded chunks that attend to its keys and values.
+Chunks are bounded in logits (rows x width x vocabulary), so a large vocabulary does not take gigabytes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from advantage.engine.kv import cache_from, layer_kv
+
+MAX_LOGITS = 2**26  # floats of logits per chunk (256 MiB in fp32)
+MAX_ROWS = 8  # rows per chunk: each row gets its own copy of the prefix's KV
+
+
+def sequence_logprobs(model: Any, sequences: list[list[int]], pad_id: int = 0) -> list[list[float]]:
+    """out[i][j] = log p(sequences[i][j] | sequences[i][:j]) under `model`; out[i][0] = 0.0. Call it under
+    `torch.inference_mode()` with the weights that should score."""
+    if not sequences or any(not s for s in sequences):
+        raise ValueError("Every sequence to score needs at least one token.")
+    device = next(model.parameters()).device
+    vocab = int(model.config.vocab_size)
+    out = [[0.0] * len(s) for s in sequences]
+    # The common prefix, leaving every sequence at least one token of its own (its first is scored from
+    # the prefix's last logits).
+    P = min(len(os.path.commonprefix(sequences)), min(len(s) for s in sequences) - 1)
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    next_lp_V: torch.Tensor | None = None  # log p(token P | prefix)
+    if P > 0:  # in pieces, each extending the cache, so its logits stay within MAX_LOGITS
+        prefix = sequences[0][:P]
+        piece = max(1, MAX_LOGITS // vocab)
+        past = None
+        for a in range(0, P, piece):
+            ids_1N = torch.tensor([prefix[a : a + piece]], device=device)
+            res = model(input_ids=ids_1N, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            if next_lp_V is not None:  # the first token of this piece, from the last piece's last logits
+                lp_first = float(next_lp_V[prefix[a]])
+                for o in out:
+                    o[a] = lp_first
+            lp_N = _gather(res.logits[0, :-1], ids_1N[0, 1:])  # positions a+1 .. a+N-1
+            for o in out:
+                o[a + 1 : a + 1 + len(lp_N)] = lp_N
+            next_lp_V = res.logits[0, -1].float().log_softmax(-1)
+        kv = layer_kv(past)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for chunk in _chunks([len(sequences[i]) - P for i in order], vocab):
+        rows = [order[k] for k in chunk]
+        rests = [sequences[i][P:] for i in rows]
+        R, W = len(rows), max(len(r) for r in rests)
+        ids_RW = torch.full((R, W), pad_id, dtype=torch.long)
+        attn_RL = torch.zeros((R, P + W), dtype=torch.long)
+        attn_RL[:, :P] = 1
+        for r, rest in enumerate(rests):  # right padding: real tokens keep their positions
+            ids_RW[r, : len(rest)] = torch.tensor(rest)
+            attn_RL[r, P : P + len(rest)] = 1
+        pos_RW = torch.arange(P, P + W).expand(R, W)
+        cache = (
+            cache_from([(k.expand(R, -1, -1, -1), v.expand(R, -1, -1, -1)) for k, v in kv]) if kv else None
+        )
+        res = model(
+            input_ids=ids_RW.to(device),
+            attention_mask=attn_RL.to(device),
+            position_ids=pos_RW.to(device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        for r, (i, rest) in enumerate(zip(rows, rests, strict=True)):
+            n = len(rest)
+            if next_lp_V is not None:
+                out[i][P] = float(next_lp_V[rest[0]])
+            if n > 1:
+                out[i][P + 1 : P + n] = _gather(res.logits[r, : n - 1], ids_RW[r, 1:n].to(device))
+    return out
+
+
+def _gather(logits_TV: torch.Tensor, targets_T: torch.Tensor) -> list[float]:
+    """log_softmax(logits)[t, targets[t]] for each t, in fp32."""
+    lp_TV = logits_TV.float().log_softmax(-1)
+    return lp_TV.gather(-1, targets_T[:, None]).squeeze(-1).tolist()
+
+
+def _chunks(lengths: list[int], vocab: int) -> list[list[int]]:
+    """Consecutive index ranges of `lengths` (sorted ascending) whose padded logits fit MAX_LOGITS."""
+    chunks: list[list[int]] = []
+    for k, n in enumerate(lengths):
+        if chunks:
+            c = chunks[-1]
+            rows, width = len(c) + 1, max(n, lengths[c[0]])
+            if rows <= MAX_ROWS and rows * width * vocab <= MAX_LOGITS:
+                c.append(k)
+                continue
+        chunks.append([k])
+    return chunks
