@@ -32,7 +32,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
-from advantage.engine.chat import forced_functions, parse_reply, render_prompt, validate_messages
+from advantage.engine.chat import encode_prompt, forced_functions, parse_reply
 from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
@@ -67,9 +67,7 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     except UnknownServedModel as exc:
         raise APIError(404, str(exc.args[0]), "not_found_error", "model", "model_not_found") from None
     try:
-        validate_messages(req.messages)
-        prompt = render_prompt(weights.engine.tokenizer, req.messages, req.tools, req.tool_choice)
-        prompt_ids = weights.engine.tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = encode_prompt(weights.engine.tokenizer, req.messages, req.tools, req.tool_choice)
     except (ValueError, TypeError) as exc:
         message = str(exc)
         param = next((p for p in ("tools", "tool_choice") if message.startswith(p)), "messages")
