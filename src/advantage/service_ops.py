@@ -68,10 +68,10 @@ async def _on_train_thread(
 
 
 def accept_groups(service: Service, name: str, groups: list[TrajectoryGroup], action: str) -> None:
-    """The one check of groups coming in (`trajectory.check_groups`): "train" and "datums" also check the
-    sampled token ids against the model's vocabulary ("log" takes any model's trajectories)."""
+    """The one check of groups to train on (`trajectory.check_groups`), with the sampled token ids checked
+    against the model's vocabulary. (`Service.log_groups` checks logged groups, of any model.)"""
     _, trainer = service.trainable(name)
-    check_groups(groups, action, None if action == "log" else vocab_size(trainer))
+    check_groups(groups, action, vocab_size(trainer))
 
 
 def vocab_size(trainer: Trainer) -> int:

@@ -103,7 +103,6 @@ class LocalBackend:
         return self.service.model_entry(model.name).latest
 
     async def log(self, model: ModelSpec, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
-        self._ops.accept_groups(self.service, model.name, groups, "log")
         return await asyncio.to_thread(self.service.log_groups, model.name, groups, split)
 
     async def feedback(self, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:

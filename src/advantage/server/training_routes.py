@@ -138,9 +138,8 @@ async def train(name: str, body: TrainRequest, request: Request) -> StreamingRes
 async def log_groups(name: str, body: LogRequest, request: Request) -> Response:
     service = _service(request)
     _trainable(service, name)
-    groups = await asyncio.to_thread(_groups, service, name, body.groups, "log")
+    groups = await asyncio.to_thread(_groups, service, name, body.groups, None)
     try:
-        check_name("split", body.split)  # it becomes a directory name
         metrics = await asyncio.to_thread(service.log_groups, name, groups, body.split)
     except Exception as exc:
         raise api_error(exc) from exc
@@ -236,11 +235,15 @@ def _trainable(service: Service, name: str) -> ModelEntry:
         raise api_error(exc) from exc
 
 
-def _groups(service: Service, name: str, records: list[GroupRecord], action: str) -> list[TrajectoryGroup]:
-    """The groups of a request, read and checked as LocalBackend checks its caller's (`service_ops`)."""
+def _groups(
+    service: Service, name: str, records: list[GroupRecord], action: str | None
+) -> list[TrajectoryGroup]:
+    """The groups of a request, read, and checked as LocalBackend checks its caller's when `action` is a
+    training one (`service_ops.accept_groups`; `Service.log_groups` checks logged ones)."""
     try:
         groups = read_groups(records)
-        ops.accept_groups(service, name, groups, action)
+        if action is not None:
+            ops.accept_groups(service, name, groups, action)
     except Exception as exc:
         raise api_error(exc) from exc
     return groups
