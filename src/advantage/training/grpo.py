@@ -95,7 +95,7 @@ def completion_metrics(groups: list[TrajectoryGroup]) -> dict[str, float]:
     }
 
 
-def _masked(values: list[float], mask: list[int]) -> list[float]:
+def _masked(values: list[float], mask: list[float]) -> list[float]:
     return [x for x, m in zip(values, mask, strict=True) if m]
 
 
