@@ -200,7 +200,7 @@ def check_group(group: TrajectoryGroup, vocab_size: int | None = None) -> None:
                 f"Trajectory {ti} has reward {t.reward!r}; rewards must be finite numbers within "
                 f"±{MAX_ABS_REWARD:g}. Fix or rescale the reward function, or drop the trajectory."
             )
-        bad = [k for k, v in t.metrics.items() if not math.isfinite(v)]
+        bad = [k for k, v in t.metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)]
         if bad:
             raise ValueError(f"Trajectory {ti}: metrics {bad} are not finite numbers; fix or drop them.")
         for k, item in enumerate(t.messages_and_choices):
