@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
+from advantage.engine.detokenize import Detokenizer, detokenizer_factory
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
@@ -69,6 +69,7 @@ class _Row:
     req: _Request
     index: int
     generator: torch.Generator | None
+    detok: Detokenizer  # this row's text, token by token (engine/detokenize.py)
     constraint: Constraint | None = None
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -76,7 +77,6 @@ class _Row:
     forced: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
-    detok: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
     finish: Literal["stop", "length"] | None = None
 
 
@@ -100,7 +100,7 @@ class TorchEngine:
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self._backend_tokenizer = self.tokenizer.backend_tokenizer  # the `tokenizers` one: streaming decode
+        self._new_detokenizer = detokenizer_factory(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
         if head_dtype == "float32":  # logprobs computed as the trainer computes them (engine/precision.py)
             use_fp32_head(model)
@@ -392,7 +392,7 @@ class TorchEngine:
                 if req.params.seed is not None:
                     gen = torch.Generator().manual_seed(req.params.seed + i)
                 constraint = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
-                rows.append(_Row(req, i, gen, constraint))
+                rows.append(_Row(req, i, gen, self._new_detokenizer(), constraint))
                 src.append(u)
         unique = [list(p) for p in prompts]
         cache, shared, attn_UP, out = self._forward_prompts(unique)
@@ -567,7 +567,7 @@ class TorchEngine:
         if token in self.stop_token_ids:
             row.finish = "stop"
             row.text = self.tokenizer.decode(row.ids[:-1], skip_special_tokens=True)
-        elif not self._stop_string_in(row, row.detok.step(self._backend_tokenizer, token)):
+        elif not self._stop_string_in(row, row.detok.step(token)):
             done = row.constraint is not None and row.constraint.done
             if done or len(row.ids) >= row.req.max_new:
                 row.finish = "stop" if done else "length"
