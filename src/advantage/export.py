@@ -81,7 +81,8 @@ def _write_merged(adapter_dir: Path, base_path: Path, out: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
     dtype = model.dtype
-    merged = PeftModel.from_pretrained(model.to(torch.float32), adapter_dir).merge_and_unload()
+    # transformers' `to` is wrapped (functools.wraps), which hides its bound signature from mypy
+    merged = PeftModel.from_pretrained(model.to(torch.float32), adapter_dir).merge_and_unload()  # type: ignore[arg-type]
     merged.to(dtype).save_pretrained(out)  # config.json, model.safetensors, generation_config.json
     # The tokenizer files, chat template included (chat_template.jinja).
     AutoTokenizer.from_pretrained(base_path).save_pretrained(out)
