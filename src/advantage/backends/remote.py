@@ -121,7 +121,7 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------------------------ the protocol
     async def register(self, model: TrainableModel) -> int:
-        body = {
+        body: dict[str, Any] = {
             "project": model.project,
             "name": model.name,
             "base_model": model.base_model,

@@ -16,6 +16,7 @@ Shapes: B datums, R rows, S slots per row, P shared prefix tokens, K = P + S key
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -35,7 +36,7 @@ def prompt_key(d: HasTokens) -> tuple[int, ...]:
     return tuple(d.input_ids[:first])
 
 
-def shared_prefix_len(datums: list[HasTokens]) -> int:
+def shared_prefix_len(datums: Sequence[HasTokens]) -> int:
     """Longest common prefix of the datums' ids, stopped before the first trained token of any of them."""
     first = datums[0].input_ids
     limit = min(min((i for i, m in enumerate(d.loss_mask) if m), default=len(d.input_ids)) for d in datums)
@@ -77,7 +78,7 @@ class Layout:
     slot_tokens: int  # tokens computed, padding included (prefix included)
 
 
-def layout(datums: list[HasTokens], P: int, pad_id: int, *, share: bool = True) -> Layout:
+def layout(datums: Sequence[HasTokens], P: int, pad_id: int, *, share: bool = True) -> Layout:
     """Lay out `datums` (whose first P tokens are shared) in rows; `share=False` gives each sequence its own
     row with its whole rest of the prompt (the plain layout, kept for tests and benchmarks)."""
     B = len(datums)
