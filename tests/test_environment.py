@@ -15,8 +15,9 @@ from advantage.environment import ENGINE_DEFAULTS, set_engine_defaults
 PROBE = """
 import json, os, sys
 seen = lambda: {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "HF_HUB_OFFLINE")}
+before = dict(os.environ)
 import advantage
-after_import = {**seen(), "torch": "torch" in sys.modules}
+after_import = {**seen(), "torch": "torch" in sys.modules, "unchanged": dict(os.environ) == before}
 import advantage.cli
 print(json.dumps({"import": after_import, "cli": seen()}))
 """
@@ -28,7 +29,12 @@ def test_import_sets_nothing_and_the_cli_keeps_the_users_values() -> None:
     out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
-    assert seen["import"] == {"OMP_WAIT_POLICY": "ACTIVE", "HF_HUB_OFFLINE": None, "torch": False}
+    assert seen["import"] == {
+        "OMP_WAIT_POLICY": "ACTIVE",
+        "HF_HUB_OFFLINE": None,
+        "torch": False,
+        "unchanged": True,  # no variable at all, not only these two
+    }
     assert seen["cli"] == {"OMP_WAIT_POLICY": "ACTIVE", "HF_HUB_OFFLINE": "1"}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from types import UnionType
+from types import GenericAlias, UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import typer
@@ -114,7 +114,8 @@ def _options_from(config: type[BaseModel]) -> Callable[[Callable[..., None]], Ca
                 help_ = f"{field.description} As JSON of its fields, e.g. '{{\"learning_rate\": 5e-5}}'."
                 ann = str
             elif get_origin(ann) is tuple:  # typer takes plain element types (the config checks ranges)
-                ann = tuple[tuple(get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(ann))]
+                items = tuple(get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(ann))
+                ann = GenericAlias(tuple, items)  # tuple[items]
             if ann is bool:
                 dashed = name.replace("_", "-")
                 decls = (f"--{dashed}/--no-{dashed}",)

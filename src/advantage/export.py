@@ -14,12 +14,11 @@ name beside `out` and renamed into place, so `out` is either complete or absent.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from advantage.engine.models import resolve_model_path
+from advantage.files import write_dir_atomic
 from advantage.service import check_name
 from advantage.training import checkpoints as ckpt
 
@@ -53,20 +52,16 @@ def export_checkpoint(
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty directory; pick a new --out.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-export-{out.name}-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         if merged:
             _write_merged(src, base_model_path(mdir, src), tmp)
         else:
             for f in ADAPTER_FILES:
                 shutil.copy2(src / f, tmp / f)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # an empty `out` (checked above) steps aside and is removed once the export is in its place
+    write_dir_atomic(out, write, f".tmp-export-{out.name}-", f".old-export-{out.name}-")
     return out
 
 
@@ -86,7 +81,8 @@ def _write_merged(adapter_dir: Path, base_path: Path, out: Path) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto")
     dtype = model.dtype
-    merged = PeftModel.from_pretrained(model.to(torch.float32), adapter_dir).merge_and_unload()
+    # transformers' `to` is wrapped (functools.wraps), which hides its bound signature from mypy
+    merged = PeftModel.from_pretrained(model.to(torch.float32), adapter_dir).merge_and_unload()  # type: ignore[arg-type]
     merged.to(dtype).save_pretrained(out)  # config.json, model.safetensors, generation_config.json
     # The tokenizer files, chat template included (chat_template.jinja).
     AutoTokenizer.from_pretrained(base_path).save_pretrained(out)

@@ -109,6 +109,7 @@ class _Gather:
 
     async def rollout(self, aw: Awaitable[Any]) -> Trajectory | str:
         """One rollout: its Trajectory, or the formatted traceback of why it failed."""
+        tb: str | None
         try:
             async with self.semaphore:
                 result = await aw
@@ -199,7 +200,7 @@ async def gather_trajectory_groups(
     state = _Gather(n_rollouts, budget, max_exceptions, concurrency, bar)
     rollout_tasks = [[asyncio.ensure_future(state.rollout(aw)) for aw in g] for g in awaitables]
     group_tasks = [asyncio.ensure_future(state.group(ts, after_each)) for ts in rollout_tasks]
-    all_tasks: list[asyncio.Future[Any]] = [t for ts in rollout_tasks for t in ts] + group_tasks
+    all_tasks: list[asyncio.Future[Any]] = [*(t for ts in rollout_tasks for t in ts), *group_tasks]
     try:
         if group_tasks:
             await asyncio.wait(group_tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -208,8 +209,8 @@ async def gather_trajectory_groups(
                 raise exc
         results = [t.result() for t in group_tasks]
     finally:
-        for t in all_tasks:
-            t.cancel()
+        for task in all_tasks:
+            task.cancel()
         await asyncio.gather(*all_tasks, return_exceptions=True)
         for g in awaitables:  # the rollouts that never got the semaphore were never started
             for aw in g:

@@ -286,12 +286,12 @@ def _sample_request(
         raise ValueError(str(exc.args[0])) from None
     engine = weights.engine
     if isinstance(req.prompt[0], int):
-        ids = [int(t) for t in req.prompt]  # type: ignore[arg-type]
+        ids = [int(t) for t in req.prompt]
         vocab = len(engine.tokenizer)
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}).")
     else:
-        ids = encode_prompt(engine.tokenizer, req.prompt, tools=req.tools)  # type: ignore[arg-type]
+        ids = encode_prompt(engine.tokenizer, req.prompt, tools=req.tools)
     params = SamplingParams(
         max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, n=req.n
     )

@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,10 +92,10 @@ class RunLog:
         self.dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
 
-    def append(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    def append(self, step: int, split: str, metrics: Mapping[str, float | str]) -> None:
         """One row, on disk (fsynced) before this returns. A last line left without its newline by a crash
         is ended first, so the new row is not glued to the torn one."""
-        check_metric_names(metrics)
+        check_metric_names(dict(metrics))
         self.dir.mkdir(parents=True, exist_ok=True)
         data = (json.dumps({"step": step, "split": split, "time": time.time(), **metrics}) + "\n").encode()
         with _append_lock, open(self.metrics_path, "a+b") as f:

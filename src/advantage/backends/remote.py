@@ -149,7 +149,7 @@ class RemoteBackend:
 
     # ------------------------------------------------------------------------------------ the protocol
     async def register(self, model: ModelSpec) -> int:
-        body = {
+        body: dict[str, Any] = {
             "project": model.project,
             "name": model.name,
             "base_model": model.base_model,

@@ -8,8 +8,9 @@ memory, how an adapter is applied.
 
 `TorchEngine` (`torch_engine.py`, CPU or CUDA) implements it. A vLLM engine would too: `submit` on its async
 engine with a `LoRARequest` per adapter name, `load_adapter` as `add_lora` (replacing a name: remove, then
-add), sampled-token logprobs from its outputs, and grammars passed to its guided decoding (llguidance). The
-same contract tests (`tests/test_engine_contract.py`) run against every engine.
+add), sampled-token logprobs from its outputs, `score` as its prompt logprobs, and grammars passed to its
+guided decoding (llguidance). The same contract tests (`tests/test_engine_contract.py`) run against every
+engine.
 
 The records and errors of the contract live here, so that the server imports no particular engine.
 """
@@ -87,6 +88,13 @@ class Engine(Protocol):
         on_token: TokenCallback | None = None,
     ) -> list[Completion]:
         """`submit`, awaitable; cancelling the await cancels the request."""
+        ...
+
+    def score(
+        self, sequences: list[list[int]], adapter: str | None = None
+    ) -> concurrent.futures.Future[list[list[float]]]:
+        """Per-token logprobs of whole token sequences under `adapter` (None: the base weights), as sampling
+        computes them: out[i][j] = log p(ids[j] | ids[:j]), 0.0 at j = 0. Raises at once on bad input."""
         ...
 
     def load_adapter(self, name: str, path: str | Path) -> None:

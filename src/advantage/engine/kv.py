@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -46,8 +47,8 @@ class GrowingLayer(DynamicLayer):
         self._buf[attr] = value
         self._len[attr] = 0 if value is None or value.dim() < 2 else value.shape[-2]
 
-    keys = property(lambda self: self._get("keys"), lambda self, v: self._set("keys", v))  # type: ignore[assignment]
-    values = property(lambda self: self._get("values"), lambda self, v: self._set("values", v))  # type: ignore[assignment]
+    keys = property(lambda self: self._get("keys"), lambda self, v: self._set("keys", v))
+    values = property(lambda self: self._get("values"), lambda self, v: self._set("values", v))
 
     def _append(self, attr: str, new: torch.Tensor) -> torch.Tensor:
         buf, used = self._buf[attr], self._len[attr]
@@ -63,7 +64,9 @@ class GrowingLayer(DynamicLayer):
         self._buf[attr], self._len[attr] = buf, need
         return buf[..., :need, :]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.dtype, self.device = key_states.dtype, key_states.device
             self.is_initialized = True
@@ -82,15 +85,20 @@ class GrowingCache(DynamicCache):
         super().__init__()
         self.layers = [GrowingLayer(offset) for _ in range(num_layers)]
 
+    @property
+    def growing_layers(self) -> list[GrowingLayer]:
+        """`layers`, as __init__ made them (DynamicCache types them as any kind of layer)."""
+        return cast("list[GrowingLayer]", self.layers)
+
     def set_offset(self, offset: int) -> None:
-        for layer in self.layers:
+        for layer in self.growing_layers:
             layer.offset = offset
 
     def prepend(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put the same columns (per layer (keys, values), each (kv_heads, n, head_dim)) before every row's;
         they leave the offset held elsewhere."""
         n = kv[0][0].shape[1]
-        for layer, (k, v) in zip(self.layers, kv, strict=True):
+        for layer, (k, v) in zip(self.growing_layers, kv, strict=True):
             for attr, new in (("keys", k), ("values", v)):
                 used = layer._get(attr)
                 assert used is not None and used.dim() == 4
@@ -99,13 +107,21 @@ class GrowingCache(DynamicCache):
 
 
 def layer_kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    """Each layer's (keys, values) of a filled attention cache."""
+    return [_filled(layer) for layer in cache.layers]
+
+
+def _filled(layer: object) -> tuple[torch.Tensor, torch.Tensor]:
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"A {type(layer).__name__} holds no attention keys and values.")
+    return keys, values
 
 
 def cache_from(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> GrowingCache:
     """A cache holding the given per-layer (keys, values), each shaped (batch, heads, length, head_dim)."""
     cache = GrowingCache(len(kv))
-    for layer, (k, v) in zip(cache.layers, kv, strict=True):
+    for layer, (k, v) in zip(cache.growing_layers, kv, strict=True):
         layer.update(k, v)
     return cache
 

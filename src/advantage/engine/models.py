@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from advantage.engine.renderers import gemma3_chat_template
+from advantage.files import write_dir_atomic, write_text_atomic
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers reads a directory's chat template from
 
@@ -105,17 +104,11 @@ def resolve_model_path(base_model: str) -> Path:
     spec = BUNDLED[base_model]
     target = cache_dir() / base_model
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        if spec.chat_template is not None and not (target / CHAT_TEMPLATE_FILE).exists():
-            _write_atomic(target / CHAT_TEMPLATE_FILE, spec.chat_template())  # converted before it had one
+        if spec.chat_template is not None and not (target / CHAT_TEMPLATE_FILE).exists():  # converted before
+            write_text_atomic(target / CHAT_TEMPLATE_FILE, spec.chat_template())
         return target
     _convert_gguf(spec, target)
     return target
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _convert_gguf(spec: BundledModel, target: Path) -> None:
@@ -129,8 +122,8 @@ def _convert_gguf(spec: BundledModel, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    kw = {"gguf_file": gguf_path.name}
+    # local files only, per call: the process's HF_HUB_OFFLINE is the user's (advantage.environment)
+    kw: dict[str, str | bool] = {"gguf_file": gguf_path.name, "local_files_only": True}
     loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, **kw)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
     if spec.chat_template is not None and not tokenizer.chat_template:
@@ -141,13 +134,9 @@ def _convert_gguf(spec: BundledModel, target: Path) -> None:
     fresh.load_state_dict(loaded.state_dict(), strict=False)
     if getattr(config, "tie_word_embeddings", False):
         fresh.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def save(tmp: Path) -> None:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomic(target, save, f".{target.name}-", f".{target.name}.old-")

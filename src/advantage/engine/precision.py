@@ -58,6 +58,9 @@ class _FP32Norm(nn.Module):
 class _FP32Head(nn.Module):
     """The vocabulary head with an fp32 copy of its (frozen) weight: logits in fp32."""
 
+    weight: torch.Tensor  # buffers, registered in __init__
+    bias: torch.Tensor | None
+
     def __init__(self, head: Any) -> None:
         super().__init__()
         self.register_buffer("weight", head.weight.detach().to(torch.float32).clone(), persistent=False)

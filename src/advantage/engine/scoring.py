@@ -53,6 +53,7 @@ def sequence_logprobs(model: Any, sequences: list[list[int]], pad_id: int = 0) -
             for o in out:
                 o[a + 1 : a + 1 + len(lp_N)] = lp_N
             next_lp_V = res.logits[0, -1].float().log_softmax(-1)
+        assert past is not None  # P > 0: at least one piece ran
         kv = layer_kv(past)
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     for chunk in _chunks([len(sequences[i]) - P for i in order], vocab):

@@ -27,17 +27,17 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-from tokenizers.decoders import DecodeStream
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
+from advantage.engine.detokenize import Detokenizer, detokenizer_factory
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
@@ -69,6 +69,7 @@ class _Row:
     req: _Request
     index: int
     generator: torch.Generator | None
+    detok: Detokenizer  # this row's text, token by token (engine/detokenize.py)
     constraint: Constraint | None = None
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -76,7 +77,6 @@ class _Row:
     forced: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0
-    detok: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=True))
     finish: Literal["stop", "length"] | None = None
 
 
@@ -100,7 +100,7 @@ class TorchEngine:
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self._backend_tokenizer = self.tokenizer.backend_tokenizer  # the `tokenizers` one: streaming decode
+        self._new_detokenizer = detokenizer_factory(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
         if head_dtype == "float32":  # logprobs computed as the trainer computes them (engine/precision.py)
             use_fp32_head(model)
@@ -110,7 +110,8 @@ class TorchEngine:
         self.cascade = want and supports_cascade(model)
         if self.cascade:
             model.set_attn_implementation(CASCADE)
-        self.model: Any = column_major_linears(model.to(self.device).eval())
+        # transformers' `to` is wrapped (functools.wraps), which hides its bound signature from mypy
+        self.model: Any = column_major_linears(model.to(self.device).eval())  # type: ignore[arg-type]
         cfg_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_len = min(max_context or cfg_len, cfg_len)
         self.max_batch_size = max_batch_size
@@ -263,7 +264,7 @@ class TorchEngine:
             return sequence_logprobs(self.model, sequences, self.tokenizer.pad_token_id or 0)
 
     @contextlib.contextmanager
-    def _weights_of(self, adapter: str | None):  # type: ignore[no-untyped-def]
+    def _weights_of(self, adapter: str | None) -> Iterator[None]:
         """The weights of `adapter` between steps; the next step puts its batch's own back
         (`_adapter_context` merges or selects them again)."""
         if self._merged is not None:
@@ -316,7 +317,7 @@ class TorchEngine:
                 fut.set_exception(exc)
 
     @contextlib.contextmanager
-    def _adapter_context(self):  # type: ignore[no-untyped-def]
+    def _adapter_context(self) -> Iterator[None]:
         if self._merged is not None:
             self._merged.activate(self._batch_adapter, self._lora)
             yield
@@ -392,7 +393,7 @@ class TorchEngine:
                 if req.params.seed is not None:
                     gen = torch.Generator().manual_seed(req.params.seed + i)
                 constraint = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
-                rows.append(_Row(req, i, gen, constraint))
+                rows.append(_Row(req, i, gen, self._new_detokenizer(), constraint))
                 src.append(u)
         unique = [list(p) for p in prompts]
         cache, shared, attn_UP, out = self._forward_prompts(unique)
@@ -419,14 +420,14 @@ class TorchEngine:
         Distinct prompts that start alike (one system prompt, different questions) have that start computed
         once: it is prefilled on its own first, into the prefix cache, and the batch starts from it."""
         if len(unique) > 1 and self.prefix_cache.max_bytes:
-            shared = min(len(os.path.commonprefix(unique)), min(len(p) for p in unique) - 1)
+            common = min(len(os.path.commonprefix(unique)), min(len(p) for p in unique) - 1)
             cached = self.prefix_cache.cached_len(self._batch_adapter, unique)
-            if shared - cached >= self.prefix_cache.min_reuse:
-                self._forward_prompts([unique[0][:shared]])
+            if common - cached >= self.prefix_cache.min_reuse:
+                self._forward_prompts([unique[0][:common]])
         hit = self.prefix_cache.lookup(self._batch_adapter, unique)
         m = hit[1] if hit else 0
         rows = len(unique)
-        shared = None
+        shared: SharedPrefix | None = None
         if hit and self.cascade:
             shared = SharedPrefix(tuple(unique[0][:m]), [(k[0], v[0]) for k, v in hit[0]])
             cache = GrowingCache(int(self.model.config.num_hidden_layers), offset=m)
@@ -466,7 +467,7 @@ class TorchEngine:
             if one:
                 shared, held = SharedPrefix(tuple(unique[0]), kv), len(unique[0])
                 cache = GrowingCache(len(kv), offset=held)
-                for layer, (k, v) in zip(cache.layers, kv, strict=True):
+                for layer, (k, v) in zip(cache.growing_layers, kv, strict=True):
                     layer.update(k[None, :, :0], v[None, :, :0])  # no columns of its own yet
         return cache, shared, attn_UP[:, held:], out
 
@@ -566,14 +567,19 @@ class TorchEngine:
             row.constraint.consume(token)
         if token in self.stop_token_ids:
             row.finish = "stop"
-            row.text = self.tokenizer.decode(row.ids[:-1], skip_special_tokens=True)
-        elif not self._stop_string_in(row, row.detok.step(self._backend_tokenizer, token)):
+            row.text = self._decode(row.ids[:-1])
+        elif not self._stop_string_in(row, row.detok.step(token)):
             done = row.constraint is not None and row.constraint.done
             if done or len(row.ids) >= row.req.max_new:
                 row.finish = "stop" if done else "length"
                 # the whole row once: with a trailing partial character, as a full decode has it
-                row.text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+                row.text = self._decode(row.ids)
         self._emit(row)
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)  # one sequence of ids: one text
+        return text
 
     @staticmethod
     def _stop_string_in(row: _Row, piece: str | None) -> bool:
@@ -608,10 +614,10 @@ class TorchEngine:
         """Answer the requests whose rows just finished. Finished rows leave the batch (a copy of the whole
         KV cache) only once they are a quarter of it, or when new rows join: until then they ride along,
         which costs little (decoding is bound by reading the weights, not by the rows) and saves a copy."""
-        finished = [r for r in self._rows if r.finish is not None]
-        for r in finished:
+        finished = [(r, finish) for r in self._rows if (finish := r.finish) is not None]
+        for r, finish in finished:
             if r.req.results[r.index] is None:
-                r.req.results[r.index] = Completion(r.ids, r.logprobs, r.text, r.finish, r.top, r.forced)
+                r.req.results[r.index] = Completion(r.ids, r.logprobs, r.text, finish, r.top, r.forced)
                 if all(c is not None for c in r.req.results):
                     _settle(r.req.future, [c for c in r.req.results if c is not None])
         if finished and len(finished) * 4 >= len(self._rows):
@@ -640,7 +646,7 @@ class TorchEngine:
         used = self._attn.any(dim=0).nonzero()  # none: the rows hold only the shared prefix so far
         first_used = int(used[0]) if used.numel() else self._attn.shape[1]
         if first_used:  # columns no remaining row attends to
-            for layer in self._cache.layers:
+            for layer in self._cache.growing_layers:
                 layer.keys = layer.keys[..., first_used:, :]
                 layer.values = layer.values[..., first_used:, :]
             self._attn = self._attn[:, first_used:]

@@ -176,7 +176,8 @@ async def _fresh_traffic(
         )
     rows = [rewarded_from_dict(d) for d in answer.rows]
     limit = config.max_steps_off_policy
-    fresh, stale = [], []
+    fresh: list[RewardedChoice] = []
+    stale: list[RewardedChoice] = []
     for r in rows:
         age = default - r.completion.step
         (stale if age < 0 or (limit is not None and age > limit) else fresh).append(r)
@@ -234,7 +235,7 @@ def load_evaluate(spec: str) -> Evaluate:
     fn = getattr(importlib.import_module(module_name), attr, None)
     if fn is None or not inspect.iscoroutinefunction(fn):
         raise ValueError(f"{spec!r} is not an async function: define `async def {attr}(name: str) -> float`.")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 async def run_online(

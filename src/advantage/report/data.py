@@ -129,7 +129,7 @@ def _trajectory(d: dict[str, Any]) -> TrajectoryView:
 
 def read_groups(path: Path) -> list[GroupView]:
     """The groups of one `<split>/<step>.jsonl` file; a line cut by a crash mid-write is skipped."""
-    groups = []
+    groups: list[GroupView] = []
     for line in path.read_text().splitlines():
         try:
             d = json.loads(line)

@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
 
@@ -178,7 +178,7 @@ def _choice(p: PreparedRequest, index: int, c: Completion) -> dict[str, Any]:
     # streamed deltas then add up to the same content, and token_ids decode to it.
     content = parsed.content if parsed.tool_calls else c.text
     message: dict[str, Any] = {"role": "assistant", "content": content}
-    finish = c.finish_reason
+    finish: Literal["stop", "length", "tool_calls"] = c.finish_reason
     if parsed.tool_calls:
         message["tool_calls"] = parsed.tool_calls
         if finish == "stop":
@@ -279,13 +279,14 @@ async def _chunks(
         while not task.done() or not queue.empty():
             getter = asyncio.ensure_future(queue.get())
             try:
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                waited: set[asyncio.Future[Any]] = {getter, task}
+                done, _ = await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 if not getter.done():
                     getter.cancel()
             if getter in done:
-                index, delta = getter.result()
-                yield chunk([{"index": index, "delta": {"content": delta}, "finish_reason": None}])
+                index, text = getter.result()
+                yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
         outs = task.result()
     finally:  # the client went away mid-stream (or the stream failed): the engine drops the request's rows
         task.cancel()

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from advantage.online.feedback import FeedbackError, give_feedback
 from advantage.server.parsing import OffLoopRoute
-from advantage.server.schemas import APIError
+from advantage.server.schemas import APIError, ErrorType
 from advantage.server.training_routes import api_error
 from advantage.service import Service, check_name
 
@@ -75,7 +75,7 @@ async def feedback(body: FeedbackBody, request: Request) -> FeedbackResponse:
     try:
         return await asyncio.to_thread(run)  # SQLite reads and writes block
     except FeedbackError as exc:
-        type_ = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        type_: ErrorType = "not_found_error" if exc.status == 404 else "invalid_request_error"
         code = "completion_not_found" if exc.status == 404 else None
         raise APIError(exc.status, exc.message, type_, exc.param, code) from None
     except Exception as exc:

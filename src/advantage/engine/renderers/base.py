@@ -17,10 +17,17 @@ from advantage.engine.hermes import Message, ParsedOutput
 
 
 class Renderer(Protocol):
-    name: str
-    concatenative: bool
-    stop_tokens: tuple[str, ...]
-    tool_format: str  # "hermes" (<tool_call> blocks, what forced tool_choice's grammar writes) or "json"
+    # Read-only members, so the frozen dataclasses that implement them match.
+    @property
+    def name(self) -> str: ...
+    @property
+    def concatenative(self) -> bool: ...
+    @property
+    def stop_tokens(self) -> tuple[str, ...]: ...
+    @property
+    def tool_format(self) -> str:
+        """`hermes` (<tool_call> blocks, what forced tool_choice's grammar writes) or `json`."""
+        ...
 
     def render(
         self, messages: list[Message], tools: list[dict[str, Any]], add_generation_prompt: bool

@@ -24,7 +24,7 @@ import openai
 
 from advantage import Trajectory
 
-from .env import TOOLS, Scenario, answer_facts, canonical_arguments, execute_tool
+from .env import TOOLS, Scenario, execute_tool
 from .reward import score
 
 Message = dict[str, Any]
@@ -64,13 +64,27 @@ def _example() -> list[Message]:
         {"role": "tool", "tool_call_id": c["id"], "content": execute_tool(name, c["function"]["arguments"])}
         for c, (_, name, _) in zip(calls, _EXAMPLE_CALLS, strict=True)
     ]
-    facts = [answer_facts(name, canonical_arguments(name, args))[0] for _, name, args in _EXAMPLE_CALLS]
+    answer = " ".join(_say(name, str(r["content"])) for r, (_, name, _) in zip(results, _EXAMPLE_CALLS, strict=True))
     return [
         {"role": "user", "content": question + CALL_HINT},
         {"role": "assistant", "content": "", "tool_calls": calls},
         *results,
-        {"role": "assistant", "content": f"<answer>{' '.join(facts)}</answer>"},
+        {"role": "assistant", "content": f"<answer>{answer}</answer>"},
     ]
+
+
+def _say(tool: str, result: str) -> str:
+    """A tool result as the sentence the example's answer says it in ("3 km = 1.86 mi" -> "3 km is 1.86 mi.").
+
+    Sentences, not the bare values: with "<answer>09:00 1.86 11.04 5</answer>" the model learnt to answer
+    with lists of the example's numbers, and one seed spent 8 of its 12 steps there (train success 0.2).
+    Greedy, on 64 val questions, the base model states the right value after a right call 90 % of the time
+    with sentences against 68 % with bare values (sampled at T = 0.7 both are about 60 %)."""
+    if tool == "get_events":
+        return result.split(": ", 1)[1] + "."
+    if tool == "get_weather":
+        return result.replace(": ", " is ", 1).replace(", ", " and ", 1) + "."
+    return result.replace(" = ", " is ", 1) + "."
 
 
 EXAMPLE: list[Message] = _example()
