@@ -19,7 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, s
 
 from advantage import Trajectory  # noqa: E402
 from advantage.tasks.tool_use import env, reward, rollout  # noqa: E402
-from advantage.tasks.tool_use.env import Scenario, execute_tool, make_scenarios  # noqa: E402
+from advantage.tasks.tool_use.env import (  # noqa: E402
+    Scenario,
+    answer_facts,
+    canonical_arguments,
+    execute_tool,
+    make_scenarios,
+)
+from advantage.tasks.tool_use.reward import states_fact  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- scenarios
 
@@ -208,7 +215,9 @@ def test_reward_no_final_answer_after_the_tool_result() -> None:
 
 def test_reward_answer_cut_off_at_max_tokens_earns_no_answer_credit() -> None:
     msgs = _episode(
-        _call("convert_currency", GOOD_ARGS), _tool("120 USD = 110.40 EUR"), _say("<tool_response>\n110.40 EUR, 1.86, 5")
+        _call("convert_currency", GOOD_ARGS),
+        _tool("120 USD = 110.40 EUR"),
+        _say("<tool_response>\n110.40 EUR, 1.86, 5"),
     )
     assert reward.reward(msgs, SCENARIO) == pytest.approx(1.0)
     assert reward.reward(msgs, SCENARIO, cut_off=True) == pytest.approx(0.5)
@@ -363,6 +372,13 @@ def test_prompt_is_the_documented_shape() -> None:
     # The example's answer states each of its tool results.
     results = [m["content"] for m in rollout.EXAMPLE if m["role"] == "tool"]
     assert not any(r.startswith("Error") for r in results)
+    answer = rollout.EXAMPLE[-1]["content"]
+    assert answer == (
+        "<answer>Project review at 09:00. 3 km is 1.86 mi. 12 USD is 11.04 EUR. Paris is 5°C and windy.</answer>"
+    )
+    for (_, tool, args), result in zip(rollout._EXAMPLE_CALLS, results, strict=True):
+        (fact,) = answer_facts(tool, canonical_arguments(tool, args))
+        assert states_fact(answer, fact) and states_fact(result, fact)
 
 
 def test_single_turn_reward_by_hand() -> None:

@@ -10,7 +10,8 @@ over 32 val questions): 2-3% at T=1.0, 16% at T=0.7, 27% at T=0.5. Whole greedy 
 of it the format credit). An example that shows only get_weather gets 0/32 right calls even at
 T=0.7. Pick the rollout temperature with this in mind. (Those numbers predate the strict schemas and the
 forced first call; with both, as the demo runs it, greedy episodes succeed on 9-11 of 32 val questions,
-depending on how the requests happen to be batched.)
+depending on how the requests happen to be batched; with the example answering in sentences, 36 of 64 val
+questions, 25 with bare values, on the same 64.)
 The prompt is about 775 tokens; the tool schemas that the server renders take about 370 of them.
 """
 
@@ -52,19 +53,22 @@ _EXAMPLE_CALLS: list[tuple[str, str, dict[str, Any]]] = [
 
 def _example() -> list[Message]:
     question = " ".join(q for q, _, _ in _EXAMPLE_CALLS)
-    calls = [
-        {
-            "id": f"call_example_{i}",
-            "type": "function",
-            "function": {"name": name, "arguments": json.dumps(args)},
-        }
-        for i, (_, name, args) in enumerate(_EXAMPLE_CALLS)
-    ]
-    results: list[Message] = [
-        {"role": "tool", "tool_call_id": c["id"], "content": execute_tool(name, c["function"]["arguments"])}
-        for c, (_, name, _) in zip(calls, _EXAMPLE_CALLS, strict=True)
-    ]
-    answer = " ".join(_say(name, str(r["content"])) for r, (_, name, _) in zip(results, _EXAMPLE_CALLS, strict=True))
+    calls: list[Message] = []
+    results: list[Message] = []
+    sentences: list[str] = []
+    for i, (_, name, args) in enumerate(_EXAMPLE_CALLS):
+        arguments = json.dumps(args)
+        calls.append(
+            {
+                "id": f"call_example_{i}",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+        result = execute_tool(name, arguments)
+        results.append({"role": "tool", "tool_call_id": f"call_example_{i}", "content": result})
+        sentences.append(_say(name, result))
+    answer = " ".join(sentences)
     return [
         {"role": "user", "content": question + CALL_HINT},
         {"role": "assistant", "content": "", "tool_calls": calls},
@@ -129,10 +133,10 @@ async def rollout(
     )
     n_turns = n_calls = 0
     for turn in range(max_turns):
-        resp = await client.chat.completions.create(
+        resp = await client.chat.completions.create(  # type: ignore[call-overload]  # plain dicts, as users write them
             model=model.get_inference_name(),
-            messages=traj.messages(),  # type: ignore[arg-type]
-            tools=TOOLS,  # type: ignore[arg-type]
+            messages=traj.messages(),
+            tools=TOOLS,
             tool_choice="required" if force_first_call and turn == 0 else "auto",
             temperature=temperature,
             max_tokens=MAX_TOKENS,
