@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.config import AdamParams, LoRAConfig
+from advantage.engine.kv import layer_kv
 from advantage.engine.precision import resolve_dtype, use_fp32_head
 from advantage.training.packing import layout, shared_prefix_len
 from advantage.wire.datum import Datum
@@ -60,12 +61,12 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
-        base = base.to(self.device)
+        base = base.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to() hides its signature
         base.config.use_cache = True
         torch.manual_seed(seed)
         peft_cfg = LoraConfig(
             r=lora.r,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale is valid
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
@@ -257,7 +258,7 @@ class SharedPrefix:
         out = trainer.decoder(
             input_ids=torch.tensor([ids], device=trainer.device), past_key_values=cache, use_cache=True
         )
-        self._outputs: list[torch.Tensor] = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        self._outputs: list[torch.Tensor] = [t for kv in layer_kv(cache) for t in kv]
         self._outputs.append(out.last_hidden_state[0, -1:, :])
         self._leaves: list[torch.Tensor] = []
         self._grads: list[torch.Tensor | None] = [None] * len(self._outputs)
