@@ -295,7 +295,6 @@ def _sample_request(
     params = SamplingParams(
         max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, n=req.n
     )
-    params.validate()
     engine.check_fits(len(ids), params.max_tokens)
     return weights, ids, params
 
