@@ -396,3 +396,22 @@ def test_single_turn_reward_by_hand() -> None:
     assert single_turn.reward(call("get_weather", "not json"), s) == 0.0  # arguments not an object
     assert single_turn.reward("<tool_call>\n{broken\n</tool_call>", s) == 0.0
     assert single_turn.reward("It is sunny.", s) == 0.0
+
+
+def test_every_right_call_fits_the_tool_schemas() -> None:
+    """The schemas' enums admit every scenario's canonical arguments (a right call is never ruled out by
+    the grammar), and the example's calls."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in env.TOOLS}
+    calls = [
+        (s.tool, s.arguments) for split in ("train", "val") for s in make_scenarios(200, seed=3, split=split)
+    ]
+    calls += [(name, args) for _, name, args in rollout._EXAMPLE_CALLS]
+    for tool, args in calls:
+        schema = schemas[tool]
+        assert set(args) == set(schema["required"]) == set(schema["properties"])
+        for key, value in args.items():
+            prop = schema["properties"][key]
+            if "enum" in prop:
+                assert value in prop["enum"], (tool, key, value)
+            elif prop["type"] == "number":
+                assert isinstance(value, (int, float))
