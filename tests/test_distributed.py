@@ -9,35 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DP_CONFIG, DP_LORA, DP_STEPS, dp_datums, single_process_steps
 
-from advantage.config import LoRAConfig, TrainConfig
 from advantage.training.distributed import GroupSpec, TrainerWorker, shares
-from advantage.training.grpo import loss_config
-from advantage.training.primitives import forward_backward, plan_step
-from advantage.training.schedules import lr_at
-from advantage.training.trainer import Datum, Trainer
-
-LORA = LoRAConfig(r=4)
-# Four micro-batches of 3 (one per prompt), so each of two workers runs two and shares a prefix over them.
-CONFIG = TrainConfig(learning_rate=1e-2, micro_batch_size=3, loss="cispo", agg="token_mean")
-STEPS = 2  # the second step also moves LoRA A (its gradient is 0 while B is still 0)
-
-
-def _datums() -> list[Datum]:
-    system = [1, 5, 9, 13, 17, 21, 25, 29]  # shared by every datum: the batch-wide prefix
-    out = []
-    for g in range(4):
-        prompt = system + [100 + g, 200 + g, 300 + g][: 1 + g % 3]
-        for c, adv in enumerate([1.0, -0.25, -0.75]):
-            comp = [400 + 7 * g + c, 500 + c, 600 + g, 700 + c * g][: 2 + (g + c) % 3] + [2]
-            n = len(prompt) + len(comp)
-            old = [0.0] * len(prompt) + [-1.5 - 0.1 * k for k in range(len(comp))]
-            out.append(Datum(prompt + comp, [0] * len(prompt) + [1] * len(comp), old[:n], adv * (1 + g)))
-    return out
+from advantage.training.primitives import plan_step
+from advantage.training.trainer import Trainer
 
 
 def test_shares_are_contiguous_balanced_and_cover_every_micro_batch() -> None:
-    ds = _datums()
+    ds = dp_datums()
     plan = plan_step(ds, "cispo", None, 3)
     assert len(plan.chunks) == 4
     assert shares(plan, ds, 1) == [[0, 1, 2, 3]]
@@ -51,24 +31,13 @@ def test_shares_are_contiguous_balanced_and_cover_every_micro_batch() -> None:
     assert sum(1 for s in eight if not s) == 4
 
 
-def _single_process(model_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
-    trainer = Trainer(model_dir, LORA, dtype="float32", seed=0)
-    metrics = []
-    for step in range(STEPS):
-        m, _ = forward_backward(trainer, _datums(), CONFIG.loss, loss_config(CONFIG), CONFIG.micro_batch_size)
-        lr = lr_at(CONFIG.schedule, CONFIG.learning_rate, step)
-        m["grad_norm"] = trainer.optim_step(lr, CONFIG.betas, CONFIG.weight_decay, CONFIG.max_grad_norm)
-        metrics.append(m)
-    state = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    return state, metrics
-
-
 def _worker(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
-    w = TrainerWorker(model_dir, LORA, GroupSpec(rank, world, init), dtype="float32", seed=rank, threads=1)
+    w = TrainerWorker(model_dir, DP_LORA, GroupSpec(rank, world, init), dtype="float32", seed=rank, threads=1)
     t0 = time.perf_counter()
-    metrics = [w.train_datums(_datums(), CONFIG, step) for step in range(STEPS)]
-    seconds = (time.perf_counter() - t0) / STEPS
-    w.save(Path(out) / "ckpt")
+    metrics = [w.train_datums(dp_datums(), DP_CONFIG, step) for step in range(DP_STEPS)]
+    seconds = (time.perf_counter() - t0) / DP_STEPS
+    if rank == 0:
+        w.save(Path(out) / "ckpt")
     torch.save({"state": w.adapter_state(), "metrics": metrics, "seconds": seconds}, Path(out) / f"{rank}.pt")
     w.close()
 
@@ -76,7 +45,9 @@ def _worker(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
 def _run_workers(world: int, model_dir: Path, out: Path) -> list[dict]:
     ctx = mp.get_context("spawn")
     init = f"file://{out / 'rendezvous'}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init, str(model_dir), str(out))) for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, init, str(model_dir), str(out))) for r in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -91,7 +62,7 @@ def _run_workers(world: int, model_dir: Path, out: Path) -> list[dict]:
 def test_two_workers_give_the_same_adapter_as_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
     """M = 2 (gloo) against the single-process trainer, two AdamW steps on the same datums. The workers start
     from different seeds: the broadcast at start makes their adapters equal anyway."""
-    want_state, want_metrics = _single_process(tiny_model_dir)
+    want_state, want_metrics = single_process_steps(tiny_model_dir)
     got = _run_workers(2, tiny_model_dir, tmp_path)
     # The two workers hold identical adapters (same summed gradient, same AdamW state): bit for bit.
     for n, v in got[0]["state"].items():
@@ -107,7 +78,7 @@ def test_two_workers_give_the_same_adapter_as_one_process(tiny_model_dir: Path, 
             assert have[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
         assert have["trainer_workers"] == 2.0
     # Worker 0 wrote a checkpoint the single-process trainer loads.
-    reloaded = Trainer(tiny_model_dir, LORA, dtype="float32")
+    reloaded = Trainer(tiny_model_dir, DP_LORA, dtype="float32")
     reloaded.load(tmp_path / "ckpt")
     for n, p in reloaded.model.named_parameters():
         if p.requires_grad:

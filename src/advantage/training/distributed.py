@@ -1,6 +1,6 @@
 """Data-parallel LoRA training over torch.distributed: M workers, one optimizer step, one adapter.
 
-Each worker (a process, or a Ray actor: `backends/ray_placement.py`) holds the whole base model and the
+Each worker (a process, or a Ray actor: `training/ray_workers.py`) holds the whole base model and the
 adapter, and joins one process group (gloo on the CPU, NCCL on CUDA). For one optimizer step every worker
 gets the same datums and cuts them into the same weighted micro-batches (`primitives.plan_step`); worker r
 runs only its share of them (`shares`: contiguous runs of micro-batches with about equal token counts, so
@@ -180,16 +180,13 @@ class TrainerWorker:
         }
 
     def save(self, out: str | Path) -> None:
-        """Worker 0 writes the checkpoint (adapter + optimizer); the others hold the same state."""
-        if self.rank == 0:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            self.trainer.save(Path(out))
-        dist.barrier()
+        """Write the checkpoint (adapter + optimizer). Every worker holds the same state: call it on one."""
+        Path(out).mkdir(parents=True, exist_ok=True)
+        self.trainer.save(Path(out))
 
     def load(self, src: str | Path) -> None:
-        """Every worker reads the checkpoint (a directory they all see)."""
+        """Read a checkpoint: call it on every worker, with a directory each of them sees."""
         self.trainer.load(Path(src))
-        dist.barrier()
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights on the CPU, by parameter name."""
