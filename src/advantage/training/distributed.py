@@ -43,7 +43,7 @@ class GroupSpec:
     init_method: str
     """Where the workers meet: "tcp://HOST:PORT" (rank 0's host), or "file:///a/shared/path"."""
     backend: str | None = None
-    """"gloo" or "nccl"; None picks NCCL on CUDA and gloo on the CPU."""
+    """The backend, "gloo" or "nccl"; None picks NCCL on CUDA and gloo on the CPU."""
     timeout_s: float = 600.0
     """How long a collective waits for the other workers before it fails (a dead worker shows up here)."""
 

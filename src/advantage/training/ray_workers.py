@@ -17,6 +17,7 @@ Ray is imported only here, and only when a group starts: with one trainer worker
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from advantage.config import LoRAConfig, TrainConfig
-from advantage.training.distributed import GroupSpec, TrainerWorker
+from advantage.training.distributed import GroupSpec, TrainerWorker, free_port_init_method
 from advantage.training.grpo import build_datums, completion_metrics
 from advantage.training.primitives import Progress
 from advantage.training.trainer import Datum, Trainer
@@ -71,10 +72,8 @@ class TrainerActor:
         self.worker: TrainerWorker | None = None
 
     def rendezvous(self) -> str:
-        """ "tcp://node-ip:free-port" for the group, asked of worker 0."""
+        """The group's rendezvous, "tcp://node-ip:free-port", asked of worker 0."""
         import ray
-
-        from advantage.training.distributed import free_port_init_method
 
         return free_port_init_method(ray.util.get_node_ip_address())
 
@@ -83,8 +82,6 @@ class TrainerActor:
     ) -> int:
         device = "cuda" if gpu else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPUs
         self.worker = TrainerWorker(model_dir, lora, spec, dtype=dtype, device=device, threads=threads)
-        import os
-
         return os.getpid()
 
     def train_datums(self, datums: list[Datum], config: TrainConfig, step: int) -> dict[str, float]:
@@ -137,8 +134,6 @@ class RayTrainerGroup(Trainer):
         if not ray.is_initialized():
             local = placement.ray_address is None
             if local:
-                import os
-
                 need = int(placement.workers * placement.cpus_per_worker + 0.999)
                 cpus = max(os.cpu_count() or 1, need)
                 ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
@@ -158,7 +153,7 @@ class RayTrainerGroup(Trainer):
                 "or fewer CPUs/GPUs per worker."
             ) from None
         remote = ray.remote(TrainerActor)
-        actors = [
+        actors: list[Any] = [  # actor handles: their methods are called with .remote()
             remote.options(
                 num_cpus=placement.cpus_per_worker,
                 num_gpus=placement.gpus_per_worker,
@@ -168,7 +163,7 @@ class RayTrainerGroup(Trainer):
         ]
         group = cls(model_dir, actors, pg, local)
         try:
-            init = ray.get(actors[0].rendezvous.remote())
+            init: str = ray.get(actors[0].rendezvous.remote())
             threads = max(1, int(placement.cpus_per_worker))
             gpu = placement.gpus_per_worker > 0
             ray.get(
