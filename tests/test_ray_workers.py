@@ -1,8 +1,9 @@
 """Trainer workers placed as Ray actors (`training/ray_workers.py`), on a local Ray cluster on the CPU.
 
-With one worker and no address nothing changes and Ray is never imported (a fast test, run by default).
-The Ray tests start a local cluster and two actors that each load torch and the model: about 50 s before
-the first step on a busy two-core box, so they are `slow`; they skip when Ray is not installed."""
+With one worker and no address nothing changes and Ray is never imported. The Ray tests share one local
+cluster (5-16 s to start) and skip when Ray is not installed. Measured on the two-core dev box, each took
+15-21 s idle and up to 51 s under load: the LocalBackend ones (a two-step run, a killed worker) run by
+default; the equality and checkpoint round trip is `slow` (test_distributed.py covers the equality)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -116,7 +118,6 @@ def test_ray_workers_match_one_process_and_round_trip_checkpoints(
 
 
 @needs_ray
-@pytest.mark.slow
 async def test_local_backend_trains_on_two_ray_workers(
     ray_cluster: None, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -145,5 +146,54 @@ async def test_local_backend_trains_on_two_ray_workers(
             if p.requires_grad:
                 assert torch.equal(states[0][n], states[1][n]), n
                 torch.testing.assert_close(p.detach(), states[0][n])
+    finally:
+        await backend.close()
+
+
+@needs_ray
+async def test_a_killed_trainer_worker_fails_the_step_and_the_next_resumes_from_the_checkpoint(
+    ray_cluster: None, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Worker 1 dies mid-step: the step raises a clear error, nothing is published, and the next call starts
+    fresh workers from the last checkpoint (step 1), so the next `train` publishes step 2 from there."""
+    import ray
+
+    backend = adv.LocalBackend(tmp_path, progress=False, trainer_workers=2)
+    model = adv.TrainableModel("kill", project="t", base_model=str(tiny_model_dir), lora=LoRAConfig(r=4))
+    await model.register(backend)
+    config = adv.TrainConfig(learning_rate=1e-2, micro_batch_size=2)
+    try:
+        groups = await adv.gather_trajectory_groups(
+            [[toy_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+        )
+        assert (await model.train(groups, config)).step == 1
+        group = backend.service.model_entry("kill").trainer
+        assert isinstance(group, RayTrainerGroup)
+
+        def die_in_the_middle_of_the_step(actor: Any) -> None:
+            """Runs in worker 1 (a nested function: Ray ships it by value): its next micro-batch kills its
+            process, before the gradient all-reduce, so worker 0 is left waiting in the collective."""
+            import os
+
+            actor.worker.trainer.forward_backward = lambda *args, **kwargs: os._exit(1)
+
+        ray.get(group.actors[1].__ray_call__.remote(die_in_the_middle_of_the_step))
+        with pytest.raises(RuntimeError, match="trainer worker failed during step 2; nothing was saved"):
+            await model.train(groups, config)
+        assert await model.get_step() == 1 and model.get_inference_name() == "kill@1"
+        assert not (backend.run_dir(model) / "0002").exists()
+        served = [m.id for m in (await model.openai_client().models.list()).data]
+        assert "kill@2" not in served
+        # The next call restarts both workers (the survivor's group is broken too) on step 1's checkpoint.
+        states = group.adapter_states()
+        plain = Trainer(tiny_model_dir, LoRAConfig(r=4))
+        plain.load(backend.run_dir(model) / "0001")
+        for n, p in plain.model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(states[0][n], p.detach())
+                assert torch.equal(states[0][n], states[1][n]), n
+        result = await model.train(groups, config)
+        assert result.step == 2 and result.metrics["trainer_workers"] == 2.0
+        assert model.get_inference_name() == "kill@2"
     finally:
         await backend.close()

@@ -66,8 +66,8 @@ def serve(
         int,
         typer.Option(
             min=1,
-            help="Data-parallel trainer workers per trainable model, placed as Ray actors (needs "
-            "advantage[ray]); 1 trains in this process.",
+            help="Data-parallel trainer workers per trainable model, placed as Ray actors (needs the "
+            "optional ray extra); 1 trains in this process.",
         ),
     ] = 1,
     ray_address: Annotated[

@@ -12,6 +12,10 @@ loads), sends the datums to every worker once (Ray's object store) and runs one 
 workers need no shared directory with this process, only the base model at the same path. The low-level
 API (forward, forward_backward, optim_step) and SFT are not distributed: on a group they raise.
 
+A failed call (a worker died, or raised) raises at once with what failed; nothing is saved or published.
+Every worker is then stopped (the survivors' process group is broken), and the next call starts fresh
+ones on the last checkpoint saved or loaded: the last step the service published.
+
 Ray is imported only here, and only when a group starts: with one trainer worker nothing imports it.
 """
 
@@ -116,11 +120,16 @@ class RayTrainerGroup(Trainer):
     It holds no model: only the tokenizer (to build the datums). Attributes of a single `Trainer` that it
     does not have (the model, the optimizer, the low-level primitives) raise AttributeError saying so."""
 
-    def __init__(self, model_dir: str | Path, actors: list[Any], placement_group: Any, local: bool) -> None:
+    def __init__(
+        self, model_dir: str | Path, lora: LoRAConfig, placement: Placement, placement_group: Any, local: bool
+    ) -> None:
         # Not Trainer.__init__: the model lives in the actors.
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.actors = actors
+        self.model_dir, self.lora, self.placement = str(model_dir), lora, placement
         self.placement_group = placement_group
+        self.actors: list[Any] = []  # actor handles: their methods are called with .remote()
+        self.broken = False  # a worker failed: the workers start afresh before the next call
+        self._state: dict[str, bytes] | None = None  # the files of the last checkpoint saved or loaded
         if local:
             _local_cluster_groups.append(self)
 
@@ -128,7 +137,6 @@ class RayTrainerGroup(Trainer):
     def start(cls, model_dir: str | Path, lora: LoRAConfig, placement: Placement) -> RayTrainerGroup:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         local = bool(_local_cluster_groups)  # a local cluster another group started is still up
         if not ray.is_initialized():
@@ -152,37 +160,56 @@ class RayTrainerGroup(Trainer):
                 f"{READY_TIMEOUT_S:.0f} s (cluster resources: {ray.cluster_resources()}). Ask for fewer workers "
                 "or fewer CPUs/GPUs per worker."
             ) from None
-        remote = ray.remote(TrainerActor)
-        actors: list[Any] = [  # actor handles: their methods are called with .remote()
-            remote.options(
-                num_cpus=placement.cpus_per_worker,
-                num_gpus=placement.gpus_per_worker,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-            ).remote()
-            for i in range(placement.workers)
-        ]
-        group = cls(model_dir, actors, pg, local)
+        group = cls(model_dir, lora, placement, pg, local)
         try:
-            init: str = ray.get(actors[0].rendezvous.remote())
-            threads = max(1, int(placement.cpus_per_worker))
-            gpu = placement.gpus_per_worker > 0
-            ray.get(
-                [
-                    a.setup.remote(
-                        str(model_dir),
-                        lora,
-                        GroupSpec(r, placement.workers, init),
-                        placement.dtype,
-                        gpu,
-                        threads,
-                    )
-                    for r, a in enumerate(actors)
-                ]
-            )
+            group._spawn()
         except BaseException:
             group.close()
             raise
         return group
+
+    def _spawn(self) -> None:
+        """Start one actor per bundle and have them form the torch.distributed group."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        pl = self.placement
+        remote = ray.remote(TrainerActor)
+        self.actors = [
+            remote.options(
+                num_cpus=pl.cpus_per_worker,
+                num_gpus=pl.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=i
+                ),
+            ).remote()
+            for i in range(pl.workers)
+        ]
+        init: str = ray.get(self.actors[0].rendezvous.remote())
+        threads = max(1, int(pl.cpus_per_worker))
+        gpu = pl.gpus_per_worker > 0
+        specs = [GroupSpec(r, pl.workers, init) for r in range(pl.workers)]
+        ray.get(
+            [
+                a.setup.remote(self.model_dir, self.lora, spec, pl.dtype, gpu, threads)
+                for a, spec in zip(self.actors, specs, strict=True)
+            ]
+        )
+
+    def _ensure_workers(self) -> None:
+        """After a failure: stop every worker (the survivors' group is broken too), start new ones, and load
+        the last checkpoint saved or loaded, i.e. the last step the service published."""
+        if not self.broken:
+            return
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self._spawn()
+        if self._state is not None:
+            files = ray.put(self._state)
+            ray.get([a.load_files.remote(files) for a in self.actors])
+        self.broken = False
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(
@@ -191,14 +218,21 @@ class RayTrainerGroup(Trainer):
         )
 
     def _all(self, calls: list[Any], what: str) -> list[Any]:
+        """Every call's result; the first failure raises at once (the others may wait on the dead worker in
+        a collective), and the workers restart before the next call."""
         import ray
 
         try:
+            pending = list(calls)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                ray.get(done)
             return list(ray.get(calls))
         except ray.exceptions.RayError as e:
+            self.broken = True
             raise RuntimeError(
-                f"A data-parallel trainer worker failed during {what}; nothing was saved or published. "
-                f"Cause: {e}"
+                f"A data-parallel trainer worker failed during {what}; nothing was saved or published, and "
+                f"the next call restarts the workers from the last checkpoint. Cause: {e}"
             ) from e
 
     def train_step(
@@ -217,6 +251,7 @@ class RayTrainerGroup(Trainer):
         if not datums:
             metrics.update(skipped_step=1.0, seconds=time.perf_counter() - t0)
             return metrics
+        self._ensure_workers()
         ref = ray.put(datums)  # one copy in the object store, read by every worker
         calls = [a.train_datums.remote(ref, config, step) for a in self.actors]
         results = self._all(calls, f"step {step + 1}")
@@ -228,18 +263,24 @@ class RayTrainerGroup(Trainer):
         return metrics
 
     def save(self, out: Path) -> None:
-        files = self._all([self.actors[0].save_files.remote()], "a checkpoint save")[0]
+        self._ensure_workers()
+        files: dict[str, bytes] = self._all([self.actors[0].save_files.remote()], "a checkpoint save")[0]
         for name, data in files.items():
             (out / name).write_bytes(data)
+        self._state = files
 
     def load(self, src: Path) -> None:
         import ray
 
-        files = ray.put({p.name: p.read_bytes() for p in Path(src).iterdir() if p.is_file()})
+        state = {p.name: p.read_bytes() for p in Path(src).iterdir() if p.is_file()}
+        self._state = state  # a restart reloads it, whether or not this load completes
+        self._ensure_workers()
+        files = ray.put(state)
         self._all([a.load_files.remote(files) for a in self.actors], "a checkpoint load")
 
     def adapter_states(self) -> list[dict[str, Any]]:
         """Each worker's adapter weights (for tests: they must be equal)."""
+        self._ensure_workers()
         return self._all([a.adapter_state.remote() for a in self.actors], "a state read")
 
     def close(self) -> None:
@@ -247,7 +288,7 @@ class RayTrainerGroup(Trainer):
         started shuts it down; a cluster joined by address stays up."""
         import ray
 
-        if not ray.is_initialized() or not self.actors:
+        if not ray.is_initialized() or self.placement_group is None:
             return
         from ray.util.placement_group import remove_placement_group
 
@@ -255,6 +296,7 @@ class RayTrainerGroup(Trainer):
             ray.kill(a)
         self.actors = []
         remove_placement_group(self.placement_group)
+        self.placement_group = None
         if self in _local_cluster_groups:
             _local_cluster_groups.remove(self)
             if not _local_cluster_groups:
