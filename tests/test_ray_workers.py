@@ -1,8 +1,8 @@
 """Trainer workers placed as Ray actors (`training/ray_workers.py`), on a local Ray cluster on the CPU.
 
 With one worker and no address nothing changes and Ray is never imported. The Ray tests share one local
-cluster (5-16 s to start) and skip when Ray is not installed. Measured on the two-core dev box, each took
-15-21 s idle and up to 51 s under load: the LocalBackend ones (a two-step run, a killed worker) run by
+cluster (5-16 s to start) and skip when Ray is not installed. On the two-core dev box each took 15-21 s
+when it was quiet and 42-75 s under load: the LocalBackend ones (a two-step run, a killed worker) run by
 default; the equality and checkpoint round trip is `slow` (test_distributed.py covers the equality)."""
 
 from __future__ import annotations
