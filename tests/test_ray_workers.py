@@ -38,6 +38,12 @@ def test_one_worker_needs_no_ray_and_bad_placements_are_refused() -> None:
             Placement(**bad)  # type: ignore[arg-type]
 
 
+def test_trainer_workers_without_ray_say_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ImportError, match=r"pip install 'advantage\[ray\]'"):
+        RayTrainerGroup.start("unused", DP_LORA, Placement(workers=2))
+
+
 NO_RAY_SCRIPT = textwrap.dedent(
     """
     import asyncio, sys

@@ -135,7 +135,13 @@ class RayTrainerGroup(Trainer):
 
     @classmethod
     def start(cls, model_dir: str | Path, lora: LoRAConfig, placement: Placement) -> RayTrainerGroup:
-        import ray
+        try:
+            import ray
+        except ImportError as e:
+            raise ImportError(
+                f"{placement.workers} trainer workers (or a Ray address) need Ray, an optional extra: "
+                "pip install 'advantage[ray]'. With trainer_workers=1 the trainer runs in this process."
+            ) from e
         from ray.util.placement_group import placement_group, remove_placement_group
 
         local = bool(_local_cluster_groups)  # a local cluster another group started is still up
