@@ -203,3 +203,44 @@ async def test_a_killed_trainer_worker_fails_the_step_and_the_next_resumes_from_
         assert model.get_inference_name() == "kill@2"
     finally:
         await backend.close()
+
+
+@needs_ray
+@pytest.mark.slow
+async def test_serve_with_trainer_workers_trains_over_http(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`advantage serve --trainer-workers 2` (its own local Ray cluster): a RemoteBackend registers and trains
+    one step, done by the two workers; SIGTERM stops the server, its workers and its cluster."""
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "advantage", "serve", "--trainer-workers", "2", "--port", str(port)]
+    cmd += ["--root", str(tmp_path / "root"), "--base-model", str(tiny_model_dir), "--api-key", "k"]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        backend = adv.RemoteBackend(f"http://127.0.0.1:{port}", api_key="k", progress=False)
+        model = adv.TrainableModel("remote-dp", project="t", base_model=str(tiny_model_dir))
+        await model.register(backend)
+        groups = await adv.gather_trajectory_groups(
+            [[toy_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+        )
+        result = await model.train(groups, adv.TrainConfig(learning_rate=1e-2))
+        assert result.step == 1 and result.metrics["trainer_workers"] == 2.0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()

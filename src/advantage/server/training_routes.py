@@ -57,6 +57,7 @@ from advantage.server.parsing import OffLoopRoute
 from advantage.server.schemas import INTERNAL_ERROR, APIError, queue_full
 from advantage.service import ModelEntry, Service, UnknownServedModel, check_name
 from advantage.service_ops import OPS, check_group, run_op
+from advantage.training.ray_workers import RayTrainerGroup
 from advantage.trajectory import TrajectoryGroup
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,8 @@ def _trainable(service: Service, name: str) -> ModelEntry:
 
 def _vocab_size(entry: ModelEntry) -> int:
     assert entry.trainer is not None
+    if isinstance(entry.trainer, RayTrainerGroup):  # data-parallel workers: the model is in them
+        return entry.trainer.vocab_size
     return int(entry.trainer.model.get_base_model().config.vocab_size)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.training.distributed import GroupSpec, TrainerWorker, free_port_init_method
@@ -125,6 +125,7 @@ class RayTrainerGroup(Trainer):
     ) -> None:
         # Not Trainer.__init__: the model lives in the actors.
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.vocab_size = int(AutoConfig.from_pretrained(model_dir).vocab_size)  # the ids training accepts
         self.model_dir, self.lora, self.placement = str(model_dir), lora, placement
         self.placement_group = placement_group
         self.actors: list[Any] = []  # actor handles: their methods are called with .remote()
