@@ -23,9 +23,9 @@ import torch
 
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.training.distributed import GroupSpec, TrainerWorker, worker_threads
-from advantage.training.grpo import loss_config
 from advantage.training.primitives import forward_backward
-from advantage.training.trainer import Datum, Trainer
+from advantage.training.trainer import Trainer
+from advantage.wire.datum import Datum
 
 CONFIG = TrainConfig(learning_rate=1e-4, micro_batch_size=4, loss="cispo")
 LORA = LoRAConfig(r=8)
@@ -39,7 +39,8 @@ def batch() -> list[Datum]:
         for c in range(4):
             comp = [6000 + 97 * g + 31 * c + k for k in range(31)] + [2]
             old = [0.0] * len(prompt) + [-2.0] * len(comp)
-            out.append(Datum(prompt + comp, [0] * len(prompt) + [1] * len(comp), old, float(c) - 1.5))
+            mask = [0.0] * len(prompt) + [1.0] * len(comp)
+            out.append(Datum(input_ids=prompt + comp, loss_mask=mask, logprobs=old, advantage=float(c) - 1.5))
     return out
 
 
@@ -48,8 +49,8 @@ def single(model_dir: str, dtype: str, steps: int) -> list[float]:
     times = []
     for _ in range(steps + 1):
         t0 = time.perf_counter()
-        forward_backward(trainer, batch(), CONFIG.loss, loss_config(CONFIG), CONFIG.micro_batch_size)
-        trainer.optim_step(1e-4, CONFIG.betas, CONFIG.weight_decay, CONFIG.max_grad_norm)
+        forward_backward(trainer, batch(), CONFIG.loss, CONFIG, CONFIG.micro_batch_size)
+        trainer.optim_step(CONFIG)
         times.append(time.perf_counter() - t0)
     return times[1:]
 

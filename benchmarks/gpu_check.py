@@ -52,7 +52,13 @@ from advantage.training.grpo import loss_config  # noqa: E402
 from advantage.training.primitives import forward, forward_backward  # noqa: E402
 from advantage.training.trainer import Datum, Trainer  # noqa: E402
 
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+MODEL_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def make_model(config_dir: Path, out: Path, small: bool, logit_scale: float, seed: int) -> None:
@@ -94,15 +100,24 @@ async def _generate(
 ) -> tuple[list[Datum], float, int]:
     """All groups at once; returns (datums with the sampler's logprobs, seconds, generated tokens)."""
     t0 = time.perf_counter()
-    params = [SamplingParams(max_tokens=new, temperature=1.0, seed=seed + 1000 * g, n=n) for g in range(len(prompts))]
-    results = await asyncio.gather(*(engine.generate(p, sp, adapter) for p, sp in zip(prompts, params, strict=True)))
+    params = [
+        SamplingParams(max_tokens=new, temperature=1.0, seed=seed + 1000 * g, n=n)
+        for g in range(len(prompts))
+    ]
+    results = await asyncio.gather(
+        *(engine.generate(p, sp, adapter) for p, sp in zip(prompts, params, strict=True))
+    )
     seconds = time.perf_counter() - t0
     datums, tokens = [], 0
     for ids, cs in zip(prompts, results, strict=True):
         for c in cs:
             tokens += len(c.token_ids)
             datums.append(
-                Datum(ids + c.token_ids, [0] * len(ids) + [1] * len(c.token_ids), [0.0] * len(ids) + c.logprobs)
+                Datum(
+                    input_ids=ids + c.token_ids,
+                    loss_mask=[0] * len(ids) + [1] * len(c.token_ids),
+                    logprobs=[0.0] * len(ids) + c.logprobs,
+                )
             )
     return datums, seconds, tokens
 
@@ -173,13 +188,13 @@ async def bench_dtype(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
         steps = []
         for step in range(args.train_steps):  # the first includes the trainer's warm-up
             adv = [(1.0 if (i * 7 + step) % 3 else -1.0) for i in range(len(datums))]
-            batch = [Datum(d.input_ids, d.loss_mask, d.old_logprobs, a) for d, a in zip(datums, adv, strict=True)]
+            batch = [d.model_copy(update={"advantage": a}) for d, a in zip(datums, adv, strict=True)]
             _sync(dev)
             t = time.perf_counter()
             fb, _ = forward_backward(trainer, batch, cfg.loss, loss_config(cfg), cfg.micro_batch_size)
             _sync(dev)
             t_fb = time.perf_counter()
-            grad_norm = trainer.optim_step(cfg.learning_rate, cfg.betas, cfg.weight_decay, cfg.max_grad_norm)
+            grad_norm = trainer.optim_step(cfg)
             _sync(dev)
             t_opt = time.perf_counter()
             adir = tmp / f"step{step + 1}"
@@ -247,13 +262,17 @@ def main() -> None:
     mk.add_argument("--config-dir", type=Path, required=True)
     mk.add_argument("--out", type=Path, required=True)
     mk.add_argument("--small", action="store_true", help="4 layers instead of 30 (a CPU rehearsal)")
-    mk.add_argument("--logit-scale", type=float, default=12.0, help="final norm's weight x this: peaked logits")
+    mk.add_argument(
+        "--logit-scale", type=float, default=12.0, help="final norm's weight x this: peaked logits"
+    )
     mk.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("bench", help="generation, a GRPO step and logprob agreement")
     b.add_argument("--model-dir", type=Path, required=True)
     b.add_argument("--device", default="cuda")
     b.add_argument("--dtypes", default="bfloat16,float32")
-    b.add_argument("--small", action="store_true", help="2 groups x 4 rollouts x 16 tokens, 1 repeat, 2 steps")
+    b.add_argument(
+        "--small", action="store_true", help="2 groups x 4 rollouts x 16 tokens, 1 repeat, 2 steps"
+    )
     b.add_argument("--groups", type=int, default=4)
     b.add_argument("--group-size", type=int, default=8)
     b.add_argument("--new-tokens", type=int, default=64)

@@ -59,7 +59,7 @@ async def measure(dtype: str, head: str, groups: int, group_size: int) -> dict[s
             for c in await job:
                 full = ids + c.token_ids
                 mask = [0] * len(ids) + [1] * len(c.token_ids)
-                datums.append(Datum(full, mask, [0.0] * len(ids) + c.logprobs))
+                datums.append(Datum(input_ids=full, loss_mask=mask, logprobs=[0.0] * len(ids) + c.logprobs))
     finally:
         engine.close()
     masks = [d.loss_mask for d in datums]

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples`
 
 import torch  # noqa: E402
 
-from advantage.config import LoRAConfig  # noqa: E402
+from advantage.config import AdamParams, LoRAConfig  # noqa: E402
 from advantage.engine.chat import render_prompt  # noqa: E402
 from advantage.engine.models import resolve_model_path  # noqa: E402
 from advantage.tasks.tool_use import single_turn  # noqa: E402
@@ -66,7 +66,7 @@ def make_datums(trainer: Trainer, groups: int, group_size: int, lo: int, hi: int
                 Datum(
                     input_ids=prompt + completion,
                     loss_mask=[0] * len(prompt) + [1] * n,
-                    old_logprobs=[0.0] * len(prompt) + [-rng.uniform(0.1, 3.0) for _ in range(n)],
+                    logprobs=[0.0] * len(prompt) + [-rng.uniform(0.1, 3.0) for _ in range(n)],
                     advantage=(k - (group_size - 1) / 2) / group_size + 0.01 * g,
                 )
             )
@@ -93,7 +93,7 @@ def ours(
     trainer.pack_suffixes = packed
     t0 = time.perf_counter()
     metrics, _ = primitives.forward_backward(trainer, datums, "cispo", micro_batch_size=mbs)
-    trainer.optim_step(1e-6, (0.9, 0.99), 0.0, 1.0)
+    trainer.optim_step(AdamParams(learning_rate=1e-6))
     return time.perf_counter() - t0, metrics
 
 

@@ -181,7 +181,7 @@ def run_ours(a: argparse.Namespace) -> dict[str, Any]:
                 if batch:
                     cfg = {"eps": 0.2, "eps_high": 0.2, "agg": "token_mean"}
                     await tc.forward_backward(batch, "ppo", cfg, micro_batch_size=a.micro_batch)
-                    await tc.optim_step(adv.AdamParams(lr=a.lr, betas=(0.9, 0.99)))
+                    await tc.optim_step(adv.AdamParams(learning_rate=a.lr, betas=(0.9, 0.99)))
                     await tc.save_weights({"reward": statistics.fmean(rewards)})
                 seconds = time.perf_counter() - t0
                 steps.append(

@@ -8,10 +8,10 @@ import torch
 
 import advantage as adv
 from advantage.config import LoRAConfig, TrainConfig
-from advantage.training.grpo import loss_config
 from advantage.training.primitives import forward_backward
 from advantage.training.schedules import lr_at
-from advantage.training.trainer import Datum, Trainer
+from advantage.training.trainer import Trainer
+from advantage.wire.datum import Datum
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 WEATHER_TOOL = {
@@ -49,7 +49,10 @@ def dp_datums() -> list[Datum]:
             comp = [400 + 7 * g + c, 500 + c, 600 + g, 700 + c * g][: 2 + (g + c) % 3] + [2]
             n = len(prompt) + len(comp)
             old = [0.0] * len(prompt) + [-1.5 - 0.1 * k for k in range(len(comp))]
-            out.append(Datum(prompt + comp, [0] * len(prompt) + [1] * len(comp), old[:n], a * (1 + g)))
+            mask = [0.0] * len(prompt) + [1.0] * len(comp)
+            out.append(
+                Datum(input_ids=prompt + comp, loss_mask=mask, logprobs=old[:n], advantage=a * (1 + g))
+            )
     return out
 
 
@@ -58,13 +61,9 @@ def single_process_steps(model_dir: Path) -> tuple[dict[str, torch.Tensor], list
     trainer = Trainer(model_dir, DP_LORA, dtype="float32", seed=0)
     metrics = []
     for step in range(DP_STEPS):
-        m, _ = forward_backward(
-            trainer, dp_datums(), DP_CONFIG.loss, loss_config(DP_CONFIG), DP_CONFIG.micro_batch_size
-        )
+        m, _ = forward_backward(trainer, dp_datums(), DP_CONFIG.loss, DP_CONFIG, DP_CONFIG.micro_batch_size)
         lr = lr_at(DP_CONFIG.schedule, DP_CONFIG.learning_rate, step)
-        m["grad_norm"] = trainer.optim_step(
-            lr, DP_CONFIG.betas, DP_CONFIG.weight_decay, DP_CONFIG.max_grad_norm
-        )
+        m["grad_norm"] = trainer.optim_step(DP_CONFIG, lr=lr)
         metrics.append(m)
     state = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     return state, metrics

@@ -169,7 +169,7 @@ async def test_compute_logprobs_is_a_plain_forward_under_any_served_step(
     assert alone[0] == pytest.approx(step0[0], abs=1e-6)
 
     await tc.forward_backward(datums, "cross_entropy")
-    await tc.optim_step(adv.AdamParams(lr=5e-2))
+    await tc.optim_step(adv.AdamParams(learning_rate=5e-2))
     assert await tc.save_weights() == "m@1"
     step1 = await tc.compute_logprobs(datums)  # the latest step by default
     assert await tc.compute_logprobs(datums, model="m@0") == step0
@@ -252,7 +252,7 @@ async def test_distillation_lowers_the_reverse_kl_to_the_teacher(
     sft = adv.Datum(input_ids=prompt + target, loss_mask=[0.0] * len(prompt) + [1.0] * len(target))
     for _ in range(8):
         await ttc.forward_backward([sft], "cross_entropy")
-        await ttc.optim_step(adv.AdamParams(lr=5e-2))
+        await ttc.optim_step(adv.AdamParams(learning_rate=5e-2))
     teacher_name = await ttc.save_weights()
 
     student = await _model(local, "student", sharp_tiny_dir)
@@ -264,7 +264,7 @@ async def test_distillation_lowers_the_reverse_kl_to_the_teacher(
         batch, metrics = adv.distill_datums(datums, scores)
         kls.append(metrics["distill/reverse_kl"])
         await tc.forward_backward(batch, "importance_sampling")
-        await tc.optim_step(adv.AdamParams(lr=5e-2))
+        await tc.optim_step(adv.AdamParams(learning_rate=5e-2))
         await tc.save_weights(metrics)
     assert kls[0] > 1.0  # the teacher finds the fresh student's samples unlikely
     assert sum(kls[-2:]) < 0.75 * sum(kls[:2]), kls

@@ -45,7 +45,7 @@ async def test_dpo_steps_raise_the_chosen_minus_rejected_margin(tmp_path: Path, 
         metrics = []
         for _ in range(3):
             out = await tc.forward_backward_dpo(pairs, beta=0.1)
-            await tc.optim_step(adv.AdamParams(lr=1e-3))
+            await tc.optim_step(adv.AdamParams(learning_rate=1e-3))
             metrics.append(out.metrics)
         after = await _margin(tc, pairs)
 

@@ -32,6 +32,7 @@ import torch
 
 import advantage.service as service_module
 from advantage.backends.local import LocalBackend
+from advantage.config import AdamParams
 from advantage.engine.sampling import SamplingParams
 from advantage.engine.torch_engine import QueueFull
 from advantage.server import guard
@@ -427,7 +428,7 @@ def test_a_step_that_breaks_the_weights_is_undone(
         lr = 1e39
         expected = pytest.raises(RuntimeError, match="overflow")
     with expected:
-        asyncio.run(service.on_train_thread(trainer.optim_step, lr, (0.9, 0.99), 0.0, 1.0))
+        asyncio.run(service.on_train_thread(trainer.optim_step, AdamParams(), lr))
     monkeypatch.undo()
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(service), strict=True))
     state_after = [_state(trainer.optimizer.state.get(p, {})) for p in trainer.params]

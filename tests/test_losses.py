@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import typing
 
 import pytest
 import torch
 from torch import Tensor
 
+from advantage.config import LossName, PolicyLoss
 from advantage.training.losses import (
     LOSSES,
     LossConfig,
@@ -54,6 +56,7 @@ def random_batch(seed: int = 0, b: int = 4, t: int = 6, spread: float = 0.5) -> 
 
 
 # ---- hand-computed values ----------------------------------------------------------------------------------
+
 
 # PPO, clip range [1 − 0.2, 1 + 0.28] = [0.8, 1.28]; ℓ = −min(ρA, clip(ρ)A)
 #   seq 0, A = +1: ρ 1.5 → −min(1.5, 1.28) = −1.28 (clipped); ρ 0.9 → −0.9
@@ -308,15 +311,21 @@ def test_dpo_in_the_registry_sums_each_rows_masked_tokens() -> None:
 # ---- registry and errors -----------------------------------------------------------------------------------
 
 
+def _names(t: object) -> set[str]:
+    return {x for a in typing.get_args(t) for x in (_names(a) if typing.get_args(a) else {a})}
+
+
 def test_registry() -> None:
     assert set(LOSSES) == {"ppo", "grpo", "cispo", "gspo", "importance_sampling", "cross_entropy", "dpo"}
+    assert set(LOSSES) == _names(LossName)  # the names configs take, without torch, are the registry's
+    assert _names(PolicyLoss) <= set(LOSSES)
     assert get_loss("grpo") is ppo_loss
     with pytest.raises(ValueError, match="unknown loss 'dapo'.*cispo.*cross_entropy.*grpo"):
         get_loss("dapo")
 
 
 def test_bad_config_raises() -> None:
-    with pytest.raises(ValueError, match="agg must be one of"):
+    with pytest.raises(ValueError, match="agg\n.*'token_mean', 'seq_mean' or 'dr_grpo'"):
         LossConfig(agg="sum")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="eps"):
         LossConfig(eps=1.5)

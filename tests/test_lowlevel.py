@@ -18,6 +18,7 @@ import advantage as adv
 from advantage.backends.remote import BackendRequestError
 from advantage.server.runner import BackgroundServer
 from advantage.service import Service
+from advantage.wire.ops import DatumsRequest
 
 pytestmark = pytest.mark.integration
 KEY = "k"
@@ -86,7 +87,9 @@ async def test_cispo_primitives_equal_model_train(local: adv.LocalBackend, tiny_
     tc = await b.training_client()
     datums = await tc.datums_from_groups(groups, config)
     out = await tc.forward_backward(datums, "cispo")
-    stepped = await tc.optim_step(adv.AdamParams(lr=LR, betas=config.betas, grad_clip=config.max_grad_norm))
+    stepped = await tc.optim_step(
+        adv.AdamParams(learning_rate=LR, betas=config.betas, max_grad_norm=config.max_grad_norm)
+    )
     assert await tc.save_weights() == "b@1" and b.get_inference_name() == "b@1"
 
     _assert_same(_params(local.service, "a"), _params(local.service, "b"))
@@ -114,7 +117,7 @@ async def test_custom_loss_equals_builtin(local: adv.LocalBackend, tiny_model_di
     assert out_c.metrics["custom"] == 1.0
     assert out_c.metrics["loss"] == pytest.approx(out_b.metrics["loss"], rel=1e-5)
     for tc in (tc_b, tc_c):
-        await tc.optim_step(adv.AdamParams(lr=LR))
+        await tc.optim_step(adv.AdamParams(learning_rate=LR))
     _assert_same(_params(local.service, "builtin"), _params(local.service, "custom"))
 
 
@@ -136,7 +139,7 @@ async def test_custom_loss_same_update_locally_and_remotely(
     for model in (here, there):
         tc = await model.training_client()
         outs.append(await tc.forward_backward(datums, reinforce_with_length_penalty))
-        await tc.optim_step(adv.AdamParams(lr=LR))
+        await tc.optim_step(adv.AdamParams(learning_rate=LR))
         assert await tc.save_weights() == "same@1"
     assert outs[0].metrics["loss"] == pytest.approx(outs[1].metrics["loss"], rel=1e-6)
     _assert_same(_params(local.service, "same"), _params(remote_service, "same"))
@@ -155,7 +158,7 @@ async def test_dpo_same_update_in_one_piece_locally_and_pair_by_pair_remotely(
     for model, mbs in ((here, 8), (there, 2)):  # all pairs in one micro-batch; one pair per micro-batch
         tc = await model.training_client()
         outs.append(await tc.forward_backward_dpo(pairs, beta=0.5, micro_batch_size=mbs))
-        await tc.optim_step(adv.AdamParams(lr=LR))
+        await tc.optim_step(adv.AdamParams(learning_rate=LR))
     assert outs[0].metrics["loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 0: policy = reference
     assert outs[1].metrics["loss"] == pytest.approx(outs[0].metrics["loss"], rel=1e-5)
     # Other micro-batches sum in another order; Adam's first step g/(|g| + eps) magnifies that a little where
@@ -183,7 +186,7 @@ async def test_save_weights_is_served_at_once_and_sample(
         logprobs=[0.0] * len(prompt) + seq.logprobs,
     )
     await tc.forward_backward([datum], "importance_sampling")
-    await tc.optim_step(adv.AdamParams(lr=LR))
+    await tc.optim_step(adv.AdamParams(learning_rate=LR))
     name = await tc.save_weights({"custom/metric": 1.5})
     assert name == "sw@1"
     after = await tc.sample(prompt, n=1, max_tokens=4, temperature=0.0)  # token-id prompt, latest weights
@@ -223,7 +226,8 @@ async def test_bad_input_is_a_clear_error(
         with pytest.raises(ValueError, match="seed"):  # once hung the engine: torch refused it mid-prefill
             await tc.sample(PROMPT, seed=2**64)
         with pytest.raises(ValueError, match="does not read as TrajectoryGroup"):
-            await model.backend.primitive(model, "datums", {"groups": [{}]})
+            bad = {"groups": [{"trajectories": [{"messages_and_choices": [{"x": 1}]}]}]}
+            await model.backend.datums(model.spec, DatumsRequest.model_validate(bad))
     with pytest.raises(BackendRequestError, match="outside the vocabulary"):  # remote: a 400 that says why
         model = await _model(remote, "bad2", tiny_model_dir)
         tc = await model.training_client()

@@ -23,7 +23,12 @@ def _datums() -> list[Datum]:
     prompt = [1, 5, 9, 13, 17, 21, 25]
     comps = [[50, 51, 52, 53, 54, 2], [30, 31, 2], [30, 40], [60]]  # rows of 6: [6], [3, 2, 1]
     return [
-        Datum(prompt + c, [0] * len(prompt) + [1] * len(c), [-1.0] * (len(prompt) + len(c)), adv)
+        Datum(
+            input_ids=prompt + c,
+            loss_mask=[0] * len(prompt) + [1] * len(c),
+            logprobs=[-1.0] * (len(prompt) + len(c)),
+            advantage=adv,
+        )
         for c, adv in zip(comps, [1.0, -0.5, 0.25, -0.75], strict=True)
     ]
 
@@ -67,7 +72,7 @@ def test_micro_batches_keep_groups_whole_and_neighbours_together():
     from advantage.training.primitives import micro_batches
 
     def datum(prompt: list[int]) -> Datum:
-        return Datum(prompt + [9], [0] * len(prompt) + [1])
+        return Datum(input_ids=prompt + [9], loss_mask=[0] * len(prompt) + [1])
 
     sys_a, sys_b = [1, 2, 3], [7, 7]
     datums = [datum(sys_b + [5])] * 3 + [datum(sys_a + [4])] * 3 + [datum(sys_a + [3])] * 2
@@ -92,7 +97,12 @@ def _tree_datums() -> list[Datum]:
         (2, [70, 71], [1, 1]),
     ]
     return [
-        Datum(prompts[g] + c, [0] * len(prompts[g]) + m, [-1.0] * (len(prompts[g]) + len(c)), 0.3 * (k - 2))
+        Datum(
+            input_ids=prompts[g] + c,
+            loss_mask=[0] * len(prompts[g]) + m,
+            logprobs=[-1.0] * (len(prompts[g]) + len(c)),
+            advantage=0.3 * (k - 2),
+        )
         for k, (g, c, m) in enumerate(comps)
     ]
 
@@ -136,7 +146,11 @@ def test_tree_layout_masks_and_positions_by_hand() -> None:
     from advantage.training.packing import layout
 
     # Shared prefix [1] (P = 1). Group A: rest [2], completions [3, 4] and [5]; group B: rest [6, 7], [8].
-    ds = [Datum([1, 2, 3, 4], [0, 0, 1, 1]), Datum([1, 2, 5], [0, 0, 1]), Datum([1, 6, 7, 8], [0, 0, 0, 1])]
+    ds = [
+        Datum(input_ids=[1, 2, 3, 4], loss_mask=[0, 0, 1, 1]),
+        Datum(input_ids=[1, 2, 5], loss_mask=[0, 0, 1]),
+        Datum(input_ids=[1, 6, 7, 8], loss_mask=[0, 0, 0, 1]),
+    ]
     lay = layout(ds, 1, pad_id=0)
     # Blocks: A = [2 | 3 4 | 5] (4 slots), B = [6 7 | 8] (3 slots): two rows of 4 slots.
     assert lay.ids_RS.tolist() == [[2, 3, 4, 5], [6, 7, 8, 0]]

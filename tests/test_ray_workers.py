@@ -118,7 +118,7 @@ def test_ray_workers_match_one_process_and_round_trip_checkpoints(
             for n, v in states[0].items():
                 assert torch.equal(s[n], v), n
         with pytest.raises(AttributeError, match="trainer_workers=1"):
-            group.optim_step(1e-3, (0.9, 0.99), 0.0, 1.0)  # the low-level API is not distributed
+            group.optim_step(DP_CONFIG)  # the low-level API is not distributed
     finally:
         group.close()
 

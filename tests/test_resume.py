@@ -13,7 +13,7 @@ from openai.types.chat.chat_completion import Choice
 from safetensors.torch import load_file
 
 import advantage as adv
-from advantage.config import LoRAConfig
+from advantage.config import AdamParams, LoRAConfig
 from advantage.service import Service
 from advantage.training import checkpoints as ckpt
 from advantage.training.trainer import Datum, Trainer
@@ -90,11 +90,13 @@ def test_loading_a_step_replaces_the_moments(tiny_model_dir: Path, tmp_path: Pat
     """`Trainer.load` takes the step's AdamW state; a step saved without one (an adapter from elsewhere) starts
     the moments afresh rather than keeping those of the weights trained before."""
     trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
-    datum = Datum([1, 5, 9, 30, 31, 2], [0, 0, 0, 1, 1, 1], [-1.0] * 6, 1.0)
+    datum = Datum(
+        input_ids=[1, 5, 9, 30, 31, 2], loss_mask=[0, 0, 0, 1, 1, 1], logprobs=[-1.0] * 6, advantage=1.0
+    )
 
     def step() -> None:
         trainer.forward_backward([datum], lambda b: (-(b.logp * b.adv[:, None] * b.mask).sum(), {}))
-        trainer.optim_step(1e-2, (0.9, 0.99), 0.0, 1.0)
+        trainer.optim_step(AdamParams(learning_rate=1e-2))
 
     step()
     trainer.save(tmp_path / "one")

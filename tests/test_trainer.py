@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advantage.config import LoRAConfig
+from advantage.config import AdamParams, LoRAConfig
 from advantage.training.packing import shared_prefix_len
 from advantage.training.trainer import Datum, Trainer
 
@@ -15,7 +15,12 @@ def _datums() -> list[Datum]:
     prompt = [1, 5, 9, 13, 17, 21, 25]
     comps = [[30, 31, 32, 2], [30, 40, 2], [50, 51, 52, 53, 54, 2]]
     return [
-        Datum(prompt + c, [0] * len(prompt) + [1] * len(c), [0.0] * (len(prompt) + len(c)), adv)
+        Datum(
+            input_ids=prompt + c,
+            loss_mask=[0] * len(prompt) + [1] * len(c),
+            logprobs=[0.0] * (len(prompt) + len(c)),
+            advantage=adv,
+        )
         for c, adv in zip(comps, [1.0, -0.5, -0.5], strict=True)
     ]
 
@@ -24,7 +29,7 @@ def test_shared_prefix_stops_before_first_trained_token() -> None:
     ds = _datums()
     # The completions share token 30 at position 7, but position 7 is trained: the prefix stops at 7.
     assert shared_prefix_len(ds) == 7
-    assert shared_prefix_len([ds[0], Datum([9, 9], [0, 1])]) == 0
+    assert shared_prefix_len([ds[0], Datum(input_ids=[9, 9], loss_mask=[0, 1])]) == 0
 
 
 def _grads(trainer: Trainer, datums_list: list[list[Datum]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -64,7 +69,7 @@ def test_forward_backward_and_optim_step_change_the_adapter(tiny_model_dir) -> N
     metrics, new_lp = trainer.forward_backward(_datums(), loss_fn)
     assert [len(x) for x in new_lp] == [11, 10, 13]  # aligned to input_ids
     assert [sum(v != 0.0 for v in x) for x in new_lp] == [4, 3, 6]  # values on the masked tokens only
-    norm = trainer.optim_step(1e-2, (0.9, 0.99), 0.0, 1.0)
+    norm = trainer.optim_step(AdamParams(learning_rate=1e-2))
     assert norm > 0
     assert any(not torch.equal(a, p.detach()) for a, p in zip(before, trainer.params, strict=True))
 
@@ -123,7 +128,7 @@ def _cispo_step(trainer: Trainer) -> None:
     from advantage.training.primitives import forward_backward
 
     forward_backward(trainer, _datums(), "cispo", micro_batch_size=2)
-    trainer.optim_step(1e-2, (0.9, 0.99), 0.0, 1.0)
+    trainer.optim_step(AdamParams(learning_rate=1e-2))
 
 
 @pytest.mark.gpu

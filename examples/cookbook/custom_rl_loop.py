@@ -90,7 +90,7 @@ async def main(
             curve.append(mean_reward)
             if batch:  # every group tied: nothing to learn this step
                 fb = await tc.forward_backward(batch, my_loss)
-                stepped = await tc.optim_step(adv.AdamParams(lr=lr))
+                stepped = await tc.optim_step(adv.AdamParams(learning_rate=lr))
                 name = await tc.save_weights({"reward": mean_reward, **fb.metrics, **stepped})
             else:
                 name = model.get_inference_name()

@@ -117,7 +117,7 @@ async def run(r: Recipe) -> dict[str, float]:
             batch, metrics = adv.distill_datums(datums, scores)
             fb = await tc.forward_backward(batch, "importance_sampling")
             lr = cosine_lr(r.learning_rate, r.min_lr_ratio, i, r.steps)
-            stepped = await tc.optim_step(adv.AdamParams(lr=lr))
+            stepped = await tc.optim_step(adv.AdamParams(learning_rate=lr))
             metrics.update(
                 {
                     "train/success": sum(t.metrics.get("success", 0.0) for t in trajs) / max(len(trajs), 1),

@@ -7,21 +7,25 @@ engine starts (see `advantage.environment`).
 from advantage.backends.base import Backend, TrainResult
 from advantage.backends.local import LocalBackend
 from advantage.backends.remote import BackendUnavailableError, RemoteBackend
-from advantage.config import LoRAConfig, LRSchedule, OnlineConfig, SFTConfig, TrainConfig
+from advantage.config import (
+    AdamParams,
+    LoRAConfig,
+    LossConfig,
+    LRSchedule,
+    OnlineConfig,
+    SFTConfig,
+    TrainConfig,
+)
 from advantage.distill import distill_datums, reverse_kl_advantages
 from advantage.gather import RolloutError, gather_trajectory_groups
 from advantage.health import CollapseGuard, HealthBands, health_warnings
-from advantage.lowlevel import (
-    AdamParams,
-    Datum,
-    ForwardBackwardOutput,
-    SampleOutput,
-    TrainingClient,
-)
+from advantage.lowlevel import TrainingClient
 from advantage.model import Model, TrainableModel
 from advantage.rewards import JudgeVerdict, RulerError, RulerJudge, ruler, ruler_score_group
 from advantage.scaling import ScalingFit, fit_scaling_curve
 from advantage.trajectory import Trajectory, TrajectoryGroup
+from advantage.wire.datum import Datum
+from advantage.wire.ops import ForwardBackwardOutput, ModelSpec, SampleOutput
 
 __all__ = [
     "AdamParams",
@@ -29,6 +33,8 @@ __all__ = [
     "ForwardBackwardOutput",
     "SampleOutput",
     "SFTConfig",
+    "LossConfig",
+    "ModelSpec",
     "TrainingClient",
     "Backend",
     "BackendUnavailableError",

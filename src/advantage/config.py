@@ -3,16 +3,93 @@ when the config is built. Defaults finish on a laptop CPU in minutes with the bu
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import warnings
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 # An AdamW beta: 1 would freeze the moment estimate for good (and make the bias correction divide by 0).
 Beta = Annotated[float, Field(ge=0, lt=1)]
 
+# The names of the built-in losses: the keys of `advantage.training.losses.LOSSES`, declared here so that a
+# config names a loss without importing torch. The policy losses train on rewards (`model.train`); the
+# low-level API also has "cross_entropy" (SFT) and "dpo" (preference pairs).
+PolicyLoss = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling"]
+LossName = Literal[PolicyLoss, "cross_entropy", "dpo"]
+Agg = Literal["token_mean", "seq_mean", "dr_grpo"]
+
+# Old names of AdamParams fields, kept for one release (see README, "Deprecated names").
+_OLD_ADAM_NAMES = {"lr": "learning_rate", "grad_clip": "max_grad_norm"}
+
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AdamParams(_Config):
+    """The AdamW knobs of one optimizer step (`TrainingClient.optim_step`); `TrainConfig` and `SFTConfig`
+    take the same fields. `lr` and `grad_clip` are deprecated names of `learning_rate` and `max_grad_norm`."""
+
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True)
+
+    learning_rate: float = Field(
+        1e-4,
+        gt=0,
+        le=1,
+        validation_alias=AliasChoices("learning_rate", "lr"),
+        description="AdamW learning rate for the LoRA weights.",
+    )
+    betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(
+        1.0,
+        gt=0,
+        validation_alias=AliasChoices("max_grad_norm", "grad_clip"),
+        description="Clip the gradient's global norm to this.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.model_config.get("validate_by_alias"):
+            for old in _OLD_ADAM_NAMES.keys() & data.keys():
+                _deprecated(f"AdamParams({old}=...)", f"AdamParams({_OLD_ADAM_NAMES[old]}=...)")
+        return data
+
+    @property
+    def lr(self) -> float:
+        _deprecated("AdamParams.lr", "AdamParams.learning_rate")
+        return self.learning_rate
+
+    @property
+    def grad_clip(self) -> float:
+        _deprecated("AdamParams.grad_clip", "AdamParams.max_grad_norm")
+        return self.max_grad_norm
+
+
+class LossConfig(_Config):
+    """The knobs of the built-in losses (`advantage.training.losses`); `TrainConfig` takes the same fields."""
+
+    eps: float = Field(0.2, ge=0, lt=1, description="PPO/GSPO lower clip range: ρ is clipped at 1 − eps.")
+    eps_high: float = Field(
+        0.28,
+        ge=0,
+        le=10,
+        description="PPO/GSPO upper clip range: ρ is clipped at 1 + eps_high (clip-higher).",
+    )
+    cispo_eps_max: float = Field(
+        4.0, gt=0, le=100, description="CISPO: cap on the importance weight, sg(clip(ρ, 0, cispo_eps_max))."
+    )
+    agg: Agg = Field(
+        "token_mean", description="Loss aggregation: DAPO token mean, GRPO per-sequence mean, or Dr. GRPO."
+    )
+    kl_beta: float = Field(
+        0.0, ge=0, le=10, description="Weight of the k3 KL to the base model; 0 turns it off."
+    )
+    max_len: int | None = Field(
+        None, ge=1, description="Dr. GRPO's L_max in Σℓ / (B·L_max); None: the batch's longest sequence."
+    )
+    dpo_beta: float = Field(0.1, gt=0, le=100, description="DPO's β (the low-level API's \"dpo\" loss only).")
 
 
 class LoRAConfig(_Config):
@@ -59,26 +136,15 @@ class _SequenceLimits(_Config):
     )
 
 
-class TrainConfig(_SequenceLimits):
-    learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW learning rate for the LoRA weights.")
-    betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
-    loss: Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling"] = Field(
-        "cispo", description="Policy loss (see advantage.training.losses)."
-    )
+class TrainConfig(LossConfig, _SequenceLimits, AdamParams):
+    """One GRPO step (`model.train`): the AdamW knobs (`AdamParams`), the loss's (`LossConfig`), and these."""
+
+    model_config = ConfigDict(validate_by_alias=False)  # AdamParams' deprecated names are not taken here
+
+    loss: PolicyLoss = Field("cispo", description="Policy loss (see advantage.training.losses).")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group",
         description="Divide advantages by the group's std, the batch's std, or not at all (Dr. GRPO).",
-    )
-    agg: Literal["token_mean", "seq_mean", "dr_grpo"] = Field(
-        "token_mean", description="Loss aggregation: DAPO token mean, GRPO per-sequence mean, or Dr. GRPO."
-    )
-    eps: float = Field(0.2, ge=0, lt=1, description="PPO/GSPO lower clip range.")
-    eps_high: float = Field(0.28, ge=0, le=10, description="PPO/GSPO upper clip range (clip-higher).")
-    cispo_eps_max: float = Field(4.0, gt=0, le=100, description="CISPO: cap on the importance ratio.")
-    kl_beta: float = Field(
-        0.0, ge=0, le=10, description="Weight of the k3 KL to the base model; 0 turns it off."
     )
     schedule: LRSchedule = Field(
         default_factory=LRSchedule,
@@ -92,16 +158,16 @@ class TrainConfig(_SequenceLimits):
         return self
 
 
-class SFTConfig(_SequenceLimits):
+class SFTConfig(_SequenceLimits, AdamParams):
     """Supervised fine-tuning (`model.train_sft`, `advantage sft`). Every optimizer step is a model step: a
-    checkpoint, served at once, with its loss in metrics.jsonl."""
+    checkpoint, served at once, with its loss in metrics.jsonl. The AdamW knobs are `AdamParams`'."""
 
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="AdamW learning rate for the LoRA weights.")
+    model_config = ConfigDict(validate_by_alias=False)
+
+    # AdamParams' field with a higher default: supervised targets take a larger step than RL's.
+    learning_rate: Annotated[float, AdamParams.model_fields["learning_rate"]] = 2e-4
     epochs: int = Field(1, ge=1, description="Passes over the trajectories.")
     batch_size: int = Field(8, ge=1, description="Trajectories per optimizer step.")
-    betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
     seed: int = Field(
         0, description="Shuffles the trajectories between epochs and picks the validation split."
     )
@@ -165,3 +231,11 @@ class OnlineConfig(_Config):
         None, gt=0, description="Stop after this long (None: run until stopped)."
     )
     seed: int = Field(0, description="Picks the replayed groups.")
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(
+        f"{old} is deprecated and will be removed in the next release; use {new}.",
+        DeprecationWarning,
+        stacklevel=4,
+    )

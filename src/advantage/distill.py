@@ -21,7 +21,7 @@ where RL has one number per episode, and no reward function. Choices made here:
     teacher = await tc.compute_logprobs(datums, model="teacher@12")         # shares the tokenizer
     batch, metrics = distill_datums(datums, teacher)
     await tc.forward_backward(batch, "importance_sampling")
-    await tc.optim_step(adv.AdamParams(lr=1e-3))
+    await tc.optim_step(adv.AdamParams(learning_rate=1e-3))
 
 `examples/cookbook/distill.py` distills a trained demo step into a fresh LoRA this way.
 """

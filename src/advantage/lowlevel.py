@@ -3,7 +3,7 @@
     tc = await model.training_client()
     batch = await tc.datums_from_groups(groups)            # or build Datums from your own token ids
     out = await tc.forward_backward(batch, "cispo")        # or any callable loss (below)
-    await tc.optim_step(adv.AdamParams(lr=1e-4))
+    await tc.optim_step(adv.AdamParams(learning_rate=1e-4))
     name = await tc.save_weights()                         # "my-model@4", served at once
     res = await tc.sample(messages_or_token_ids, n=4, max_tokens=64)
     lps = await tc.compute_logprobs(batch, model="teacher@12")   # any served weights: a teacher's scores
@@ -23,102 +23,87 @@ on the backend, locally and remotely alike, at the cost of one extra forward pas
 policy losses ("cispo", "ppo", "grpo", "importance_sampling") with each token's own advantage instead of
 its `advantage`. On-policy distillation (`advantage.distill`) is built on it.
 
-Every call goes to the backend's `primitive(model, op, payload)` as JSON-able dicts, so LocalBackend and
-RemoteBackend run exactly the same code path.
+Every call is a typed method of the backend (`Backend.forward_backward(spec, request)`, ...), with its
+request and reply records in `advantage.wire.ops`, so LocalBackend and RemoteBackend run exactly the same
+code path on the server side (`advantage.service_ops`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from advantage.config import Beta, TrainConfig
+from advantage.backends.base import Backend
+from advantage.config import AdamParams, LossConfig, LossName, TrainConfig
 from advantage.trajectory import Message, Trajectory, TrajectoryGroup
+from advantage.wire.datum import ADV_KEY, GRAD_KEY, Datum
+from advantage.wire.ops import (
+    LINEAR,
+    DatumsRequest,
+    ForwardBackwardOutput,
+    ForwardBackwardRequest,
+    ForwardRequest,
+    LogMetricsRequest,
+    LogprobsRequest,
+    ModelSpec,
+    OptimStepRequest,
+    SampledSequence,
+    SampleOutput,
+    SampleRequest,
+    SaveWeightsRequest,
+    SFTDatumsRequest,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from advantage.model import TrainableModel
-
-CustomLoss = Callable[[list["Datum"], list["torch.Tensor"]], Any]
-BUILTIN_LOSSES = ("cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "dpo")
-GRAD_KEY = "logprob_grad"  # the per-token weights of the backend's "linear" loss
-ADV_KEY = "advantages"  # per-token advantages of the policy losses (instead of `Datum.advantage`)
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Datum(_Wire):
-    """One training sequence: token ids, which of them are trained, and per-token extras."""
-
-    input_ids: list[int] = Field(description="The whole sequence: prompt and completion tokens.")
-    loss_mask: list[float] = Field(description="1 on tokens the loss trains, 0 elsewhere (the prompt).")
-    advantage: float = Field(0.0, description="The sequence's advantage (policy-gradient losses).")
-    logprobs: list[float] | None = Field(
-        None, description="The sampler's logprob of each token (importance ratios); 0.0 where unmasked."
-    )
-    extras: dict[str, list[float]] = Field(
-        default_factory=dict, description="Per-token values for custom losses, aligned to input_ids."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> Datum:
-        n = len(self.input_ids)
-        if len(self.loss_mask) != n:
-            raise ValueError(f"loss_mask has {len(self.loss_mask)} values for {n} input_ids.")
-        if self.logprobs is not None and len(self.logprobs) != n:
-            raise ValueError(f"logprobs has {len(self.logprobs)} values for {n} input_ids.")
-        for k, v in self.extras.items():
-            if len(v) != n:
-                raise ValueError(f"extras[{k!r}] has {len(v)} values for {n} input_ids.")
-        if not math.isfinite(self.advantage):
-            raise ValueError(f"advantage is {self.advantage}; it must be a finite number.")
-        return self
-
-    @property
-    def n_trained(self) -> int:
-        return sum(1 for m in self.loss_mask if m)
+CustomLoss = Callable[[list[Datum], list["torch.Tensor"]], Any]
+__all__ = [
+    "ADV_KEY",
+    "GRAD_KEY",
+    "AdamParams",
+    "CustomLoss",
+    "Datum",
+    "ForwardBackwardOutput",
+    "SampleOutput",
+    "SampledSequence",
+    "TrainingClient",
+]
 
 
-class AdamParams(_Wire):
-    lr: float = Field(1e-4, gt=0, le=1, description="Learning rate.")
-    betas: tuple[Beta, Beta] = Field((0.9, 0.99), description="AdamW betas, each in [0, 1).")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Clip the gradient's global norm to this.")
+def __getattr__(name: str) -> Any:
+    if name == "BUILTIN_LOSSES":  # deprecated for one release: the names are `advantage.config.LossName`
+        import warnings
+
+        warnings.warn(
+            "advantage.lowlevel.BUILTIN_LOSSES is deprecated; use typing.get_args(advantage.config.LossName).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _loss_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ForwardBackwardOutput(BaseModel):
-    logprobs: list[list[float]]  # per datum, aligned to input_ids (0.0 where unmasked)
-    metrics: dict[str, float]
+def _loss_names() -> tuple[str, ...]:
+    import typing
 
+    def flat(t: Any) -> list[str]:
+        return [x for a in typing.get_args(t) for x in (flat(a) if typing.get_args(a) else [a])]
 
-class SampledSequence(BaseModel):
-    tokens: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str
-
-
-class SampleOutput(BaseModel):
-    prompt_tokens: list[int]
-    sequences: list[SampledSequence]
-    weights: str  # the name@step that sampled
+    return tuple(flat(LossName))
 
 
 class TrainingClient:
     """The trainer's primitives for one registered `TrainableModel` (get one with
     `await model.training_client()`)."""
 
-    def __init__(self, model: TrainableModel) -> None:
-        self.model = model
-
-    async def _op(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return await self.model.backend.primitive(self.model, op, payload)
+    def __init__(
+        self, backend: Backend, spec: ModelSpec, on_save: Callable[[int], None] | None = None
+    ) -> None:
+        """`on_save(step)` is told each new step `save_weights` makes (the model keeps its step with it)."""
+        self.backend = backend
+        self.spec = spec
+        self._on_save = on_save
 
     async def datums_from_groups(
         self,
@@ -130,12 +115,12 @@ class TrainingClient:
         """What `model.train` trains on: group advantages, tokenized on the exact sampled ids (with the
         sampler's logprobs). Groups with equal rewards carry no signal and give no datums, unless
         `skip_zero_variance=False` (for a loss that does not use the reward, such as distillation's)."""
-        payload = {
-            "groups": [g.to_dict() for g in groups],
-            "config": (config or TrainConfig()).model_dump(mode="json"),
-            "skip_zero_variance": skip_zero_variance,
-        }
-        return [Datum(**d) for d in (await self._op("datums", payload))["datums"]]
+        req = DatumsRequest(
+            groups=[g.to_record() for g in groups],
+            config=config or TrainConfig(),
+            skip_zero_variance=skip_zero_variance,
+        )
+        return (await self.backend.datums(self.spec, req)).datums
 
     async def sft_datums(
         self,
@@ -147,18 +132,20 @@ class TrainingClient:
         """Cross-entropy datums: every assistant turn's rendered text is trained (any model's output), except
         assistant messages with `"weight": 0`. Every trajectory is checked before any error is raised; the
         error names each bad one by `where` (e.g. "data.jsonl, line 7"), else by its index."""
-        payload = {
-            "trajectories": [t.to_dict() for t in trajectories],
-            "max_seq_len": max_seq_len,
-            "on_overflow": on_overflow,
-            "where": None if where is None else list(where),
-        }
-        return [Datum(**d) for d in (await self._op("sft_datums", payload))["datums"]]
+        req = SFTDatumsRequest.model_validate(
+            {
+                "trajectories": [t.to_dict() for t in trajectories],
+                "max_seq_len": max_seq_len,
+                "on_overflow": on_overflow,
+                "where": None if where is None else list(where),
+            }
+        )
+        return (await self.backend.sft_datums(self.spec, req)).datums
 
     async def forward(self, batch: Sequence[Datum], micro_batch_size: int = 8) -> list[list[float]]:
         """The current weights' per-token logprobs, without gradients."""
-        payload = {"datums": _dump(batch), "micro_batch_size": micro_batch_size}
-        return (await self._op("forward", payload))["logprobs"]
+        req = ForwardRequest(datums=list(batch), micro_batch_size=micro_batch_size)
+        return (await self.backend.forward(self.spec, req)).logprobs
 
     async def compute_logprobs(
         self, sequences: Sequence[Datum] | Sequence[Sequence[int]], model: str | None = None
@@ -171,13 +158,13 @@ class TrainingClient:
         if not sequences:
             raise ValueError("compute_logprobs() got no sequences; pass at least one.")
         ids = [list(s.input_ids) if isinstance(s, Datum) else [int(t) for t in s] for s in sequences]
-        return (await self._op("logprobs", {"sequences": ids, "model": model}))["logprobs"]
+        return (await self.backend.logprobs(self.spec, LogprobsRequest(sequences=ids, model=model))).logprobs
 
     async def forward_backward(
         self,
         batch: Sequence[Datum],
-        loss_fn: str | CustomLoss = "cispo",
-        loss_config: dict[str, Any] | None = None,
+        loss_fn: LossName | CustomLoss = "cispo",
+        loss_config: LossConfig | dict[str, Any] | None = None,
         micro_batch_size: int = 8,
     ) -> ForwardBackwardOutput:
         """Accumulate the gradient of `loss_fn` over `batch`. `loss_fn` is a built-in name (with its knobs
@@ -188,15 +175,15 @@ class TrainingClient:
             raise ValueError("forward_backward() got an empty batch; pass at least one Datum.")
         if callable(loss_fn):
             return await self._custom(list(batch), loss_fn, micro_batch_size)
-        if loss_fn not in BUILTIN_LOSSES:
-            raise ValueError(f"Unknown loss {loss_fn!r}: use one of {BUILTIN_LOSSES} or pass a callable.")
-        payload = {
-            "datums": _dump(batch),
-            "loss": loss_fn,
-            "loss_config": loss_config or {},
-            "micro_batch_size": micro_batch_size,
-        }
-        return ForwardBackwardOutput(**await self._op("forward_backward", payload))
+        if loss_fn not in _loss_names():
+            raise ValueError(f"Unknown loss {loss_fn!r}: use one of {_loss_names()} or pass a callable.")
+        req = ForwardBackwardRequest(
+            datums=list(batch),
+            loss=loss_fn,
+            loss_config=LossConfig.model_validate(loss_config or {}),
+            micro_batch_size=micro_batch_size,
+        )
+        return await self.backend.forward_backward(self.spec, req)
 
     async def forward_backward_dpo(
         self, pairs: Sequence[tuple[Datum, Datum]], beta: float = 0.1, micro_batch_size: int = 8
@@ -208,7 +195,7 @@ class TrainingClient:
         if not pairs:
             raise ValueError("forward_backward_dpo() got no pairs; pass at least one (chosen, rejected).")
         batch = [d for pair in pairs for d in pair]
-        return await self.forward_backward(batch, "dpo", {"dpo_beta": beta}, micro_batch_size)
+        return await self.forward_backward(batch, "dpo", LossConfig(dpo_beta=beta), micro_batch_size)
 
     async def _custom(
         self, batch: list[Datum], loss_fn: CustomLoss, micro_batch_size: int
@@ -225,19 +212,15 @@ class TrainingClient:
             raise ValueError(f"The custom loss is {float(loss)}; refusing to send a non-finite gradient.")
         loss.backward()
         grads = [(t.grad if t.grad is not None else torch.zeros_like(t)).tolist() for t in leaves]
+        # Built anew (not model_copy), so each gradient is checked like any datum's extras.
         linear = [
-            d.model_copy(update={"extras": {**d.extras, GRAD_KEY: g}})
+            Datum.model_validate({**d.model_dump(), "extras": {**d.extras, GRAD_KEY: g}})
             for d, g in zip(batch, grads, strict=True)
         ]
-        payload = {
-            "datums": _dump(linear),
-            "loss": "linear",
-            "loss_config": {},
-            "micro_batch_size": micro_batch_size,
-        }
-        result = await self._op("forward_backward", payload)
+        req = ForwardBackwardRequest(datums=linear, loss=LINEAR, micro_batch_size=micro_batch_size)
+        result = await self.backend.forward_backward(self.spec, req)
         merged = {
-            **result["metrics"],
+            **result.metrics,
             **{k: float(v) for k, v in metrics.items()},
             "loss": float(loss.detach()),
         }
@@ -245,20 +228,22 @@ class TrainingClient:
 
     async def optim_step(self, adam: AdamParams | None = None) -> dict[str, float]:
         """One AdamW step on the accumulated gradients, which are then cleared. Returns {"grad_norm": ...}."""
-        return (await self._op("optim_step", {"adam": (adam or AdamParams()).model_dump(mode="json")}))[
-            "metrics"
-        ]
+        return (await self.backend.optim_step(self.spec, OptimStepRequest(adam=adam or AdamParams()))).metrics
 
     async def save_weights(self, metrics: dict[str, float] | None = None, split: str = "train") -> str:
         """Checkpoint the adapter as the next step and serve it at once; returns its `name@step`. `metrics`
         are logged at that step under `split`."""
-        data = await self._op("save_weights", {"metrics": metrics or {}, "split": split})
-        self.model._step = int(data["step"])
-        return str(data["name"])
+        req = SaveWeightsRequest(metrics=metrics or {}, split=split)
+        reply = await self.backend.save_weights(self.spec, req)
+        if self._on_save is not None:
+            self._on_save(reply.step)
+        return reply.name
 
     async def log_metrics(self, metrics: dict[str, float], split: str = "val") -> int:
         """Record `metrics` under `split` at the latest step (e.g. a validation loss); returns that step."""
-        return int((await self._op("log_metrics", {"metrics": metrics, "split": split}))["step"])
+        return (
+            await self.backend.log_metrics(self.spec, LogMetricsRequest(metrics=metrics, split=split))
+        ).step
 
     async def sample(
         self,
@@ -274,18 +259,16 @@ class TrainingClient:
     ) -> SampleOutput:
         """Sample `n` completions of `prompt` (token ids, or chat messages rendered with the chat template
         and `tools`) from the latest saved weights, or from `step`."""
-        payload = {
-            "prompt": list(prompt),
-            "tools": tools,
-            "n": n,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
-            "step": step,
-        }
-        return SampleOutput(**await self._op("sample", payload))
-
-
-def _dump(batch: Sequence[Datum]) -> list[dict[str, Any]]:
-    return [d.model_dump(mode="json") for d in batch]
+        req = SampleRequest.model_validate(
+            {
+                "prompt": list(prompt),
+                "tools": tools,
+                "n": n,
+                "max_tokens": max_tokens,
+                "temperature": temperature,
+                "top_p": top_p,
+                "seed": seed,
+                "step": step,
+            }
+        )
+        return await self.backend.sample(self.spec, req)

@@ -13,6 +13,7 @@ from advantage.config import LoRAConfig, OnlineConfig, SFTConfig, TrainConfig
 from advantage.lowlevel import TrainingClient
 from advantage.online.feedback import FeedbackResult
 from advantage.trajectory import TrajectoryGroup
+from advantage.wire.ops import ModelSpec, RestoreRequest
 
 if TYPE_CHECKING:
     import asyncio
@@ -84,6 +85,18 @@ class TrainableModel(Model):
         self.restored_from: int | None = None  # the step the last `restore` went back to
 
     @property
+    def spec(self) -> ModelSpec:
+        """What a backend needs to know of this model: the record every backend call takes."""
+        return ModelSpec(
+            project=self.project,
+            name=self.name,
+            base_model=self.base_model,
+            lora=self.lora,
+            fork_from=self.fork_from,
+            record_traffic=self.record_traffic,
+        )
+
+    @property
     def backend(self) -> Backend:
         if self._backend is None:
             raise RuntimeError(
@@ -93,7 +106,7 @@ class TrainableModel(Model):
 
     async def register(self, backend: Backend) -> None:
         self._backend = backend
-        self._step = await backend.register(self)
+        self._step = await backend.register(self.spec)
         self.base_url, self.api_key = backend.base_url, backend.api_key
         self._client = None
 
@@ -102,12 +115,12 @@ class TrainableModel(Model):
         return f"{self.name}@{self._step if step is None else step}"
 
     async def get_step(self) -> int:
-        self._step = await self.backend.get_step(self)
+        self._step = await self.backend.get_step(self.spec)
         return self._step
 
     async def train(self, groups: list[TrajectoryGroup], config: TrainConfig | None = None) -> TrainResult:
         """One GRPO step on `groups`; returns the new step, which is served before this returns."""
-        result = await self.backend.train(self, list(groups), config or TrainConfig())
+        result = await self.backend.train(self.spec, list(groups), config or TrainConfig())
         self._step = result.step
         return result
 
@@ -133,7 +146,7 @@ class TrainableModel(Model):
         }
         if comment is not None:
             body["comment"] = comment
-        return FeedbackResult(**await self.backend.feedback(self, body))
+        return FeedbackResult(**await self.backend.feedback(self.spec, body))
 
     async def train_online(
         self,
@@ -153,26 +166,27 @@ class TrainableModel(Model):
 
     async def log(self, groups: list[TrajectoryGroup], split: str = "val") -> dict[str, Any]:
         """Record evaluation groups (metrics `<split>/reward` etc. at the current step, and the trajectories)."""
-        return await self.backend.log(self, list(groups), split)
+        return await self.backend.log(self.spec, list(groups), split)
 
     async def delete_checkpoints(self, keep: str = "best+latest", metric: str = "val/reward") -> list[int]:
         """Delete checkpoints except the latest and the best by `metric`; returns the deleted steps."""
-        return await self.backend.delete_checkpoints(self, keep, metric)
+        return await self.backend.delete_checkpoints(self.spec, keep, metric)
 
     async def restore(self, step: int | None = None, metric: str = "val/reward") -> int:
         """Go back to an earlier step: its weights (and optimizer state) become a new latest step, served at
         once and trained on from there; the steps in between stay on disk. `step=None` picks the best step
         by `metric` (as logged by `model.log`). Returns the new step; `restored_from` is in metrics.jsonl."""
-        payload: dict[str, Any] = {"step": step, "metric": metric}
-        out = await self.backend.primitive(self, "restore", payload)
-        self._step = int(out["step"])
-        self.restored_from = int(out["restored_from"])
+        out = await self.backend.restore(self.spec, RestoreRequest(step=step, metric=metric))
+        self._step = out.step
+        self.restored_from = out.restored_from
         return self._step
 
     async def training_client(self) -> TrainingClient:
         """The trainer's primitives for this model: forward_backward, optim_step, sample, save_weights."""
-        _ = self.backend  # registered, or a clear error now rather than at the first call
-        return TrainingClient(self)
+        return TrainingClient(self.backend, self.spec, on_save=self._saved)
+
+    def _saved(self, step: int) -> None:
+        self._step = step
 
     async def train_sft(
         self, data: SFTData, config: SFTConfig | None = None, *, val: SFTData | None = None
@@ -183,4 +197,5 @@ class TrainableModel(Model):
         the low-level primitives (`advantage.sft`)."""
         from advantage.sft import train_sft
 
-        return await train_sft(self, data, config, val)
+        metrics = await train_sft(await self.training_client(), data, config, val)
+        return TrainResult(await self.get_step(), metrics)

@@ -45,7 +45,7 @@ from advantage.training import fork
 from advantage.training.grpo import Progress, train_step
 from advantage.training.ray_workers import RayTrainerGroup
 from advantage.training.trainer import Trainer
-from advantage.trajectory import TrajectoryGroup
+from advantage.trajectory import TrajectoryGroup, check_groups
 
 T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -456,6 +456,7 @@ class Service:
         it is recorded at cannot move under it (a train step publishing the next one)."""
         check_name("split", split)  # it becomes a directory name
         entry = self.model_entry(name)
+        check_groups(groups, "log")  # any model's trajectories: no vocabulary to check their ids against
         metrics = group_metrics(groups, split)
         with entry.lock:
             entry.log.append(entry.latest, split, metrics)

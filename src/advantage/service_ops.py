@@ -1,219 +1,131 @@
-"""The low-level API's operations on a `Service`: a JSON-able payload in, a JSON-able dict out.
+"""The backend's operations on a `Service`, typed: each takes its request (`advantage.wire.ops`) and returns
+its reply.
 
-`LocalBackend.primitive` calls `run_op` in-process and the server's `/v1/training/models/{name}/{op}` routes
-call it over HTTP, so a `TrainingClient` behaves the same on both. Every op but `sample` runs on the
-service's training thread, where all use of the trainer happens. Bad input raises ValueError (pydantic's
-ValidationError is one), which the server answers with a 400 that says what to change.
+`LocalBackend` calls them in-process and the server's `/v1/training/models/{name}/{op}` routes call them
+over HTTP, so a `TrainingClient` behaves the same on both. Every op but `sample` and `logprobs` runs on the
+service's training thread, where all use of the trainer happens. Requests arrive validated (pydantic, at the
+boundary); what needs the model (the vocabulary, the context) is checked here. Bad input raises ValueError,
+which the server answers with a 400 that says what to change.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Any, TypeVar
 
-from openai.types.chat.chat_completion import Choice
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-
-from advantage.config import TrainConfig
-from advantage.engine.chat import render_prompt, validate_messages
+from advantage.engine.chat import encode_prompt
 from advantage.engine.sampling import SamplingParams
-from advantage.lowlevel import BUILTIN_LOSSES, AdamParams, Datum
 from advantage.online.store import rewarded_to_dict
 from advantage.service import Service, UnknownServedModel, Weights, check_name
-from advantage.tracking import check_metric_names
 from advantage.training import primitives
 from advantage.training.grpo import build_datums
-from advantage.training.losses import LossConfig
+from advantage.training.ray_workers import RayTrainerGroup
 from advantage.training.tokenize import tokenize_for_sft
-from advantage.training.trainer import Datum as TrainDatum
 from advantage.training.trainer import Trainer
-from advantage.trajectory import Trajectory, TrajectoryGroup
+from advantage.trajectory import Trajectory, TrajectoryGroup, check_groups, read_groups
+from advantage.wire.datum import Datum
+from advantage.wire.ops import (
+    DatumsReply,
+    DatumsRequest,
+    ForwardBackwardOutput,
+    ForwardBackwardRequest,
+    ForwardReply,
+    ForwardRequest,
+    LogMetricsRequest,
+    LogprobsReply,
+    LogprobsRequest,
+    MarkTrainedReply,
+    MarkTrainedRequest,
+    OnlineStartReply,
+    OnlineStartRequest,
+    OnlineTrafficReply,
+    OnlineTrafficRequest,
+    OptimStepReply,
+    OptimStepRequest,
+    PromoteReply,
+    PromoteRequest,
+    RestoreReply,
+    RestoreRequest,
+    SampledSequence,
+    SampleOutput,
+    SampleRequest,
+    SaveWeightsReply,
+    SaveWeightsRequest,
+    SFTDatumsRequest,
+    StepReply,
+    WeightsInfo,
+)
 
-R = TypeVar("R")
-LossName = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "dpo", "linear"]
-assert set(BUILTIN_LOSSES) | {"linear"} == set(LossName.__args__)  # type: ignore[attr-defined]
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DatumsBody(_Body):
-    groups: list[dict[str, Any]] = Field(min_length=1, description="`TrajectoryGroup.to_dict()` items.")
-    config: TrainConfig = Field(default_factory=TrainConfig)
-    skip_zero_variance: bool = Field(
-        True, description="Give no datums for groups whose rewards are all equal (False: every trajectory)."
-    )
-
-
-class SFTDatumsBody(_Body):
-    trajectories: list[dict[str, Any]] = Field(min_length=1, description="`Trajectory.to_dict()` items.")
-    max_seq_len: int = Field(2048, ge=16, le=131072)
-    on_overflow: Literal["error", "truncate"] = "error"
-    where: list[str] | None = Field(
-        None,
-        description="A name per trajectory for errors (e.g. 'data.jsonl, line 7'); default 'Trajectory i'.",
-    )
-
-
-class ForwardBody(_Body):
-    datums: list[Datum] = Field(min_length=1)
-    micro_batch_size: int = Field(8, ge=1, le=256)
-
-
-class LossKnobs(_Body):
-    eps: float = Field(0.2, ge=0, lt=1)
-    eps_high: float = Field(0.28, ge=0, le=10)
-    cispo_eps_max: float = Field(4.0, gt=0, le=100)
-    agg: Literal["token_mean", "seq_mean", "dr_grpo"] = "token_mean"
-    kl_beta: float = Field(0.0, ge=0, le=10)
-    dpo_beta: float = Field(0.1, gt=0, le=100)
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
 
 
-class ForwardBackwardBody(ForwardBody):
-    loss: LossName = "cispo"
-    loss_config: LossKnobs = Field(default_factory=LossKnobs)
-
-
-class OptimStepBody(_Body):
-    adam: AdamParams = Field(default_factory=AdamParams)
-
-
-class SaveWeightsBody(_Body):
-    metrics: Annotated[dict[str, float], AfterValidator(check_metric_names)] = Field(
-        default_factory=dict, description="Logged at the new step; not named step, split or time."
-    )
-    split: str = "train"
-
-
-class LogMetricsBody(_Body):
-    metrics: Annotated[dict[str, float], AfterValidator(check_metric_names)] = Field(
-        min_length=1, description="Logged at the latest step; not named step, split or time."
-    )
-    split: str = "val"
-
-
-class RestoreBody(_Body):
-    step: int | None = Field(None, ge=0, description="Step to go back to; default: the best by `metric`.")
-    metric: str = Field("val/reward", description="metrics.jsonl column that picks the best step.")
-
-
-class SampleBody(_Body):
-    prompt: list[int] | list[dict[str, Any]] = Field(
-        min_length=1, description="Token ids, or chat messages rendered with the chat template."
-    )
-    tools: list[dict[str, Any]] | None = Field(None, description="OpenAI tool schemas, for a chat prompt.")
-    n: int = Field(1, ge=1, le=64)
-    max_tokens: int = Field(128, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
-    step: int | None = Field(None, ge=0, description="Sample from this step (default: the latest).")
-
-
-class OnlineStartBody(_Body):
-    pass
-
-
-class PromoteBody(_Body):
-    step: int = Field(ge=1, description="The step the promotion gate judged.")
-    accept: bool = Field(
-        description="True: it becomes the default; False: training goes back to the default."
-    )
-    metrics: Annotated[dict[str, float], AfterValidator(check_metric_names)] = Field(
-        default_factory=dict, description="Logged with it under split 'online' (the gate's scores)."
-    )
-
-
-class OnlineTrafficBody(_Body):
-    kind: Literal["untrained", "promoted"] = Field(
-        "untrained", description="Rated choices not trained on yet, or those in promoted steps (replay)."
-    )
-    limit: int | None = Field(None, ge=1, description="At most this many rows.")
-
-
-class MarkTrainedBody(_Body):
-    keys: list[tuple[str, int]] = Field(description="(completion id, choice index) pairs.")
-    step: int = Field(ge=0, description="The step they went into (or the step trained from, when stale).")
-    outcome: Literal["promoted", "rejected", "stale", "skipped"]
-
-
-class LogprobsBody(_Body):
-    sequences: list[Annotated[list[int], Field(min_length=1)]] = Field(
-        min_length=1, description="Token ids; each sequence is scored whole."
-    )
-    model: str | None = Field(
-        None,
-        description="The served weights that score them: `name@step`, `name` (its latest step) or a base "
-        "model; it must share this model's tokenizer. Default: this model's latest step.",
-    )
-
-
-OPS: dict[str, type[_Body]] = {
-    "datums": DatumsBody,
-    "sft_datums": SFTDatumsBody,
-    "forward": ForwardBody,
-    "forward_backward": ForwardBackwardBody,
-    "optim_step": OptimStepBody,
-    "save_weights": SaveWeightsBody,
-    "log_metrics": LogMetricsBody,
-    "sample": SampleBody,
-    "logprobs": LogprobsBody,
-    "restore": RestoreBody,
-    "online_start": OnlineStartBody,
-    "promote": PromoteBody,
-    "online_traffic": OnlineTrafficBody,
-    "mark_trained": MarkTrainedBody,
-}
-
-
-async def run_op(service: Service, name: str, op: str, payload: dict[str, Any] | BaseModel) -> dict[str, Any]:
-    """Validate `payload` for `op` and run it for the trainable model `name`."""
-    if op not in OPS:
-        raise ValueError(f"Unknown operation {op!r}; one of {sorted(OPS)}.")
-    body = payload if isinstance(payload, OPS[op]) else OPS[op].model_validate(payload)
+async def _on_train_thread(
+    service: Service, fn: Callable[[Service, str, Req], Rep], name: str, req: Req
+) -> Rep:
     service.trainable(name)  # unknown or untrainable: UnknownServedModel before any work
-    if isinstance(body, SampleBody):
-        return await _sample(service, name, body)
-    if isinstance(body, LogprobsBody):
-        return await _logprobs(service, name, body)
-    return await service.on_train_thread(_SYNC_OPS[op], service, name, body)
+    return await service.on_train_thread(fn, service, name, req)
 
 
-# ------------------------------------------------------------------------------ ops on the training thread
-
-
-def _datums(service: Service, name: str, body: DatumsBody) -> dict[str, Any]:
+def accept_groups(service: Service, name: str, groups: list[TrajectoryGroup], action: str) -> None:
+    """The one check of groups to train on (`trajectory.check_groups`), with the sampled token ids checked
+    against the model's vocabulary. (`Service.log_groups` checks logged groups, of any model.)"""
     _, trainer = service.trainable(name)
-    groups = [
-        _read(TrajectoryGroup.from_dict, g, f"Group {i}", "TrajectoryGroup")
-        for i, g in enumerate(body.groups)
-    ]
-    datums, metrics = build_datums(trainer, groups, body.config, body.skip_zero_variance)
-    return {"datums": [_public(d) for d in datums], "metrics": metrics}
+    check_groups(groups, action, vocab_size(trainer))
 
 
-def _sft_datums(service: Service, name: str, body: SFTDatumsBody) -> dict[str, Any]:
+def vocab_size(trainer: Trainer) -> int:
+    if isinstance(trainer, RayTrainerGroup):  # data-parallel workers: the model is in them
+        return trainer.vocab_size
+    return int(trainer.model.get_base_model().config.vocab_size)
+
+
+# ------------------------------------------------------------------------------ the low-level primitives
+
+
+async def datums(service: Service, name: str, req: DatumsRequest) -> DatumsReply:
+    groups = await asyncio.to_thread(read_groups, req.groups)
+    return await datums_of(service, name, groups, req)
+
+
+async def datums_of(
+    service: Service, name: str, groups: list[TrajectoryGroup], req: DatumsRequest
+) -> DatumsReply:
+    """`datums` on groups already read (LocalBackend's: the caller's own records)."""
+    accept_groups(service, name, groups, "datums")
+    return await _on_train_thread(service, lambda s, n, r: _datums(s, n, groups, r), name, req)
+
+
+def _datums(service: Service, name: str, groups: list[TrajectoryGroup], req: DatumsRequest) -> DatumsReply:
+    _, trainer = service.trainable(name)
+    out, metrics = build_datums(trainer, groups, req.config, req.skip_zero_variance)
+    return DatumsReply(datums=out, metrics=metrics)
+
+
+async def sft_datums(service: Service, name: str, req: SFTDatumsRequest) -> DatumsReply:
+    return await _on_train_thread(service, _sft_datums, name, req)
+
+
+def _sft_datums(service: Service, name: str, req: SFTDatumsRequest) -> DatumsReply:
     """Every trajectory is tokenized before any error is raised, and the error lists each bad one (up to 20),
     so a data file is checked whole before training starts."""
     _, trainer = service.trainable(name)
-    if body.where is not None and len(body.where) != len(body.trajectories):
-        raise ValueError(f"where has {len(body.where)} names for {len(body.trajectories)} trajectories.")
-    context = int(getattr(trainer.model.get_base_model().config, "max_position_embeddings", body.max_seq_len))
-    limit = min(body.max_seq_len, context)  # what the model can take, not only what the config allows
+    if req.where is not None and len(req.where) != len(req.trajectories):
+        raise ValueError(f"where has {len(req.where)} names for {len(req.trajectories)} trajectories.")
+    context = int(getattr(trainer.model.get_base_model().config, "max_position_embeddings", req.max_seq_len))
+    limit = min(req.max_seq_len, context)  # what the model can take, not only what the config allows
     out, errors = [], []
-    for i, t in enumerate(body.trajectories):
-        where = body.where[i] if body.where is not None else f"Trajectory {i}"
+    for i, t in enumerate(req.trajectories):
+        where = req.where[i] if req.where is not None else f"Trajectory {i}"
         try:
-            traj = _read(Trajectory.from_dict, t, where, "Trajectory")
-            tok = tokenize_for_sft(trainer.tokenizer, traj, limit, body.on_overflow)
+            traj = _trajectory(t, where)
+            tok = tokenize_for_sft(trainer.tokenizer, traj, limit, req.on_overflow)
         except ValueError as exc:
             too_long = f" (the model's context is {context} tokens)" if "over the limit" in str(exc) else ""
             errors.append(f"{where}: {exc}{too_long}")
             continue
-        out.append(Datum(input_ids=tok.input_ids, loss_mask=[float(m) for m in tok.assistant_mask]))
+        out.append(Datum(input_ids=tok.input_ids, loss_mask=tok.assistant_mask))
     if len(errors) == 1:
         raise ValueError(errors[0])
     if errors:
@@ -221,143 +133,180 @@ def _sft_datums(service: Service, name: str, body: SFTDatumsBody) -> dict[str, A
         raise ValueError(
             f"{len(errors)} trajectories cannot be trained on:\n" + "\n".join(errors[:20]) + more
         )
-    return {"datums": [d.model_dump(mode="json") for d in out]}
+    return DatumsReply(datums=out)
 
 
-def _forward(service: Service, name: str, body: ForwardBody) -> dict[str, Any]:
+def _trajectory(d: dict[str, Any], where: str) -> Trajectory:
+    try:
+        return Trajectory.from_dict(d)
+    except ValueError as exc:
+        raise ValueError(
+            f"{where} does not read as Trajectory.to_dict(): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+async def forward(service: Service, name: str, req: ForwardRequest) -> ForwardReply:
+    return await _on_train_thread(service, _forward, name, req)
+
+
+def _forward(service: Service, name: str, req: ForwardRequest) -> ForwardReply:
     _, trainer = service.trainable(name)
-    datums = _internal(trainer, body.datums)
-    return {"logprobs": primitives.forward(trainer, datums, body.micro_batch_size)}
+    _check_datums(trainer, req.datums)
+    return ForwardReply(logprobs=primitives.forward(trainer, req.datums, req.micro_batch_size))
 
 
-def _forward_backward(service: Service, name: str, body: ForwardBackwardBody) -> dict[str, Any]:
+async def forward_backward(service: Service, name: str, req: ForwardBackwardRequest) -> ForwardBackwardOutput:
+    return await _on_train_thread(service, _forward_backward, name, req)
+
+
+def _forward_backward(service: Service, name: str, req: ForwardBackwardRequest) -> ForwardBackwardOutput:
     entry, trainer = service.trainable(name)
-    datums = _internal(trainer, body.datums)
-    cfg = LossConfig(**body.loss_config.model_dump())
+    _check_datums(trainer, req.datums)
     with entry.lock:
         metrics, logprobs = primitives.forward_backward(
-            trainer, datums, body.loss, cfg, body.micro_batch_size
+            trainer, req.datums, req.loss, req.loss_config, req.micro_batch_size
         )
-    return {"metrics": metrics, "logprobs": logprobs}
+    return ForwardBackwardOutput(metrics=metrics, logprobs=logprobs)
 
 
-def _optim_step(service: Service, name: str, body: OptimStepBody) -> dict[str, Any]:
+async def optim_step(service: Service, name: str, req: OptimStepRequest) -> OptimStepReply:
+    return await _on_train_thread(service, _optim_step, name, req)
+
+
+def _optim_step(service: Service, name: str, req: OptimStepRequest) -> OptimStepReply:
     entry, trainer = service.trainable(name)
-    a = body.adam
     with entry.lock:
-        norm = trainer.optim_step(a.lr, a.betas, a.weight_decay, a.grad_clip)
-    return {"metrics": {"grad_norm": norm}}
+        norm = trainer.optim_step(req.adam)
+    return OptimStepReply(metrics={"grad_norm": norm})
 
 
-def _save_weights(service: Service, name: str, body: SaveWeightsBody) -> dict[str, Any]:
-    check_name("split", body.split)
+async def save_weights(service: Service, name: str, req: SaveWeightsRequest) -> SaveWeightsReply:
+    return await _on_train_thread(service, _save_weights, name, req)
+
+
+def _save_weights(service: Service, name: str, req: SaveWeightsRequest) -> SaveWeightsReply:
+    check_name("split", req.split)
     entry, _ = service.trainable(name)
     with entry.lock:
-        step = service.save_step(name, {"metrics": body.metrics, "source": "save_weights"})
-        entry.log.append(step, body.split, body.metrics)
-    return {"step": step, "name": f"{name}@{step}"}
+        step = service.save_step(name, {"metrics": req.metrics, "source": "save_weights"})
+        entry.log.append(step, req.split, req.metrics)
+    return SaveWeightsReply(step=step, name=f"{name}@{step}")
 
 
-def _log_metrics(service: Service, name: str, body: LogMetricsBody) -> dict[str, Any]:
-    check_name("split", body.split)
+async def log_metrics(service: Service, name: str, req: LogMetricsRequest) -> StepReply:
+    return await _on_train_thread(service, _log_metrics, name, req)
+
+
+def _log_metrics(service: Service, name: str, req: LogMetricsRequest) -> StepReply:
+    check_name("split", req.split)
     entry, _ = service.trainable(name)
     with entry.lock:
         step = entry.latest
-        entry.log.append(step, body.split, body.metrics)
-    return {"step": step}
+        entry.log.append(step, req.split, req.metrics)
+    return StepReply(step=step)
 
 
-def _restore(service: Service, name: str, body: RestoreBody) -> dict[str, Any]:
-    step, restored = service.restore(name, body.step, body.metric)
-    return {"step": step, "name": f"{name}@{step}", "restored_from": restored}
+async def restore(service: Service, name: str, req: RestoreRequest) -> RestoreReply:
+    return await _on_train_thread(service, _restore, name, req)
 
 
-def _online_start(service: Service, name: str, body: OnlineStartBody) -> dict[str, Any]:
+def _restore(service: Service, name: str, req: RestoreRequest) -> RestoreReply:
+    step, restored = service.restore(name, req.step, req.metric)
+    return RestoreReply(step=step, name=f"{name}@{step}", restored_from=restored)
+
+
+# ------------------------------------------------------------------------------ the online trainer's
+
+
+async def online_start(service: Service, name: str, req: OnlineStartRequest) -> OnlineStartReply:
+    return await _on_train_thread(service, _online_start, name, req)
+
+
+def _online_start(service: Service, name: str, req: OnlineStartRequest) -> OnlineStartReply:
     default, latest = service.online_start(name)
-    return {"default": default, "latest": latest}
+    return OnlineStartReply(default=default, latest=latest)
 
 
-def _promote(service: Service, name: str, body: PromoteBody) -> dict[str, Any]:
-    return {"default": service.promote(name, body.step, body.accept, body.metrics)}
+async def promote(service: Service, name: str, req: PromoteRequest) -> PromoteReply:
+    return await _on_train_thread(service, _promote, name, req)
 
 
-def _online_traffic(service: Service, name: str, body: OnlineTrafficBody) -> dict[str, Any]:
+def _promote(service: Service, name: str, req: PromoteRequest) -> PromoteReply:
+    return PromoteReply(default=service.promote(name, req.step, req.accept, req.metrics))
+
+
+async def online_traffic(service: Service, name: str, req: OnlineTrafficRequest) -> OnlineTrafficReply:
+    return await _on_train_thread(service, _online_traffic, name, req)
+
+
+def _online_traffic(service: Service, name: str, req: OnlineTrafficRequest) -> OnlineTrafficReply:
     stores = service.traffic_stores(name)
     if not stores:
-        return {"recording": False, "rows": []}
+        return OnlineTrafficReply(recording=False, rows=[])
     [store] = stores
-    rows = store.untrained(body.limit) if body.kind == "untrained" else store.trained("promoted", body.limit)
-    return {"recording": True, "rows": [rewarded_to_dict(r) for r in rows]}
+    rows = store.untrained(req.limit) if req.kind == "untrained" else store.trained("promoted", req.limit)
+    return OnlineTrafficReply(recording=True, rows=[rewarded_to_dict(r) for r in rows])
 
 
-def _mark_trained(service: Service, name: str, body: MarkTrainedBody) -> dict[str, Any]:
+async def mark_trained(service: Service, name: str, req: MarkTrainedRequest) -> MarkTrainedReply:
+    return await _on_train_thread(service, _mark_trained, name, req)
+
+
+def _mark_trained(service: Service, name: str, req: MarkTrainedRequest) -> MarkTrainedReply:
     stores = service.traffic_stores(name)
     if not stores:
         raise ValueError(f"{name!r} has no recorded traffic to mark.")
-    stores[0].mark_trained([(cid, int(idx)) for cid, idx in body.keys], body.step, body.outcome)
-    return {"marked": len(body.keys)}
+    stores[0].mark_trained([(cid, int(idx)) for cid, idx in req.keys], req.step, req.outcome)
+    return MarkTrainedReply(marked=len(req.keys))
 
 
-_SYNC_OPS: dict[str, Any] = {
-    "datums": _datums,
-    "sft_datums": _sft_datums,
-    "forward": _forward,
-    "forward_backward": _forward_backward,
-    "optim_step": _optim_step,
-    "save_weights": _save_weights,
-    "log_metrics": _log_metrics,
-    "restore": _restore,
-    "online_start": _online_start,
-    "promote": _promote,
-    "online_traffic": _online_traffic,
-    "mark_trained": _mark_trained,
-}
+# ------------------------------------------------------------------------------ sampling and scoring
 
 
-async def _sample(service: Service, name: str, body: SampleBody) -> dict[str, Any]:
+async def sample(service: Service, name: str, req: SampleRequest) -> SampleOutput:
+    service.trainable(name)
     # Resolving (maybe loading an older step's adapter), rendering and tokenizing happen on a worker thread.
-    weights, ids, params = await asyncio.to_thread(_sample_request, service, name, body)
+    weights, ids, params = await asyncio.to_thread(_sample_request, service, name, req)
     completions = await weights.engine.generate(ids, params, weights.adapter)
-    return {
-        "prompt_tokens": ids,
-        "sequences": [
-            {"tokens": c.token_ids, "logprobs": c.logprobs, "text": c.text, "finish_reason": c.finish_reason}
+    return SampleOutput(
+        prompt_tokens=ids,
+        sequences=[
+            SampledSequence(
+                tokens=c.token_ids, logprobs=c.logprobs, text=c.text, finish_reason=c.finish_reason
+            )
             for c in completions
         ],
-        "weights": f"{name}@{weights.step}",
-    }
+        weights=f"{name}@{weights.step}",
+    )
 
 
 def _sample_request(
-    service: Service, name: str, body: SampleBody
+    service: Service, name: str, req: SampleRequest
 ) -> tuple[Weights, list[int], SamplingParams]:
     try:
-        weights = service.resolve(name if body.step is None else f"{name}@{body.step}")
+        weights = service.resolve(name if req.step is None else f"{name}@{req.step}")
     except UnknownServedModel as exc:  # a missing step is bad input, not an unregistered model
         raise ValueError(str(exc.args[0])) from None
     engine = weights.engine
-    if isinstance(body.prompt[0], int):
-        ids = [int(t) for t in body.prompt]  # type: ignore[arg-type]
+    if isinstance(req.prompt[0], int):
+        ids = [int(t) for t in req.prompt]
         vocab = len(engine.tokenizer)
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}).")
     else:
-        messages: list[dict[str, Any]] = body.prompt  # type: ignore[assignment]
-        validate_messages(messages)
-        text = render_prompt(engine.tokenizer, messages, tools=body.tools)
-        ids = engine.tokenizer.encode(text, add_special_tokens=False)
+        ids = encode_prompt(engine.tokenizer, req.prompt, tools=req.tools)
     params = SamplingParams(
-        max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, n=body.n
+        max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed, n=req.n
     )
-    params.validate()
     engine.check_fits(len(ids), params.max_tokens)
     return weights, ids, params
 
 
-async def _logprobs(service: Service, name: str, body: LogprobsBody) -> dict[str, Any]:
-    weights = await asyncio.to_thread(_scoring_weights, service, name, body.model)
-    logprobs = await asyncio.wrap_future(weights.engine.score(body.sequences, weights.adapter))
-    return {"logprobs": logprobs, "weights": weights.info()}
+async def logprobs(service: Service, name: str, req: LogprobsRequest) -> LogprobsReply:
+    service.trainable(name)
+    weights = await asyncio.to_thread(_scoring_weights, service, name, req.model)
+    lps = await asyncio.wrap_future(weights.engine.score(req.sequences, weights.adapter))
+    return LogprobsReply(logprobs=lps, weights=WeightsInfo(model=weights.model, step=weights.step))
 
 
 def _scoring_weights(service: Service, name: str, served: str | None) -> Weights:
@@ -376,99 +325,8 @@ def _scoring_weights(service: Service, name: str, served: str | None) -> Weights
     return weights
 
 
-# ------------------------------------------------------------------------------ conversions
-
-
-MAX_ABS_REWARD = 1e12  # the reward statistics square rewards: far below this, they never overflow
-
-
-def check_group(group: TrajectoryGroup, vocab_size: int | None = None) -> None:
-    """Refuse a group that training or logging would choke on, saying which trajectory and what to send:
-    rewards that are not finite or beyond ±MAX_ABS_REWARD, and Choices whose `token_ids` are not ids of the
-    vocabulary (of `vocab_size` ids, when given) or whose `token_logprobs` are not finite numbers."""
-    for ti, t in enumerate(group.trajectories):
-        if not math.isfinite(t.reward) or abs(t.reward) > MAX_ABS_REWARD:
-            raise ValueError(
-                f"Trajectory {ti} has reward {t.reward!r}; rewards must be finite numbers within "
-                f"±{MAX_ABS_REWARD:g}. Rescale the reward function's output."
-            )
-        for k, item in enumerate(t.messages_and_choices):
-            if isinstance(item, Choice):
-                _check_choice(
-                    item.model_extra or {}, f"Trajectory {ti}, messages_and_choices[{k}]", vocab_size
-                )
-
-
-def _check_choice(extra: dict[str, Any], where: str, vocab_size: int | None) -> None:
-    ids, lps = extra.get("token_ids"), extra.get("token_logprobs")
-    if ids is not None:
-        if not isinstance(ids, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in ids):
-            raise ValueError(
-                f"{where}: token_ids must be a list of integer token ids, as the backend sent them."
-            )
-        bad = [x for x in ids if vocab_size is not None and not 0 <= x < vocab_size]
-        if bad:
-            raise ValueError(
-                f"{where}: token_ids has {bad[0]}, outside the vocabulary [0, {vocab_size}); send the ids the "
-                "backend sampled."
-            )
-    if lps is not None:
-        if not isinstance(lps, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lps
-        ):
-            raise ValueError(
-                f"{where}: token_logprobs must be a list of finite numbers (no NaN or infinity); send the "
-                "logprobs the backend returned."
-            )
-    if isinstance(ids, list) and isinstance(lps, list) and len(ids) != len(lps):
-        raise ValueError(
-            f"{where}: {len(ids)} token_ids but {len(lps)} token_logprobs; send one logprob per id."
-        )
-    forced = extra.get("forced_token_indices")
-    if forced is not None and not (
-        isinstance(forced, list)
-        and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(ids or []) for i in forced)
-    ):
-        raise ValueError(
-            f"{where}: forced_token_indices must be a list of indices into token_ids, as the backend sent it."
-        )
-
-
-def _read(from_dict: Callable[[dict[str, Any]], R], d: dict[str, Any], where: str, kind: str) -> R:
-    try:
-        out = from_dict(d)
-    except KeyError as exc:
-        raise ValueError(f"{where} does not read as {kind}.to_dict(): it has no {exc.args[0]!r}.") from exc
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise ValueError(f"{where} does not read as {kind}.to_dict(): {type(exc).__name__}: {exc}") from exc
-    if isinstance(out, TrajectoryGroup):
-        try:
-            check_group(out)
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from exc
-    return out
-
-
-def _internal(trainer: Trainer, datums: list[Datum]) -> list[TrainDatum]:
-    for i, d in enumerate(datums):  # before int(): int(inf) is an OverflowError, not a message
-        bad = [m for m in d.loss_mask if m not in (0.0, 1.0)]
-        if bad:
-            raise ValueError(f"Datum {i}: loss_mask has {bad[0]!r}; its values must be 0 or 1 (1: trained).")
-    out = [
-        TrainDatum(d.input_ids, [int(m) for m in d.loss_mask], d.logprobs, d.advantage, d.extras)
-        for d in datums
-    ]
+def _check_datums(trainer: Trainer, datums: list[Datum]) -> None:
+    """What a datum cannot check on its own: this model's vocabulary and context length."""
     base = trainer.model.get_base_model()
     max_len = int(getattr(base.config, "max_position_embeddings", 2048))
-    primitives.check_datums(out, int(base.config.vocab_size), max_len)
-    return out
-
-
-def _public(d: TrainDatum) -> dict[str, Any]:
-    return Datum(
-        input_ids=d.input_ids,
-        loss_mask=[float(m) for m in d.loss_mask],
-        advantage=d.advantage,
-        logprobs=d.old_logprobs,
-        extras=d.extras,
-    ).model_dump(mode="json")
+    primitives.check_datums(datums, vocab_size(trainer), max_len)

@@ -16,16 +16,12 @@ import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from advantage.backends.base import TrainResult
 from advantage.config import LoRAConfig, SFTConfig
-from advantage.lowlevel import AdamParams, Datum, TrainingClient
+from advantage.lowlevel import Datum, TrainingClient
 from advantage.training.sft_data import read_file, split_val
 from advantage.trajectory import Trajectory
-
-if TYPE_CHECKING:
-    from advantage.model import TrainableModel
 
 SFTData = Sequence[Trajectory] | str | Path  # trajectories, or a JSONL file in the OpenAI chat format
 
@@ -55,10 +51,10 @@ async def val_loss(tc: TrainingClient, datums: list[Datum], micro_batch_size: in
 
 
 async def train_sft(
-    model: TrainableModel, data: SFTData, config: SFTConfig | None = None, val: SFTData | None = None
-) -> TrainResult:
-    """Fine-tune `model` on `data` (module docstring); `val` is a validation set, or `config.val_fraction`
-    holds part of `data` out. Returns the last step and the run's summary metrics."""
+    tc: TrainingClient, data: SFTData, config: SFTConfig | None = None, val: SFTData | None = None
+) -> dict[str, float]:
+    """Fine-tune the model of `tc` on `data` (module docstring); `val` is a validation set, or
+    `config.val_fraction` holds part of `data` out. Returns the run's summary metrics."""
     cfg = config or SFTConfig()
     if val is not None and cfg.val_fraction > 0:
         raise ValueError("Give a validation set or a val_fraction, not both.")
@@ -68,13 +64,9 @@ async def train_sft(
     val_named = _named(val) if val is not None else []
     named, held = split_val(named, cfg.val_fraction, cfg.seed)
     val_named += held
-    tc = await model.training_client()
     datums = await _datums(tc, named, cfg)
     val_datums = await _datums(tc, val_named, cfg) if val_named else []
 
-    adam = AdamParams(
-        lr=cfg.learning_rate, betas=cfg.betas, weight_decay=cfg.weight_decay, grad_clip=cfg.max_grad_norm
-    )
     rng = random.Random(cfg.seed)
     per_epoch = -(-len(datums) // cfg.batch_size)
     total = per_epoch * cfg.epochs
@@ -95,7 +87,7 @@ async def train_sft(
             t0 = time.perf_counter()
             batch = [datums[i] for i in order[k : k + cfg.batch_size]]
             out = await tc.forward_backward(batch, "cross_entropy", micro_batch_size=cfg.micro_batch_size)
-            opt = await tc.optim_step(adam)
+            opt = await tc.optim_step(cfg)  # an SFTConfig is an AdamParams
             losses.append(out.metrics["loss"])
             row = {
                 "loss": out.metrics["loss"],
@@ -111,7 +103,7 @@ async def train_sft(
     metrics = {"sft/loss_first": losses[0], "sft/loss_last": losses[-1], "sft/steps": float(len(losses))}
     if val_losses:
         metrics.update({"sft/val_loss_first": val_losses[0], "sft/val_loss_last": val_losses[-1]})
-    return TrainResult(await model.get_step(), metrics)
+    return metrics
 
 
 async def train_sft_file(

@@ -19,20 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from advantage.trajectory import TrajectoryGroup
+from advantage.wire.ops import RESERVED, check_metric_names
 
-RESERVED = ("step", "split", "time")  # metrics.jsonl's own columns: no metric may take these names
+__all__ = ["RESERVED", "RunLog", "check_metric_names", "group_metrics"]
 _append_lock = threading.Lock()  # one writer at a time, so rows from two threads never interleave
-
-
-def check_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Refuse user metrics named like a bookkeeping column of metrics.jsonl (they would overwrite it)."""
-    taken = sorted(k for k in metrics if k in RESERVED)
-    if taken:
-        raise ValueError(
-            f"metrics {taken} use reserved names: {', '.join(RESERVED)} are metrics.jsonl's own columns "
-            "(which step, which split, when). Rename them, e.g. 'my_step'."
-        )
-    return metrics
 
 
 def group_metrics(groups: list[TrajectoryGroup], prefix: str) -> dict[str, float]:

@@ -18,9 +18,38 @@ from advantage.backends.base import TrainResult
 from advantage.config import TrainConfig
 from advantage.environment import set_engine_defaults
 from advantage.trajectory import TrajectoryGroup
+from advantage.wire.ops import (
+    DatumsReply,
+    DatumsRequest,
+    ForwardBackwardOutput,
+    ForwardBackwardRequest,
+    ForwardReply,
+    ForwardRequest,
+    LogMetricsRequest,
+    LogprobsReply,
+    LogprobsRequest,
+    MarkTrainedReply,
+    MarkTrainedRequest,
+    ModelSpec,
+    OnlineStartReply,
+    OnlineStartRequest,
+    OnlineTrafficReply,
+    OnlineTrafficRequest,
+    OptimStepReply,
+    OptimStepRequest,
+    PromoteReply,
+    PromoteRequest,
+    RestoreReply,
+    RestoreRequest,
+    SampleOutput,
+    SampleRequest,
+    SaveWeightsReply,
+    SaveWeightsRequest,
+    SFTDatumsRequest,
+    StepReply,
+)
 
 if TYPE_CHECKING:
-    from advantage.model import TrainableModel
     from advantage.service import Service
 
 
@@ -37,9 +66,12 @@ class LocalBackend:
         """`trainer_workers` > 1 (or a `ray_address`) trains each model data-parallel on that many Ray actors
         (`training/ray_workers.py`; needs `advantage[ray]`); 1 and no address keeps the in-process trainer."""
         set_engine_defaults()  # before the engine's modules load torch: see advantage.environment
+        from advantage import service_ops
         from advantage.server.runner import BackgroundServer
         from advantage.service import Service
         from advantage.training.ray_workers import Placement, trainer_factory
+
+        self._ops = service_ops  # loaded here, not at import: it loads torch (see advantage.environment)
 
         self.root = Path(root)
         factory = trainer_factory(Placement(workers=trainer_workers, ray_address=ray_address))
@@ -49,7 +81,7 @@ class LocalBackend:
         self.base_url = self._server.base_url
         self.progress = progress
 
-    async def register(self, model: TrainableModel) -> int:
+    async def register(self, model: ModelSpec) -> int:
         return await asyncio.to_thread(
             self.service.register,
             model.project,
@@ -61,7 +93,7 @@ class LocalBackend:
         )
 
     async def train(
-        self, model: TrainableModel, groups: list[TrajectoryGroup], config: TrainConfig
+        self, model: ModelSpec, groups: list[TrajectoryGroup], config: TrainConfig
     ) -> TrainResult:
         bar = tqdm(total=0, desc=f"train {model.name}", unit="mb", leave=False, disable=not self.progress)
 
@@ -70,19 +102,20 @@ class LocalBackend:
             bar.n = done
             bar.refresh()
 
+        self._ops.accept_groups(self.service, model.name, groups, "train")  # the boundary: checked once, here
         try:
             step, metrics = await self.service.train_async(model.name, groups, config, progress)
         finally:
             bar.close()
         return TrainResult(step, metrics)
 
-    async def get_step(self, model: TrainableModel) -> int:
+    async def get_step(self, model: ModelSpec) -> int:
         return self.service.model_entry(model.name).latest
 
-    async def log(self, model: TrainableModel, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
+    async def log(self, model: ModelSpec, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
         return await asyncio.to_thread(self.service.log_groups, model.name, groups, split)
 
-    async def feedback(self, model: TrainableModel, body: dict[str, Any]) -> dict[str, Any]:
+    async def feedback(self, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
         from advantage.online.feedback import give_feedback
 
         def run() -> dict[str, Any]:
@@ -91,15 +124,53 @@ class LocalBackend:
 
         return await asyncio.to_thread(run)  # SQLite reads and writes block
 
-    async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]:
+    async def delete_checkpoints(self, model: ModelSpec, keep: str, metric: str) -> list[int]:
         return await asyncio.to_thread(self.service.delete_checkpoints, model.name, keep, metric)
 
-    async def primitive(self, model: TrainableModel, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        from advantage.service_ops import run_op
+    # ------------------------------------------------------------------ the low-level operations
+    async def datums(self, model: ModelSpec, req: DatumsRequest) -> DatumsReply:
+        return await self._ops.datums(self.service, model.name, req)
 
-        return await run_op(self.service, model.name, op, payload)
+    async def sft_datums(self, model: ModelSpec, req: SFTDatumsRequest) -> DatumsReply:
+        return await self._ops.sft_datums(self.service, model.name, req)
 
-    def run_dir(self, model: TrainableModel) -> Path:
+    async def forward(self, model: ModelSpec, req: ForwardRequest) -> ForwardReply:
+        return await self._ops.forward(self.service, model.name, req)
+
+    async def forward_backward(self, model: ModelSpec, req: ForwardBackwardRequest) -> ForwardBackwardOutput:
+        return await self._ops.forward_backward(self.service, model.name, req)
+
+    async def optim_step(self, model: ModelSpec, req: OptimStepRequest) -> OptimStepReply:
+        return await self._ops.optim_step(self.service, model.name, req)
+
+    async def save_weights(self, model: ModelSpec, req: SaveWeightsRequest) -> SaveWeightsReply:
+        return await self._ops.save_weights(self.service, model.name, req)
+
+    async def log_metrics(self, model: ModelSpec, req: LogMetricsRequest) -> StepReply:
+        return await self._ops.log_metrics(self.service, model.name, req)
+
+    async def sample(self, model: ModelSpec, req: SampleRequest) -> SampleOutput:
+        return await self._ops.sample(self.service, model.name, req)
+
+    async def logprobs(self, model: ModelSpec, req: LogprobsRequest) -> LogprobsReply:
+        return await self._ops.logprobs(self.service, model.name, req)
+
+    async def restore(self, model: ModelSpec, req: RestoreRequest) -> RestoreReply:
+        return await self._ops.restore(self.service, model.name, req)
+
+    async def online_start(self, model: ModelSpec, req: OnlineStartRequest) -> OnlineStartReply:
+        return await self._ops.online_start(self.service, model.name, req)
+
+    async def promote(self, model: ModelSpec, req: PromoteRequest) -> PromoteReply:
+        return await self._ops.promote(self.service, model.name, req)
+
+    async def online_traffic(self, model: ModelSpec, req: OnlineTrafficRequest) -> OnlineTrafficReply:
+        return await self._ops.online_traffic(self.service, model.name, req)
+
+    async def mark_trained(self, model: ModelSpec, req: MarkTrainedRequest) -> MarkTrainedReply:
+        return await self._ops.mark_trained(self.service, model.name, req)
+
+    def run_dir(self, model: ModelSpec) -> Path:
         entry = self.service.model_entry(model.name)
         assert entry.run_dir is not None
         return entry.run_dir

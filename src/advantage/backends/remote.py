@@ -34,19 +34,47 @@ import json
 import math
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
+from pydantic import BaseModel
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential
 from tqdm.auto import tqdm
 
 from advantage.backends.base import TrainResult
 from advantage.config import TrainConfig
 from advantage.trajectory import TrajectoryGroup
-
-if TYPE_CHECKING:
-    from advantage.model import TrainableModel
+from advantage.wire.ops import (
+    DatumsReply,
+    DatumsRequest,
+    ForwardBackwardOutput,
+    ForwardBackwardRequest,
+    ForwardReply,
+    ForwardRequest,
+    LogMetricsRequest,
+    LogprobsReply,
+    LogprobsRequest,
+    MarkTrainedReply,
+    MarkTrainedRequest,
+    ModelSpec,
+    OnlineStartReply,
+    OnlineStartRequest,
+    OnlineTrafficReply,
+    OnlineTrafficRequest,
+    OptimStepReply,
+    OptimStepRequest,
+    PromoteReply,
+    PromoteRequest,
+    RestoreReply,
+    RestoreRequest,
+    SampleOutput,
+    SampleRequest,
+    SaveWeightsReply,
+    SaveWeightsRequest,
+    SFTDatumsRequest,
+    StepReply,
+)
 
 NOT_REGISTERED = "model_not_registered"  # the server's error code for a model it does not know (any more)
 _RETRY_STATUS = frozenset({502, 503, 504})
@@ -120,7 +148,7 @@ class RemoteBackend:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------------------------ the protocol
-    async def register(self, model: TrainableModel) -> int:
+    async def register(self, model: ModelSpec) -> int:
         body: dict[str, Any] = {
             "project": model.project,
             "name": model.name,
@@ -134,16 +162,16 @@ class RemoteBackend:
         data = await self._call("POST", "/models", body, idempotent=True, what="register")
         return int(data["step"])
 
-    async def get_step(self, model: TrainableModel) -> int:
+    async def get_step(self, model: ModelSpec) -> int:
         data = await self._call_registered(model, "GET", "step", None, idempotent=True)
         return int(data["step"])
 
-    async def log(self, model: TrainableModel, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
+    async def log(self, model: ModelSpec, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
         body = {"groups": [g.to_dict() for g in groups], "split": split}
         data = await self._call_registered(model, "POST", "log", body, idempotent=False)
         return {k: float(v) for k, v in data["metrics"].items()}
 
-    async def feedback(self, model: TrainableModel, body: dict[str, Any]) -> dict[str, Any]:
+    async def feedback(self, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
         # Not a training route: an absolute URL overrides the client's /v1/training base.
         url = f"{self.base_url}/feedback"
         return await self._again_if_unregistered(
@@ -151,13 +179,13 @@ class RemoteBackend:
             lambda: self._call("POST", url, {**body, "model": model.name}, idempotent=True, what="feedback"),
         )
 
-    async def delete_checkpoints(self, model: TrainableModel, keep: str, metric: str) -> list[int]:
+    async def delete_checkpoints(self, model: ModelSpec, keep: str, metric: str) -> list[int]:
         body = {"keep": keep, "metric": metric}
         data = await self._call_registered(model, "POST", "delete_checkpoints", body, idempotent=True)
         return [int(s) for s in data["deleted"]]
 
     async def train(
-        self, model: TrainableModel, groups: list[TrajectoryGroup], config: TrainConfig
+        self, model: ModelSpec, groups: list[TrajectoryGroup], config: TrainConfig
     ) -> TrainResult:
         content = _dumps({"groups": [g.to_dict() for g in groups], "config": config.model_dump(mode="json")})
         bar = tqdm(total=0, desc=f"train {model.name}", unit="mb", leave=False, disable=not self.progress)
@@ -166,10 +194,55 @@ class RemoteBackend:
         finally:
             bar.close()
 
-    async def primitive(self, model: TrainableModel, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+    # ------------------------------------------------------------------------------------ the low-level API
+    async def datums(self, model: ModelSpec, req: DatumsRequest) -> DatumsReply:
+        return DatumsReply.model_validate(await self._op(model, "datums", req))
+
+    async def sft_datums(self, model: ModelSpec, req: SFTDatumsRequest) -> DatumsReply:
+        return DatumsReply.model_validate(await self._op(model, "sft_datums", req))
+
+    async def forward(self, model: ModelSpec, req: ForwardRequest) -> ForwardReply:
+        return ForwardReply.model_validate(await self._op(model, "forward", req))
+
+    async def forward_backward(self, model: ModelSpec, req: ForwardBackwardRequest) -> ForwardBackwardOutput:
+        return ForwardBackwardOutput.model_validate(await self._op(model, "forward_backward", req))
+
+    async def optim_step(self, model: ModelSpec, req: OptimStepRequest) -> OptimStepReply:
+        return OptimStepReply.model_validate(await self._op(model, "optim_step", req))
+
+    async def save_weights(self, model: ModelSpec, req: SaveWeightsRequest) -> SaveWeightsReply:
+        return SaveWeightsReply.model_validate(await self._op(model, "save_weights", req))
+
+    async def log_metrics(self, model: ModelSpec, req: LogMetricsRequest) -> StepReply:
+        return StepReply.model_validate(await self._op(model, "log_metrics", req))
+
+    async def sample(self, model: ModelSpec, req: SampleRequest) -> SampleOutput:
+        return SampleOutput.model_validate(await self._op(model, "sample", req))
+
+    async def logprobs(self, model: ModelSpec, req: LogprobsRequest) -> LogprobsReply:
+        return LogprobsReply.model_validate(await self._op(model, "logprobs", req))
+
+    async def restore(self, model: ModelSpec, req: RestoreRequest) -> RestoreReply:
+        return RestoreReply.model_validate(await self._op(model, "restore", req))
+
+    async def online_start(self, model: ModelSpec, req: OnlineStartRequest) -> OnlineStartReply:
+        return OnlineStartReply.model_validate(await self._op(model, "online_start", req))
+
+    async def promote(self, model: ModelSpec, req: PromoteRequest) -> PromoteReply:
+        return PromoteReply.model_validate(await self._op(model, "promote", req))
+
+    async def online_traffic(self, model: ModelSpec, req: OnlineTrafficRequest) -> OnlineTrafficReply:
+        return OnlineTrafficReply.model_validate(await self._op(model, "online_traffic", req))
+
+    async def mark_trained(self, model: ModelSpec, req: MarkTrainedRequest) -> MarkTrainedReply:
+        return MarkTrainedReply.model_validate(await self._op(model, "mark_trained", req))
+
+    async def _op(self, model: ModelSpec, route: str, req: BaseModel) -> dict[str, Any]:
         # Gradient accumulation, optimizer steps and checkpoints change state: never sent twice.
-        idempotent = op in _IDEMPOTENT_OPS
-        return await self._call_registered(model, "POST", op, payload, idempotent=idempotent)
+        body = (
+            req.model_dump()
+        )  # not mode="json": that writes NaN as null, and the server then cannot say where
+        return await self._call_registered(model, "POST", route, body, idempotent=route in _IDEMPOTENT_OPS)
 
     async def close(self) -> None:
         if self._http is not None and self._loop is asyncio.get_running_loop():
@@ -212,7 +285,7 @@ class RemoteBackend:
             reraise=True,
         )
 
-    async def _again_if_unregistered(self, model: TrainableModel, send: Callable[[], Awaitable[T]]) -> T:
+    async def _again_if_unregistered(self, model: ModelSpec, send: Callable[[], Awaitable[T]]) -> T:
         try:
             return await send()
         except BackendRequestError as exc:
@@ -223,7 +296,7 @@ class RemoteBackend:
 
     async def _call_registered(
         self,
-        model: TrainableModel,
+        model: ModelSpec,
         method: str,
         action: str,
         body: dict[str, Any] | None,
@@ -259,7 +332,7 @@ class RemoteBackend:
                 "before sending it again."
             ) from exc
 
-    async def _train_stream(self, model: TrainableModel, content: bytes, bar: tqdm) -> TrainResult:
+    async def _train_stream(self, model: ModelSpec, content: bytes, bar: tqdm) -> TrainResult:
         path = f"/models/{quote(model.name, safe='')}/train"
         headers = {"Content-Type": "application/json"}
 
@@ -288,7 +361,7 @@ class RemoteBackend:
             "there, and is the URL right?"
         )
 
-    def _went_away(self, model: TrainableModel, exc: Exception | None) -> BackendUnavailableError:
+    def _went_away(self, model: ModelSpec, exc: Exception | None) -> BackendUnavailableError:
         cause = _cause(exc) if exc is not None else "the stream ended without a result"
         return BackendUnavailableError(
             f"The server at {self.server_url} went away during a train step of {model.name!r} ({cause}). "

@@ -177,6 +177,17 @@ def render_prompt(
     return renderer_for(tokenizer).render([_normalize(m) for m in messages], tools, add_generation_prompt)
 
 
+def encode_prompt(
+    tokenizer: Any,
+    messages: list[Message],
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: ToolChoice = None,
+) -> list[int]:
+    """The prompt's token ids: `render_prompt` (which validates the request), then the tokenizer."""
+    text = render_prompt(tokenizer, messages, tools, tool_choice)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
 def parse_reply(tokenizer: Any, text: str, tools_enabled: bool) -> ParsedOutput:
     """Content and tool calls of a sampled reply, in the tokenizer's model family's format."""
     return renderer_for(tokenizer).parse(text, tools_enabled)
@@ -199,6 +210,7 @@ __all__ = [
     "TOOL_CALL_CLOSE",
     "TOOL_CALL_OPEN",
     "ParsedOutput",
+    "encode_prompt",
     "forced_functions",
     "parse_assistant_output",
     "parse_reply",

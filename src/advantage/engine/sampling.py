@@ -16,8 +16,11 @@ class SamplingError(ValueError):
     """Invalid sampling parameters; the message says which and what range is allowed."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
+    """Valid by construction: an out-of-range field raises `SamplingError` here, once, at the boundary that
+    builds it (a request handler, the low-level API), and the engine trusts what it is given."""
+
     max_tokens: int | None = None  # None: up to the context limit, capped by the engine's default
     temperature: float = 1.0
     top_p: float = 1.0
@@ -26,6 +29,9 @@ class SamplingParams:
     n: int = 1
     top_logprobs: int = 0  # OpenAI's top_logprobs (0..20); the sampled token's logprob is always returned
     grammar: str | None = None  # an llguidance grammar (from response_format): output is constrained to it
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -158,8 +158,7 @@ class TorchEngine:
         adapter: str | None = None,
         on_token: TokenCallback | None = None,
     ) -> concurrent.futures.Future[list[Completion]]:
-        params.validate()
-        max_new = self.check_fits(len(prompt_ids), params.max_tokens)
+        max_new = self.check_fits(len(prompt_ids), params.max_tokens)  # params are valid by construction
         if params.grammar is not None:
             self.grammars.validate(params.grammar)
         if adapter is not None and adapter not in self._adapters:

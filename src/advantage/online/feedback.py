@@ -26,8 +26,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from advantage.online.store import Feedback, RecordedCompletion, TrafficStore
+from advantage.trajectory import MAX_ABS_REWARD  # the bound on trajectory rewards, too
 
-MAX_ABS_REWARD = 1e12  # as for trajectory rewards (`service_ops.check_group`)
 MAX_COMMENT_CHARS = 4000
 LABEL_REWARDS: dict[str, float] = {
     **dict.fromkeys(["up", "thumbs_up", "good", "positive", "correct", "1"], 1.0),

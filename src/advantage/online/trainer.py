@@ -43,6 +43,7 @@ from advantage.config import OnlineConfig
 from advantage.online.groups import groups_from_traffic
 from advantage.online.store import RewardedChoice, rewarded_from_dict
 from advantage.trajectory import TrajectoryGroup
+from advantage.wire.ops import MarkTrainedRequest, OnlineStartRequest, OnlineTrafficRequest, PromoteRequest
 
 if TYPE_CHECKING:
     from advantage.model import TrainableModel
@@ -88,8 +89,7 @@ async def train_online(
         raise ValueError(
             "train_online runs until stopped: pass a `stop` event, or set max_steps or max_seconds."
         )
-    start = await model.backend.primitive(model, "online_start", {})
-    default = int(start["default"])
+    default = (await model.backend.online_start(model.spec, OnlineStartRequest())).default
     default_score = await evaluate(model.get_inference_name(default)) if evaluate is not None else None
     rng = random.Random(config.seed)
     t0 = time.monotonic()
@@ -144,8 +144,7 @@ async def _step(
     }
     if score is not None and default_score is not None:
         gate.update(score=score, default_score=default_score, default_step=float(default))
-    payload = {"step": result.step, "accept": accept, "metrics": gate}
-    await model.backend.primitive(model, "promote", payload)
+    await model.backend.promote(model.spec, PromoteRequest(step=result.step, accept=accept, metrics=gate))
     await _mark(model, used, result.step, "promoted" if accept else "rejected")
     return OnlineStep(result.step, accept, score, default_score, *counts, result.metrics)
 
@@ -161,20 +160,21 @@ def _stop_reason(config: OnlineConfig, stop: asyncio.Event | None, steps: int, e
 
 
 async def _mark(model: TrainableModel, keys: list[tuple[str, int]], step: int, outcome: str) -> None:
-    await model.backend.primitive(model, "mark_trained", {"keys": keys, "step": step, "outcome": outcome})
+    req = MarkTrainedRequest.model_validate({"keys": keys, "step": step, "outcome": outcome})
+    await model.backend.mark_trained(model.spec, req)
 
 
 async def _fresh_traffic(
     model: TrainableModel, default: int, config: OnlineConfig
 ) -> tuple[list[RewardedChoice], list[RewardedChoice]]:
     """The untrained rated choices, split into (fresh enough, stale)."""
-    answer = await model.backend.primitive(model, "online_traffic", {"kind": "untrained"})
-    if not answer["recording"]:
+    answer = await model.backend.online_traffic(model.spec, OnlineTrafficRequest(kind="untrained"))
+    if not answer.recording:
         raise RuntimeError(
             f"{model.name!r} has no recorded traffic: register it with `TrainableModel(..., "
             "record_traffic=True)` (or serve with `advantage serve --record`) so there is something to train on."
         )
-    rows = [rewarded_from_dict(d) for d in answer["rows"]]
+    rows = [rewarded_from_dict(d) for d in answer.rows]
     limit = config.max_steps_off_policy
     fresh: list[RewardedChoice] = []
     stale: list[RewardedChoice] = []
@@ -189,10 +189,8 @@ async def _replay(
 ) -> list[TrajectoryGroup]:
     """`replay_share` of the step's groups, drawn from groups already trained in promoted steps."""
     want = math.ceil(config.replay_share * fresh / (1 - config.replay_share))
-    answer = await model.backend.primitive(
-        model, "online_traffic", {"kind": "promoted", "limit": REPLAY_POOL}
-    )
-    rows = [rewarded_from_dict(d) for d in answer["rows"]]
+    req = OnlineTrafficRequest(kind="promoted", limit=REPLAY_POOL)
+    rows = [rewarded_from_dict(d) for d in (await model.backend.online_traffic(model.spec, req)).rows]
     pool = [
         g
         for g in groups_from_traffic(rows, config.group_size).groups

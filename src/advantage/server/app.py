@@ -28,8 +28,8 @@ from advantage.server.schemas import (
     ChatCompletionRequest,
     error_response,
 )
+from advantage.server.training_routes import OP_ROUTES
 from advantage.service import Service
-from advantage.service_ops import OPS
 
 log = logging.getLogger(__name__)
 __all__ = ["MAX_BODY_BYTES", "MAX_TRAIN_BODY_BYTES", "OPEN_PATHS", "create_app"]
@@ -52,6 +52,13 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         if not where:  # the body itself: missing, not JSON, or not an object
             message = f"Invalid request body: {first.get('msg', 'bad value')}; send a JSON object."
             return error_response(400, message)
+        loc = [x for x in first.get("loc", ()) if x != "body"]
+        if (
+            len(loc) > 2 and loc[0] == "groups" and isinstance(loc[1], int)
+        ):  # as /train, /log and /datums say it
+            rest = ".".join(str(x) for x in loc[2:])
+            message = f"Group {loc[1]} does not read as TrajectoryGroup.to_dict(): {rest}: {first.get('msg')}"
+            return error_response(400, message, param=f"groups.{loc[1]}")
         return error_response(400, f"Invalid request: {where}: {first.get('msg', 'bad value')}", param=where)
 
     @app.exception_handler(HTTPException)
@@ -126,7 +133,7 @@ def _document_errors(app: FastAPI) -> None:
                     codes["404"] = "Unknown model (or route)."
                 if "requestBody" in op:
                     codes["413"] = "Request body too large."
-                if path == "/v1/chat/completions" or path.rpartition("/")[2] in {"train", *OPS}:
+                if path == "/v1/chat/completions" or path.rpartition("/")[2] in {"train", *OP_ROUTES}:
                     codes["429"] = (
                         "The engine's or the training queue is full; retry after Retry-After seconds."
                     )

@@ -22,17 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionTokenLogprob,
+)
+from openai.types.chat.chat_completion import Choice, ChoiceLogprobs
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_token_logprob import TopLogprob
+from openai.types.completion_usage import CompletionUsage
 
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
-from advantage.engine.chat import forced_functions, parse_reply, render_prompt, validate_messages
+from advantage.engine.chat import encode_prompt, forced_functions, parse_reply
 from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
@@ -67,9 +77,7 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     except UnknownServedModel as exc:
         raise APIError(404, str(exc.args[0]), "not_found_error", "model", "model_not_found") from None
     try:
-        validate_messages(req.messages)
-        prompt = render_prompt(weights.engine.tokenizer, req.messages, req.tools, req.tool_choice)
-        prompt_ids = weights.engine.tokenizer.encode(prompt, add_special_tokens=False)
+        prompt_ids = encode_prompt(weights.engine.tokenizer, req.messages, req.tools, req.tool_choice)
     except (ValueError, TypeError) as exc:
         message = str(exc)
         param = next((p for p in ("tools", "tool_choice") if message.startswith(p)), "messages")
@@ -84,18 +92,17 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
         except ValueError as exc:
             detail = str(exc).removeprefix("Invalid response_format schema: ")
             raise APIError(400, _schema_error(source, detail), param=source) from None
-    params = SamplingParams(
-        max_tokens=req.max_completion_tokens or req.max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        stop=stop,
-        seed=req.seed,
-        n=req.n,
-        top_logprobs=req.top_logprobs or 0,
-        grammar=grammar,
-    )
     try:
-        params.validate()
+        params = SamplingParams(
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            stop=stop,
+            seed=req.seed,
+            n=req.n,
+            top_logprobs=req.top_logprobs or 0,
+            grammar=grammar,
+        )
         weights.engine.check_fits(len(prompt_ids), params.max_tokens)
     except SamplingError as exc:
         raise APIError(400, str(exc)) from None
@@ -153,48 +160,57 @@ def submit(p: PreparedRequest, on_token: TokenCallback | None = None) -> asyncio
     return asyncio.wrap_future(fut)
 
 
-async def complete(p: PreparedRequest) -> JSONResponse:
+async def complete(p: PreparedRequest) -> Response:
     outs = await submit(p)
-    return await asyncio.to_thread(lambda: JSONResponse(_completion(p, outs)))  # encoded off the loop
+    body = await asyncio.to_thread(lambda: _json(_completion(p, outs)))  # encoded off the loop
+    return Response(body, media_type="application/json")
 
 
-def _completion(p: PreparedRequest, outs: list[Completion]) -> dict[str, Any]:
+def _json(m: ChatCompletion | ChatCompletionChunk) -> str:
+    """The wire JSON of a response model: only the fields we set (OpenAI omits the ones it has no value for)."""
+    return m.model_dump_json(exclude_unset=True)
+
+
+def _completion(p: PreparedRequest, outs: list[Completion]) -> ChatCompletion:
     choices = [_choice(p, i, c) for i, c in enumerate(outs)]
     _record(p, outs, choices)
     n_out = sum(len(c.token_ids) for c in outs)
-    return {
-        "id": p.id,
-        "object": "chat.completion",
-        "created": p.created,
-        "model": p.req.model,
-        "choices": choices,
-        "usage": _usage(len(p.prompt_ids), n_out),
-        "weights": p.weights.info(),
-        "prompt_token_ids": p.prompt_ids,
-    }
+    return ChatCompletion(
+        id=p.id,
+        object="chat.completion",
+        created=p.created,
+        model=p.req.model,
+        choices=choices,
+        usage=_usage(len(p.prompt_ids), n_out),
+        weights=p.weights.info(),
+        prompt_token_ids=p.prompt_ids,
+    )
 
 
-def _choice(p: PreparedRequest, index: int, c: Completion) -> dict[str, Any]:
+def _choice(p: PreparedRequest, index: int, c: Completion) -> Choice:
     parsed = parse_reply(p.weights.engine.tokenizer, c.text, p.tools_enabled)
     # A reply without tool calls is returned verbatim, as OpenAI does (the parser strips whitespace): the
     # streamed deltas then add up to the same content, and token_ids decode to it.
     content = parsed.content if parsed.tool_calls else c.text
-    message: dict[str, Any] = {"role": "assistant", "content": content}
     finish: Literal["stop", "length", "tool_calls"] = c.finish_reason
     if parsed.tool_calls:
-        message["tool_calls"] = parsed.tool_calls
+        message = ChatCompletionMessage.model_validate(
+            {"role": "assistant", "content": content, "tool_calls": parsed.tool_calls}
+        )
         if finish == "stop":
             finish = "tool_calls"
-    return {
-        "index": index,
-        "message": message,
-        "finish_reason": finish,
-        "logprobs": _logprobs(p, c) if p.req.logprobs else None,
+    else:
+        message = ChatCompletionMessage(role="assistant", content=content)
+    return Choice(
+        index=index,
+        message=message,
+        finish_reason=finish,
+        logprobs=_logprobs(p, c) if p.req.logprobs else None,
         **_extensions(p, c),
-    }
+    )
 
 
-def _record(p: PreparedRequest, outs: list[Completion], choices: list[dict[str, Any]]) -> None:
+def _record(p: PreparedRequest, outs: list[Completion], choices: list[Choice]) -> None:
     """Store the completion when its model records traffic. On a worker thread: SQLite writes block."""
     if p.recorder is None:
         return
@@ -212,8 +228,8 @@ def _record(p: PreparedRequest, outs: list[Completion], choices: list[dict[str, 
                 logprobs=c.logprobs,
                 prompt_token_ids=p.prompt_ids,
                 forced_token_indices=c.forced,
-                finish_reason=full["finish_reason"],
-                message=full["message"],
+                finish_reason=full.finish_reason,
+                message=full.message.model_dump(mode="json", exclude_unset=True),
             )
             for i, (c, full) in enumerate(zip(outs, choices, strict=True))
         ],
@@ -236,23 +252,27 @@ def _extensions(p: PreparedRequest, c: Completion) -> dict[str, Any]:
     }
 
 
-def _logprobs(p: PreparedRequest, c: Completion) -> dict[str, Any]:
+def _logprobs(p: PreparedRequest, c: Completion) -> ChoiceLogprobs:
     tok = p.weights.engine.tokenizer
 
-    def entry(tid: int, lp: float) -> dict[str, Any]:
+    def top(tid: int, lp: float) -> TopLogprob:
         s = tok.decode([tid])
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
+        return TopLogprob(token=s, logprob=lp, bytes=list(s.encode("utf-8")))
 
     content = []
     for i, (tid, lp) in enumerate(zip(c.token_ids, c.logprobs, strict=True)):
-        e = entry(tid, lp)
-        e["top_logprobs"] = [entry(t, v) for t, v in c.top_logprobs[i]] if c.top_logprobs else []
-        content.append(e)
-    return {"content": content, "refusal": None}
+        s = tok.decode([tid])
+        tops = [top(t, v) for t, v in c.top_logprobs[i]] if c.top_logprobs else []
+        content.append(
+            ChatCompletionTokenLogprob(token=s, logprob=lp, bytes=list(s.encode("utf-8")), top_logprobs=tops)
+        )
+    return ChoiceLogprobs(content=content, refusal=None)
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 def stream(p: PreparedRequest) -> AsyncIterator[str]:
@@ -271,13 +291,23 @@ def stream(p: PreparedRequest) -> AsyncIterator[str]:
 async def _chunks(
     p: PreparedRequest, queue: asyncio.Queue[tuple[int, str]], task: asyncio.Future[list[Completion]]
 ) -> AsyncIterator[str]:
-    base = {"id": p.id, "object": "chat.completion.chunk", "created": p.created, "model": p.req.model}
 
-    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
-        return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
+    def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> str:
+        extra = {} if usage is None else {"usage": usage}
+        m = ChatCompletionChunk(
+            id=p.id,
+            object="chat.completion.chunk",
+            created=p.created,
+            model=p.req.model,
+            choices=choices,
+            **extra,
+        )
+        return f"data: {_json(m)}\n\n"
 
     try:
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}} for i in range(p.params.n)])
+        yield chunk(
+            [ChunkChoice(index=i, delta=ChoiceDelta(role="assistant", content="")) for i in range(p.params.n)]
+        )
         while not task.done() or not queue.empty():
             getter = asyncio.ensure_future(queue.get())
             try:
@@ -288,34 +318,38 @@ async def _chunks(
                     getter.cancel()
             if getter in done:
                 index, text = getter.result()
-                yield chunk([{"index": index, "delta": {"content": text}, "finish_reason": None}])
+                yield chunk([ChunkChoice(index=index, delta=ChoiceDelta(content=text), finish_reason=None)])
         outs = task.result()
     finally:  # the client went away mid-stream (or the stream failed): the engine drops the request's rows
         task.cancel()
 
-    def encode() -> list[dict[str, Any]]:
+    def encode() -> list[Choice]:
         fulls = [_choice(p, i, c) for i, c in enumerate(outs)]
         _record(p, outs, fulls)
         return fulls
 
     fulls = await asyncio.to_thread(encode)
     for i, (c, full) in enumerate(zip(outs, fulls, strict=True)):
-        delta: dict[str, Any] = {}
+        delta = ChoiceDelta()
         if p.tools_enabled:
-            delta["content"] = full["message"]["content"]
-            if "tool_calls" in full["message"]:
-                delta["tool_calls"] = [
-                    {"index": k, **tc} for k, tc in enumerate(full["message"]["tool_calls"])
-                ]
+            calls = full.message.tool_calls
+            delta = ChoiceDelta.model_validate(
+                {"content": full.message.content}
+                | (
+                    {"tool_calls": [{"index": k, **tc.model_dump()} for k, tc in enumerate(calls)]}
+                    if calls
+                    else {}
+                )
+            )
         yield chunk(
             [
-                {
-                    "index": i,
-                    "delta": delta,
-                    "finish_reason": full["finish_reason"],
-                    "logprobs": full["logprobs"],
+                ChunkChoice(
+                    index=i,
+                    delta=delta,
+                    finish_reason=full.finish_reason,
+                    logprobs=full.logprobs,
                     **_extensions(p, c),
-                }
+                )
             ]
         )
     if p.req.stream_options and p.req.stream_options.include_usage:

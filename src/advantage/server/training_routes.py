@@ -43,89 +43,53 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from advantage.config import LoRAConfig, TrainConfig
+from advantage import service_ops as ops
 from advantage.engine.base import QueueFull
 from advantage.server.parsing import OffLoopRoute
 from advantage.server.schemas import INTERNAL_ERROR, APIError, queue_full
 from advantage.service import ModelEntry, Service, UnknownServedModel, check_name
-from advantage.service_ops import OPS, check_group, run_op
-from advantage.training.ray_workers import RayTrainerGroup
-from advantage.trajectory import TrajectoryGroup
+from advantage.trajectory import InvalidGroups, TrajectoryGroup, read_groups
+from advantage.wire.ops import (
+    DatumsRequest,
+    DeleteCheckpointsRequest,
+    ForwardBackwardRequest,
+    ForwardRequest,
+    LogMetricsRequest,
+    LogprobsRequest,
+    LogRequest,
+    MarkTrainedRequest,
+    ModelSpec,
+    OnlineStartRequest,
+    OnlineTrafficRequest,
+    OptimStepRequest,
+    PromoteRequest,
+    RestoreRequest,
+    SampleRequest,
+    SaveWeightsRequest,
+    SFTDatumsRequest,
+    TrainRequest,
+)
+from advantage.wire.records import GroupRecord
 
 log = logging.getLogger(__name__)
+Req = TypeVar("Req", bound=BaseModel)  # a route's request model
 router = APIRouter(prefix="/v1/training", route_class=OffLoopRoute)
 HEARTBEAT_S = 15.0
 NOT_REGISTERED = "model_not_registered"  # the error code RemoteBackend answers by registering again
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RegisterBody(_Body):
-    project: str = Field(description="Project name (a directory under the server's root).")
-    name: str = Field(description="Model name, unique on the server; served as `name` and `name@step`.")
-    base_model: str = Field(description="A bundled model name or a model directory on the server.")
-    lora: LoRAConfig = Field(default_factory=LoRAConfig, description="LoRA shape (fixed at step 0).")
-    fork_from: str | None = Field(
-        None,
-        description="Start from another model's checkpoint: `other@step`, `other` (its latest step) or "
-        "`project/other@step`; copied as step 0 (adapter and optimizer state) when the model is new.",
-    )
-    record_traffic: bool = Field(
-        False,
-        description="Record the chat completions this model serves (request, sampled ids and logprobs, "
-        "weights step, metadata), for `POST /v1/feedback` and online training. Each register sets it anew.",
-    )
-
-
-class TrajectoryBody(_Body):
-    """`Trajectory.to_dict()`: message items are `{"message": {...}}` or `{"choice": {...}}`."""
-
-    messages_and_choices: list[dict[str, Any]]
-    tools: list[dict[str, Any]] | None = None
-    reward: float
-    metrics: dict[str, float] = Field(default_factory=dict)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    logs: list[str] = Field(default_factory=list)
-    finish_reason: str | None = None
-
-
-class GroupBody(_Body):
-    """`TrajectoryGroup.to_dict()`."""
-
-    trajectories: list[TrajectoryBody]
-    exceptions: list[str] = Field(default_factory=list)
-
-
-class TrainBody(_Body):
-    groups: list[GroupBody]
-    config: TrainConfig = Field(default_factory=TrainConfig)
-
-
-class LogBody(_Body):
-    groups: list[GroupBody]
-    split: str = "val"
-
-
-class DeleteCheckpointsBody(_Body):
-    keep: Literal["best+latest", "latest"] = "best+latest"
-    metric: str = "val/reward"
 
 
 # ---------------------------------------------------------------------------------------------- routes
 
 
 @router.post("/models")
-async def register(body: RegisterBody, request: Request) -> Response:
+async def register(body: ModelSpec, request: Request) -> Response:
     service = _service(request)
     try:
         step = await asyncio.to_thread(
@@ -151,10 +115,10 @@ async def get_step(name: str, request: Request) -> Response:
 @router.post(
     "/models/{name}/train", response_model=None, responses={200: {"content": {"application/x-ndjson": {}}}}
 )
-async def train(name: str, body: TrainBody, request: Request) -> StreamingResponse:
+async def train(name: str, body: TrainRequest, request: Request) -> StreamingResponse:
     service = _service(request)
     entry = _trainable(service, name)
-    groups = await asyncio.to_thread(_groups, body.groups, "train", _vocab_size(entry))
+    groups = await asyncio.to_thread(_groups, service, name, body.groups, "train")
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[tuple[int, int] | None] = asyncio.Queue()
 
@@ -171,12 +135,11 @@ async def train(name: str, body: TrainBody, request: Request) -> StreamingRespon
 
 
 @router.post("/models/{name}/log")
-async def log_groups(name: str, body: LogBody, request: Request) -> Response:
+async def log_groups(name: str, body: LogRequest, request: Request) -> Response:
     service = _service(request)
     _trainable(service, name)
-    groups = await asyncio.to_thread(_groups, body.groups, "log")
+    groups = await asyncio.to_thread(_groups, service, name, body.groups, None)
     try:
-        check_name("split", body.split)  # it becomes a directory name
         metrics = await asyncio.to_thread(service.log_groups, name, groups, body.split)
     except Exception as exc:
         raise api_error(exc) from exc
@@ -184,7 +147,7 @@ async def log_groups(name: str, body: LogBody, request: Request) -> Response:
 
 
 @router.post("/models/{name}/delete_checkpoints")
-async def delete_checkpoints(name: str, body: DeleteCheckpointsBody, request: Request) -> Response:
+async def delete_checkpoints(name: str, body: DeleteCheckpointsRequest, request: Request) -> Response:
     service = _service(request)
     _trainable(service, name)
     try:
@@ -194,23 +157,43 @@ async def delete_checkpoints(name: str, body: DeleteCheckpointsBody, request: Re
     return _json({"name": name, "deleted": deleted})
 
 
-def _add_op_route(op: str, body_model: type[BaseModel]) -> None:
+def _op_route(
+    route: str, body_model: type[Req], op: Callable[[Service, str, Req], Awaitable[BaseModel]]
+) -> None:
+    """`POST /models/{name}/<route>`: read the body into `body_model`, run `op` (a `service_ops` function)."""
+
     async def handler(name: str, body: Any, request: Request) -> Response:
         service = _service(request)
         _trainable(service, name)
         try:
-            result = await run_op(service, name, op, body)
+            reply = await op(service, name, body)
         except Exception as exc:
             raise api_error(exc) from exc
-        return await asyncio.to_thread(_json, result)  # logprobs or datums can be megabytes
+        return await asyncio.to_thread(_json, reply.model_dump())  # logprobs or datums can be megabytes
 
     handler.__annotations__ = {"name": str, "body": body_model, "request": Request, "return": Response}
-    handler.__name__ = f"op_{op}"
-    router.add_api_route(f"/models/{{name}}/{op}", handler, methods=["POST"], summary=f"Low-level: {op}")
+    handler.__name__ = f"op_{route}"
+    router.add_api_route(
+        f"/models/{{name}}/{route}", handler, methods=["POST"], summary=f"Low-level: {route}"
+    )
+    OP_ROUTES.append(route)
 
 
-for _op, _body in OPS.items():
-    _add_op_route(_op, _body)
+OP_ROUTES: list[str] = []  # the low-level routes, for the OpenAPI notes (a full queue is a 429 on each)
+_op_route("datums", DatumsRequest, ops.datums)
+_op_route("sft_datums", SFTDatumsRequest, ops.sft_datums)
+_op_route("forward", ForwardRequest, ops.forward)
+_op_route("forward_backward", ForwardBackwardRequest, ops.forward_backward)
+_op_route("optim_step", OptimStepRequest, ops.optim_step)
+_op_route("save_weights", SaveWeightsRequest, ops.save_weights)
+_op_route("log_metrics", LogMetricsRequest, ops.log_metrics)
+_op_route("sample", SampleRequest, ops.sample)
+_op_route("logprobs", LogprobsRequest, ops.logprobs)
+_op_route("restore", RestoreRequest, ops.restore)
+_op_route("online_start", OnlineStartRequest, ops.online_start)
+_op_route("promote", PromoteRequest, ops.promote)
+_op_route("online_traffic", OnlineTrafficRequest, ops.online_traffic)
+_op_route("mark_trained", MarkTrainedRequest, ops.mark_trained)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -222,6 +205,8 @@ def api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, QueueFull):
         return queue_full(exc)
+    if isinstance(exc, InvalidGroups):
+        return APIError(400, str(exc), param=exc.param)
     if isinstance(exc, UnknownServedModel):
         message = str(exc.args[0]) if exc.args else "Unknown model."
         return APIError(
@@ -245,57 +230,22 @@ def _service(request: Request) -> Service:
 def _trainable(service: Service, name: str) -> ModelEntry:
     try:
         check_name("model name", name)
-        entry = service.model_entry(name)
+        return service.trainable(name)[0]
     except Exception as exc:
         raise api_error(exc) from exc
-    if entry.trainer is None or entry.run_dir is None:
-        raise api_error(UnknownServedModel(f"Model {name!r} is not trainable on this backend."))
-    return entry
 
 
-def _vocab_size(entry: ModelEntry) -> int:
-    assert entry.trainer is not None
-    if isinstance(entry.trainer, RayTrainerGroup):  # data-parallel workers: the model is in them
-        return entry.trainer.vocab_size
-    return int(entry.trainer.model.get_base_model().config.vocab_size)
-
-
-def _groups(bodies: list[GroupBody], action: str, vocab_size: int | None = None) -> list[TrajectoryGroup]:
-    """Rebuild the records and refuse what training or logging would choke on, with the reason."""
-    if not bodies:
-        raise APIError(
-            400, f"{action}() got no trajectory groups; gather some rollouts first.", param="groups"
-        )
-    groups: list[TrajectoryGroup] = []
-    for gi, body in enumerate(bodies):
-        if not body.trajectories:
-            raise APIError(
-                400,
-                f"Group {gi} has no trajectories; drop groups whose rollouts all failed before sending them.",
-                param=f"groups.{gi}.trajectories",
-            )
-        try:
-            group = TrajectoryGroup.from_dict(body.model_dump())
-        except (KeyError, TypeError, ValueError) as exc:
-            raise APIError(
-                400,
-                f"Group {gi} does not read as TrajectoryGroup.to_dict(): {type(exc).__name__}: {exc}",
-                param=f"groups.{gi}",
-            ) from exc
-        try:
-            group.validate_rewards()
-            check_group(group, vocab_size)
-        except ValueError as exc:
-            raise APIError(400, f"Group {gi}: {exc}", param=f"groups.{gi}") from exc
-        for ti, t in enumerate(group.trajectories):
-            bad = [k for k, v in t.metrics.items() if not math.isfinite(v)]
-            if bad:
-                raise APIError(
-                    400,
-                    f"Group {gi}, trajectory {ti}: metrics {bad} are not finite numbers; fix or drop them.",
-                    param=f"groups.{gi}.trajectories.{ti}.metrics",
-                )
-        groups.append(group)
+def _groups(
+    service: Service, name: str, records: list[GroupRecord], action: str | None
+) -> list[TrajectoryGroup]:
+    """The groups of a request, read, and checked as LocalBackend checks its caller's when `action` is a
+    training one (`service_ops.accept_groups`; `Service.log_groups` checks logged ones)."""
+    try:
+        groups = read_groups(records)
+        if action is not None:
+            ops.accept_groups(service, name, groups, action)
+    except Exception as exc:
+        raise api_error(exc) from exc
     return groups
 
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from advantage.config import LoRAConfig, TrainConfig
-from advantage.training.grpo import drift_metrics, loss_config
-from advantage.training.losses import LossConfig
+from advantage.config import LoRAConfig, LossConfig, TrainConfig
+from advantage.training.grpo import drift_metrics
 from advantage.training.primitives import Partial, Progress, StepPlan, plan_step, run_share, summarize
 from advantage.training.schedules import lr_at
-from advantage.training.trainer import Datum, Trainer
+from advantage.training.trainer import Trainer
+from advantage.wire.datum import Datum
 
 
 @dataclass(frozen=True)
@@ -165,12 +165,12 @@ class TrainerWorker:
         """One optimizer step on `datums` from `step` completed steps: the part of `grpo.train_step` after
         tokenization, over the group. Returns the same metrics on every worker."""
         fb_metrics, new_lp = forward_backward(
-            self.trainer, datums, config.loss, loss_config(config), config.micro_batch_size, progress
+            self.trainer, datums, config.loss, config, config.micro_batch_size, progress
         )
         lr = lr_at(config.schedule, config.learning_rate, step)
-        grad_norm = self.trainer.optim_step(lr, config.betas, config.weight_decay, config.max_grad_norm)
+        grad_norm = self.trainer.optim_step(config, lr=lr)  # a TrainConfig is an AdamParams
         new_all = [x for d, lp in zip(datums, new_lp, strict=True) for x in _masked(lp, d.loss_mask)]
-        old_all = [x for d in datums if d.old_logprobs for x in _masked(d.old_logprobs, d.loss_mask)]
+        old_all = [x for d in datums if d.logprobs for x in _masked(d.logprobs, d.loss_mask)]
         return {
             **fb_metrics,
             **drift_metrics(new_all, old_all),
@@ -212,5 +212,5 @@ def worker_threads(world_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // world_size)
 
 
-def _masked(values: list[float], mask: list[int]) -> list[float]:
+def _masked(values: list[float], mask: list[float]) -> list[float]:
     return [x for x, m in zip(values, mask, strict=True) if m]

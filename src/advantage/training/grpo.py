@@ -13,25 +13,20 @@ import time
 
 from advantage.config import TrainConfig
 from advantage.training.advantages import group_advantages
-from advantage.training.losses import LossConfig
 from advantage.training.primitives import Progress, forward_backward
 from advantage.training.schedules import lr_at
 from advantage.training.tokenize import tokenize_for_training
-from advantage.training.trainer import Datum, Trainer
+from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup
+from advantage.wire.datum import Datum
 
 
 def build_datums(
     trainer: Trainer, groups: list[TrajectoryGroup], config: TrainConfig, skip_zero_variance: bool = True
 ) -> tuple[list[Datum], dict[str, float]]:
-    """Advantages and tokenization. Returns the datums of the groups that carry signal (of every group, with
+    """Advantages and tokenization of groups that passed `trajectory.check_groups` (the backends check them
+    where they come in). Returns the datums of the groups that carry signal (of every group, with
     advantage 0 where the rewards are equal, when not `skip_zero_variance`), and metrics."""
-    if not groups:
-        raise ValueError("train() got no trajectory groups; gather some rollouts first.")
-    for g in groups:
-        if not g.trajectories:
-            raise ValueError("train() got an empty TrajectoryGroup; drop groups whose rollouts all failed.")
-        g.validate_rewards()
     advs, metrics = group_advantages([g.rewards() for g in groups], scale=config.scale_rewards)
     datums: list[Datum] = []
     truncated = 0
@@ -43,7 +38,15 @@ def build_datums(
             # the trajectory's advantage.
             toks = tokenize_for_training(trainer.tokenizer, t, config.max_seq_len, config.on_overflow)
             truncated += any(tok.truncated for tok in toks)
-            datums += [Datum(tok.input_ids, tok.assistant_mask, tok.old_logprobs, a) for tok in toks]
+            datums += [
+                Datum(
+                    input_ids=tok.input_ids,
+                    loss_mask=tok.assistant_mask,
+                    logprobs=tok.old_logprobs,
+                    advantage=a,
+                )
+                for tok in toks
+            ]
     metrics["truncated_trajectories"] = float(truncated)
     metrics["n_trajectories"] = float(sum(len(g.trajectories) for g in groups))
     metrics["n_sequences"] = float(len(datums))
@@ -65,12 +68,12 @@ def train_step(
         metrics.update(skipped_step=1.0, seconds=time.perf_counter() - t0)
         return metrics  # every group had equal rewards: nothing to learn, nothing changed
     fb_metrics, new_lp = forward_backward(
-        trainer, datums, config.loss, loss_config(config), config.micro_batch_size, progress
+        trainer, datums, config.loss, config, config.micro_batch_size, progress
     )
     lr = lr_at(config.schedule, config.learning_rate, step)
-    grad_norm = trainer.optim_step(lr, config.betas, config.weight_decay, config.max_grad_norm)
+    grad_norm = trainer.optim_step(config, lr=lr)  # a TrainConfig is an AdamParams
     new_all = [x for d, lp in zip(datums, new_lp, strict=True) for x in _masked(lp, d.loss_mask)]
-    old_all = [x for d in datums for x in _masked(d.old_logprobs or [], d.loss_mask)]
+    old_all = [x for d in datums for x in _masked(d.logprobs or [], d.loss_mask)]
     metrics.update(fb_metrics)
     metrics.update(drift_metrics(new_all, old_all))
     metrics.update(grad_norm=grad_norm, lr=lr, seconds=time.perf_counter() - t0)
@@ -92,19 +95,8 @@ def completion_metrics(groups: list[TrajectoryGroup]) -> dict[str, float]:
     }
 
 
-def _masked(values: list[float], mask: list[int]) -> list[float]:
+def _masked(values: list[float], mask: list[float]) -> list[float]:
     return [x for x, m in zip(values, mask, strict=True) if m]
-
-
-def loss_config(config: TrainConfig) -> LossConfig:
-    """The loss's knobs out of a TrainConfig."""
-    return LossConfig(
-        eps=config.eps,
-        eps_high=config.eps_high,
-        cispo_eps_max=config.cispo_eps_max,
-        agg=config.agg,
-        kl_beta=config.kl_beta,
-    )
 
 
 def drift_metrics(new: list[float], old: list[float]) -> dict[str, float]:

@@ -44,50 +44,15 @@ tokens, not averaged, as in the paper; `old_logp` and `adv` are unused, and β i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Agg = Literal["seq_mean", "token_mean", "dr_grpo"]
-AGGS: tuple[Agg, ...] = ("seq_mean", "token_mean", "dr_grpo")
-DEFAULT_LOSS = "cispo"
+from advantage.config import LossConfig, LossName
 
-
-@dataclass
-class LossConfig:
-    eps: float = 0.2
-    """Lower clip range for PPO/GSPO: ρ is clipped below at 1 − eps."""
-    eps_high: float = 0.28
-    """Upper clip range for PPO/GSPO: ρ is clipped above at 1 + eps_high (DAPO's clip-higher)."""
-    cispo_eps_max: float = 4.0
-    """CISPO's cap on the importance weight: sg(clip(ρ, 0, cispo_eps_max))."""
-    agg: Agg = "token_mean"
-    """How per-token losses become one number: "seq_mean" (GRPO), "token_mean" (DAPO), "dr_grpo"."""
-    kl_beta: float = 0.0
-    """Weight of the k3 KL penalty to the base model; 0 turns it off (and ref_logp is not needed)."""
-    max_len: int | None = None
-    """L_max for "dr_grpo": the constant length in Σℓ / (B·L_max). None uses the batch's T."""
-    dpo_beta: float = 0.1
-    """DPO's β: how far the policy may move from the reference for a given preference margin."""
-
-    def __post_init__(self) -> None:
-        if self.agg not in AGGS:
-            raise ValueError(f"agg must be one of {AGGS}, got {self.agg!r}")
-        if not 0.0 <= self.eps < 1.0:
-            raise ValueError(f"eps must be in [0, 1), got {self.eps}")
-        if self.eps_high < 0.0:
-            raise ValueError(f"eps_high must be >= 0, got {self.eps_high}")
-        if self.cispo_eps_max <= 0.0:
-            raise ValueError(f"cispo_eps_max must be > 0, got {self.cispo_eps_max}")
-        if self.kl_beta < 0.0:
-            raise ValueError(f"kl_beta must be >= 0, got {self.kl_beta}")
-        if self.max_len is not None and self.max_len <= 0:
-            raise ValueError(f"max_len must be a positive int or None, got {self.max_len}")
-        if self.dpo_beta <= 0.0:
-            raise ValueError(f"dpo_beta must be > 0, got {self.dpo_beta}")
+DEFAULT_LOSS: LossName = "cispo"
 
 
 class LossFn(Protocol):
@@ -287,7 +252,8 @@ def dpo_pairs_loss(
     return dpo_loss(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], cfg.dpo_beta)
 
 
-LOSSES: dict[str, LossFn] = {
+# The one registry of losses; its keys are `advantage.config.LossName` (a test checks they agree).
+LOSSES: dict[LossName, LossFn] = {
     "ppo": ppo_loss,
     "grpo": ppo_loss,
     "cispo": cispo_loss,
@@ -301,6 +267,6 @@ LOSSES: dict[str, LossFn] = {
 def get_loss(name: str) -> LossFn:
     """The loss registered under `name`; raises ValueError listing the choices otherwise."""
     try:
-        return LOSSES[name]
+        return LOSSES[name]  # type: ignore[index]
     except KeyError:
         raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(sorted(LOSSES))}") from None

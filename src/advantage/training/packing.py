@@ -26,8 +26,11 @@ ROW_TOKENS = 1024  # a group with more completion tokens than this is split over
 
 
 class HasTokens(Protocol):
-    input_ids: list[int]
-    loss_mask: list[int]
+    @property
+    def input_ids(self) -> list[int]: ...
+
+    @property
+    def loss_mask(self) -> Sequence[float]: ...
 
 
 def prompt_key(d: HasTokens) -> tuple[int, ...]:

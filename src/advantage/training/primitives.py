@@ -22,20 +22,17 @@ from the same trainer with its adapter disabled (the base weights).
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from advantage.training.losses import LOSSES, LossConfig, get_loss
+from advantage.config import LossConfig
+from advantage.training.losses import get_loss
 from advantage.training.packing import prompt_key, shared_prefix_len
-from advantage.training.trainer import Batch, Datum, SharedPrefix, Trainer
+from advantage.training.trainer import Batch, SharedPrefix, Trainer
+from advantage.wire.datum import ADV_KEY, GRAD_KEY, Datum
+from advantage.wire.ops import LINEAR
 
-LINEAR = "linear"
-GRAD_KEY = "logprob_grad"  # extras key of the per-token weights of the "linear" loss
-ADV_KEY = "advantages"  # extras key of per-token advantages, used instead of a datum's `advantage`
-LOSS_NAMES: tuple[str, ...] = (*sorted(LOSSES), LINEAR)
 Progress = Callable[[int, int], None]  # (micro-batches done, total)
 
 
@@ -63,7 +60,8 @@ def micro_batches(datums: list[Datum], size: int) -> list[list[int]]:
 
 
 def check_datums(datums: list[Datum], vocab_size: int, max_len: int) -> None:
-    """Refuse what would crash or silently mis-train, saying which datum and what to change."""
+    """Refuse what would crash or silently mis-train on this model, saying which datum and what to change.
+    (A `Datum` checks its own lengths and numbers when it is built.)"""
     if not datums:
         raise ValueError("The batch is empty; pass at least one datum.")
     keys = set(datums[0].extras)
@@ -73,24 +71,12 @@ def check_datums(datums: list[Datum], vocab_size: int, max_len: int) -> None:
             raise ValueError(f"Datum {i} has {n} token(s); a trained token needs at least one before it.")
         if n > max_len:
             raise ValueError(f"Datum {i} has {n} tokens, over the limit of {max_len}; shorten it.")
-        if len(d.loss_mask) != n:
-            raise ValueError(f"Datum {i}: loss_mask has {len(d.loss_mask)} values for {n} input_ids.")
         if d.loss_mask[0]:
             raise ValueError(f"Datum {i}: the first token has no context to predict it from; mask it out.")
         if any(not 0 <= t < vocab_size for t in d.input_ids):
             raise ValueError(f"Datum {i} has token ids outside the vocabulary [0, {vocab_size}).")
-        if d.old_logprobs is not None and len(d.old_logprobs) != n:
-            raise ValueError(f"Datum {i}: logprobs has {len(d.old_logprobs)} values for {n} input_ids.")
         if set(d.extras) != keys:
             raise ValueError(f"Datum {i} has extras {sorted(d.extras)}; datum 0 has {sorted(keys)}.")
-        for k, v in [
-            ("logprobs", d.old_logprobs or []),
-            *((f"extras[{k!r}]", v) for k, v in d.extras.items()),
-        ]:
-            if k != "logprobs" and len(v) != n:
-                raise ValueError(f"Datum {i}: {k} has {len(v)} values for {n} input_ids.")
-            if not all(math.isfinite(x) for x in v):
-                raise ValueError(f"Datum {i}: {k} has a non-finite value (NaN or inf); fix or drop it.")
 
 
 def pair_micro_batches(n_datums: int, size: int) -> list[list[int]]:
@@ -138,7 +124,7 @@ def plan_step(datums: list[Datum], loss: str, cfg: LossConfig | None, micro_batc
     """The micro-batches of the whole batch and their weights, so the loss aggregates as if in one piece."""
     cfg = cfg or LossConfig()
     if cfg.max_len is None:  # Dr. GRPO's constant normaliser: the batch's longest sequence
-        cfg = dataclasses.replace(cfg, max_len=max(len(d.input_ids) for d in datums))
+        cfg = cfg.model_copy(update={"max_len": max(len(d.input_ids) for d in datums)})
     total_tokens = sum(sum(1 for m in d.loss_mask if m) for d in datums)
     dpo = loss == "dpo"  # pairs stay together, in order; the loss is a mean over pairs
     chunks = (

@@ -35,8 +35,9 @@ from advantage.config import LoRAConfig, TrainConfig
 from advantage.training.distributed import GroupSpec, TrainerWorker, free_port_init_method
 from advantage.training.grpo import build_datums, completion_metrics
 from advantage.training.primitives import Progress
-from advantage.training.trainer import Datum, Trainer
+from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup
+from advantage.wire.datum import Datum
 
 READY_TIMEOUT_S = 120.0  # how long the cluster may take to find room for every worker
 # Groups alive on a local Ray cluster that a group started: the last one to close shuts it down.

@@ -22,23 +22,14 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from advantage.config import LoRAConfig
+from advantage.config import AdamParams, LoRAConfig
+from advantage.engine.kv import layer_kv
 from advantage.engine.precision import resolve_dtype, use_fp32_head
 from advantage.training.packing import layout, shared_prefix_len
+from advantage.wire.datum import Datum
 
 # A loss over one micro-batch: (logp (B,T), datums' tensors) -> (scalar loss, metrics)
 BatchLossFn = Callable[["Batch"], tuple[torch.Tensor, dict[str, float]]]
-
-
-@dataclass
-class Datum:
-    """One training sequence: token ids, a loss mask over them, and per-token extras."""
-
-    input_ids: list[int]
-    loss_mask: list[int]
-    old_logprobs: list[float] | None = None  # the sampler's logprobs (masked positions)
-    advantage: float = 0.0
-    extras: dict[str, list[float]] = field(default_factory=dict)  # per-token values, aligned to input_ids
 
 
 @dataclass
@@ -70,12 +61,12 @@ class Trainer:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         base = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
-        base = base.to(self.device)
+        base = base.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to() hides its signature
         base.config.use_cache = True
         torch.manual_seed(seed)
         peft_cfg = LoraConfig(
             r=lora.r,
-            lora_alpha=lora.alpha,
+            lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale is valid
             lora_dropout=lora.dropout,
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
@@ -177,19 +168,20 @@ class Trainer:
         logp_BS, P = self.sequence_logprobs(datums)
         return aligned_logprobs(datums, logp_BS, P)
 
-    def optim_step(
-        self, lr: float, betas: tuple[float, float], weight_decay: float, max_grad_norm: float
-    ) -> float:
+    def optim_step(self, adam: AdamParams, lr: float | None = None) -> float:
         """One AdamW step on the accumulated gradients, which are then cleared. Returns the gradient's norm.
+        `lr` overrides `adam.learning_rate` (a schedule's rate for this step).
 
         A non-finite gradient is not applied (the norm says so). A step that leaves any adapter weight
         non-finite is undone, weights and optimizer state both, and raises ValueError: served weights that
         answer NaN would break every later request, so such a step must never be checkpointed. A step that
         raises midway (torch refuses some overflowing values) is undone the same way."""
+        lr = adam.learning_rate if lr is None else lr
+        weight_decay = adam.weight_decay
         for group in self.optimizer.param_groups:
-            group.update(lr=lr, betas=betas, weight_decay=weight_decay)
+            group.update(lr=lr, betas=adam.betas, weight_decay=weight_decay)
         try:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm))
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, adam.max_grad_norm))
             if not math.isfinite(norm):
                 return norm
             # The LoRA weights and their Adam moments are small: a copy per step is cheap insurance.
@@ -266,7 +258,7 @@ class SharedPrefix:
         out = trainer.decoder(
             input_ids=torch.tensor([ids], device=trainer.device), past_key_values=cache, use_cache=True
         )
-        self._outputs: list[torch.Tensor] = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        self._outputs: list[torch.Tensor] = [t for kv in layer_kv(cache) for t in kv]
         self._outputs.append(out.last_hidden_state[0, -1:, :])
         self._leaves: list[torch.Tensor] = []
         self._grads: list[torch.Tensor | None] = [None] * len(self._outputs)
@@ -307,8 +299,8 @@ def _layout(datums: list[Datum], logp_BS: torch.Tensor, P: int, weight: float) -
     for i, d in enumerate(datums):
         n = len(d.input_ids) - P
         mask_BS[i, :n] = torch.tensor(d.loss_mask[P:], dtype=torch.float32)
-        if d.old_logprobs is not None:
-            old_BS[i, :n] = torch.tensor(d.old_logprobs[P:], dtype=torch.float32)
+        if d.logprobs is not None:
+            old_BS[i, :n] = torch.tensor(d.logprobs[P:], dtype=torch.float32)
         for k, x_BS in extras.items():
             x_BS[i, :n] = torch.tensor(d.extras[k][P:], dtype=torch.float32)
     adv_B = torch.tensor([d.advantage for d in datums], dtype=torch.float32)

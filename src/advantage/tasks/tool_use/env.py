@@ -27,19 +27,6 @@ def _fn(name: str, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, "parameters": schema}}
 
 
-# Bare on purpose (no descriptions): the schemas go into every prompt of a 135M model, where each token costs
-# time and attention. Strict (every argument required, no others), as OpenAI's strict mode has it: a forced
-# call is then decoded under exactly these keys, so what is left to learn is their values. Strings are capped
-# at 20 characters (the longest right value, "centimeters", has 11): a forced call whose string ran on
-# until max_tokens was cut off and lost every credit.
-_NUMBER, _STRING = {"type": "number"}, {"type": "string", "maxLength": 20}
-TOOLS: list[dict[str, Any]] = [
-    _fn("get_weather", {"city": _STRING}),
-    _fn("convert_currency", {"amount": _NUMBER, "from_currency": _STRING, "to_currency": _STRING}),
-    _fn("convert_units", {"value": _NUMBER, "from_unit": _STRING, "to_unit": _STRING}),
-    _fn("get_events", {"date": {"type": "string", "description": "YYYY-MM-DD"}}),
-]
-TOOL_NAMES = [t["function"]["name"] for t in TOOLS]
 
 # ------------------------------------------------------------------------------------------------ the world
 
@@ -80,6 +67,24 @@ UNIT_NAMES = {"km": "kilometers", "mi": "miles", "m": "meters", "ft": "feet", "c
 EVENTS = ["Dentist", "Team meeting", "Lunch with Sam", "Yoga class", "Project review", "Call with Mom",
           "Haircut", "Doctor visit", "Book club", "Flight to Oslo"]  # fmt: skip
 YEAR = 2025
+
+# The tools' schemas. Bare on purpose (no descriptions): they go into every prompt of a 135M model, where each
+# token costs time and attention. Strict (every argument required, no others), as OpenAI's strict mode has
+# it: a forced call is then decoded under exactly these keys. Cities, currencies and units are enums, as a
+# real API's would be: the grammar then only admits names the tool knows, and what is left to learn is which
+# tool, which of those names, which direction and which number. With free strings the policy's commonest
+# wrong calls were made-up names ("MILENY", "CZN", "LBL", "Södertälle") that no tool result can answer.
+_NUMBER = {"type": "number"}
+_CITY = {"type": "string", "enum": CITIES}
+_CURRENCY = {"type": "string", "enum": list(USD_RATES)}
+_UNIT = {"type": "string", "enum": list(UNITS)}
+TOOLS: list[dict[str, Any]] = [
+    _fn("get_weather", {"city": _CITY}),
+    _fn("convert_currency", {"amount": _NUMBER, "from_currency": _CURRENCY, "to_currency": _CURRENCY}),
+    _fn("convert_units", {"value": _NUMBER, "from_unit": _UNIT, "to_unit": _UNIT}),
+    _fn("get_events", {"date": {"type": "string", "description": "YYYY-MM-DD"}}),
+]
+TOOL_NAMES = [t["function"]["name"] for t in TOOLS]
 
 
 def weather(city: str) -> tuple[int, str]:
