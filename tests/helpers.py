@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 import advantage as adv
+from advantage.config import LoRAConfig, TrainConfig
+from advantage.training.primitives import forward_backward
+from advantage.training.schedules import lr_at
+from advantage.training.trainer import Trainer
+from advantage.wire.datum import Datum
 
 PROMPT = [{"role": "user", "content": "Say something."}]
 WEATHER_TOOL = {
@@ -23,3 +32,38 @@ async def toy_rollout(model: adv.TrainableModel) -> adv.Trajectory:
     choice = resp.choices[0]
     ids = choice.model_extra["token_ids"]
     return adv.Trajectory([*PROMPT, choice], reward=float(sum(ids) % 7) / 7)
+
+
+DP_LORA = LoRAConfig(r=4)
+# Four micro-batches of 3 (one per prompt), so each of two workers runs two and shares a prefix over them.
+DP_CONFIG = TrainConfig(learning_rate=1e-2, micro_batch_size=3, loss="cispo", agg="token_mean")
+DP_STEPS = 2  # the second step also moves LoRA A (its gradient is 0 while B is still 0)
+
+
+def dp_datums() -> list[Datum]:
+    system = [1, 5, 9, 13, 17, 21, 25, 29]  # shared by every datum: the batch-wide prefix
+    out = []
+    for g in range(4):
+        prompt = system + [100 + g, 200 + g, 300 + g][: 1 + g % 3]
+        for c, a in enumerate([1.0, -0.25, -0.75]):
+            comp = [400 + 7 * g + c, 500 + c, 600 + g, 700 + c * g][: 2 + (g + c) % 3] + [2]
+            n = len(prompt) + len(comp)
+            old = [0.0] * len(prompt) + [-1.5 - 0.1 * k for k in range(len(comp))]
+            mask = [0.0] * len(prompt) + [1.0] * len(comp)
+            out.append(
+                Datum(input_ids=prompt + comp, loss_mask=mask, logprobs=old[:n], advantage=a * (1 + g))
+            )
+    return out
+
+
+def single_process_steps(model_dir: Path) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """The reference for the data-parallel tests: DP_STEPS steps of the single-process trainer."""
+    trainer = Trainer(model_dir, DP_LORA, dtype="float32", seed=0)
+    metrics = []
+    for step in range(DP_STEPS):
+        m, _ = forward_backward(trainer, dp_datums(), DP_CONFIG.loss, DP_CONFIG, DP_CONFIG.micro_batch_size)
+        lr = lr_at(DP_CONFIG.schedule, DP_CONFIG.learning_rate, step)
+        m["grad_norm"] = trainer.optim_step(DP_CONFIG, lr=lr)
+        metrics.append(m)
+    state = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return state, metrics

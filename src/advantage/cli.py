@@ -62,17 +62,36 @@ def serve(
             "record_traffic=True record."
         ),
     ] = False,
+    trainer_workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Data-parallel trainer workers per trainable model, placed as Ray actors (needs the "
+            "optional ray extra); 1 trains in this process.",
+        ),
+    ] = 1,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="A Ray cluster to place the trainer workers on; default: a local one."),
+    ] = None,
+    cpus_per_trainer: Annotated[float, typer.Option(help="CPUs each trainer worker reserves.")] = 1.0,
+    gpus_per_trainer: Annotated[
+        float, typer.Option(help="GPUs each trainer worker reserves (> 0: CUDA and NCCL).")
+    ] = 0.0,
 ) -> None:
     """Serve base models and trained adapters through an OpenAI-compatible API."""
     from advantage.server.runner import serve_forever
     from advantage.service import Service
+    from advantage.training.ray_workers import Placement, trainer_factory
 
+    placement = Placement(trainer_workers, ray_address, cpus_per_trainer, gpus_per_trainer)
     service = Service(
         root,
         engine_kwargs={"max_pending": max_pending},
         model_dirs=model_dir,
         max_train_queue=max_train_queue,
         record_traffic=record,
+        trainer_factory=trainer_factory(placement),
     )
     for name in base_model:
         service.engine(name)

@@ -43,6 +43,7 @@ from advantage.tracking import RunLog, group_metrics
 from advantage.training import checkpoints as ckpt
 from advantage.training import fork
 from advantage.training.grpo import Progress, train_step
+from advantage.training.ray_workers import RayTrainerGroup
 from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup, check_groups
 
@@ -117,15 +118,19 @@ class Service:
         record_traffic: bool = False,
         traffic_retention: Retention | None = None,
         engine_factory: EngineFactory | None = None,
+        trainer_factory: Callable[[Path, LoRAConfig], Trainer] | None = None,
     ) -> None:
         """`engine_kwargs` go to every `TorchEngine` (e.g. `max_pending`); `engine_factory` replaces it (a base
         model's directory -> any engine of the `engine/base.py` contract). `model_dirs`: where `register` may
         load base models from besides the bundled ones (None: anywhere). `max_train_queue`: jobs that may wait
         for the training thread besides the one running. `record_traffic`: record every trainable model's
-        traffic, whatever its register asked; `traffic_retention`: how much each model's store keeps."""
+        traffic, whatever its register asked; `traffic_retention`: how much each model's store keeps.
+        `trainer_factory` replaces `Trainer` (a base model's directory and LoRA config -> its trainer), e.g.
+        data-parallel workers on Ray (`training/ray_workers.py`)."""
         self.root = Path(root)
         self.engine_kwargs = engine_kwargs or {}
         self.engine_factory = engine_factory
+        self.trainer_factory = trainer_factory or Trainer
         self.model_dirs = None if model_dirs is None else [Path(d) for d in model_dirs]
         if max_train_queue < 0:
             raise ValueError(f"max_train_queue must be >= 0, got {max_train_queue}.")
@@ -244,7 +249,7 @@ class Service:
             with self._lock:
                 new_engine = base_model not in self._engines
             # A bad base model or LoRA config fails here, before anything is kept or served.
-            trainer = Trainer(resolve_model_path(base_model), lora)
+            trainer = self.trainer_factory(resolve_model_path(base_model), lora)
             try:
                 self.engine(base_model)
                 ckpt.sweep_partial(mdir)
@@ -268,6 +273,8 @@ class Service:
                 self._set_recording(entry, record_traffic)
                 self.add_model(entry)
             except BaseException:
+                if isinstance(trainer, RayTrainerGroup):
+                    trainer.close()
                 with self._lock:
                     unused = new_engine and all(m.base_model != base_model for m in self._models.values())
                     engine = self._engines.pop(base_model, None) if unused else None
@@ -316,7 +323,10 @@ class Service:
         """One training step; the new adapter is checkpointed and served before this returns."""
         entry, trainer = self.trainable(name)
         with entry.lock:
-            metrics = train_step(trainer, groups, config, progress, step=entry.latest)
+            if isinstance(trainer, RayTrainerGroup):  # data-parallel workers run the step
+                metrics = trainer.train_step(groups, config, progress, step=entry.latest)
+            else:
+                metrics = train_step(trainer, groups, config, progress, step=entry.latest)
             metrics.update(group_metrics(groups, "train"))
             step = entry.latest
             if not metrics.get("skipped_step"):
@@ -518,6 +528,8 @@ class Service:
         for entry in self._models.values():
             if entry.traffic is not None:
                 entry.traffic.close()
+            if isinstance(entry.trainer, RayTrainerGroup):
+                entry.trainer.close()
 
 
 def _read_default(mdir: Path, steps: list[int]) -> int | None:

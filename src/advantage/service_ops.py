@@ -20,6 +20,7 @@ from advantage.online.store import rewarded_to_dict
 from advantage.service import Service, UnknownServedModel, Weights, check_name
 from advantage.training import primitives
 from advantage.training.grpo import build_datums
+from advantage.training.ray_workers import RayTrainerGroup
 from advantage.training.tokenize import tokenize_for_sft
 from advantage.training.trainer import Trainer
 from advantage.trajectory import Trajectory, TrajectoryGroup, check_groups, read_groups
@@ -75,6 +76,8 @@ def accept_groups(service: Service, name: str, groups: list[TrajectoryGroup], ac
 
 
 def vocab_size(trainer: Trainer) -> int:
+    if isinstance(trainer, RayTrainerGroup):  # data-parallel workers: the model is in them
+        return trainer.vocab_size
     return int(trainer.model.get_base_model().config.vocab_size)
 
 

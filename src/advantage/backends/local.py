@@ -55,17 +55,27 @@ if TYPE_CHECKING:
 
 class LocalBackend:
     def __init__(
-        self, root: str | Path = ".advantage", *, progress: bool = True, **engine_kwargs: object
+        self,
+        root: str | Path = ".advantage",
+        *,
+        progress: bool = True,
+        trainer_workers: int = 1,
+        ray_address: str | None = None,
+        **engine_kwargs: object,
     ) -> None:
+        """`trainer_workers` > 1 (or a `ray_address`) trains each model data-parallel on that many Ray actors
+        (`training/ray_workers.py`; needs `advantage[ray]`); 1 and no address keeps the in-process trainer."""
         set_engine_defaults()  # before the engine's modules load torch: see advantage.environment
         from advantage import service_ops
         from advantage.server.runner import BackgroundServer
         from advantage.service import Service
+        from advantage.training.ray_workers import Placement, trainer_factory
 
         self._ops = service_ops  # loaded here, not at import: it loads torch (see advantage.environment)
 
         self.root = Path(root)
-        self.service: Service = Service(self.root, engine_kwargs=dict(engine_kwargs))
+        factory = trainer_factory(Placement(workers=trainer_workers, ray_address=ray_address))
+        self.service: Service = Service(self.root, engine_kwargs=dict(engine_kwargs), trainer_factory=factory)
         self.api_key: str | None = secrets.token_hex(16)  # loopback only, but not open to other local users
         self._server = BackgroundServer(self.service, api_key=self.api_key).start()
         self.base_url = self._server.base_url

@@ -4,7 +4,9 @@
 prompt go together, so each micro-batch computes its prompt once), weights each micro-batch so that the
 loss aggregates over the whole batch exactly as if it had run in one piece, and accumulates gradients.
 `forward` gives the current weights' logprobs without gradients. Both return per-token logprobs aligned to
-each datum's input_ids (0.0 where the loss mask is 0).
+each datum's input_ids (0.0 where the loss mask is 0). It runs in three parts: `plan_step` cuts the batch
+into weighted micro-batches, `run_share` runs some of them, `summarize` adds up the metrics; data-parallel
+workers (`training/distributed.py`) each run a share of one plan.
 
 Losses are named: the policy losses of `losses.py` (with per-token advantages when the datums carry
 `extras["advantages"]`, else each datum's `advantage`), plus "linear", the loss Σ w·logp with per-token weights
@@ -20,7 +22,8 @@ from the same trainer with its adapter disabled (the base weights).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from advantage.config import LossConfig
@@ -93,6 +96,113 @@ def forward(trainer: Trainer, datums: list[Datum], micro_batch_size: int = 8) ->
     return out
 
 
+@dataclass
+class StepPlan:
+    """How one batch is cut into weighted micro-batches: the same on every data-parallel worker, so each can
+    run any share of them and the summed gradients equal the whole batch's (`training/distributed.py`)."""
+
+    loss: str
+    cfg: LossConfig
+    chunks: list[list[int]]  # indices into the datums, one list per micro-batch
+    weights: list[float]  # each micro-batch's share of the whole batch's aggregation
+    total_tokens: int  # trained tokens in the whole batch
+
+
+@dataclass
+class Partial:
+    """What running some of a plan's micro-batches produced, besides the gradients in the adapter's .grad:
+    weighted metric sums, token counts and the datums' new logprobs. Partials of disjoint shares add up."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    entropy_sum: float = 0.0  # token-weighted policy entropy
+    computed: int = 0  # tokens the model ran on, padding excluded
+    padded: int = 0  # tokens the model ran on, padding included
+    logprobs: dict[int, list[float]] = field(default_factory=dict)  # datum index -> per-token logprobs
+
+
+def plan_step(datums: list[Datum], loss: str, cfg: LossConfig | None, micro_batch_size: int) -> StepPlan:
+    """The micro-batches of the whole batch and their weights, so the loss aggregates as if in one piece."""
+    cfg = cfg or LossConfig()
+    if cfg.max_len is None:  # Dr. GRPO's constant normaliser: the batch's longest sequence
+        cfg = cfg.model_copy(update={"max_len": max(len(d.input_ids) for d in datums)})
+    total_tokens = sum(sum(1 for m in d.loss_mask if m) for d in datums)
+    dpo = loss == "dpo"  # pairs stay together, in order; the loss is a mean over pairs
+    chunks = (
+        pair_micro_batches(len(datums), micro_batch_size) if dpo else micro_batches(datums, micro_batch_size)
+    )
+    weights = []
+    for idx in chunks:
+        chunk = [datums[i] for i in idx]
+        if loss == LINEAR:
+            weights.append(1.0)  # a sum: each micro-batch's part adds up to the whole
+        elif cfg.agg == "token_mean" and not dpo:
+            weights.append(sum(sum(1 for m in d.loss_mask if m) for d in chunk) / max(total_tokens, 1))
+        else:
+            weights.append(len(chunk) / len(datums))
+    return StepPlan(loss, cfg, chunks, weights, total_tokens)
+
+
+def run_share(
+    trainer: Trainer,
+    datums: list[Datum],
+    plan: StepPlan,
+    share: Sequence[int],
+    progress: Progress | None = None,
+) -> Partial:
+    """Accumulate the gradients of the micro-batches `share` (indices into plan.chunks) into the adapter."""
+    dpo = plan.loss == "dpo"
+    batch_loss = _linear_loss if plan.loss == LINEAR else _named_loss(plan.loss, plan.cfg)
+    out = Partial()
+    mine = [datums[i] for k in share for i in plan.chunks[k]]
+    # A prompt start shared by several micro-batches runs once for all of them (trainer.SharedPrefix).
+    P = shared_prefix_len(mine) if len(share) > 1 and not dpo else 0
+    prefix = SharedPrefix(trainer, mine[0].input_ids[:P]) if P > 0 else None
+    if prefix is not None:
+        out.computed, out.padded = P, P
+    for n, k in enumerate(share):
+        idx, weight = plan.chunks[k], plan.weights[k]
+        chunk = [datums[i] for i in idx]
+        m, lps = trainer.forward_backward(
+            chunk, batch_loss, weight=weight, ref_model=plan.cfg.kl_beta > 0 or dpo, prefix=prefix
+        )
+        out.entropy_sum += m.pop("entropy", 0.0) * sum(sum(1 for x in d.loss_mask if x) for d in chunk)
+        for key, v in m.items():
+            out.sums[key] = out.sums.get(key, 0.0) + v * weight
+        out.logprobs.update(zip(idx, lps, strict=True))
+        # What the model ran on: the shared parts once, padding included (packing.py).
+        out.computed += trainer.last_slots[0]
+        out.padded += trainer.last_slots[1]
+        if progress:
+            progress(n + 1, len(share))
+    if prefix is not None:
+        prefix.backward()
+    return out
+
+
+def summarize(
+    datums: list[Datum], plan: StepPlan, partials: Sequence[Partial]
+) -> tuple[dict[str, float], list[list[float]]]:
+    """The whole batch's metrics and per-datum logprobs from the partials of disjoint shares."""
+    sums: dict[str, float] = {}
+    logprobs: list[list[float]] = [[] for _ in datums]
+    for part in partials:
+        for key, v in part.sums.items():
+            sums[key] = sums.get(key, 0.0) + v
+        for i, lp in part.logprobs.items():
+            logprobs[i] = lp
+    computed = sum(p.computed for p in partials)
+    padded = sum(p.padded for p in partials)
+    metrics = {f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()}
+    metrics.update(
+        trained_tokens=float(plan.total_tokens),
+        sequence_tokens=float(sum(len(d.input_ids) for d in datums)),
+        packing_efficiency=computed / padded if padded else 1.0,
+        micro_batches=float(len(plan.chunks)),
+        entropy=sum(p.entropy_sum for p in partials) / max(plan.total_tokens, 1),
+    )
+    return metrics, logprobs
+
+
 def forward_backward(
     trainer: Trainer,
     datums: list[Datum],
@@ -102,57 +212,9 @@ def forward_backward(
     progress: Progress | None = None,
 ) -> tuple[dict[str, float], list[list[float]]]:
     """Accumulate the gradient of `loss` over the whole batch. Returns (metrics, per-token logprobs)."""
-    cfg = cfg or LossConfig()
-    if cfg.max_len is None:  # Dr. GRPO's constant normaliser: the batch's longest sequence
-        cfg = cfg.model_copy(update={"max_len": max(len(d.input_ids) for d in datums)})
-    batch_loss = _linear_loss if loss == LINEAR else _named_loss(loss, cfg)
-    total_tokens = sum(sum(1 for m in d.loss_mask if m) for d in datums)
-    dpo = loss == "dpo"  # pairs stay together, in order; the loss is a mean over pairs
-    chunks = (
-        pair_micro_batches(len(datums), micro_batch_size) if dpo else micro_batches(datums, micro_batch_size)
-    )
-    sums: dict[str, float] = {}
-    logprobs: list[list[float]] = [[] for _ in datums]
-    computed = padded = 0
-    # A prompt start shared by several micro-batches runs once for all of them (trainer.SharedPrefix).
-    P = shared_prefix_len(datums) if len(chunks) > 1 and not dpo else 0
-    prefix = SharedPrefix(trainer, datums[0].input_ids[:P]) if P > 0 else None
-    if prefix is not None:
-        computed, padded = P, P
-    entropy_sum = 0.0  # token-weighted: the mean policy entropy over every trained token
-    for k, idx in enumerate(chunks):
-        chunk = [datums[i] for i in idx]
-        if loss == LINEAR:
-            weight = 1.0  # a sum: each micro-batch's part adds up to the whole
-        elif cfg.agg == "token_mean" and not dpo:
-            weight = sum(sum(1 for m in d.loss_mask if m) for d in chunk) / max(total_tokens, 1)
-        else:
-            weight = len(chunk) / len(datums)
-        m, lps = trainer.forward_backward(
-            chunk, batch_loss, weight=weight, ref_model=cfg.kl_beta > 0 or dpo, prefix=prefix
-        )
-        entropy_sum += m.pop("entropy", 0.0) * sum(sum(1 for x in d.loss_mask if x) for d in chunk)
-        for key, v in m.items():
-            sums[key] = sums.get(key, 0.0) + v * weight
-        for i, lp in zip(idx, lps, strict=True):
-            logprobs[i] = lp
-        # What the model ran on: the shared parts once, padding included (packing.py).
-        computed += trainer.last_slots[0]
-        padded += trainer.last_slots[1]
-        if progress:
-            progress(k + 1, len(chunks))
-    if prefix is not None:
-        prefix.backward()
-    real = sum(len(d.input_ids) for d in datums)
-    metrics = {f"loss/{k}" if k != "loss" else "loss": v for k, v in sums.items()}
-    metrics.update(
-        trained_tokens=float(total_tokens),
-        sequence_tokens=float(real),
-        packing_efficiency=computed / padded if padded else 1.0,
-        micro_batches=float(len(chunks)),
-        entropy=entropy_sum / max(total_tokens, 1),
-    )
-    return metrics, logprobs
+    plan = plan_step(datums, loss, cfg, micro_batch_size)
+    part = run_share(trainer, datums, plan, range(len(plan.chunks)), progress)
+    return summarize(datums, plan, [part])
 
 
 def _named_loss(name: str, cfg: LossConfig) -> Callable[[Batch], tuple[Any, dict[str, float]]]:
