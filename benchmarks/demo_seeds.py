@@ -27,7 +27,10 @@ def curves(run_dir: Path) -> str:
     lines = ["| step | lr | train reward | train success | entropy | drift | clip frac | grad norm | dev success |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        if r.get("split") == "train":
+        if r.get("split") == "train" and r.get("skipped_step"):
+            lines.append(f"| {r['step']} | not trained: every group tied | {r.get('train/reward', float('nan')):.3f} "
+                         f"| {r.get('train/success', float('nan')):.2f} | | | | | |")  # fmt: skip
+        elif r.get("split") == "train":
             d = dev.get(r["step"])
             lines.append(
                 f"| {r['step']} | {r.get('lr', float('nan')):.1e} | {r.get('train/reward', float('nan')):.3f} "

@@ -227,10 +227,14 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
                 else ""
             )
             + f"success {m.get('train/success', float('nan')):.2f}  "
-            f"entropy {m.get('entropy', float('nan')):.2f}  "
-            f"drift {m.get('logprob_drift_mean_abs', float('nan')):.3f}  "
-            f"lr {m.get('lr', float('nan')):.1e}  "
-            f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  elapsed {time.perf_counter() - start:.0f}s  "
+            + (
+                f"not trained: all {len(groups)} groups tied (the step stays)  "
+                if m.get("skipped_step")
+                else f"entropy {m.get('entropy', float('nan')):.2f}  "
+                f"drift {m.get('logprob_drift_mean_abs', float('nan')):.3f}  "
+                f"lr {m.get('lr', float('nan')):.1e}  "
+            )
+            + f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  elapsed {time.perf_counter() - start:.0f}s  "
             f"rss {_rss_gib():.1f} GiB" + (f"  WARNING: {'; '.join(warnings)}" if warnings else "")
         )
         if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
