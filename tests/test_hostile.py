@@ -481,14 +481,14 @@ def test_concurrent_registers_of_one_name_are_serialized(
     service: Service, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built: list[float] = []
-    real = service_module.Trainer
+    real = service.trainer_factory
 
     def slow_trainer(*args: Any, **kwargs: Any) -> Any:
         built.append(time.monotonic())
         time.sleep(0.5)  # wide enough for the second register to arrive mid-way
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service_module, "Trainer", slow_trainer)
+    monkeypatch.setattr(service, "trainer_factory", slow_trainer)
     results: list[int | BaseException] = []
 
     def register() -> None:
