@@ -363,6 +363,16 @@ def test_logprobs_shape(client: openai.OpenAI):
         model=MODEL, messages=HI, max_tokens=4, temperature=0, logprobs=True
     )
     assert all(e.top_logprobs == [] for e in only.choices[0].logprobs.content)
+    # Streamed, the logprobs come with the last chunk of the choice, in the same shape.
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=HI, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3, stream=True
+        )
+    )
+    [last] = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    streamed = last.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, pytest.approx(e.logprob)) for e in content]
+    assert all(len(e.top_logprobs) == 3 for e in streamed)
 
 
 async def test_concurrent_requests(aclient: openai.AsyncOpenAI, tokenizer, service: Service):

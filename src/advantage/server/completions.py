@@ -347,7 +347,9 @@ async def _chunks(
                     index=i,
                     delta=delta,
                     finish_reason=full.finish_reason,
-                    logprobs=full.logprobs,
+                    logprobs=None
+                    if full.logprobs is None
+                    else full.logprobs.model_dump(),  # the chunk's own type
                     **_extensions(p, c),
                 )
             ]
