@@ -53,6 +53,17 @@ def build_datums(
     return datums, metrics
 
 
+def step_datums(
+    trainer: Trainer, groups: list[TrajectoryGroup], config: TrainConfig, t0: float
+) -> tuple[list[Datum], dict[str, float]]:
+    """A step's datums and its metrics so far; with no datums, the metrics of a skipped step."""
+    datums, metrics = build_datums(trainer, groups, config)
+    metrics.update(completion_metrics(groups))
+    if not datums:
+        metrics.update(skipped_step=1.0, seconds=time.perf_counter() - t0)
+    return datums, metrics
+
+
 def train_step(
     trainer: Trainer,
     groups: list[TrajectoryGroup],
@@ -62,10 +73,8 @@ def train_step(
 ) -> dict[str, float]:
     """One optimizer step from `step` completed steps (the schedule's position)."""
     t0 = time.perf_counter()
-    datums, metrics = build_datums(trainer, groups, config)
-    metrics.update(completion_metrics(groups))
+    datums, metrics = step_datums(trainer, groups, config, t0)
     if not datums:
-        metrics.update(skipped_step=1.0, seconds=time.perf_counter() - t0)
         return metrics  # every group had equal rewards: nothing to learn, nothing changed
     fb_metrics, new_lp = forward_backward(
         trainer, datums, config.loss, config, config.micro_batch_size, progress

@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.training.distributed import GroupSpec, TrainerWorker, free_port_init_method
-from advantage.training.grpo import build_datums, completion_metrics
+from advantage.training.grpo import step_datums
 from advantage.training.primitives import Progress
 from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup
@@ -254,10 +254,8 @@ class RayTrainerGroup(Trainer):
         import ray
 
         t0 = time.perf_counter()
-        datums, metrics = build_datums(self, groups, config)
-        metrics.update(completion_metrics(groups))
+        datums, metrics = step_datums(self, groups, config, t0)
         if not datums:
-            metrics.update(skipped_step=1.0, seconds=time.perf_counter() - t0)
             return metrics
         self._ensure_workers()
         ref = ray.put(datums)  # one copy in the object store, read by every worker
