@@ -150,6 +150,13 @@ class TrainConfig(LossConfig, _SequenceLimits, AdamParams):
         default_factory=LRSchedule,
         description="Learning rate by step (the step trained from), e.g. warm-up then cosine decay.",
     )
+    tied_groups_in_mean: bool = Field(
+        True,
+        description="Groups whose rewards are all equal (advantage 0, gradient 0) are skipped to save time "
+        "but still count in the loss's mean, so the step is the one the whole batch gives: a step where "
+        "most groups tied is proportionally smaller (GRPO's objective, as TRL computes it). False: the mean "
+        "is over the trained groups only, so every step is as large as one where every group carried signal.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -28,7 +28,15 @@ import torch.distributed as dist
 
 from advantage.config import LoRAConfig, LossConfig, TrainConfig
 from advantage.training.grpo import drift_metrics
-from advantage.training.primitives import Partial, Progress, StepPlan, plan_step, run_share, summarize
+from advantage.training.primitives import (
+    MeanOver,
+    Partial,
+    Progress,
+    StepPlan,
+    plan_step,
+    run_share,
+    summarize,
+)
 from advantage.training.schedules import lr_at
 from advantage.training.trainer import Trainer
 from advantage.wire.datum import Datum
@@ -121,10 +129,11 @@ def forward_backward(
     cfg: LossConfig | None = None,
     micro_batch_size: int = 8,
     progress: Progress | None = None,
+    mean_over: MeanOver | None = None,
 ) -> tuple[dict[str, float], list[list[float]]]:
     """`primitives.forward_backward` over the group: this worker runs its share of the batch, then the
     gradients are summed and the metrics and logprobs gathered. Every worker returns the same values."""
-    plan = plan_step(datums, loss, cfg, micro_batch_size)
+    plan = plan_step(datums, loss, cfg, micro_batch_size, mean_over)
     mine = shares(plan, datums, dist.get_world_size())[dist.get_rank()]
     part = run_share(trainer, datums, plan, mine, progress)
     all_reduce_grads(trainer.params)
@@ -160,12 +169,17 @@ class TrainerWorker:
         return self.spec.rank
 
     def train_datums(
-        self, datums: list[Datum], config: TrainConfig, step: int, progress: Progress | None = None
+        self,
+        datums: list[Datum],
+        config: TrainConfig,
+        step: int,
+        progress: Progress | None = None,
+        mean_over: MeanOver | None = None,
     ) -> dict[str, float]:
         """One optimizer step on `datums` from `step` completed steps: the part of `grpo.train_step` after
         tokenization, over the group. Returns the same metrics on every worker."""
         fb_metrics, new_lp = forward_backward(
-            self.trainer, datums, config.loss, config, config.micro_batch_size, progress
+            self.trainer, datums, config.loss, config, config.micro_batch_size, progress, mean_over
         )
         lr = lr_at(config.schedule, config.learning_rate, step)
         grad_norm = self.trainer.optim_step(config, lr=lr)  # a TrainConfig is an AdamParams

@@ -13,7 +13,7 @@ import time
 
 from advantage.config import TrainConfig
 from advantage.training.advantages import group_advantages
-from advantage.training.primitives import Progress, forward_backward
+from advantage.training.primitives import MeanOver, Progress, forward_backward
 from advantage.training.schedules import lr_at
 from advantage.training.tokenize import tokenize_for_training
 from advantage.training.trainer import Trainer
@@ -27,17 +27,27 @@ def build_datums(
     """Advantages and tokenization of groups that passed `trajectory.check_groups` (the backends check them
     where they come in). Returns the datums of the groups that carry signal (of every group, with
     advantage 0 where the rewards are equal, when not `skip_zero_variance`), and metrics."""
+    datums, metrics, _ = _datums_and_mean(trainer, groups, config, skip_zero_variance)
+    return datums, metrics
+
+
+def _datums_and_mean(
+    trainer: Trainer, groups: list[TrajectoryGroup], config: TrainConfig, skip_zero_variance: bool
+) -> tuple[list[Datum], dict[str, float], MeanOver]:
     advs, metrics = group_advantages([g.rewards() for g in groups], scale=config.scale_rewards)
     datums: list[Datum] = []
-    truncated = 0
+    truncated = tied_seqs = tied_tokens = 0
     for g, adv_g in zip(groups, advs, strict=True):
-        if skip_zero_variance and all(a == 0.0 for a in adv_g):
-            continue
+        tied = all(a == 0.0 for a in adv_g)
         for t, a in zip(g.trajectories, adv_g, strict=True):
             # One sequence, or one per sampled turn when the chat template rewrites history; each carries
             # the trajectory's advantage.
             toks = tokenize_for_training(trainer.tokenizer, t, config.max_seq_len, config.on_overflow)
             truncated += any(tok.truncated for tok in toks)
+            if tied and skip_zero_variance:  # counted (MeanOver), not run: its gradient is 0
+                tied_seqs += len(toks)
+                tied_tokens += sum(sum(tok.assistant_mask) for tok in toks)
+                continue
             datums += [
                 Datum(
                     input_ids=tok.input_ids,
@@ -50,18 +60,22 @@ def build_datums(
     metrics["truncated_trajectories"] = float(truncated)
     metrics["n_trajectories"] = float(sum(len(g.trajectories) for g in groups))
     metrics["n_sequences"] = float(len(datums))
-    return datums, metrics
+    if not config.tied_groups_in_mean:
+        tied_seqs = tied_tokens = 0
+    trained = sum(sum(1 for m in d.loss_mask if m) for d in datums)
+    return datums, metrics, MeanOver(len(datums) + tied_seqs, trained + int(tied_tokens))
 
 
 def step_datums(
     trainer: Trainer, groups: list[TrajectoryGroup], config: TrainConfig, t0: float
-) -> tuple[list[Datum], dict[str, float]]:
-    """A step's datums and its metrics so far; with no datums, the metrics of a skipped step."""
-    datums, metrics = build_datums(trainer, groups, config)
+) -> tuple[list[Datum], dict[str, float], MeanOver]:
+    """A step's datums, its metrics so far, and the batch its loss is a mean over; with no datums, the
+    metrics of a skipped step."""
+    datums, metrics, mean_over = _datums_and_mean(trainer, groups, config, skip_zero_variance=True)
     metrics.update(completion_metrics(groups))
     if not datums:
         metrics.update(skipped_step=1.0, seconds=time.perf_counter() - t0)
-    return datums, metrics
+    return datums, metrics, mean_over
 
 
 def train_step(
@@ -73,11 +87,11 @@ def train_step(
 ) -> dict[str, float]:
     """One optimizer step from `step` completed steps (the schedule's position)."""
     t0 = time.perf_counter()
-    datums, metrics = step_datums(trainer, groups, config, t0)
+    datums, metrics, mean_over = step_datums(trainer, groups, config, t0)
     if not datums:
         return metrics  # every group had equal rewards: nothing to learn, nothing changed
     fb_metrics, new_lp = forward_backward(
-        trainer, datums, config.loss, config, config.micro_batch_size, progress
+        trainer, datums, config.loss, config, config.micro_batch_size, progress, mean_over
     )
     lr = lr_at(config.schedule, config.learning_rate, step)
     grad_norm = trainer.optim_step(config, lr=lr)  # a TrainConfig is an AdamParams

@@ -96,6 +96,17 @@ def forward(trainer: Trainer, datums: list[Datum], micro_batch_size: int = 8) ->
     return out
 
 
+@dataclass(frozen=True)
+class MeanOver:
+    """The whole batch a loss's mean is over, when only part of it runs. `model.train` skips tied groups
+    (equal rewards: advantage 0, gradient 0) to save time; counting them here keeps the step the one the whole
+    batch gives, so a step with few informative groups is proportionally smaller (as in GRPO and TRL, which
+    train on every group) instead of as large as a step where every group carried signal."""
+
+    sequences: int  # the divisor of "seq_mean" and "dr_grpo"
+    tokens: int  # the divisor of "token_mean": trained tokens of every sequence
+
+
 @dataclass
 class StepPlan:
     """How one batch is cut into weighted micro-batches: the same on every data-parallel worker, so each can
@@ -120,12 +131,22 @@ class Partial:
     logprobs: dict[int, list[float]] = field(default_factory=dict)  # datum index -> per-token logprobs
 
 
-def plan_step(datums: list[Datum], loss: str, cfg: LossConfig | None, micro_batch_size: int) -> StepPlan:
-    """The micro-batches of the whole batch and their weights, so the loss aggregates as if in one piece."""
+def plan_step(
+    datums: list[Datum],
+    loss: str,
+    cfg: LossConfig | None,
+    micro_batch_size: int,
+    mean_over: MeanOver | None = None,
+) -> StepPlan:
+    """The micro-batches of the whole batch and their weights, so the loss aggregates as if in one piece
+    (over `mean_over`, when the datums are only part of the batch; DPO's and "linear"'s are always theirs)."""
     cfg = cfg or LossConfig()
     if cfg.max_len is None:  # Dr. GRPO's constant normaliser: the batch's longest sequence
         cfg = cfg.model_copy(update={"max_len": max(len(d.input_ids) for d in datums)})
     total_tokens = sum(sum(1 for m in d.loss_mask if m) for d in datums)
+    n_seq, n_tok = (mean_over.sequences, mean_over.tokens) if mean_over else (len(datums), total_tokens)
+    if n_seq < len(datums) or n_tok < total_tokens:
+        raise ValueError(f"mean_over {mean_over} is smaller than the datums it is over.")
     dpo = loss == "dpo"  # pairs stay together, in order; the loss is a mean over pairs
     chunks = (
         pair_micro_batches(len(datums), micro_batch_size) if dpo else micro_batches(datums, micro_batch_size)
@@ -136,9 +157,11 @@ def plan_step(datums: list[Datum], loss: str, cfg: LossConfig | None, micro_batc
         if loss == LINEAR:
             weights.append(1.0)  # a sum: each micro-batch's part adds up to the whole
         elif cfg.agg == "token_mean" and not dpo:
-            weights.append(sum(sum(1 for m in d.loss_mask if m) for d in chunk) / max(total_tokens, 1))
-        else:
+            weights.append(sum(sum(1 for m in d.loss_mask if m) for d in chunk) / max(n_tok, 1))
+        elif dpo:
             weights.append(len(chunk) / len(datums))
+        else:
+            weights.append(len(chunk) / n_seq)
     return StepPlan(loss, cfg, chunks, weights, total_tokens)
 
 
@@ -210,9 +233,11 @@ def forward_backward(
     cfg: LossConfig | None = None,
     micro_batch_size: int = 8,
     progress: Progress | None = None,
+    mean_over: MeanOver | None = None,
 ) -> tuple[dict[str, float], list[list[float]]]:
-    """Accumulate the gradient of `loss` over the whole batch. Returns (metrics, per-token logprobs)."""
-    plan = plan_step(datums, loss, cfg, micro_batch_size)
+    """Accumulate the gradient of `loss` over the whole batch (or `mean_over`). Returns (metrics, per-token
+    logprobs)."""
+    plan = plan_step(datums, loss, cfg, micro_batch_size, mean_over)
     part = run_share(trainer, datums, plan, range(len(plan.chunks)), progress)
     return summarize(datums, plan, [part])
 

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoTokenizer
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.training.distributed import GroupSpec, TrainerWorker, free_port_init_method
 from advantage.training.grpo import step_datums
-from advantage.training.primitives import Progress
+from advantage.training.primitives import MeanOver, Progress
 from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup
 from advantage.wire.datum import Datum
@@ -89,9 +89,11 @@ class TrainerActor:
         self.worker = TrainerWorker(model_dir, lora, spec, dtype=dtype, device=device, threads=threads)
         return os.getpid()
 
-    def train_datums(self, datums: list[Datum], config: TrainConfig, step: int) -> dict[str, float]:
+    def train_datums(
+        self, datums: list[Datum], config: TrainConfig, step: int, mean_over: MeanOver | None = None
+    ) -> dict[str, float]:
         assert self.worker is not None
-        return self.worker.train_datums(datums, config, step)
+        return self.worker.train_datums(datums, config, step, mean_over=mean_over)
 
     def save_files(self) -> dict[str, bytes]:
         assert self.worker is not None
@@ -254,12 +256,12 @@ class RayTrainerGroup(Trainer):
         import ray
 
         t0 = time.perf_counter()
-        datums, metrics = step_datums(self, groups, config, t0)
+        datums, metrics, mean_over = step_datums(self, groups, config, t0)
         if not datums:
             return metrics
         self._ensure_workers()
         ref = ray.put(datums)  # one copy in the object store, read by every worker
-        calls = [a.train_datums.remote(ref, config, step) for a in self.actors]
+        calls = [a.train_datums.remote(ref, config, step, mean_over) for a in self.actors]
         results = self._all(calls, f"step {step + 1}")
         if progress:
             progress(1, 1)

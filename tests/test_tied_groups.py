@@ -1,0 +1,94 @@
+"""Skipping tied groups (equal rewards: advantage 0) is only a speed-up: with `tied_groups_in_mean` the step
+equals the one that trains every group, so a step where most groups tied is proportionally smaller."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import dp_datums
+from openai.types.chat.chat_completion import Choice
+
+from advantage.config import LoRAConfig, LossConfig, TrainConfig
+from advantage.training.grpo import train_step
+from advantage.training.primitives import MeanOver, forward_backward, plan_step
+from advantage.training.trainer import Trainer
+from advantage.trajectory import Trajectory, TrajectoryGroup
+from advantage.wire.datum import Datum
+
+
+def _d(n_trained: int, adv: float = 1.0) -> Datum:
+    return Datum(input_ids=[1] * (2 + n_trained), loss_mask=[0, 0] + [1] * n_trained, advantage=adv)
+
+
+def test_plan_weights_divide_by_the_whole_batch_by_hand() -> None:
+    ds = [_d(2), _d(3), _d(5)]  # 10 trained tokens; the whole batch: 8 sequences, 40 tokens
+    whole = MeanOver(sequences=8, tokens=40)
+    seq = plan_step(ds, "cispo", LossConfig(agg="seq_mean"), 1, whole)
+    assert sorted(seq.weights) == pytest.approx([1 / 8] * 3)  # each sequence is 1/8 of the mean, not 1/3
+    tok = plan_step(ds, "cispo", LossConfig(agg="token_mean"), 1, whole)
+    assert sorted(tok.weights) == pytest.approx([2 / 40, 3 / 40, 5 / 40])
+    alone = plan_step(ds, "cispo", LossConfig(agg="seq_mean"), 1)
+    assert sorted(alone.weights) == pytest.approx([1 / 3] * 3)
+    with pytest.raises(ValueError, match="smaller than the datums"):
+        plan_step(ds, "cispo", LossConfig(), 1, MeanOver(sequences=2, tokens=40))
+
+
+def _grad(trainer: Trainer, datums: list[Datum], cfg: LossConfig, mean_over: MeanOver | None) -> torch.Tensor:
+    trainer.model.zero_grad(set_to_none=True)
+    forward_backward(trainer, datums, "cispo", cfg, 4, mean_over=mean_over)
+    return torch.cat([p.grad.flatten() for p in trainer.params if p.grad is not None])
+
+
+@pytest.mark.parametrize("agg", ["seq_mean", "token_mean", "dr_grpo"])
+def test_skipping_zero_advantage_datums_with_mean_over_is_the_full_batch_gradient(
+    tiny_model_dir: Path, agg: str
+) -> None:
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    for p in trainer.params:  # LoRA B starts at 0; give every LoRA weight a gradient
+        torch.nn.init.normal_(p, std=0.02)
+    full = dp_datums()
+    tied = {3, 4, 5, 9, 10, 11}  # two whole prompts' groups
+    full = [d.model_copy(update={"advantage": 0.0}) if i in tied else d for i, d in enumerate(full)]
+    active = [d for i, d in enumerate(full) if i not in tied]
+    cfg = LossConfig(agg=agg, max_len=max(len(d.input_ids) for d in full))  # type: ignore[arg-type]
+    tokens = sum(sum(1 for m in d.loss_mask if m) for d in full)
+    g_full = _grad(trainer, full, cfg, None)
+    g_skip = _grad(trainer, active, cfg, MeanOver(len(full), tokens))
+    g_alone = _grad(trainer, active, cfg, None)
+    assert g_full.abs().max() > 0
+    torch.testing.assert_close(g_skip, g_full, atol=1e-7, rtol=1e-5)
+    if agg != "token_mean":  # the mean over the trained half only: twice the gradient
+        torch.testing.assert_close(g_alone, 2 * g_full, atol=1e-7, rtol=1e-5)
+
+
+def _group(rewards: list[float], start: int) -> TrajectoryGroup:
+    trajs = []
+    for k, r in enumerate(rewards):
+        ids = [40 + start + k, 50 + k, 2]
+        choice = Choice.model_validate(
+            {
+                "finish_reason": "stop",
+                "index": 0,
+                "message": {"role": "assistant", "content": "x"},
+                "token_ids": ids,
+                "token_logprobs": [-1.0, -1.2, -0.8],
+            }
+        )
+        trajs.append(Trajectory([{"role": "user", "content": "hi"}, choice], reward=r))
+    return TrajectoryGroup(trajs)
+
+
+def test_train_step_counts_tied_groups_in_the_mean(tiny_model_dir: Path) -> None:
+    groups = [_group([1.0, 0.0, 0.5, 0.0], 0), _group([1.0] * 4, 10), _group([0.0] * 4, 20)]
+    norms = {}
+    for in_mean in (True, False):
+        trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32", seed=0)
+        for p in trainer.params:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(1))
+        cfg = TrainConfig(agg="seq_mean", tied_groups_in_mean=in_mean, max_grad_norm=1e9)
+        m = train_step(trainer, groups, cfg)
+        assert m["n_sequences"] == 4  # only the untied group runs either way
+        norms[in_mean] = m["grad_norm"]
+    assert norms[True] == pytest.approx(norms[False] / 3, rel=1e-5)  # 4 of 12 sequences carried signal
