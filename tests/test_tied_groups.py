@@ -92,3 +92,13 @@ def test_train_step_counts_tied_groups_in_the_mean(tiny_model_dir: Path) -> None
         assert m["n_sequences"] == 4  # only the untied group runs either way
         norms[in_mean] = m["grad_norm"]
     assert norms[True] == pytest.approx(norms[False] / 3, rel=1e-5)  # 4 of 12 sequences carried signal
+
+
+def test_lr_by_signal_scales_the_step_by_the_fraction_that_carried_signal(tiny_model_dir: Path) -> None:
+    groups = [_group([1.0, 0.0, 0.5, 0.0], 0), _group([1.0] * 4, 10), _group([0.0] * 4, 20)]
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    lrs = [
+        train_step(trainer, groups, TrainConfig(learning_rate=3e-3, lr_by_signal=flag))["lr"]
+        for flag in (False, True)
+    ]
+    assert lrs == pytest.approx([3e-3, 3e-3 * 4 / 12])

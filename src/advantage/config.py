@@ -157,6 +157,13 @@ class TrainConfig(LossConfig, _SequenceLimits, AdamParams):
         "most groups tied is proportionally smaller (GRPO's objective, as TRL computes it). False: the mean "
         "is over the trained groups only, so every step is as large as one where every group carried signal.",
     )
+    lr_by_signal: bool = Field(
+        False,
+        description="Multiply the step's learning rate by the fraction of the batch's sequences that carry "
+        "signal (not in tied groups). AdamW divides a gradient's scale away, so counting tied groups in the "
+        "mean alone does not make such a step smaller; this does. Once most groups are solved, a step "
+        "trains on a few groups, and a full-size AdamW step on so little evidence can undo what was learnt.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

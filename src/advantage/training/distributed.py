@@ -37,7 +37,7 @@ from advantage.training.primitives import (
     run_share,
     summarize,
 )
-from advantage.training.schedules import lr_at
+from advantage.training.schedules import step_lr
 from advantage.training.trainer import Trainer
 from advantage.wire.datum import Datum
 
@@ -181,7 +181,7 @@ class TrainerWorker:
         fb_metrics, new_lp = forward_backward(
             self.trainer, datums, config.loss, config, config.micro_batch_size, progress, mean_over
         )
-        lr = lr_at(config.schedule, config.learning_rate, step)
+        lr = step_lr(config, step, len(datums), mean_over.sequences if mean_over else len(datums))
         grad_norm = self.trainer.optim_step(config, lr=lr)  # a TrainConfig is an AdamParams
         new_all = [x for d, lp in zip(datums, new_lp, strict=True) for x in _masked(lp, d.loss_mask)]
         old_all = [x for d in datums if d.logprobs for x in _masked(d.logprobs, d.loss_mask)]

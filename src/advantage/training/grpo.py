@@ -14,7 +14,7 @@ import time
 from advantage.config import TrainConfig
 from advantage.training.advantages import group_advantages
 from advantage.training.primitives import MeanOver, Progress, forward_backward
-from advantage.training.schedules import lr_at
+from advantage.training.schedules import step_lr
 from advantage.training.tokenize import tokenize_for_training
 from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup
@@ -93,7 +93,7 @@ def train_step(
     fb_metrics, new_lp = forward_backward(
         trainer, datums, config.loss, config, config.micro_batch_size, progress, mean_over
     )
-    lr = lr_at(config.schedule, config.learning_rate, step)
+    lr = step_lr(config, step, len(datums), mean_over.sequences)
     grad_norm = trainer.optim_step(config, lr=lr)  # a TrainConfig is an AdamParams
     new_all = [x for d, lp in zip(datums, new_lp, strict=True) for x in _masked(lp, d.loss_mask)]
     old_all = [x for d in datums for x in _masked(d.logprobs or [], d.loss_mask)]

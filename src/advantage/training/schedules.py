@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from advantage.config import LRSchedule
+from advantage.config import LRSchedule, TrainConfig
 
 
 def lr_at(schedule: LRSchedule, lr: float, step: int) -> float:
@@ -29,3 +29,9 @@ def lr_at(schedule: LRSchedule, lr: float, step: int) -> float:
     if schedule.kind == "linear":
         return lr * (m + (1 - m) * (1 - p))
     return lr * (m + (1 - m) * (1 + math.cos(math.pi * p)) / 2)
+
+
+def step_lr(config: TrainConfig, step: int, trained: int, batch: int) -> float:
+    """A GRPO step's learning rate: the schedule's, times trained / batch sequences with `lr_by_signal`."""
+    lr = lr_at(config.schedule, config.learning_rate, step)
+    return lr * trained / max(batch, 1) if config.lr_by_signal else lr
