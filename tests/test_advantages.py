@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from advantage.training.advantages import group_advantages
+from advantage.training.advantages import group_advantages, prefix_tree_advantages
 from advantage.training.grpo import drift_metrics
 
 
@@ -114,3 +114,19 @@ def test_drift_metrics_by_hand() -> None:
     )
     assert drift_metrics([1.0, 1.0], [0.0, 2.0])["logprob_drift_corr"] == 1.0
     assert drift_metrics([], []) == {} and drift_metrics([1.0], [1.0, 2.0]) == {}
+
+
+def test_prefix_tree_advantages_by_hand() -> None:
+    # Tokens 1, 2 are shared by all three: the mean (1 - 1 + 3) / 3 = 1. Token 3 by A and B: (1 - 1) / 2 = 0.
+    # C parts at position 2, and A from B at position 3: each then has its own.
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7]]
+    assert prefix_tree_advantages(seqs, [1.0, -1.0, 3.0]) == [
+        [1.0, 1.0, 0.0, 1.0],
+        [1.0, 1.0, 0.0, -1.0],
+        [1.0, 1.0, 3.0, 3.0],
+    ]
+    # One sequence a prefix of the other: the shared part gets the mean, the rest its own.
+    assert prefix_tree_advantages([[1, 2], [1, 2, 3]], [2.0, -2.0]) == [[0.0, 0.0], [0.0, 0.0, -2.0]]
+    assert prefix_tree_advantages([[5]], [0.5]) == [[0.5]]
+    with pytest.raises(ValueError, match="2 sequences but 1 advantages"):
+        prefix_tree_advantages([[1], [2]], [0.0])

@@ -1,5 +1,6 @@
-"""Skipping tied groups (equal rewards: advantage 0) is only a speed-up: with `tied_groups_in_mean` the step
-equals the one that trains every group, so a step where most groups tied is proportionally smaller."""
+"""How a GRPO step weighs its groups: tied groups (equal rewards, advantage 0) are skipped for speed but
+count in the mean (`tied_groups_in_mean`), `lr_by_signal` shrinks a step that trained few groups, and
+`tree_advantages` credits per token where a group's rollouts share a start."""
 
 from __future__ import annotations
 
@@ -102,3 +103,32 @@ def test_lr_by_signal_scales_the_step_by_the_fraction_that_carried_signal(tiny_m
         for flag in (False, True)
     ]
     assert lrs == pytest.approx([3e-3, 3e-3 * 4 / 12])
+
+
+def test_tree_advantages_leave_tokens_every_rollout_wrote_alone(tiny_model_dir: Path) -> None:
+    from advantage.training.grpo import build_datums
+    from advantage.wire.datum import ADV_KEY
+
+    trajs = []
+    for k, r in enumerate([1.0, 0.0, 1.0, 0.0]):  # every rollout writes 40 first, then each its own
+        choice = Choice.model_validate(
+            {
+                "finish_reason": "stop",
+                "index": 0,
+                "message": {"role": "assistant", "content": "x"},
+                "token_ids": [40, 50 + k, 2],
+                "token_logprobs": [-1.0, -1.2, -0.8],
+            }
+        )
+        trajs.append(Trajectory([{"role": "user", "content": "hi"}, choice], reward=r))
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    for tree in (False, True):
+        datums, _ = build_datums(trainer, [TrajectoryGroup(trajs)], TrainConfig(tree_advantages=tree))
+        if not tree:
+            assert all(ADV_KEY not in d.extras for d in datums)
+            continue
+        for d in datums:
+            first = d.loss_mask.index(1.0)
+            per_token = d.extras[ADV_KEY]
+            assert per_token[first] == 0.0  # "40": all four wrote it, mean advantage 0
+            assert per_token[first + 1] == pytest.approx(d.advantage) and d.advantage != 0  # its own

@@ -157,6 +157,12 @@ class TrainConfig(LossConfig, _SequenceLimits, AdamParams):
         "most groups tied is proportionally smaller (GRPO's objective, as TRL computes it). False: the mean "
         "is over the trained groups only, so every step is as large as one where every group carried signal.",
     )
+    tree_advantages: bool = Field(
+        False,
+        description="Credit per token where a group's completions share a start: each token gets the mean "
+        "advantage of the rollouts that wrote the same tokens up to it (advantages.prefix_tree_advantages), "
+        "so a token every rollout wrote (a tool name's first piece) is not pushed down with the failures.",
+    )
     lr_by_signal: bool = Field(
         False,
         description="Multiply the step's learning rate by the fraction of the batch's sequences that carry "

@@ -13,7 +13,18 @@ group we sampled, not an estimate of a wider population, and it keeps G = 2 well
 
 A group whose rewards are all equal (including a group of one) carries no learning signal: its advantages
 are exactly zero whatever `scale` is, and it is counted in `frac_zero_variance_groups`. The trainer skips
-such groups rather than feeding them to the loss, where they would only dilute the averages.
+such groups to save time (their gradient is 0); `TrainConfig.tied_groups_in_mean` says whether they still
+count in the loss's mean.
+
+`prefix_tree_advantages` assigns credit per token where a group's completions share a start. Token j of
+sequence i is the action "token ids[j] after ids[:j]"; the rollouts that took that same action from the
+same context are those that agree with sequence i on ids[:j + 1]. The token gets their mean advantage, a
+Monte Carlo estimate of how good that action was, instead of sequence i's own. Where every rollout of a
+group wrote the same token (the opening of a tool call, a tool name's first piece) the mean of a group's
+advantages is 0 and the token is left alone; where they part, each branch gets its own rollouts' mean.
+With a per-sequence advantage, a failed rollout's push down on such shared tokens is cancelled by its
+siblings' push up only under a token-count mean; under `seq_mean` the shorter sequences win, and a failure
+that called the wrong `get_*` tool pushed down `get` for every `get_*` tool.
 """
 
 from __future__ import annotations
@@ -86,3 +97,31 @@ def group_advantages(
         "frac_zero_variance_groups": n_zero_var / len(rewards),
     }
     return advantages, metrics
+
+
+def prefix_tree_advantages(sequences: list[list[int]], advantages: list[float]) -> list[list[float]]:
+    """Per-token advantages of a group's sequences (see the module docstring): position j of sequence i
+    gets the mean advantage of the sequences that agree with sequence i on tokens 0..j (itself included)."""
+    if len(sequences) != len(advantages):
+        raise ValueError(f"{len(sequences)} sequences but {len(advantages)} advantages")
+    n = len(sequences)
+    lcp = [[0] * n for _ in range(n)]
+    for i in range(n):
+        lcp[i][i] = len(sequences[i])
+        for k in range(i + 1, n):
+            a, b = sequences[i], sequences[k]
+            m = min(len(a), len(b))
+            j = next((j for j in range(m) if a[j] != b[j]), m)
+            lcp[i][k] = lcp[k][i] = j
+    out = []
+    for i, seq in enumerate(sequences):
+        values = [0.0] * len(seq)
+        # Sequences drop out of i's node as j passes their common prefix with i; between two such points
+        # the set, and so the mean, is constant.
+        cuts = sorted({min(lcp[i][k], len(seq)) for k in range(n)} | {0})
+        for lo, hi in zip(cuts, cuts[1:], strict=False):
+            members = [advantages[k] for k in range(n) if lcp[i][k] > lo]
+            mean = fmean(members)
+            values[lo:hi] = [mean] * (hi - lo)
+        out.append(values)
+    return out

@@ -12,13 +12,13 @@ import statistics
 import time
 
 from advantage.config import TrainConfig
-from advantage.training.advantages import group_advantages
+from advantage.training.advantages import group_advantages, prefix_tree_advantages
 from advantage.training.primitives import MeanOver, Progress, forward_backward
 from advantage.training.schedules import step_lr
 from advantage.training.tokenize import tokenize_for_training
 from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup
-from advantage.wire.datum import Datum
+from advantage.wire.datum import ADV_KEY, Datum
 
 
 def build_datums(
@@ -39,6 +39,7 @@ def _datums_and_mean(
     truncated = tied_seqs = tied_tokens = 0
     for g, adv_g in zip(groups, advs, strict=True):
         tied = all(a == 0.0 for a in adv_g)
+        first = len(datums)
         for t, a in zip(g.trajectories, adv_g, strict=True):
             # One sequence, or one per sampled turn when the chat template rewrites history; each carries
             # the trajectory's advantage.
@@ -56,6 +57,13 @@ def _datums_and_mean(
                     advantage=a,
                 )
                 for tok in toks
+            ]
+        if config.tree_advantages:
+            mine = datums[first:]
+            per_token = prefix_tree_advantages([d.input_ids for d in mine], [d.advantage for d in mine])
+            datums[first:] = [
+                d.model_copy(update={"extras": {**d.extras, ADV_KEY: a}})
+                for d, a in zip(mine, per_token, strict=True)
             ]
     metrics["truncated_trajectories"] = float(truncated)
     metrics["n_trajectories"] = float(sum(len(g.trajectories) for g in groups))

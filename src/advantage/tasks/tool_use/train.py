@@ -61,6 +61,12 @@ class DemoConfig(BaseModel):
         2, ge=0, description="Steps of linear warm-up (Adam's first steps move every LoRA weight by ~lr)."
     )
     micro_batch_size: int = Field(8, ge=1, description="Sequences per forward/backward; bounds memory.")
+    tree_advantages: bool = Field(
+        True,
+        description="Credit per token where a group's rollouts share a start (TrainConfig.tree_advantages). "
+        "Without it, one rollout that called get_weather for a calendar question pushed down `get` for "
+        "both get_* tools: the next step sent weather and calendar questions to the convert_* tools.",
+    )
     lr_by_signal: bool = Field(
         True,
         description="Scale each step's learning rate by the fraction of its groups that were not tied "
@@ -164,6 +170,7 @@ def train_config(cfg: DemoConfig, lr: float) -> adv.TrainConfig:
         micro_batch_size=cfg.micro_batch_size,
         agg=cfg.agg,
         lr_by_signal=cfg.lr_by_signal,
+        tree_advantages=cfg.tree_advantages,
     )
 
 
