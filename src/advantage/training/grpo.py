@@ -1,9 +1,11 @@
 """One GRPO step over trajectory groups, composed from the trainer's primitives.
 
-groups -> advantages per group (zero-variance groups skipped and counted) -> tokenize on the exact sampled
-ids -> `primitives.forward_backward` with the chosen loss (micro-batches that share a prompt, weighted so the
-aggregation is over the whole batch) -> one AdamW step. The low-level API runs the same two primitives. Every step reports the diagnostics of
-DESIGN §5, including the sampler-vs-trainer logprob drift.
+groups -> advantages per group (per token with `tree_advantages`; zero-variance groups skipped, counted, and
+kept in the loss's mean with `tied_groups_in_mean`) -> tokenize on the exact sampled ids ->
+`primitives.forward_backward` with the chosen loss (micro-batches that share a prompt, weighted so the
+aggregation is over the whole batch) -> one AdamW step (its rate scaled by the share of the batch that
+carried signal with `lr_by_signal`). The low-level API runs the same two primitives. Every step reports the
+diagnostics of DESIGN §5, including the sampler-vs-trainer logprob drift.
 """
 
 from __future__ import annotations
