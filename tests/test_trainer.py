@@ -151,3 +151,67 @@ def test_cuda_trainer_matches_cpu_and_its_checkpoint_loads_on_cpu(tiny_model_dir
         _cispo_step(t)
     for a, b in zip(moved.params, gpu.params, strict=True):
         torch.testing.assert_close(a.detach(), b.detach().cpu(), atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir) -> None:
+    """On: every decoder layer runs again in the backward pass, and no prompt prefix runs as a KV cache (HF's
+    checkpointed layers drop it), yet the gradient is the one of the shared-prefix path with it off."""
+    from helpers import dp_datums
+
+    from advantage.training.primitives import forward_backward
+
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    for p in trainer.params:  # LoRA B starts at zero; give it values so every LoRA weight gets a gradient
+        torch.nn.init.normal_(p, std=0.02)
+    mlp_runs = []
+    # a pre-hook: the recompute stops early, once it has what the backward needs (the hook at the end may not run)
+    trainer.decoder.layers[0].mlp.register_forward_pre_hook(lambda *_: mlp_runs.append(1))
+
+    def grads(on: bool) -> tuple[list[torch.Tensor], float, int]:
+        trainer.model.zero_grad(set_to_none=True)
+        mlp_runs.clear()
+        with trainer.gradient_checkpointing(on):
+            # 12 datums with one system prompt in 4 micro-batches: off, the prompt runs once (SharedPrefix)
+            m, _ = forward_backward(trainer, dp_datums(), "cispo", micro_batch_size=4)
+        assert trainer.checkpointing is False  # off again after the block
+        assert m["micro_batches"] == 4
+        return [p.grad.clone() for p in trainer.params], m["loss"], len(mlp_runs)
+
+    off, loss_off, runs_off = grads(False)
+    on, loss_on, runs_on = grads(True)
+    assert runs_off == 1 + 4  # the shared prefix once, then each micro-batch's rows
+    assert runs_on == 2 * 4  # each micro-batch's rows, and again in its backward pass
+    assert loss_on == pytest.approx(loss_off, rel=1e-5)
+    assert len(on) == len(trainer.params)
+    for a, b in zip(on, off, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+
+
+def test_a_shared_prefix_is_refused_under_gradient_checkpointing(tiny_model_dir) -> None:
+    from advantage.training.trainer import SharedPrefix
+
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    ds = _datums()
+    prefix = SharedPrefix(trainer, ds[0].input_ids[:7])
+    with trainer.gradient_checkpointing(), pytest.raises(ValueError, match="gradient checkpointing drops"):
+        trainer.sequence_logprobs(ds, prefix=prefix)
+
+
+def test_train_step_honours_the_configs_gradient_checkpointing(tiny_model_dir, monkeypatch) -> None:
+    from advantage.config import TrainConfig
+    from advantage.training import grpo
+
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    seen = []
+
+    def fake_forward_backward(t, datums, *args, **kwargs):
+        seen.append(t.checkpointing)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(grpo, "forward_backward", fake_forward_backward)
+    monkeypatch.setattr(grpo, "step_datums", lambda *a: (_datums(), {}, None))
+    for on in (True, False):
+        with pytest.raises(RuntimeError, match="stop here"):
+            grpo.train_step(trainer, [], TrainConfig(gradient_checkpointing=on))
+        assert trainer.checkpointing is False
+    assert seen == [True, False]

@@ -171,6 +171,13 @@ class TrainConfig(LossConfig, _SequenceLimits, AdamParams):
         "trains on a few groups, and a full-size AdamW step on so little evidence can undo what was learnt.",
     )
 
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping them: less "
+        "memory for about one more forward pass, the same gradient. Prompt prefixes then run in every row "
+        "rather than once as a KV cache.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.eps_high < self.eps * 0.5:

@@ -125,12 +125,13 @@ class Service:
         load base models from besides the bundled ones (None: anywhere). `max_train_queue`: jobs that may wait
         for the training thread besides the one running. `record_traffic`: record every trainable model's
         traffic, whatever its register asked; `traffic_retention`: how much each model's store keeps.
-        `trainer_factory` replaces `Trainer` (a base model's directory and LoRA config -> its trainer), e.g.
-        data-parallel workers on Ray (`training/ray_workers.py`)."""
+        `trainer_factory` replaces the in-process `Trainer` (a base model's directory and LoRA config -> its
+        trainer), e.g. data-parallel workers on Ray (`training/ray_workers.py`); the in-process one shares
+        the base weights of its model's `TorchEngine` (`engine/weights.py`)."""
         self.root = Path(root)
         self.engine_kwargs = engine_kwargs or {}
         self.engine_factory = engine_factory
-        self.trainer_factory = trainer_factory or Trainer
+        self.trainer_factory = trainer_factory or self._local_trainer
         self.model_dirs = None if model_dirs is None else [Path(d) for d in model_dirs]
         if max_train_queue < 0:
             raise ValueError(f"max_train_queue must be >= 0, got {max_train_queue}.")
@@ -161,6 +162,20 @@ class Service:
         from advantage.engine.torch_engine import TorchEngine
 
         return TorchEngine(model_dir, **self.engine_kwargs)
+
+    def _local_trainer(self, model_dir: Path, lora: LoRAConfig) -> Trainer:
+        """An in-process trainer, on the base weights of the engine that serves `model_dir` where there is one
+        (one copy of them, not two, when both run on one device in one dtype)."""
+        from advantage.engine.torch_engine import TorchEngine
+
+        with self._lock:
+            engines = list(self._engines.values())
+        source = Path(model_dir).resolve()
+        shared = next(
+            (e.base_weights for e in engines if isinstance(e, TorchEngine) and e.base_weights.source == source),
+            None,
+        )
+        return Trainer(model_dir, lora, base_weights=shared)
 
     def add_model(self, entry: ModelEntry) -> None:
         with self._lock:
@@ -248,10 +263,12 @@ class Service:
                     source = fork.find_source(self.root, *ref, base_model, lora)
             with self._lock:
                 new_engine = base_model not in self._engines
-            # A bad base model or LoRA config fails here, before anything is kept or served.
-            trainer = self.trainer_factory(resolve_model_path(base_model), lora)
+            trainer: Trainer | None = None
             try:
+                # The engine first: the in-process trainer builds on its base weights. A bad base model or
+                # LoRA config fails here, before anything is kept or served.
                 self.engine(base_model)
+                trainer = self.trainer_factory(resolve_model_path(base_model), lora)
                 ckpt.sweep_partial(mdir)
                 steps = ckpt.list_steps(mdir)
                 origin = {"base_model": base_model, "lora": lora.model_dump()}

@@ -4,8 +4,9 @@ peft applies an adapter as extra layers: every targeted linear layer runs its ba
 scaled, then an add, and the wrapper itself costs time even with the adapter off. At decode on a 2-core
 CPU (SmolLM2-135M, 32 rows) that made a step ~30% slower than the plain model. Here the engine's model
 stays plain: the batch's adapter is merged into the weights (W + s·B·A) when the batch starts, and the
-base weights are restored from a pristine copy when another adapter (or none) is needed. Switching costs one
-pass over the targeted weights, once per batch, not per token.
+base weights are swapped back in when another adapter (or none) is needed. Switching costs one
+pass over the targeted weights, once per batch, not per token. The merge is made in a buffer of its own
+per layer and swapped in: the base weights are never written, so a trainer may share them (`weights.py`).
 
 Only for fp32 weights: merged into bf16 weights, a small update (a few optimizer steps of LoRA) would be
 rounded away, so the engine keeps peft there. Standard LoRA only (no DoRA, no per-module rank patterns);
@@ -73,14 +74,19 @@ def load_lora(path: str | Path, model: nn.Module) -> LoraWeights:
 
 
 class MergedLora:
-    """Which adapter is merged into `model`'s weights now, and the pristine weights to go back to."""
+    """Which adapter is merged into `model`'s weights now.
+
+    The base weights are never written: they may be shared with a trainer (`weights.py`). A targeted layer's
+    merged weight lives in a buffer of its own, made once, and is swapped in for the batch; going back to
+    the base weights swaps the base tensor back in, which costs nothing."""
 
     def __init__(self, model: nn.Module) -> None:
         self.modules = dict(model.named_modules())
-        # module name -> its base weight, copied the first time an adapter is merged into it
-        self.pristine: dict[str, torch.Tensor] = {}
+        # module name -> its base weight, kept the first time an adapter is merged into it
+        self.base: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}  # module name -> the buffer its merged weight is made in
         self.active: str | None = None
-        self._merged: list[str] = []  # modules whose weights differ from pristine
+        self._merged: list[str] = []  # modules whose weight is their merged buffer now
 
     @torch.no_grad()
     def activate(self, name: str | None, adapters: dict[str, LoraWeights]) -> None:
@@ -92,9 +98,13 @@ class MergedLora:
             lora = adapters[name]
             for module, (a, b) in lora.pairs.items():
                 w = self.modules[module].weight
-                if module not in self.pristine:
-                    self.pristine[module] = w.detach().clone()
-                w.addmm_(b, a, alpha=lora.scaling)  # W += s * B @ A, in place (keeps the weight's layout)
+                base = self.base.setdefault(module, w.data)
+                buf = self.buffers.get(module)
+                if buf is None:  # the base's layout (column-major on CPU: precision.py)
+                    buf = torch.empty_strided(base.size(), base.stride(), dtype=base.dtype, device=base.device)
+                    self.buffers[module] = buf
+                buf.copy_(base).addmm_(b, a, alpha=lora.scaling)  # W + s * B @ A
+                w.data = buf
                 self._merged.append(module)
         self.active = name
 
@@ -102,6 +112,6 @@ class MergedLora:
     def restore(self) -> None:
         """Back to the base weights."""
         for module in self._merged:
-            self.modules[module].weight.copy_(self.pristine[module])
+            self.modules[module].weight.data = self.base[module]
         self._merged.clear()
         self.active = None

@@ -178,9 +178,10 @@ class TrainerWorker:
     ) -> dict[str, float]:
         """One optimizer step on `datums` from `step` completed steps: the part of `grpo.train_step` after
         tokenization, over the group. Returns the same metrics on every worker."""
-        fb_metrics, new_lp = forward_backward(
-            self.trainer, datums, config.loss, config, config.micro_batch_size, progress, mean_over
-        )
+        with self.trainer.gradient_checkpointing(config.gradient_checkpointing):
+            fb_metrics, new_lp = forward_backward(
+                self.trainer, datums, config.loss, config, config.micro_batch_size, progress, mean_over
+            )
         lr = step_lr(config, step, len(datums), mean_over.sequences if mean_over else len(datums))
         grad_norm = self.trainer.optim_step(config, lr=lr)  # a TrainConfig is an AdamParams
         new_all = [x for d, lp in zip(datums, new_lp, strict=True) for x in _masked(lp, d.loss_mask)]

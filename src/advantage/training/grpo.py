@@ -100,9 +100,10 @@ def train_step(
     datums, metrics, mean_over = step_datums(trainer, groups, config, t0)
     if not datums:
         return metrics  # every group had equal rewards: nothing to learn, nothing changed
-    fb_metrics, new_lp = forward_backward(
-        trainer, datums, config.loss, config, config.micro_batch_size, progress, mean_over
-    )
+    with trainer.gradient_checkpointing(config.gradient_checkpointing):
+        fb_metrics, new_lp = forward_backward(
+            trainer, datums, config.loss, config, config.micro_batch_size, progress, mean_over
+        )
     lr = step_lr(config, step, len(datums), mean_over.sequences)
     grad_norm = trainer.optim_step(config, lr=lr)  # a TrainConfig is an AdamParams
     new_all = [x for d, lp in zip(datums, new_lp, strict=True) for x in _masked(lp, d.loss_mask)]

@@ -178,7 +178,8 @@ def run_share(
     out = Partial()
     mine = [datums[i] for k in share for i in plan.chunks[k]]
     # A prompt start shared by several micro-batches runs once for all of them (trainer.SharedPrefix).
-    P = shared_prefix_len(mine) if len(share) > 1 and not dpo else 0
+    # Not under gradient checkpointing, which drops KV caches (Trainer.gradient_checkpointing).
+    P = shared_prefix_len(mine) if len(share) > 1 and not dpo and not trainer.checkpointing else 0
     prefix = SharedPrefix(trainer, mine[0].input_ids[:P]) if P > 0 else None
     if prefix is not None:
         out.computed, out.padded = P, P

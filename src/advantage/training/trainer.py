@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from advantage.config import AdamParams, LoRAConfig
 from advantage.engine.kv import layer_kv
 from advantage.engine.precision import resolve_dtype, use_fp32_head
+from advantage.engine.weights import BaseWeights, shared_model
 from advantage.training.packing import layout, shared_prefix_len
 from advantage.wire.datum import Datum
 
@@ -55,13 +56,25 @@ class Trainer:
         device: str | None = None,
         seed: int = 0,
         head_dtype: str = "float32",
+        base_weights: BaseWeights | None = None,
     ) -> None:
+        """A LoRA on the base model at `model_path`. `base_weights` (an engine's, `TorchEngine.base_weights`):
+        the frozen base is built on those tensors instead of a second copy loaded from disk, when they are
+        this model's on this device in this dtype (and head precision); otherwise, and without them, the
+        trainer loads its own copy (`self.shares_base` says which). Only the adapter is ever written."""
         from peft import LoraConfig, get_peft_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        base = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
-        base = base.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to() hides its signature
+        torch_dtype = resolve_dtype(dtype, self.device)
+        fp32_head = head_dtype == "float32"
+        base = None
+        if base_weights is not None:
+            base = shared_model(model_path, base_weights, torch_dtype, self.device, fp32_head=fp32_head)
+        self.shares_base = base is not None
+        if base is None:
+            base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
+            base = base.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to() hides its signature
         base.config.use_cache = True
         torch.manual_seed(seed)
         peft_cfg = LoraConfig(
@@ -72,7 +85,7 @@ class Trainer:
             task_type="CAUSAL_LM",
         )
         self.model: Any = get_peft_model(base, peft_cfg)
-        if head_dtype == "float32":  # the engine's logprobs are computed the same way (engine/precision.py)
+        if fp32_head:  # the engine's logprobs are computed the same way (engine/precision.py)
             use_fp32_head(self.model.get_base_model())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
@@ -80,6 +93,33 @@ class Trainer:
         self.pack_suffixes = True  # False: one row per sequence (kept for benchmarks and tests)
         self.last_entropy = (0.0, 0)  # (sum, tokens) of the policy entropy in the last sequence_logprobs
         self.last_slots = (0, 0)  # (sequence tokens, slots incl. padding) the last sequence_logprobs computed
+        self.checkpointing = False  # gradient checkpointing on (`gradient_checkpointing`)
+
+    @contextlib.contextmanager
+    def gradient_checkpointing(self, on: bool = True) -> Iterator[None]:
+        """Recompute each decoder layer's activations in the backward pass instead of keeping them
+        (`TrainConfig.gradient_checkpointing`): the activations held drop from one set per layer to one
+        layer's, for about one more forward pass of compute. The gradients are the same.
+
+        HF's checkpointed layers drop the KV cache, so while it is on no prompt prefix runs as a cache: not
+        the batch's (`SharedPrefix`, which then refuses), nor a micro-batch's own. Every row runs its prompt
+        itself; packing still runs each group's prompt once per row."""
+        was = self.checkpointing
+        self._set_checkpointing(on)
+        try:
+            yield
+        finally:
+            self._set_checkpointing(was)
+
+    def _set_checkpointing(self, on: bool) -> None:
+        if on == self.checkpointing:
+            return
+        base = self.model.get_base_model()
+        if on:  # non-reentrant: no inputs need requires_grad, and the RNG (LoRA dropout) is replayed
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.activation_checkpointing_disable()
+        self.checkpointing = on
 
     # ------------------------------------------------------------------ logprobs
     @property
@@ -94,7 +134,15 @@ class Trainer:
         Position j of the suffix is token input_ids[P + j]; its logprob is filled where loss_mask is 1.
         With `prefix` (the whole batch's shared prefix, run once per step), P is its length and the datums'
         own common start after it is laid out as rows, not recomputed as a second prefix."""
-        P = len(prefix.ids) if prefix is not None else shared_prefix_len(datums)
+        if prefix is not None and self.checkpointing:
+            raise ValueError(
+                "A SharedPrefix is a KV cache, which gradient checkpointing drops: run without one while "
+                "checkpointing (primitives.run_share does)."
+            )
+        if self.checkpointing:
+            P = 0  # no prefix as a KV cache (gradient_checkpointing)
+        else:
+            P = len(prefix.ids) if prefix is not None else shared_prefix_len(datums)
         inner = self.decoder
         head = self.model.get_base_model().lm_head
         ctx = self.model.disable_adapter() if not use_adapter else contextlib.nullcontext()
