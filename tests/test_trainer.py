@@ -215,3 +215,5 @@ def test_train_step_honours_the_configs_gradient_checkpointing(tiny_model_dir, m
             grpo.train_step(trainer, [], TrainConfig(gradient_checkpointing=on))
         assert trainer.checkpointing is False
     assert seen == [True, False]
+    embed = trainer.model.get_base_model().get_input_embeddings()
+    assert not embed._forward_hooks  # the input-grad hook HF adds on enabling is not left behind

@@ -115,8 +115,9 @@ class Trainer:
         if on == self.checkpointing:
             return
         base = self.model.get_base_model()
-        if on:  # non-reentrant: no inputs need requires_grad, and the RNG (LoRA dropout) is replayed
+        if on:  # non-reentrant: the RNG (LoRA dropout) is replayed, and no input needs requires_grad
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            base.disable_input_require_grads()  # the hook it adds for reentrant use, and never removes
         else:
             base.activation_checkpointing_disable()
         self.checkpointing = on
