@@ -3,9 +3,11 @@ model, and the peak resident memory of one training step with and without gradie
 
     .venv/bin/python benchmarks/memory.py [--before OLD/src] [--model smollm2-135m-instruct]
 
-Every figure comes from a fresh process (Linux: VmRSS and VmHWM of /proc/self/status). `--before OLD/src`
-measures the resident memory with the package at OLD/src too, side by side: a checkout of an earlier commit,
-e.g. `git worktree add --detach /tmp/before HEAD~1`, then `--before /tmp/before/src`.
+Every row comes from a fresh process (Linux: VmRSS, RssAnon, RssFile and VmHWM of /proc/self/status).
+`--before OLD/src` runs the same with the package at OLD/src, side by side: a checkout of an earlier commit,
+e.g. `git worktree add --detach /tmp/before HEAD~1`, then `--before /tmp/before/src`. RSS is measured when the
+model is registered and again after the step: a trainer that maps the checkpoint file reads its pages only
+when it first runs.
 
 The step is the trainer's part of `grpo.train_step` (forward_backward over the micro-batches, one AdamW step)
 on made-up datums shaped like a demo step: `--groups` prompts of a shared system part plus a question, each
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -34,6 +37,11 @@ def status_mb(field: str) -> float:
     raise KeyError(field)
 
 
+def rss() -> dict[str, float]:
+    """VmRSS, split into anonymous memory and file-backed pages (a checkpoint mapped into memory)."""
+    return {k: status_mb(k) for k in ("VmRSS", "RssAnon", "RssFile")}
+
+
 async def _register(model_name: str, root: str) -> object:
     import advantage as adv
 
@@ -42,40 +50,18 @@ async def _register(model_name: str, root: str) -> object:
     return backend
 
 
-def child_resident(model_name: str) -> dict[str, float]:
-    import advantage  # noqa: F401  (torch and transformers load with the package's modules, below)
-    import torch  # noqa: F401
-
-    before = status_mb("VmRSS")
-    with tempfile.TemporaryDirectory() as root:
-        backend = asyncio.run(_register(model_name, root))
-        service = backend.service  # type: ignore[attr-defined]
-        trainer = service.model_entry("m").trainer
-        base = trainer.model.get_base_model()
-        weights_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
-        shares = bool(getattr(trainer, "shares_base", False))
-        return {
-            "rss_imports_mb": before,
-            "rss_registered_mb": status_mb("VmRSS"),
-            "base_weights_mb": weights_mb,
-            "shares_base": float(shares),
-        }
-
-
-def _datums(groups: int, group_size: int, system: int, question: int, completion: int) -> list:
+def _datums(args: argparse.Namespace) -> list:
     import random
 
     from advantage.wire.datum import Datum
 
     rng = random.Random(0)
-    vocab = 49152
-    sys_ids = [rng.randrange(3, vocab) for _ in range(system)]
+    sys_ids = [rng.randrange(3, 49152) for _ in range(args.system)]
     out = []
-    for _ in range(groups):
-        prompt = sys_ids + [rng.randrange(3, vocab) for _ in range(question)]
-        for k in range(group_size):
-            comp = [rng.randrange(3, vocab) for _ in range(completion - 1)] + [2]
-            n = len(prompt) + len(comp)
+    for _ in range(args.groups):
+        prompt = sys_ids + [rng.randrange(3, 49152) for _ in range(args.question)]
+        for k in range(args.group_size):
+            comp = [rng.randrange(3, 49152) for _ in range(args.completion - 1)] + [2]
             out.append(
                 Datum(
                     input_ids=prompt + comp,
@@ -84,38 +70,45 @@ def _datums(groups: int, group_size: int, system: int, question: int, completion
                     advantage=1.0 if k % 2 else -1.0,
                 )
             )
-            assert len(out[-1].input_ids) == n
     return out
 
 
-def child_step(model_name: str, checkpointing: bool, args: argparse.Namespace) -> dict[str, float]:
+def child(model_name: str, checkpointing: bool, args: argparse.Namespace) -> dict[str, object]:
+    """Register one model on a LocalBackend, then run one training step: RSS at each point, and the peak."""
     from advantage.config import TrainConfig
     from advantage.training.primitives import forward_backward
 
+    out: dict[str, object] = {"imports": rss()}
     with tempfile.TemporaryDirectory() as root:
         backend = asyncio.run(_register(model_name, root))
+        out["registered"] = rss()
         trainer = backend.service.model_entry("m").trainer  # type: ignore[attr-defined]
-        datums = _datums(args.groups, args.group_size, args.system, args.question, args.completion)
-        config = TrainConfig(gradient_checkpointing=checkpointing, micro_batch_size=args.micro_batch_size)
-        before = status_mb("VmRSS")
+        out["shares_base"] = bool(getattr(trainer, "shares_base", False))
+        datums = _datums(args)
+        config = TrainConfig(micro_batch_size=args.micro_batch_size)
+        # `trainer.gradient_checkpointing` is new with this option; an older tree runs without it
+        ctx = trainer.gradient_checkpointing(True) if checkpointing else contextlib.nullcontext()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
         t0 = time.perf_counter()
-        with trainer.gradient_checkpointing(config.gradient_checkpointing):
+        with ctx:
             forward_backward(trainer, datums, config.loss, config, config.micro_batch_size)
         trainer.optim_step(config)
-        return {
-            "rss_before_step_mb": before,
-            "peak_rss_step_mb": status_mb("VmHWM"),
-            "step_s": time.perf_counter() - t0,
-            "tokens": float(sum(len(d.input_ids) for d in datums)),
-        }
+        out["step_s"] = time.perf_counter() - t0
+        out["step_peak_mb"] = status_mb("VmHWM")
+        out["after_step"] = rss()
+        out["tokens"] = sum(len(d.input_ids) for d in datums)
+    return out
 
 
-def run_child(src: Path, *child_args: str) -> dict[str, float]:
+def run_child(src: Path, checkpointing: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", *child_args]
+    cmd = [sys.executable, __file__, *sys.argv[1:], "--child", "on" if checkpointing else "off"]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def _mb(r: dict[str, float]) -> str:
+    return f"{r['VmRSS']:.0f} MB ({r['RssAnon']:.0f} + {r['RssFile']:.0f})"
 
 
 def main() -> None:
@@ -128,42 +121,33 @@ def main() -> None:
     p.add_argument("--question", type=int, default=100, help="tokens of each group's own part of the prompt")
     p.add_argument("--completion", type=int, default=128, help="tokens of each completion")
     p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--skip-step", action="store_true", help="only the resident memory")
-    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["on", "off"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        kind = args.child[0]
-        if kind == "resident":
-            result = child_resident(args.model)
-        else:
-            result = child_step(args.model, args.child[1] == "on", args)
-        print(json.dumps(result))
+        print(json.dumps(child(args.model, args.child == "on", args)))
         return
 
-    src = REPO / "src"
-    rows = [("this tree", run_child(src, "resident"))]
+    runs = []
     if args.before is not None:
-        rows.append((f"before ({args.before})", run_child(args.before, "resident")))
-    print(f"Resident memory, LocalBackend + one registered {args.model} (fresh process each):\n")
-    print("| tree | RSS after imports | RSS, one model registered | its weights | trainer shares the engine's |")
-    print("|---|---|---|---|---|")
-    for name, r in rows:
-        print(
-            f"| {name} | {r['rss_imports_mb']:.0f} MB | {r['rss_registered_mb']:.0f} MB "
-            f"| {r['base_weights_mb']:.0f} MB | {'yes' if r['shares_base'] else 'no'} |"
-        )
-    if args.skip_step:
-        return
+        runs.append((f"before ({args.before})", "off", run_child(args.before, False)))
+    runs.append(("this tree", "off", run_child(REPO / "src", False)))
+    runs.append(("this tree", "on", run_child(REPO / "src", True)))
+    tokens = runs[0][2]["tokens"]
     print(
-        f"\nOne training step ({args.groups} groups x {args.group_size}, prompts {args.system} + "
-        f"{args.question} tokens, completions {args.completion}, micro_batch_size {args.micro_batch_size}):\n"
+        f"LocalBackend + one registered {args.model}, then one training step ({args.groups} groups x "
+        f"{args.group_size}, prompts {args.system} + {args.question} tokens, completions {args.completion}, "
+        f"{tokens} tokens, micro_batch_size {args.micro_batch_size}); a fresh process each. RSS is VmRSS "
+        "(anonymous + file-backed):\n"
     )
-    print("| gradient_checkpointing | RSS before the step | peak RSS in the step | step time |")
-    print("|---|---|---|---|")
-    for on in ("off", "on"):
-        r = run_child(src, "step", on)
+    print(
+        "| tree | gradient checkpointing | trainer shares the engine's base | RSS, model registered "
+        "| peak RSS in the step | RSS after the step | step time |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, on, r in runs:
         print(
-            f"| {on} | {r['rss_before_step_mb']:.0f} MB | {r['peak_rss_step_mb']:.0f} MB | {r['step_s']:.1f} s |"
+            f"| {name} | {on} | {'yes' if r['shares_base'] else 'no'} | {_mb(r['registered'])} "
+            f"| {r['step_peak_mb']:.0f} MB | {_mb(r['after_step'])} | {r['step_s']:.1f} s |"
         )
 
 

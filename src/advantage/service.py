@@ -172,7 +172,11 @@ class Service:
             engines = list(self._engines.values())
         source = Path(model_dir).resolve()
         shared = next(
-            (e.base_weights for e in engines if isinstance(e, TorchEngine) and e.base_weights.source == source),
+            (
+                e.base_weights
+                for e in engines
+                if isinstance(e, TorchEngine) and e.base_weights.source == source
+            ),
             None,
         )
         return Trainer(model_dir, lora, base_weights=shared)

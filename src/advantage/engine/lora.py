@@ -101,7 +101,9 @@ class MergedLora:
                 base = self.base.setdefault(module, w.data)
                 buf = self.buffers.get(module)
                 if buf is None:  # the base's layout (column-major on CPU: precision.py)
-                    buf = torch.empty_strided(base.size(), base.stride(), dtype=base.dtype, device=base.device)
+                    buf = torch.empty_strided(
+                        base.size(), base.stride(), dtype=base.dtype, device=base.device
+                    )
                     self.buffers[module] = buf
                 buf.copy_(base).addmm_(b, a, alpha=lora.scaling)  # W + s * B @ A
                 w.data = buf

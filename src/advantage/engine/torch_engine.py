@@ -45,7 +45,7 @@ from advantage.engine.precision import column_major_linears, resolve_dtype, use_
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 from advantage.engine.scoring import sequence_logprobs
-from advantage.engine.weights import BaseWeights
+from advantage.engine.weights import BaseWeights, own_memory
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class TorchEngine:
         if self.cascade:
             model.set_attn_implementation(CASCADE)
         # transformers' `to` is wrapped (functools.wraps), which hides its bound signature from mypy
-        self.model: Any = column_major_linears(model.to(self.device).eval())  # type: ignore[arg-type]
+        self.model: Any = own_memory(column_major_linears(model.to(self.device).eval()))  # type: ignore[arg-type]
         # Taken before any adapter: an in-process Trainer of this model builds on these (engine/weights.py).
         self.base_weights = BaseWeights.of(self.model, model_path)
         cfg_len = int(getattr(model.config, "max_position_embeddings", 2048))
