@@ -136,3 +136,18 @@ def test_a_shared_trainer_computes_what_a_loaded_one_does(tiny_model_dir: Path) 
             torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-4)
     finally:
         engine.close()
+
+
+def test_the_engine_keeps_no_view_of_the_mapped_checkpoint(tiny_model_dir: Path, tmp_path) -> None:
+    """A tensor left on the mapped safetensors file keeps every page of it that was read resident."""
+    import gc
+    import shutil
+
+    copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    engine = TorchEngine(copy, dtype="float32")
+    try:
+        gc.collect()
+        maps = Path("/proc/self/maps").read_text()
+        assert str(copy / "model.safetensors") not in maps
+    finally:
+        engine.close()
