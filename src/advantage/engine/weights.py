@@ -9,6 +9,8 @@ batch (`lora.py`); peft's LoRA layers (the engine's on bf16 or CUDA, the trainer
 output; the trainer's optimizer holds only the adapter's parameters, and the shared ones never require a
 gradient. Where the trainer's model would differ (another directory, device or dtype, or one fp32 head and one
 not), `shared_model` returns None and the trainer loads its own copy, as a remote (Ray) trainer always does.
+
+`own_memory`: the engine's weights are copies of its own, not views of the mapped checkpoint file.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def own_memory(model: nn.Module) -> nn.Module:
     The engine lays its linear layers out anew (`precision.column_major_linears`), reading every page of the
     file; then one tensor left on the mapping (a norm's weight) keeps the whole file mapped, and every page
     read stays in the process's resident memory: a second copy of the weights, file-backed. Measured with
-    SmolLM2-135M (`benchmarks/memory.py`): 513 MB of RSS freed. The values are unchanged."""
+    SmolLM2-135M in fp32 (`benchmarks/memory.py`): 526 MB of RSS freed. The values are unchanged."""
     with torch.no_grad():
         for t in [*model.parameters(), *model.buffers()]:
             if t.device.type == "cpu" and t.is_contiguous():  # the relaid linears are not: they stay
