@@ -132,3 +132,14 @@ def test_tree_advantages_leave_tokens_every_rollout_wrote_alone(tiny_model_dir: 
             per_token = d.extras[ADV_KEY]
             assert per_token[first] == 0.0  # "40": all four wrote it, mean advantage 0
             assert per_token[first + 1] == pytest.approx(d.advantage) and d.advantage != 0  # its own
+
+
+def test_kl_anchor_over_micro_batches_with_the_batch_prefix(tiny_model_dir: Path) -> None:
+    # The reference pass once laid the rows out with the micro-batch's own prefix, not the batch's, and the
+    # loss refused the shapes. At the start (LoRA B = 0) policy and base agree: the KL term adds no gradient.
+    trainer = Trainer(tiny_model_dir, LoRAConfig(r=4), dtype="float32")
+    ds = dp_datums()
+    g_kl = _grad(trainer, ds, LossConfig(agg="token_mean", kl_beta=0.1), None)
+    g_plain = _grad(trainer, ds, LossConfig(agg="token_mean"), None)
+    assert g_plain.abs().max() > 0
+    torch.testing.assert_close(g_kl, g_plain, atol=1e-7, rtol=1e-5)

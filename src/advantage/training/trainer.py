@@ -128,13 +128,20 @@ class Trainer:
         return self.model.get_base_model().model  # LoRA layers are injected in place
 
     def sequence_logprobs(
-        self, datums: list[Datum], *, use_adapter: bool = True, prefix: SharedPrefix | None = None
+        self,
+        datums: list[Datum],
+        *,
+        use_adapter: bool = True,
+        prefix: SharedPrefix | None = None,
+        prefix_len: int | None = None,
     ) -> tuple[torch.Tensor, int]:
         """New logprobs of each datum's tokens after the shared prefix: ((B, S), prefix length P).
 
         Position j of the suffix is token input_ids[P + j]; its logprob is filled where loss_mask is 1.
         With `prefix` (the whole batch's shared prefix, run once per step), P is its length and the datums'
-        own common start after it is laid out as rows, not recomputed as a second prefix."""
+        own common start after it is laid out as rows, not recomputed as a second prefix. `prefix_len`
+        (without `prefix`): run that many leading tokens as the prefix, so that the result lines up with
+        another pass's (the reference pass lines up with a pass that had the batch's prefix)."""
         if prefix is not None and self.checkpointing:
             raise ValueError(
                 "A SharedPrefix is a KV cache, which gradient checkpointing drops: run without one while "
@@ -144,6 +151,7 @@ class Trainer:
             P = 0  # no prefix as a KV cache (gradient_checkpointing)
         else:
             P = len(prefix.ids) if prefix is not None else shared_prefix_len(datums)
+            P = P if prefix_len is None else prefix_len
         inner = self.decoder
         head = self.model.get_base_model().lm_head
         ctx = self.model.disable_adapter() if not use_adapter else contextlib.nullcontext()
@@ -202,8 +210,10 @@ class Trainer:
         entropy_sum, n_tokens = self.last_entropy  # before the reference pass overwrites it
         batch = _layout(datums, logp_BS, P, weight)
         if ref_model:
-            with torch.no_grad():
-                batch.ref_logp = self.sequence_logprobs(datums, use_adapter=False)[0]
+            slots = self.last_slots  # the policy pass's, which the metrics report
+            with torch.no_grad():  # the base weights, laid out as the policy pass was (the same P)
+                batch.ref_logp = self.sequence_logprobs(datums, use_adapter=False, prefix_len=P)[0]
+            self.last_slots = slots
         loss, metrics = loss_fn(batch)
         metrics = {**metrics, "entropy": entropy_sum / max(n_tokens, 1)}
         (loss * weight).backward()
