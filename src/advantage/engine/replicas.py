@@ -168,6 +168,7 @@ class RayEngineReplicas:
         self._adapters: dict[str, Path] = {}  # name -> directory, what every ready replica has loaded
         self._version = 0  # bumped on every change of _adapters, so a reviving replica sees one it missed
         self._closed = False
+        self.stats = {"requests_retried": 0, "replicas_lost": 0, "replicas_back": 0}
 
     @classmethod
     def start(
@@ -298,6 +299,16 @@ class RayEngineReplicas:
         with self._lock:
             return list(self._adapters)
 
+    def live(self) -> list[int]:
+        """The replicas taking requests: not lost, or back with every current adapter."""
+        with self._lock:
+            return sorted(self._ready)
+
+    def in_flight(self) -> list[int]:
+        """Requests in flight on each replica."""
+        with self._lock:
+            return list(self._in_flight)
+
     def close(self) -> None:
         """Kill the replicas (their requests fail) and free the placement group; `cluster.leave`."""
         with self._lock:
@@ -395,6 +406,7 @@ class RayEngineReplicas:
         self._lost(i)
         call.failed.append(i)
         if call.tries > 0:
+            self.stats["requests_retried"] += 1
             log.warning("engine replica %d failed a request (%s); retrying on another", i, lost)
             self._dispatch(call)
         else:
@@ -424,6 +436,7 @@ class RayEngineReplicas:
                 return  # already being revived
             self._ready.discard(i)
             self.router.forget(i)
+            self.stats["replicas_lost"] += 1
         threading.Thread(target=self._revive, args=(i,), name=f"advantage-revive-{i}", daemon=True).start()
 
     def _revive(self, i: int) -> None:
@@ -449,6 +462,7 @@ class RayEngineReplicas:
                 if version == self._version and not self._closed:
                     self.pids[i] = pid
                     self._ready.add(i)
+                    self.stats["replicas_back"] += 1
                     log.warning("engine replica %d is back (pid %d) with %d adapters", i, pid, len(wanted))
                     return
         log.error("engine replica %d did not come back; the other replicas serve on", i)
