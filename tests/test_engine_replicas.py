@@ -66,7 +66,9 @@ def test_one_replica_needs_no_ray_and_bad_placements_are_refused() -> None:
             ReplicaPlacement(**bad)  # type: ignore[arg-type]
 
 
-def test_replicas_without_ray_say_how_to_install_it(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path) -> None:
+def test_replicas_without_ray_say_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(ImportError, match=r"pip install 'advantage\[ray\]'"):
         RayEngineReplicas.start(tiny_model_dir, ReplicaPlacement(replicas=2))
@@ -131,12 +133,27 @@ def spec() -> EngineSpec:
 
 
 @pytest.fixture(scope="module")
-def engine(ray_cluster: None, spec: EngineSpec, model_dir: Path) -> Iterator[Engine]:
+def engine(ray_cluster: None, spec: EngineSpec, model_dir: Path) -> Iterator[Engine]:  # noqa: F811 - the fixture
     if importlib.util.find_spec("ray") is None:
         pytest.skip("Ray is not installed")
     e = spec.make(model_dir)
     yield e
     e.close()
+
+
+def test_a_cancelled_request_leaves_its_replica(engine: Engine) -> None:
+    """Cancelling the future cancels the actor's task (and so the engine's rows): nothing stays in flight."""
+    assert isinstance(engine, RayEngineReplicas)
+    fut = engine.submit([1, 17, 923, 88], SamplingParams(max_tokens=200, temperature=1.0))
+    deadline = time.monotonic() + 30
+    while not any(engine.in_flight()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    fut.cancel()
+    while any(engine.in_flight()):
+        assert time.monotonic() < deadline, engine.in_flight()
+        time.sleep(0.05)
+    assert engine.live() == [0, 1]
 
 
 def _replicas(backend: adv.LocalBackend, base: Path) -> RayEngineReplicas:
@@ -165,11 +182,18 @@ async def test_local_backend_trains_with_two_replicas_and_two_trainer_workers(
             result = await model.train(groups, adv.TrainConfig(learning_rate=1e-2, micro_batch_size=4))
             assert result.step == want_step and model.get_inference_name() == f"rep@{want_step}"
             assert result.metrics["trainer_workers"] == 2.0
-            assert result.metrics["logprob_drift_mean_abs"] < 0.05  # sampled on the replicas, scored by trainers
+            # sampled on the replicas, scored by the trainer workers: the same weights
+            assert result.metrics["logprob_drift_mean_abs"] < 0.05
             for actor in replicas.actors:
                 assert f"rep@{want_step}" in ray.get(actor.adapters.remote())[1]
         served = [m.id for m in (await model.openai_client().models.list()).data]
         assert "rep@2" in served
+        # Streaming through a replica: the text arrives when the choice is done, in the usual chunks.
+        chunks = await model.openai_client().chat.completions.create(
+            model="rep@2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" async for c in chunks if c.choices]
+        assert "".join(pieces)
     finally:
         await backend.close()
 
@@ -247,3 +271,44 @@ async def test_a_killed_replica_fails_over_and_comes_back_with_the_latest_adapte
         assert all(len(g.trajectories) == 2 for g in groups)
     finally:
         await backend.close()
+
+
+@needs_ray
+@pytest.mark.slow
+async def test_serve_with_engine_replicas_and_trainer_workers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`advantage serve --engine-replicas 2 --trainer-workers 2` (its own local Ray cluster, sized for both): a
+    RemoteBackend registers, gathers on the replicas and trains one step; SIGTERM stops it all."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "advantage", "serve", "--engine-replicas", "2", "--trainer-workers", "2"]
+    cmd += ["--port", str(port), "--root", str(tmp_path / "root"), "--base-model", str(tiny_model_dir)]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([*cmd, "--api-key", "k"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        backend = adv.RemoteBackend(f"http://127.0.0.1:{port}", api_key="k", progress=False)
+        model = adv.TrainableModel("remote-rep", project="t", base_model=str(tiny_model_dir))
+        await model.register(backend)
+        groups = await adv.gather_trajectory_groups(
+            [[toy_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+        )
+        result = await model.train(groups, adv.TrainConfig(learning_rate=1e-2))
+        assert result.step == 1 and result.metrics["trainer_workers"] == 2.0
+        assert result.metrics["logprob_drift_mean_abs"] < 0.05
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()

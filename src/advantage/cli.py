@@ -102,7 +102,7 @@ def serve(
 
     trainers = Placement(trainer_workers, ray_address, cpus_per_trainer, gpus_per_trainer)
     replicas = ReplicaPlacement(engine_replicas, ray_address, cpus_per_engine, gpus_per_engine)
-    if trainers.uses_ray or replicas.uses_ray:  # one cluster with room for both kinds of actor
+    if trainers.uses_ray or replicas.uses_ray:  # one cluster with room for both, held until the process exits
         cluster.join(
             ray_address, trainer_workers * cpus_per_trainer + engine_replicas * cpus_per_engine, serve
         )
