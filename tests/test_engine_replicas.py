@@ -291,7 +291,7 @@ async def test_serve_with_engine_replicas_and_trainer_workers(tiny_model_dir: Pa
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen([*cmd, "--api-key", "k"], stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 420  # Ray, then two replicas loading torch: minutes on a loaded box
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
             try:
