@@ -7,7 +7,8 @@ The truth every engine is held to is an independent fp32 forward pass of the sam
 
 Engines: TorchEngine on the CPU in fp32 with adapters merged into its weights, with peft's layers, and
 without cascade attention, and in bf16 (CI); on CUDA in fp32 and bf16 (`gpu` marker: `pytest -m gpu tests/test_engine_contract.py`, skipped without
-CUDA). A vLLM engine would be one more entry of ENGINES, under the `gpu` marker.
+CUDA). A vLLM engine would be one more entry of ENGINES, under the `gpu` marker. The Ray engine replicas
+(`engine/replicas.py`) run these tests in `test_engine_replicas.py`, which imports them.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "advantage.trajectory",
             "advantage.files",
             "advantage.environment",
+            "advantage.cluster",
         ],
     ),
     (

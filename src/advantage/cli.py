@@ -70,28 +70,51 @@ def serve(
             "optional ray extra); 1 trains in this process.",
         ),
     ] = 1,
+    engine_replicas: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Engine replicas per base model, placed as Ray actors (needs the optional ray extra); "
+            "requests are routed by prompt prefix, else to the least loaded. 1 serves from this process.",
+        ),
+    ] = 1,
     ray_address: Annotated[
         str | None,
-        typer.Option(help="A Ray cluster to place the trainer workers on; default: a local one."),
+        typer.Option(
+            help="A Ray cluster to place trainer workers and engine replicas on; default: a local one."
+        ),
     ] = None,
     cpus_per_trainer: Annotated[float, typer.Option(help="CPUs each trainer worker reserves.")] = 1.0,
     gpus_per_trainer: Annotated[
         float, typer.Option(help="GPUs each trainer worker reserves (> 0: CUDA and NCCL).")
     ] = 0.0,
+    cpus_per_engine: Annotated[float, typer.Option(help="CPUs each engine replica reserves.")] = 1.0,
+    gpus_per_engine: Annotated[
+        float, typer.Option(help="GPUs each engine replica reserves (> 0: CUDA).")
+    ] = 0.0,
 ) -> None:
     """Serve base models and trained adapters through an OpenAI-compatible API."""
+    from advantage import cluster
+    from advantage.engine.replicas import ReplicaPlacement, engine_factory
     from advantage.server.runner import serve_forever
     from advantage.service import Service
     from advantage.training.ray_workers import Placement, trainer_factory
 
-    placement = Placement(trainer_workers, ray_address, cpus_per_trainer, gpus_per_trainer)
+    trainers = Placement(trainer_workers, ray_address, cpus_per_trainer, gpus_per_trainer)
+    replicas = ReplicaPlacement(engine_replicas, ray_address, cpus_per_engine, gpus_per_engine)
+    if trainers.uses_ray or replicas.uses_ray:  # one cluster with room for both, held until the process exits
+        cluster.join(
+            ray_address, trainer_workers * cpus_per_trainer + engine_replicas * cpus_per_engine, serve
+        )
+    engine_kwargs = {"max_pending": max_pending}
     service = Service(
         root,
-        engine_kwargs={"max_pending": max_pending},
+        engine_kwargs=engine_kwargs,
         model_dirs=model_dir,
         max_train_queue=max_train_queue,
         record_traffic=record,
-        trainer_factory=trainer_factory(placement),
+        engine_factory=engine_factory(replicas, engine_kwargs),
+        trainer_factory=trainer_factory(trainers),
     )
     for name in base_model:
         service.engine(name)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from advantage import cluster
 from advantage.backends.base import TrainResult
 from advantage.config import TrainConfig
 from advantage.environment import set_engine_defaults
@@ -60,13 +61,18 @@ class LocalBackend:
         *,
         progress: bool = True,
         trainer_workers: int = 1,
+        engine_replicas: int = 1,
         ray_address: str | None = None,
         **engine_kwargs: object,
     ) -> None:
         """`trainer_workers` > 1 (or a `ray_address`) trains each model data-parallel on that many Ray actors
-        (`training/ray_workers.py`; needs `advantage[ray]`); 1 and no address keeps the in-process trainer."""
+        (`training/ray_workers.py`); `engine_replicas` > 1 (or a `ray_address`) serves each base model from
+        that many engine replicas as Ray actors (`engine/replicas.py`). Both need `advantage[ray]` and share one
+        cluster: the one at `ray_address`, or a local one with room for both (one CPU per actor). 1 and no
+        address keeps the trainer and the engine in this process, and Ray is not imported."""
         set_engine_defaults()  # before the engine's modules load torch: see advantage.environment
         from advantage import service_ops
+        from advantage.engine.replicas import ReplicaPlacement, engine_factory
         from advantage.server.runner import BackgroundServer
         from advantage.service import Service
         from advantage.training.ray_workers import Placement, trainer_factory
@@ -74,8 +80,17 @@ class LocalBackend:
         self._ops = service_ops  # loaded here, not at import: it loads torch (see advantage.environment)
 
         self.root = Path(root)
-        factory = trainer_factory(Placement(workers=trainer_workers, ray_address=ray_address))
-        self.service: Service = Service(self.root, engine_kwargs=dict(engine_kwargs), trainer_factory=factory)
+        trainers = Placement(workers=trainer_workers, ray_address=ray_address)
+        replicas = ReplicaPlacement(replicas=engine_replicas, ray_address=ray_address)
+        if trainers.uses_ray or replicas.uses_ray:  # the cluster sized for both kinds of actor, first
+            cpus = trainers.workers * trainers.cpus_per_worker + replicas.replicas * replicas.cpus_per_replica
+            cluster.join(ray_address, cpus, self)
+        self.service: Service = Service(
+            self.root,
+            engine_kwargs=dict(engine_kwargs),
+            engine_factory=engine_factory(replicas, dict(engine_kwargs)),
+            trainer_factory=trainer_factory(trainers),
+        )
         self.api_key: str | None = secrets.token_hex(16)  # loopback only, but not open to other local users
         self._server = BackgroundServer(self.service, api_key=self.api_key).start()
         self.base_url = self._server.base_url
@@ -178,3 +193,4 @@ class LocalBackend:
     async def close(self) -> None:
         self._server.stop()
         self.service.close()
+        cluster.leave(self)  # a local Ray cluster started for this backend stops (a no-op without one)

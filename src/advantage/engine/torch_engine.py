@@ -195,20 +195,7 @@ class TorchEngine:
 
     def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
         """Return the number of new tokens allowed, or raise ContextLengthError saying what to change."""
-        room = self.context_len - prompt_len
-        if room < 1:
-            raise ContextLengthError(
-                f"The prompt has {prompt_len} tokens but the model's context is {self.context_len}; "
-                "shorten the messages."
-            )
-        if max_tokens is None:
-            return min(room, self.default_max_tokens)
-        if max_tokens > room:
-            raise ContextLengthError(
-                f"The prompt has {prompt_len} tokens and max_tokens is {max_tokens}, which exceeds the "
-                f"model's context of {self.context_len}; lower max_tokens to at most {room} or shorten the prompt."
-            )
-        return max_tokens
+        return check_fits(self.context_len, self.default_max_tokens, prompt_len, max_tokens)
 
     def load_adapter(self, name: str, path: str | Path) -> None:
         """Load (or replace) a LoRA adapter by name; requests may use it as soon as this returns."""
@@ -228,16 +215,7 @@ class TorchEngine:
         engine thread between decode steps, so a running batch pauses for it and then goes on."""
         if adapter is not None and adapter not in self._adapters:
             raise KeyError(f"adapter {adapter!r} is not loaded")
-        vocab = int(self.model.config.vocab_size)
-        for i, seq in enumerate(sequences):
-            if not seq:
-                raise ValueError(f"Sequence {i} is empty; send at least one token id.")
-            if len(seq) > self.context_len:
-                raise ContextLengthError(
-                    f"Sequence {i} has {len(seq)} tokens but the model's context is {self.context_len}."
-                )
-            if any(not 0 <= t < vocab for t in seq):
-                raise ValueError(f"Sequence {i} has token ids outside the vocabulary [0, {vocab}).")
+        check_sequences(sequences, self.context_len, int(self.model.config.vocab_size))
         seqs = [list(s) for s in sequences]
         return self._command(lambda: self._score(seqs, adapter))
 
@@ -677,6 +655,37 @@ class TorchEngine:
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
                 ids.add(tid)
         return {i for i in ids if i is not None}
+
+
+def check_fits(context_len: int, default_max_tokens: int, prompt_len: int, max_tokens: int | None) -> int:
+    """The number of new tokens a request may sample in a context of `context_len` (`Engine.check_fits`)."""
+    room = context_len - prompt_len
+    if room < 1:
+        raise ContextLengthError(
+            f"The prompt has {prompt_len} tokens but the model's context is {context_len}; "
+            "shorten the messages."
+        )
+    if max_tokens is None:
+        return min(room, default_max_tokens)
+    if max_tokens > room:
+        raise ContextLengthError(
+            f"The prompt has {prompt_len} tokens and max_tokens is {max_tokens}, which exceeds the "
+            f"model's context of {context_len}; lower max_tokens to at most {room} or shorten the prompt."
+        )
+    return max_tokens
+
+
+def check_sequences(sequences: list[list[int]], context_len: int, vocab: int) -> None:
+    """What `Engine.score` refuses at once: an empty sequence, one past the context, an id off the vocabulary."""
+    for i, seq in enumerate(sequences):
+        if not seq:
+            raise ValueError(f"Sequence {i} is empty; send at least one token id.")
+        if len(seq) > context_len:
+            raise ContextLengthError(
+                f"Sequence {i} has {len(seq)} tokens but the model's context is {context_len}."
+            )
+        if any(not 0 <= t < vocab for t in seq):
+            raise ValueError(f"Sequence {i} has token ids outside the vocabulary [0, {vocab}).")
 
 
 def _settle(fut: concurrent.futures.Future[list[Completion]], outcome: list[Completion] | Exception) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoTokenizer
 
+from advantage import cluster
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.training.distributed import GroupSpec, TrainerWorker, free_port_init_method
 from advantage.training.grpo import step_datums
@@ -40,8 +41,6 @@ from advantage.trajectory import TrajectoryGroup
 from advantage.wire.datum import Datum
 
 READY_TIMEOUT_S = 120.0  # how long the cluster may take to find room for every worker
-# Groups alive on a local Ray cluster that a group started: the last one to close shuts it down.
-_local_cluster_groups: list[RayTrainerGroup] = []
 
 
 @dataclass(frozen=True)
@@ -123,19 +122,15 @@ class RayTrainerGroup(Trainer):
     It holds no model: only the tokenizer (to build the datums). Attributes of a single `Trainer` that it
     does not have (the model, the optimizer, the low-level primitives) raise AttributeError saying so."""
 
-    def __init__(
-        self, model_dir: str | Path, lora: LoRAConfig, placement: Placement, placement_group: Any, local: bool
-    ) -> None:
+    def __init__(self, model_dir: str | Path, lora: LoRAConfig, placement: Placement) -> None:
         # Not Trainer.__init__: the model lives in the actors.
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.vocab_size = int(AutoConfig.from_pretrained(model_dir).vocab_size)  # the ids training accepts
         self.model_dir, self.lora, self.placement = str(model_dir), lora, placement
-        self.placement_group = placement_group
+        self.placement_group: Any = None
         self.actors: list[Any] = []  # actor handles: their methods are called with .remote()
         self.broken = False  # a worker failed: the workers start afresh before the next call
         self._state: dict[str, bytes] | None = None  # the files of the last checkpoint saved or loaded
-        if local:
-            _local_cluster_groups.append(self)
 
     @classmethod
     def start(cls, model_dir: str | Path, lora: LoRAConfig, placement: Placement) -> RayTrainerGroup:
@@ -148,15 +143,8 @@ class RayTrainerGroup(Trainer):
             ) from e
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        local = bool(_local_cluster_groups)  # a local cluster another group started is still up
-        if not ray.is_initialized():
-            local = placement.ray_address is None
-            if local:
-                need = int(placement.workers * placement.cpus_per_worker + 0.999)
-                cpus = max(os.cpu_count() or 1, need)
-                ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=False)
-            else:
-                ray.init(address=placement.ray_address, configure_logging=False)
+        group = cls(model_dir, lora, placement)
+        cluster.join(placement.ray_address, placement.workers * placement.cpus_per_worker, group)
         bundle = {"CPU": placement.cpus_per_worker}
         if placement.gpus_per_worker > 0:
             bundle["GPU"] = placement.gpus_per_worker
@@ -165,12 +153,13 @@ class RayTrainerGroup(Trainer):
             ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(pg)
+            cluster.leave(group)
             raise RuntimeError(
                 f"The Ray cluster has no room for {placement.workers} trainer workers of {bundle} each after "
                 f"{READY_TIMEOUT_S:.0f} s (cluster resources: {ray.cluster_resources()}). Ask for fewer workers "
                 "or fewer CPUs/GPUs per worker."
             ) from None
-        group = cls(model_dir, lora, placement, pg, local)
+        group.placement_group = pg
         try:
             group._spawn()
         except BaseException:
@@ -305,10 +294,7 @@ class RayTrainerGroup(Trainer):
         self.actors = []
         remove_placement_group(self.placement_group)
         self.placement_group = None
-        if self in _local_cluster_groups:
-            _local_cluster_groups.remove(self)
-            if not _local_cluster_groups:
-                ray.shutdown()
+        cluster.leave(self)
 
 
 def trainer_factory(placement: Placement) -> Callable[[Path, LoRAConfig], Trainer] | None:

@@ -1,0 +1,314 @@
+"""Engine replicas as Ray actors (`engine/replicas.py`) and their router (`engine/routing.py`).
+
+The router's tests are pure. The rest run on one local Ray cluster (8 logical CPUs on however many cores)
+and skip when Ray is not installed: the engine contract suite against 2 replicas, a two-step GRPO run
+through `LocalBackend(engine_replicas=2, trainer_workers=2)`, and a replica killed while a gather is in
+flight. All use the tiny random Llama (the bundled model would load six times over on two cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import toy_rollout
+
+# The contract suite (engine/base.py), run here against the replicas: its fixtures and tests, imported.
+from test_engine_contract import (  # noqa: F401 - fixtures and tests pytest collects from this module
+    CONTEXT,
+    EngineSpec,
+    adapters,
+    model_dir,
+    reference,
+    test_adapters_load_replace_and_unload,
+    test_bad_requests_fail_at_submit,
+    test_concurrent_requests_each_match_the_forward_pass,
+    test_forced_tool_call_follows_its_grammar,
+    test_generate_is_submit_awaited,
+    test_greedy_tokens_and_logprobs_are_the_forward_pass,
+    test_is_an_engine,
+    test_max_tokens_and_length_finish,
+    test_response_format_json_schema,
+    test_sampled_logprobs_are_the_forward_pass,
+    test_seed_reproduces_and_n_gives_distinct_choices,
+    test_stop_string_cuts_the_text,
+    test_streamed_text_adds_up,
+)
+
+import advantage as adv
+from advantage.config import LoRAConfig
+from advantage.engine.base import Engine
+from advantage.engine.replicas import RayEngineReplicas, ReplicaPlacement, engine_factory
+from advantage.engine.routing import BLOCK, PrefixRouter
+from advantage.engine.sampling import SamplingParams
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="Ray is not installed; it is the optional extra: pip install 'advantage[ray]'",
+)
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+def test_one_replica_needs_no_ray_and_bad_placements_are_refused() -> None:
+    assert engine_factory(ReplicaPlacement()) is None
+    assert engine_factory(ReplicaPlacement(replicas=2)) is not None
+    assert engine_factory(ReplicaPlacement(ray_address="auto")) is not None
+    for bad in ({"replicas": 0}, {"cpus_per_replica": 0}, {"gpus_per_replica": -1}, {"max_restarts": -1}):
+        with pytest.raises(ValueError):
+            ReplicaPlacement(**bad)  # type: ignore[arg-type]
+
+
+def test_replicas_without_ray_say_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(ImportError, match=r"pip install 'advantage\[ray\]'"):
+        RayEngineReplicas.start(tiny_model_dir, ReplicaPlacement(replicas=2))
+
+
+SYSTEM = list(range(1000, 1000 + 3 * BLOCK))  # a long shared system prompt: three whole blocks
+
+
+def test_a_group_and_its_next_turns_stay_on_one_replica() -> None:
+    """The same prompt (a group's rollouts) and a prompt extending it (the next turn) go where it was served,
+    however loaded that replica is."""
+    router = PrefixRouter()
+    prompt = SYSTEM + [7, 8, 9]
+    assert router.route(prompt, {0: 0, 1: 0}) == 0  # nothing known: the least loaded, lowest index on a tie
+    assert router.route(prompt, {0: 5, 1: 0}) == 0  # the group's next rollout: affinity beats load
+    turn2 = prompt + [11, 12, 13] * 20  # the reply and a tool result appended: past the next block
+    assert router.route(turn2, {0: 9, 1: 0}) == 0
+    assert router.route(turn2 + [14], {0: 9, 1: 0}) == 0  # and the turn after it
+    short = [1, 2, 3]  # shorter than a block: matched by its exact hash
+    assert router.route(short, {0: 3, 1: 2}) == 1
+    assert router.route(short, {0: 0, 1: 9}) == 1
+
+
+def test_a_shared_system_prompt_alone_goes_by_load() -> None:
+    """Two groups share only their system prompt: no earlier prompt is a prefix of the other, so the second
+    goes to the least loaded replica; a prompt that differs within its last, partial block too."""
+    router = PrefixRouter()
+    assert router.route(SYSTEM + [7, 8, 9], {0: 0, 1: 0}) == 0
+    assert router.route(SYSTEM + [7, 8, 10], {0: 1, 1: 0}) == 1
+    assert router.route(SYSTEM + [5], {0: 1, 1: 1, 2: 0}) == 2
+    assert router.route(SYSTEM[:40], {0: 0, 1: 1, 2: 1}) == 0  # a prefix of served prompts, not extending one
+
+
+def test_a_lost_replica_is_routed_around_and_forgotten() -> None:
+    router = PrefixRouter()
+    prompt = SYSTEM + [1]
+    assert router.route(prompt, {0: 4, 1: 0}) == 1
+    assert router.route(prompt, {0: 0, 2: 3}) == 0  # replica 1 is not live: the least loaded of the others
+    assert router.affine(prompt, {0, 1, 2}) == 0  # the most recent replica to serve it
+    router.forget(0)  # replica 0 restarted: its prefix cache is empty
+    assert router.affine(prompt, {0, 1, 2}) is None  # and nothing else served it since
+    with pytest.raises(ValueError):
+        router.route(prompt, {})
+
+
+# ------------------------------------------------------------------------------------------------ on Ray
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """One local Ray cluster for the module; 8 logical CPUs (actors reserve 1 each, they mostly wait)."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spec() -> EngineSpec:
+    """The contract's fp32 CPU tolerances: the replicas are fp32 `TorchEngine`s on the CPU."""
+    make = lambda d: RayEngineReplicas.start(d, ReplicaPlacement(replicas=2), {"max_context": CONTEXT})  # noqa: E731
+    return EngineSpec(make, "cpu", 2e-4, 5e-5)
+
+
+@pytest.fixture(scope="module")
+def engine(ray_cluster: None, spec: EngineSpec, model_dir: Path) -> Iterator[Engine]:  # noqa: F811 - the fixture
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed")
+    e = spec.make(model_dir)
+    yield e
+    e.close()
+
+
+def test_a_cancelled_request_leaves_its_replica(engine: Engine) -> None:
+    """Cancelling the future cancels the actor's task (and so the engine's rows): nothing stays in flight."""
+    assert isinstance(engine, RayEngineReplicas)
+    fut = engine.submit([1, 17, 923, 88], SamplingParams(max_tokens=200, temperature=1.0))
+    deadline = time.monotonic() + 30
+    while not any(engine.in_flight()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    fut.cancel()
+    while any(engine.in_flight()):
+        assert time.monotonic() < deadline, engine.in_flight()
+        time.sleep(0.05)
+    assert engine.live() == [0, 1]
+
+
+def _replicas(backend: adv.LocalBackend, base: Path) -> RayEngineReplicas:
+    engine = backend.service.engine(str(base))
+    assert isinstance(engine, RayEngineReplicas)
+    return engine
+
+
+@needs_ray
+async def test_local_backend_trains_with_two_replicas_and_two_trainer_workers(
+    ray_cluster: None, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """LocalBackend(engine_replicas=2, trainer_workers=2): two GRPO steps through the public API. Each new
+    step is on both replicas when it is announced, and the replicas' logprobs are the trainer's."""
+    import ray
+
+    backend = adv.LocalBackend(tmp_path, progress=False, engine_replicas=2, trainer_workers=2)
+    model = adv.TrainableModel("rep", project="t", base_model=str(tiny_model_dir), lora=LoRAConfig(r=4))
+    await model.register(backend)
+    try:
+        replicas = _replicas(backend, tiny_model_dir)
+        for want_step in (1, 2):
+            groups = await adv.gather_trajectory_groups(
+                [[toy_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+            )
+            result = await model.train(groups, adv.TrainConfig(learning_rate=1e-2, micro_batch_size=4))
+            assert result.step == want_step and model.get_inference_name() == f"rep@{want_step}"
+            assert result.metrics["trainer_workers"] == 2.0
+            # sampled on the replicas, scored by the trainer workers: the same weights
+            assert result.metrics["logprob_drift_mean_abs"] < 0.05
+            for actor in replicas.actors:
+                assert f"rep@{want_step}" in ray.get(actor.adapters.remote())[1]
+        served = [m.id for m in (await model.openai_client().models.list()).data]
+        assert "rep@2" in served
+        # Streaming through a replica: the text arrives when the choice is done, in the usual chunks.
+        chunks = await model.openai_client().chat.completions.create(
+            model="rep@2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
+        )
+        pieces = [c.choices[0].delta.content or "" async for c in chunks if c.choices]
+        assert "".join(pieces)
+    finally:
+        await backend.close()
+
+
+@needs_ray
+async def test_a_killed_replica_fails_over_and_comes_back_with_the_latest_adapter(
+    ray_cluster: None, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The replica serving a gather is killed (SIGKILL) with requests in flight: they are retried on the other
+    replica (none fails), Ray restarts the killed one, and it serves the latest adapter
+    again, loaded before it takes a request; the next step reaches it too."""
+    import ray
+
+    backend = adv.LocalBackend(tmp_path, progress=False, engine_replicas=2)
+    model = adv.TrainableModel("kill", project="t", base_model=str(tiny_model_dir), lora=LoRAConfig(r=4))
+    await model.register(backend)
+    config = adv.TrainConfig(learning_rate=1e-2, micro_batch_size=4)
+    try:
+        replicas = _replicas(backend, tiny_model_dir)
+        groups = await adv.gather_trajectory_groups(
+            [[toy_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+        )
+        assert (await model.train(groups, config)).step == 1
+
+        def slow_down(actor: Any) -> None:
+            """Runs in the replica (a nested function: Ray ships it by value): 0.3 s per decode step, so the
+            gather's requests are still running when the replica is killed."""
+            step = actor.engine._decode_step
+
+            def slow() -> None:
+                import time
+
+                time.sleep(0.3)
+                step()
+
+            actor.engine._decode_step = slow
+
+        ray.get([a.__ray_call__.remote(slow_down) for a in replicas.actors])
+        gather = asyncio.ensure_future(
+            adv.gather_trajectory_groups(
+                [[toy_rollout(model) for _ in range(4)] for _ in range(2)], progress=False, max_exceptions=8
+            )
+        )
+        deadline = time.monotonic() + 60
+        while not any(replicas.in_flight()):
+            assert time.monotonic() < deadline and not gather.done()
+            await asyncio.sleep(0.05)
+        victim = max(range(2), key=lambda i: replicas.in_flight()[i])
+        old_pid = replicas.pids[victim]
+        os.kill(old_pid, signal.SIGKILL)
+        groups = await gather
+        done = sum(len(g.trajectories) for g in groups)
+        failed = sum(len(g.exceptions) for g in groups)
+        assert done + failed == 8 and failed == 0, [g.exceptions for g in groups]  # retried, not failed
+        assert replicas.stats["requests_retried"] >= 1 and replicas.stats["replicas_lost"] == 1
+
+        deadline = time.monotonic() + 180  # Ray restarts it (its engine loads the model again)
+        while victim not in replicas.live():
+            assert time.monotonic() < deadline, "the killed replica did not come back"
+            await asyncio.sleep(0.5)
+        actor = replicas.actors[victim]
+        pid, loaded = ray.get(actor.adapters.remote())
+        assert pid != old_pid and replicas.pids[victim] == pid and "kill@1" in loaded
+        assert replicas.stats["replicas_back"] == 1
+        _, outs = ray.get(actor.generate.remote([1, 17, 923, 88], SamplingParams(max_tokens=4), "kill@1"))
+        assert 1 <= len(outs[0].token_ids) <= 4  # it serves the latest step itself
+
+        result = await model.train(groups, config)
+        assert result.step == 2
+        for a in replicas.actors:  # the next step reaches the restarted replica too
+            assert "kill@2" in ray.get(a.adapters.remote())[1]
+        groups = await adv.gather_trajectory_groups(
+            [[toy_rollout(model) for _ in range(2)] for _ in range(2)], progress=False
+        )
+        assert all(len(g.trajectories) == 2 for g in groups)
+    finally:
+        await backend.close()
+
+
+@needs_ray
+@pytest.mark.slow
+async def test_serve_with_engine_replicas_and_trainer_workers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`advantage serve --engine-replicas 2 --trainer-workers 2` (its own local Ray cluster, sized for both): a
+    RemoteBackend registers, gathers on the replicas and trains one step; SIGTERM stops it all."""
+    import socket
+    import subprocess
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "advantage", "serve", "--engine-replicas", "2", "--trainer-workers", "2"]
+    cmd += ["--port", str(port), "--root", str(tmp_path / "root"), "--base-model", str(tiny_model_dir)]
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([*cmd, "--api-key", "k"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 420  # Ray, then two replicas loading torch: minutes on a loaded box
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        backend = adv.RemoteBackend(f"http://127.0.0.1:{port}", api_key="k", progress=False)
+        model = adv.TrainableModel("remote-rep", project="t", base_model=str(tiny_model_dir))
+        await model.register(backend)
+        groups = await adv.gather_trajectory_groups(
+            [[toy_rollout(model) for _ in range(4)] for _ in range(2)], progress=False
+        )
+        result = await model.train(groups, adv.TrainConfig(learning_rate=1e-2))
+        assert result.step == 1 and result.metrics["trainer_workers"] == 2.0
+        assert result.metrics["logprob_drift_mean_abs"] < 0.05
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
