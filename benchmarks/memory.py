@@ -46,6 +46,9 @@ async def _register(model_name: str, root: str) -> object:
     import advantage as adv
 
     backend = adv.LocalBackend(root, progress=False)
+    backend.service.share_base_weights = (
+        True  # off by default for now (Service's docstring); "before" lacks it
+    )
     await adv.TrainableModel("m", project="p", base_model=model_name).register(backend)
     return backend
 

@@ -164,8 +164,9 @@ async def test_dpo_same_update_in_one_piece_locally_and_pair_by_pair_remotely(
     assert outs[0].metrics["loss"] == pytest.approx(math.log(2), abs=1e-4)  # step 0: policy = reference
     assert outs[1].metrics["loss"] == pytest.approx(outs[0].metrics["loss"], rel=1e-5)
     assert any(bool(g.any()) for g in grads[0])  # (LoRA's A gets no gradient while B is still 0)
-    for g, h in zip(*grads, strict=True):
-        torch.testing.assert_close(g, h, atol=1e-8, rtol=1e-4)
+    scale = max(float(g.abs().max()) for g in grads[0])
+    for g, h in zip(*grads, strict=True):  # summation order: float noise relative to the largest gradient
+        torch.testing.assert_close(g, h, atol=max(1e-7, 1e-6 * scale), rtol=1e-4)
     # Other micro-batches sum in another order. Adam's first step is lr * g / (|g| + eps): about lr * sign(g),
     # but anywhere in (-lr, lr) where |g| is near eps, so the weights are compared where the gradient is not
     # (or is exactly 0, and nothing moves).

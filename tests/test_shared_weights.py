@@ -52,7 +52,7 @@ def _assert_shared(trainer: Trainer, engine: TorchEngine) -> None:
 
 
 def test_a_registered_model_holds_one_copy_of_the_base_weights(tiny_model_dir: Path, tmp_path) -> None:
-    service = Service(tmp_path, engine_kwargs={"max_context": 256})
+    service = Service(tmp_path, engine_kwargs={"max_context": 256}, share_base_weights=True)
     try:
         service.register("p", "m", str(tiny_model_dir))
         engine = service.engine(str(tiny_model_dir))
@@ -78,7 +78,9 @@ def test_a_bf16_trainer_shares_the_engines_fp32_head_too(tiny_model_dir: Path) -
 def test_a_step_writes_only_the_adapter_and_the_served_base_is_unchanged(
     tiny_model_dir: Path, tmp_path, merge_lora: bool
 ) -> None:
-    service = Service(tmp_path, engine_kwargs={"dtype": "float32", "merge_lora": merge_lora})
+    service = Service(
+        tmp_path, engine_kwargs={"dtype": "float32", "merge_lora": merge_lora}, share_base_weights=True
+    )
     try:
         service.register("p", "m", str(tiny_model_dir))
         engine = service.engine(str(tiny_model_dir))

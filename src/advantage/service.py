@@ -119,6 +119,7 @@ class Service:
         traffic_retention: Retention | None = None,
         engine_factory: EngineFactory | None = None,
         trainer_factory: Callable[[Path, LoRAConfig], Trainer] | None = None,
+        share_base_weights: bool = False,
     ) -> None:
         """`engine_kwargs` go to every `TorchEngine` (e.g. `max_pending`); `engine_factory` replaces it (a base
         model's directory -> any engine of the `engine/base.py` contract). `model_dirs`: where `register` may
@@ -126,12 +127,15 @@ class Service:
         for the training thread besides the one running. `record_traffic`: record every trainable model's
         traffic, whatever its register asked; `traffic_retention`: how much each model's store keeps.
         `trainer_factory` replaces the in-process `Trainer` (a base model's directory and LoRA config -> its
-        trainer), e.g. data-parallel workers on Ray (`training/ray_workers.py`); the in-process one shares
-        the base weights of its model's `TorchEngine` (`engine/weights.py`)."""
+        trainer), e.g. data-parallel workers on Ray (`training/ray_workers.py`). `share_base_weights`: the
+        in-process trainer builds on the base weights of its model's `TorchEngine` (`engine/weights.py`; one
+        copy, not two). Off by default: with it on, on-policy distillation between two models of one base
+        stops learning (`tests/test_distill.py`), for a reason not found yet."""
         self.root = Path(root)
         self.engine_kwargs = engine_kwargs or {}
         self.engine_factory = engine_factory
         self.trainer_factory = trainer_factory or self._local_trainer
+        self.share_base_weights = share_base_weights
         self.model_dirs = None if model_dirs is None else [Path(d) for d in model_dirs]
         if max_train_queue < 0:
             raise ValueError(f"max_train_queue must be >= 0, got {max_train_queue}.")
@@ -168,6 +172,8 @@ class Service:
         (one copy of them, not two, when both run on one device in one dtype)."""
         from advantage.engine.torch_engine import TorchEngine
 
+        if not self.share_base_weights:
+            return Trainer(model_dir, lora)
         with self._lock:
             engines = list(self._engines.values())
         source = Path(model_dir).resolve()
