@@ -16,19 +16,9 @@ import statistics
 import tempfile
 import time
 
+from trainer_workers import PROMPTS, rollout  # the same toy workload (benchmarks/ is on sys.path)
+
 import advantage as adv
-
-PROMPTS = [f"Write one short sentence about the number {k}." for k in range(4)]
-
-
-async def rollout(model: adv.TrainableModel, prompt: str) -> adv.Trajectory:
-    messages = [{"role": "user", "content": prompt}]
-    resp = await model.openai_client().chat.completions.create(
-        model=model.get_inference_name(), messages=messages, max_tokens=32, temperature=1.0
-    )
-    choice = resp.choices[0]
-    ids = (choice.model_extra or {}).get("token_ids") or []
-    return adv.Trajectory([*messages, choice], reward=float(sum(ids) % 7))  # varied: every group trains
 
 
 async def step_times(base_model: str, replicas: int, workers: int, steps: int) -> list[tuple[float, float]]:
