@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+import time
 import types
 import warnings
 from pathlib import Path
@@ -347,3 +348,70 @@ def test_wandb_that_fails_to_start_does_not_stop_training(
     with pytest.warns(UserWarning, match="401 unauthorized"):
         RunLog(tmp_path).append(1, "train", {"loss": 0.1})
     assert len(RunLog(tmp_path).rows()) == 1
+
+
+# ------------------------------------------------------------------------------------ the online view
+
+
+def test_online_view_shows_traffic_feedback_staleness_and_the_gate(tmp_path: Path) -> None:
+    from advantage.online.activity import traffic_activity
+    from advantage.online.store import (
+        FILENAME,
+        Feedback,
+        RecordedChoice,
+        RecordedCompletion,
+        SQLiteTrafficStore,
+    )
+
+    run = _run(tmp_path, 3)
+    log = RunLog(run)  # the continual trainer's verdicts: step 2 refused by the gate
+    for step, promoted, score in [(1, 1.0, 0.5), (2, 0.0, 0.25), (3, 1.0, 0.625)]:
+        row = {
+            "promoted": promoted,
+            "score": score,
+            "default_score": 0.5,
+            "staleness_mean": 0.5,
+            "staleness_max": 1.0,
+        }
+        log.append(step, "online", row)
+    store = SQLiteTrafficStore(run / FILENAME)
+    t0 = time.time() - 3600  # recent: older traffic is pruned on insert (retention)
+    for i, (dt, n, rated) in enumerate([(0, 1, 1), (10, 2, 1), (20, 1, 0), (600, 1, 1)]):
+        choices = [
+            RecordedChoice(k, [1], [-0.1], [1, 2], [], "stop", {"role": "assistant", "content": "x"})
+            for k in range(n)
+        ]
+        store.record(RecordedCompletion(f"c{i}", "m", 0, t0 + dt, {"messages": []}, choices, {}, user=None))
+        store.set_feedback([Feedback(f"c{i}", k, 1.0, None, None, f"c{i}", t0) for k in range(rated)])
+    store.close()
+
+    bins, width = traffic_activity(run / FILENAME, bins=2)  # 600 s in two bins of 300 s
+    assert width == 300.0
+    assert [(b.completions, b.choices, b.rated) for b in bins] == [(3, 4, 2), (1, 1, 1)]
+    assert bins[0].per_hour(width) == 36.0 and bins[0].rated_share == 0.5
+
+    data = build_report_data(run)
+    charts = {c.title: c for c in data.charts}
+    requests = charts["Online: requests per hour"]
+    assert requests.headline and requests.x_label.startswith("minutes")
+    assert sum(y for _, y in requests.series[0].points) * 600 / 30 / 3600 == pytest.approx(4)  # 4 completions
+    assert charts["Online: feedback rate"].series[0].points[0] == (0.0, 2 / 3)  # c0 and c1 share 20 s: 2 of 3
+    gate = charts["Online: promotion gate"]
+    assert [s.name for s in gate.series] == ["score", "default_score"]
+    assert [m.label for m in gate.markers if m.label.startswith("rejected")] == ["rejected 2"]
+    assert "0.25 against the default's 0.5" in gate.markers[-1].title
+    assert charts["Online: staleness of trained traffic"].series[0].points == [
+        (1.0, 0.5),
+        (2.0, 0.5),
+        (3.0, 0.5),
+    ]
+    assert "score" not in charts  # not drawn a second time among the per-metric charts
+    render_html(data)  # and the page renders
+
+
+def test_traffic_activity_of_an_empty_store(tmp_path: Path) -> None:
+    from advantage.online.activity import traffic_activity
+    from advantage.online.store import SQLiteTrafficStore
+
+    SQLiteTrafficStore(tmp_path / "t.sqlite").close()
+    assert traffic_activity(tmp_path / "t.sqlite") == ([], 0.0)

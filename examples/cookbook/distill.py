@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 import advantage as adv
 from advantage.tasks.tool_use.env import make_scenarios
 from advantage.tasks.tool_use.rollout import rollout
-from advantage.tasks.tool_use.train import DemoConfig, evaluate, held_out
+from advantage.tasks.tool_use.train import evaluate, held_out
 
 
 class Recipe(BaseModel):
@@ -78,7 +78,7 @@ async def run(r: Recipe) -> dict[str, float]:
         await teacher.register(backend)  # serves its checkpoints as teacher@step
         await student.register(backend)
         tc = await student.training_client()
-        val, dev = held_out(DemoConfig(seed=r.seed, val_size=max(r.val_size, 1), dev_size=r.dev_size))
+        val, dev = held_out(r.seed, max(r.val_size, 1), r.dev_size)
         teacher_ref = r.teacher if "@" in r.teacher else f"{teacher_name}@{await teacher.get_step()}"
         print(f"distilling {teacher_ref} into {student.name} (from step {await student.get_step()})")
         target = None

@@ -135,15 +135,19 @@ def _example_module(task: str, module: str):  # examples use the public API only
     return importlib.import_module(f"examples.{task}.{module}")
 
 
-def _options_from(config: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def _options_from(*configs: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command one --option per field of a pydantic config, with the field's description as its help:
     the config is the single place where a knob and its documentation live. The command's own named
-    parameters come first; the config's fields arrive in its `**given`."""
+    parameters come first; the config's fields arrive in its `**given`. With several configs, a field that
+    two of them share is one option, documented by the first."""
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
         own = inspect.signature(fn, eval_str=True).parameters.values()
         params = [p for p in own if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        for name, field in config.model_fields.items():
+        fields = {}
+        for config in reversed(configs):
+            fields.update(config.model_fields)
+        for name, field in fields.items():
             ann: Any = field.annotation
             help_ = f"{field.description} (default: {field.get_default(call_default_factory=True)})"
             decls: tuple[str, ...] = ()
@@ -176,27 +180,49 @@ def _options_from(config: type[BaseModel]) -> Callable[[Callable[..., None]], Ca
     return wrap
 
 
-def _demo_config() -> type[BaseModel]:
+def _demo_configs() -> tuple[type[BaseModel], type[BaseModel]]:
+    from advantage.tasks.tool_use.online import OnlineDemoConfig
     from advantage.tasks.tool_use.train import DemoConfig
 
-    return DemoConfig
+    return DemoConfig, OnlineDemoConfig
 
 
 @app.command()
-@_options_from(_demo_config())
-def demo(**given: Any) -> None:
+@_options_from(*_demo_configs())
+def demo(
+    *,
+    online: Annotated[
+        bool,
+        typer.Option(
+            "--online",
+            help="The online demo: simulated users send the task to the served model and rate its answers; "
+            "the model learns from that traffic alone (fields of OnlineDemoConfig).",
+        ),
+    ] = False,
+    **given: Any,
+) -> None:
     """Train the bundled model on the tool-use demo task on CPU, with a held-out baseline and final eval.
 
-    Every option is a field of advantage.tasks.tool_use.train:DemoConfig."""
+    Every option is a field of advantage.tasks.tool_use.train:DemoConfig, or with --online of
+    advantage.tasks.tool_use.online:OnlineDemoConfig."""
     from pydantic import ValidationError
 
-    from advantage.tasks.tool_use import train
-
+    config = _demo_configs()[1 if online else 0]
+    given = {k: v for k, v in given.items() if v is not None}
+    other = sorted(set(given) - set(config.model_fields))
+    if other:
+        mode = "the online demo (--online)" if online else "the offline demo (without --online)"
+        flags = ", ".join("--" + k.replace("_", "-") for k in other)
+        raise typer.BadParameter(f"{flags}: not an option of {mode}.")
     try:
-        cfg = train.DemoConfig(**{k: v for k, v in given.items() if v is not None})
+        cfg = config(**given)
     except ValidationError as e:
         raise typer.BadParameter(str(e)) from None
-    train.main(cfg)
+    if online:
+        from advantage.tasks.tool_use import online as module
+    else:
+        from advantage.tasks.tool_use import train as module  # type: ignore[no-redef]
+    module.main(cfg)  # type: ignore[arg-type]
 
 
 @app.command()

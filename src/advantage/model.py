@@ -18,7 +18,7 @@ from advantage.wire.ops import ModelSpec, RestoreRequest
 if TYPE_CHECKING:
     import asyncio
 
-    from advantage.online.trainer import Evaluate, OnlineResult
+    from advantage.online.trainer import Evaluate, OnlineResult, OnStep
     from advantage.sft import SFTData
 
 
@@ -154,15 +154,17 @@ class TrainableModel(Model):
         *,
         evaluate: Evaluate | None = None,
         stop: asyncio.Event | None = None,
+        on_step: OnStep | None = None,
     ) -> OnlineResult:
         """Keep training on this model's recorded, rated traffic until `stop` is set (or `config.max_steps`
         / `config.max_seconds`): one step whenever `config.min_groups` groups are ready, each promoted to the
         default served weights only if `await evaluate("name@step")` scores it no worse than the default by
-        more than `config.tolerance` (every step, without `evaluate`). Returns the steps, promoted or
-        rejected. The rules, guards and crash safety are in `advantage.online.trainer`."""
+        more than `config.tolerance` (every step, without `evaluate`). `on_step(step)` is called as each
+        step is judged. Returns the steps, promoted or rejected. The rules, guards and crash safety are in
+        `advantage.online.trainer`."""
         from advantage.online.trainer import train_online
 
-        return await train_online(self, config, evaluate=evaluate, stop=stop)
+        return await train_online(self, config, evaluate=evaluate, stop=stop, on_step=on_step)
 
     async def log(self, groups: list[TrajectoryGroup], split: str = "val") -> dict[str, Any]:
         """Record evaluation groups (metrics `<split>/reward` etc. at the current step, and the trajectories)."""

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from advantage.model import TrainableModel
 
 Evaluate = Callable[[str], Awaitable[float]]  # a served name (`name@step`) -> a score, higher is better
+OnStep = Callable[["OnlineStep"], None]  # called with each step once it is judged
 REPLAY_POOL = 2000  # the most recent promoted choices replay picks from
 
 
@@ -62,6 +63,7 @@ class OnlineStep:
     replay_groups: int
     choices: int  # fresh choices trained on (marked trained)
     metrics: dict[str, float] = field(default_factory=dict)  # the train step's
+    seconds: float = 0.0  # wall time of the step: training, the evaluation, the verdict
 
 
 @dataclass
@@ -82,8 +84,10 @@ async def train_online(
     *,
     evaluate: Evaluate | None = None,
     stop: asyncio.Event | None = None,
+    on_step: OnStep | None = None,
 ) -> OnlineResult:
-    """Train `model` on its recorded, rated traffic until stopped (see the module docstring)."""
+    """Train `model` on its recorded, rated traffic until stopped (see the module docstring). `on_step` is
+    called with each step once it is judged (progress lines, a deadline's estimate of a step's length)."""
     config = config or OnlineConfig()
     if config.max_steps is None and config.max_seconds is None and stop is None:
         raise ValueError(
@@ -104,8 +108,12 @@ async def train_online(
             await _wait(stop, config.poll_s, t0, config.max_seconds)
             continue
         replay = await _replay(model, config, len(groups), rng) if config.replay_share > 0 else []
+        began = time.monotonic()
         step = await _step(model, config, groups, replay, default, default_score, evaluate, out.stale)
+        step.seconds = time.monotonic() - began
         out.steps.append(step)
+        if on_step is not None:
+            on_step(step)
         if step.promoted:
             default, default_score = step.step, step.score
         out.default = default

@@ -37,7 +37,15 @@ HEADLINE: list[ChartSpec] = [
     ("Logprob correlation (sampler vs trainer)", "correlation", [("train", ["logprob_drift_corr"])]),
     ("Throughput", "tokens / second", [("train", ["tokens_per_second"])]),
     ("Step time", "seconds", [("train", ["seconds"])]),
+    # The continual trainer's verdicts (`train_online`, split "online"); rejected steps are marked.
+    ("Online: promotion gate", "evaluation score", [("online", ["score"]), ("online", ["default_score"])]),
+    (
+        "Online: staleness of trained traffic",
+        "steps behind the default",
+        [("online", ["staleness_mean"]), ("online", ["staleness_max"])],
+    ),
 ]
+GATE_CHART = "Online: promotion gate"
 
 
 class Series(BaseModel):
@@ -157,6 +165,22 @@ def _chart(rows: list[dict[str, Any]], spec: ChartSpec, used: set[str], stacked:
     return Chart(title=title, y_label=y_label, series=series, headline=True, stacked=stacked)
 
 
+def _rejected(rows: list[dict[str, Any]]) -> list[Marker]:
+    """A marker per step the online promotion gate refused."""
+    out = []
+    for r in rows:
+        step = _step(r.get("step"))
+        if r.get("split") == "online" and step is not None and as_number(r.get("promoted")) == 0.0:
+            score, default = as_number(r.get("score")), as_number(r.get("default_score"))
+            why = (
+                f": score {score:.3g} against the default's {default:.3g}"
+                if score is not None and default is not None
+                else ""
+            )
+            out.append(Marker(x=step, label=f"rejected {step}", title=f"Step {step} was not promoted{why}."))
+    return out
+
+
 def build_charts(
     rows: list[dict[str, Any]], fit_curve: list[Point] | None, best: BestStep | None = None
 ) -> list[Chart]:
@@ -178,6 +202,9 @@ def build_charts(
         mark = Marker(x=best.step, label=f"best step {best.step}", title=best.message)
         for c in charts:
             c.markers = [mark]
+    for c in charts:
+        if c.title == GATE_CHART:
+            c.markers = c.markers + _rejected(rows)
     by_name: dict[str, dict[str, list[Point]]] = {}  # chart name -> split -> points
     for r in rows:
         split = str(r.get("split", "?"))

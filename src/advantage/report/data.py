@@ -11,7 +11,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from advantage.report.curves import BestStep, Chart, FitInfo, as_number, best_step, build_charts, build_fit
+from advantage.online.activity import traffic_activity
+from advantage.report.curves import (
+    BestStep,
+    Chart,
+    FitInfo,
+    Series,
+    as_number,
+    best_step,
+    build_charts,
+    build_fit,
+)
 from advantage.tracking import RunLog
 
 MAX_CONTENT_CHARS = 20_000  # per message; a runaway generation should not make the report unopenable
@@ -54,6 +64,26 @@ class ReportData(BaseModel):
     # split -> step (as a string: JSON keys) -> groups
     trajectories: dict[str, dict[str, list[GroupView]]]
     omitted_steps: dict[str, int]  # split -> steps left out by max_steps
+
+
+TRAFFIC_FILE = "traffic.sqlite"  # a recording model's store, in its run dir
+
+
+def traffic_charts(path: Path) -> list[Chart]:
+    """The online view's traffic panels: requests per hour and the share of choices rated, over time."""
+    bins, width = traffic_activity(path)
+    if not bins:
+        return []
+    x = [b.start / 60 for b in bins]
+    label = "minutes since the first recorded request"
+    rate = [(xi, b.per_hour(width)) for xi, b in zip(x, bins, strict=True)]
+    rated = [(xi, b.rated_share) for xi, b in zip(x, bins, strict=True) if b.choices]
+    return [
+        Chart(title="Online: requests per hour", y_label="chat completions / hour", x_label=label,
+              series=[Series(name="requests", split="online", points=rate)], headline=True),
+        Chart(title="Online: feedback rate", y_label="share of choices rated", x_label=label,
+              series=[Series(name="rated", split="online", points=rated)], headline=True),
+    ]  # fmt: skip
 
 
 def _text(content: Any) -> str:
@@ -193,12 +223,16 @@ def build_report_data(run_dir: Path, max_steps: int = 50) -> ReportData:
     fit, curve = build_fit(run_dir, rows)
     best = best_step(rows)
     trajectories, omitted = build_trajectories(run_dir, max_steps)
+    charts = build_charts(rows, curve, best)
+    if (run_dir / TRAFFIC_FILE).is_file():
+        after = sum(c.headline for c in charts)  # after the headline charts, before the per-metric ones
+        charts[after:after] = traffic_charts(run_dir / TRAFFIC_FILE)
     return ReportData(
         title=_title(run_dir.resolve()),
         run_dir=str(run_dir.resolve()),
         generated=time.strftime("%Y-%m-%d %H:%M:%S"),
         n_rows=len(rows),
-        charts=build_charts(rows, curve, best),
+        charts=charts,
         fit=fit,
         best=best,
         trajectories=trajectories,

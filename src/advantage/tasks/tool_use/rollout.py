@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import openai
+from openai.types.chat.chat_completion import Choice
 
 from advantage import Trajectory
+from advantage.trajectory import choice_to_message
 
 from .env import TOOLS, Scenario, execute_tool
-from .reward import score
+from .reward import RewardBreakdown, score
 
 Message = dict[str, Any]
 MAX_TOKENS = 96  # a call or a one-sentence answer fits in well under this
@@ -109,6 +112,75 @@ def initial_messages(scenario: Scenario) -> list[Message]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, *copy.deepcopy(EXAMPLE), question]
 
 
+@dataclass
+class Episode:
+    """One run of the agent: the conversation (the model's turns as the server's `Choice`s, with their
+    sampled token ids), how it ended, and the ids of the chat completions it was made of."""
+
+    items: list[Message | Choice]
+    finish_reason: str  # "answered", "length" (the last reply cut off) or "max_turns"
+    n_turns: int
+    n_calls: int
+    completion_ids: list[str] = field(default_factory=list)
+
+    def messages(self) -> list[Message]:
+        return [choice_to_message(m) if isinstance(m, Choice) else m for m in self.items]
+
+
+async def run_episode(
+    client: openai.AsyncOpenAI,
+    model_name: str,
+    scenario: Scenario,
+    *,
+    temperature: float = 1.0,
+    max_turns: int = 3,
+    force_first_call: bool = False,
+    seed: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Episode:
+    """The agent, as an application runs it with the plain `openai` SDK: up to `max_turns` model turns;
+    each tool call is executed and its result appended as a tool message.
+
+    With `force_first_call`, the first turn is sent with `tool_choice="required"`: the server's grammar then
+    only lets the model write one well-formed call of a known tool (which tool, and its arguments, are
+    still the model's choice). The episode ends at the first reply without tool calls ("answered", or
+    "length" when it was cut off) or after `max_turns` ("max_turns"). `seed` seeds the sampling of each turn
+    (turn t uses seed + t), so a run's rollouts can be replayed. `metadata` goes with every request (the
+    server records it with the traffic: an episode tag lets one feedback rate every turn)."""
+    ep = Episode(items=list(initial_messages(scenario)), finish_reason="max_turns", n_turns=0, n_calls=0)
+    extra = {"metadata": metadata} if metadata else {}
+    for turn in range(max_turns):
+        resp = await client.chat.completions.create(  # type: ignore[call-overload]  # plain dicts, as users write them
+            model=model_name,
+            messages=ep.messages(),
+            tools=TOOLS,
+            tool_choice="required" if force_first_call and turn == 0 else "auto",
+            temperature=temperature,
+            max_tokens=MAX_TOKENS,
+            seed=None if seed is None else seed + turn,
+            **extra,
+        )
+        choice = resp.choices[0]
+        ep.items.append(choice)
+        ep.completion_ids.append(resp.id)
+        ep.n_turns += 1
+        calls = choice_to_message(choice).get("tool_calls") or []
+        if not calls:
+            ep.finish_reason = "length" if choice.finish_reason == "length" else "answered"
+            break
+        for call in calls:
+            fn = call.get("function") or {}
+            result = execute_tool(str(fn.get("name", "")), str(fn.get("arguments") or "{}"))
+            ep.items.append({"role": "tool", "tool_call_id": call.get("id"), "content": result})
+            ep.n_calls += 1
+    return ep
+
+
+def grade(ep: Episode, scenario: Scenario) -> RewardBreakdown:
+    """The task's reward for an episode (hidden from the model: the environment knows the answer)."""
+    return score(ep.messages(), scenario, cut_off=ep.finish_reason == "length")
+
+
 async def rollout(
     model: ChatModel,
     scenario: Scenario,
@@ -118,54 +190,31 @@ async def rollout(
     force_first_call: bool = False,
     seed: int | None = None,
 ) -> Trajectory:
-    """Up to `max_turns` model turns; each tool call is executed and its result appended as a tool message.
-
-    With `force_first_call`, the first turn is sent with `tool_choice="required"`: the server's grammar then
-    only lets the model write one well-formed call of a known tool (which tool, and its arguments, are
-    still the model's choice). The episode ends at the first reply without tool calls ("answered", or
-    "length" when it was cut off) or after `max_turns` ("max_turns"). `seed` seeds the sampling of each turn
-    (turn t uses seed + t), so a run's rollouts can be replayed."""
-    client = model.openai_client()
+    """One episode (`run_episode`) of `model` as a rewarded `Trajectory`."""
+    ep = await run_episode(
+        model.openai_client(),
+        model.get_inference_name(),
+        scenario,
+        temperature=temperature,
+        max_turns=max_turns,
+        force_first_call=force_first_call,
+        seed=seed,
+    )
+    g = grade(ep, scenario)
     traj = Trajectory(
-        messages_and_choices=list(initial_messages(scenario)),
+        messages_and_choices=ep.items,
         tools=TOOLS,
         metadata={"scenario_id": scenario.id, "scenario": scenario.to_dict()},
-        finish_reason="max_turns",
+        finish_reason=ep.finish_reason,
+        reward=g.total,
     )
-    n_turns = n_calls = 0
-    for turn in range(max_turns):
-        resp = await client.chat.completions.create(  # type: ignore[call-overload]  # plain dicts, as users write them
-            model=model.get_inference_name(),
-            messages=traj.messages(),
-            tools=TOOLS,
-            tool_choice="required" if force_first_call and turn == 0 else "auto",
-            temperature=temperature,
-            max_tokens=MAX_TOKENS,
-            seed=None if seed is None else seed + turn,
-        )
-        choice = resp.choices[0]
-        traj.messages_and_choices.append(choice)
-        n_turns += 1
-        calls = traj.messages()[-1].get("tool_calls") or []
-        if not calls:
-            traj.finish_reason = "length" if choice.finish_reason == "length" else "answered"
-            break
-        for call in calls:
-            fn = call.get("function") or {}
-            result = execute_tool(str(fn.get("name", "")), str(fn.get("arguments") or "{}"))
-            tool_msg = {"role": "tool", "tool_call_id": call.get("id"), "content": result}
-            traj.messages_and_choices.append(tool_msg)
-            n_calls += 1
-
-    grade = score(traj.messages(), scenario, cut_off=traj.finish_reason == "length")
-    traj.reward = grade.total
     traj.metrics = {
-        "success": float(traj.reward >= 1.0 - 1e-9),
-        "valid_call": float(grade.valid_call),
-        "right_tool": float(grade.right_tool),
-        "right_args": float(grade.right_args),
-        "answered": float(grade.answered),
-        "n_turns": float(n_turns),
-        "n_tool_calls": float(n_calls),
+        "success": float(g.total >= 1.0 - 1e-9),
+        "valid_call": float(g.valid_call),
+        "right_tool": float(g.right_tool),
+        "right_args": float(g.right_args),
+        "answered": float(g.answered),
+        "n_turns": float(ep.n_turns),
+        "n_tool_calls": float(ep.n_calls),
     }
     return traj

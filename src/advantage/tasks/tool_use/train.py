@@ -147,13 +147,13 @@ async def evaluate(
     return rate, sum(t.reward for t in trajs) / max(len(trajs), 1)
 
 
-def held_out(cfg: DemoConfig) -> tuple[list, list]:
+def held_out(seed: int, val_size: int, dev_size: int) -> tuple[list, list]:
     """The reported held-out set (`val_size`, the same list for a seed as before dev existed) and a disjoint
     dev set that picks the best step, so the reported number is not the one the choice was made on."""
-    val = make_scenarios(cfg.val_size, seed=cfg.seed, split="val")
+    val = make_scenarios(val_size, seed=seed, split="val")
     seen = {s.question for s in val}
-    pool = make_scenarios(cfg.val_size + cfg.dev_size, seed=cfg.seed, split="val")
-    dev = [s for s in pool if s.question not in seen][: cfg.dev_size]
+    pool = make_scenarios(val_size + dev_size, seed=seed, split="val")
+    dev = [s for s in pool if s.question not in seen][:dev_size]
     return val, dev
 
 
@@ -180,7 +180,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     model = adv.TrainableModel(cfg.name, project="demo", base_model=cfg.base_model)
     await model.register(backend)
     first_step = await model.get_step()
-    val, dev = held_out(cfg)
+    val, dev = held_out(cfg.seed, cfg.val_size, cfg.dev_size)
     lr = cfg.learning_rate
     where = cfg.backend or cfg.root / "demo" / "models" / cfg.name
     print(f"model {model.name} at step {first_step}; runs in {where}")
