@@ -62,6 +62,17 @@ def serve(
             "record_traffic=True record."
         ),
     ] = False,
+    background_samples: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=16,
+            help="Background samples per recorded request: this many more choices of every chat completion a "
+            "recording model serves, sampled in the same batch and recorded beside the caller's, never "
+            "returned, so an online judge can score each request as a group. For models whose register "
+            "asks for none; 0: off.",
+        ),
+    ] = 0,
     trainer_workers: Annotated[
         int,
         typer.Option(
@@ -113,6 +124,7 @@ def serve(
         model_dirs=model_dir,
         max_train_queue=max_train_queue,
         record_traffic=record,
+        background_samples=background_samples,
         engine_factory=engine_factory(replicas, engine_kwargs),
         trainer_factory=trainer_factory(trainers),
     )
