@@ -29,7 +29,8 @@ from advantage.backends.remote import BackendRequestError, RemoteBackend
 from advantage.engine.sampling import SamplingParams
 from advantage.online.feedback import FeedbackError, give_feedback
 from advantage.online.judging import judge_traffic
-from advantage.online.store import FILENAME, Feedback, RecordedChoice, SQLiteTrafficStore, TrafficStore
+from advantage.online.records import Feedback, RecordedChoice
+from advantage.online.store import FILENAME, SQLiteTrafficStore, TrafficStore
 from advantage.server.background import background_params
 from advantage.server.runner import BackgroundServer
 from advantage.service import Service

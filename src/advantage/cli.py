@@ -325,6 +325,12 @@ def online(
         f"stopped ({result.stopped}): {len(result.steps)} steps, {len(result.rejected)} rejected, "
         f"{result.stale} stale choices; {model} serves step {result.default}"
     )
+    if cfg.judge_model is not None:
+        j = result.judge
+        typer.echo(
+            f"judge {cfg.judge_model}: {j.scored} requests scored, {j.failed} failed verdicts, unreachable "
+            f"{j.unreachable} times; {result.zero_variance} tied groups skipped"
+        )
 
 
 @app.command()

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from advantage.engine.chat import encode_prompt
 from advantage.engine.sampling import SamplingParams
-from advantage.online.store import Feedback, rewarded_to_dict
+from advantage.online.records import Feedback, rewarded_to_dict
 from advantage.service import Service, UnknownServedModel, Weights, check_name
 from advantage.training import primitives
 from advantage.training.grpo import build_datums

@@ -30,7 +30,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from advantage.online.store import Feedback, RecordedCompletion, TrafficStore
+from advantage.online.records import Feedback, RecordedCompletion
+from advantage.online.store import TrafficStore
 from advantage.trajectory import MAX_ABS_REWARD  # the bound on trajectory rewards, too
 
 MAX_COMMENT_CHARS = 4000

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from openai.types.chat.chat_completion import Choice
 
-from advantage.online.store import RecordedChoice, RecordedCompletion, RewardedChoice
+from advantage.online.records import RecordedChoice, RecordedCompletion, RewardedChoice
 from advantage.trajectory import MessageOrChoice, Trajectory, TrajectoryGroup
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from advantage.online.groups import recorded_trajectory
-from advantage.online.store import RecordedCompletion, completion_from_dict
+from advantage.online.records import RecordedCompletion, completion_from_dict
 from advantage.rewards.ruler import _OUTAGES, RulerError, RulerJudge, ruler_score_group
 from advantage.trajectory import TrajectoryGroup
 from advantage.wire.ops import JudgeScore, OnlineJudgedRequest, OnlineUnjudgedRequest

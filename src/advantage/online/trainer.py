@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 from advantage.config import OnlineConfig
 from advantage.online.groups import groups_from_traffic
 from advantage.online.judging import JudgeCounts, judge_for, judge_traffic
-from advantage.online.store import RewardedChoice, rewarded_from_dict
+from advantage.online.records import RewardedChoice, rewarded_from_dict
 from advantage.rewards.ruler import JudgeUsage, RulerJudge
 from advantage.trajectory import TrajectoryGroup
 from advantage.wire.ops import MarkTrainedRequest, OnlineStartRequest, OnlineTrafficRequest, PromoteRequest

@@ -47,7 +47,8 @@ from advantage.engine.chat import encode_prompt, forced_functions, parse_reply
 from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
-from advantage.online.store import RecordedChoice, RecordedCompletion, TrafficStore
+from advantage.online.records import RecordedChoice, RecordedCompletion
+from advantage.online.store import TrafficStore
 from advantage.server.background import (
     BackgroundFuture,
     attach_background,
