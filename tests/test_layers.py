@@ -53,6 +53,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "advantage.sft",
             "advantage.distill",
             "advantage.online.trainer",
+            "advantage.online.judging",  # the online trainer's judge: it uses RULER and the TrainableModel
             "advantage.rewards",
             "advantage.report",
             "advantage.export",

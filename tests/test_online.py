@@ -22,15 +22,8 @@ import advantage as adv
 from advantage.backends.remote import BackendRequestError, RemoteBackend
 from advantage.online.feedback import LABEL_REWARDS, FeedbackError, give_feedback, reward_for
 from advantage.online.groups import groups_from_traffic
-from advantage.online.store import (
-    FILENAME,
-    Feedback,
-    RecordedChoice,
-    RecordedCompletion,
-    Retention,
-    RewardedChoice,
-    SQLiteTrafficStore,
-)
+from advantage.online.records import Feedback, RecordedChoice, RecordedCompletion, RewardedChoice
+from advantage.online.store import FILENAME, Retention, SQLiteTrafficStore
 from advantage.server.runner import BackgroundServer
 from advantage.service import Service
 from advantage.training.tokenize import tokenize_trajectory

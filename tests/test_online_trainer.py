@@ -31,7 +31,8 @@ FAST = {"poll_s": 0.05, "train": TRAIN}
 def test_the_store_keeps_what_was_trained_on(tmp_path: Path) -> None:
     from test_online import completion
 
-    from advantage.online.store import Feedback, SQLiteTrafficStore, rewarded_from_dict, rewarded_to_dict
+    from advantage.online.records import Feedback, rewarded_from_dict, rewarded_to_dict
+    from advantage.online.store import SQLiteTrafficStore
 
     s = SQLiteTrafficStore(tmp_path / "t.sqlite")
     s.record(completion("c1", n=2))

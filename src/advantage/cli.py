@@ -62,6 +62,17 @@ def serve(
             "record_traffic=True record."
         ),
     ] = False,
+    background_samples: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=16,
+            help="Background samples per recorded request: this many more choices of every chat completion a "
+            "recording model serves, sampled in the same batch and recorded beside the caller's, never "
+            "returned, so an online judge can score each request as a group. For models whose register "
+            "asks for none; 0: off.",
+        ),
+    ] = 0,
     trainer_workers: Annotated[
         int,
         typer.Option(
@@ -113,6 +124,7 @@ def serve(
         model_dirs=model_dir,
         max_train_queue=max_train_queue,
         record_traffic=record,
+        background_samples=background_samples,
         engine_factory=engine_factory(replicas, engine_kwargs),
         trainer_factory=trainer_factory(trainers),
     )
@@ -339,6 +351,12 @@ def online(
         f"stopped ({result.stopped}): {len(result.steps)} steps, {len(result.rejected)} rejected, "
         f"{result.stale} stale choices; {model} serves step {result.default}"
     )
+    if cfg.judge_model is not None:
+        j = result.judge
+        typer.echo(
+            f"judge {cfg.judge_model}: {j.scored} requests scored, {j.failed} failed verdicts, unreachable "
+            f"{j.unreachable} times; {result.zero_variance} tied groups skipped"
+        )
 
 
 @app.command()

@@ -215,7 +215,9 @@ class SFTConfig(_SequenceLimits, AdamParams):
 class OnlineConfig(_Config):
     """The continual trainer (`model.train_online`, `advantage online`): it trains on the model's recorded,
     rated traffic whenever enough groups are ready, and a promotion gate decides which steps are served.
-    The guards against forgetting are `train.kl_beta` (a KL anchor to the base model) and `replay_share`."""
+    The guards against forgetting are `train.kl_beta` (a KL anchor to the base model) and `replay_share`.
+    With `judge_model`, a RULER judge scores recorded requests' choices that have no explicit feedback
+    (`advantage.online.judging`), so traffic with background samples trains without any feedback."""
 
     train: TrainConfig = Field(
         default_factory=TrainConfig,
@@ -258,6 +260,30 @@ class OnlineConfig(_Config):
         None, gt=0, description="Stop after this long (None: run until stopped)."
     )
     seed: int = Field(0, description="Picks the replayed groups.")
+    judge_model: str | None = Field(
+        None,
+        description="A RULER judge for choices without feedback: each recorded request with at least "
+        "group_size choices (n > 1, or background samples) is scored as one group by this model, and its "
+        "choices without explicit feedback get the judge's score (explicit feedback always wins). None: no "
+        "judge; only explicit feedback trains.",
+    )
+    judge_base_url: str | None = Field(
+        None,
+        description="The judge's OpenAI-compatible server, e.g. the backend's own (then its API key is used); "
+        "None: OpenAI's API (OPENAI_API_KEY), or litellm for a 'provider/model' judge_model.",
+    )
+    judge_max_groups: int = Field(
+        8,
+        ge=1,
+        le=1000,
+        description="At most this many requests judged per look at the store (oldest first).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OnlineConfig:
+        if self.judge_base_url is not None and self.judge_model is None:
+            raise ValueError("judge_base_url is where judge_model is served: set judge_model too.")
+        return self
 
 
 def _deprecated(old: str, new: str) -> None:

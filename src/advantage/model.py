@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from advantage.online.trainer import Evaluate, OnlineResult, OnStep
+    from advantage.rewards.ruler import RulerJudge
     from advantage.sft import SFTData
 
 
@@ -66,6 +67,7 @@ class TrainableModel(Model):
         lora: LoRAConfig | None = None,
         fork_from: str | None = None,
         record_traffic: bool = False,
+        background_samples: int = 0,
     ) -> None:
         """`fork_from`: start from another model's checkpoint instead of the base weights. `"other@3"` (or
         `"other"` for its latest step, or `"project/other@3"` in another project) becomes this model's step 0,
@@ -74,12 +76,19 @@ class TrainableModel(Model):
 
         `record_traffic`: the backend records every chat completion this model serves (the request, each
         choice's sampled token ids and logprobs, the weights step, the caller's `metadata` and `user`) in a
-        SQLite store in its run dir, so that `feedback` can rate them (see `advantage.online`)."""
+        SQLite store in its run dir, so that `feedback` can rate them (see `advantage.online`).
+
+        `background_samples` (needs `record_traffic`): the backend samples this many more choices for each
+        request it serves (in the same batch, from the same prompt and parameters) and records them beside
+        the caller's, never returned, so that every request is a group once the online trainer's judge
+        (`OnlineConfig.judge_model`) scores it (see `advantage.server.background`)."""
         super().__init__(name, project=project)
         self.base_model = base_model
         self.lora = lora or LoRAConfig()
         self.fork_from = fork_from
         self.record_traffic = record_traffic
+        self.background_samples = background_samples
+        _ = self.spec  # built (so checked) now: a bad setting fails here, not at register
         self._backend: Backend | None = None
         self._step = 0
         self.restored_from: int | None = None  # the step the last `restore` went back to
@@ -94,6 +103,7 @@ class TrainableModel(Model):
             lora=self.lora,
             fork_from=self.fork_from,
             record_traffic=self.record_traffic,
+            background_samples=self.background_samples,
         )
 
     @property
@@ -154,17 +164,20 @@ class TrainableModel(Model):
         *,
         evaluate: Evaluate | None = None,
         stop: asyncio.Event | None = None,
+        judge: RulerJudge | None = None,
         on_step: OnStep | None = None,
     ) -> OnlineResult:
         """Keep training on this model's recorded, rated traffic until `stop` is set (or `config.max_steps`
         / `config.max_seconds`): one step whenever `config.min_groups` groups are ready, each promoted to the
         default served weights only if `await evaluate("name@step")` scores it no worse than the default by
-        more than `config.tolerance` (every step, without `evaluate`). `on_step(step)` is called as each
-        step is judged. Returns the steps, promoted or rejected. The rules, guards and crash safety are in
+        more than `config.tolerance` (every step, without `evaluate`). Returns the steps, promoted or
+        rejected. With `config.judge_model` (or a `judge` of your own, say with another rubric), a RULER judge
+        scores the recorded requests' choices that have no feedback (`advantage.online.judging`).
+        `on_step(step)` is called as each step is judged. The rules, guards and crash safety are in
         `advantage.online.trainer`."""
         from advantage.online.trainer import train_online
 
-        return await train_online(self, config, evaluate=evaluate, stop=stop, on_step=on_step)
+        return await train_online(self, config, evaluate=evaluate, stop=stop, judge=judge, on_step=on_step)
 
     async def log(self, groups: list[TrajectoryGroup], split: str = "val") -> dict[str, Any]:
         """Record evaluation groups (metrics `<split>/reward` etc. at the current step, and the trajectories)."""

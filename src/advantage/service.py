@@ -89,6 +89,7 @@ class ModelEntry:
     run_dir: Path | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)  # one train step at a time per model
     record: bool = False  # record the chat completions it serves in `traffic`
+    background: int = 0  # background samples recorded with each served request (`server/background.py`)
     traffic: TrafficStore | None = None  # opened when recording is first on, or for feedback on old traffic
     default: int | None = None  # the step `name` serves (None: the latest), set by `Service.promote`
 
@@ -117,6 +118,7 @@ class Service:
         max_train_queue: int = 16,
         record_traffic: bool = False,
         traffic_retention: Retention | None = None,
+        background_samples: int = 0,
         engine_factory: EngineFactory | None = None,
         trainer_factory: Callable[[Path, LoRAConfig], Trainer] | None = None,
         share_base_weights: bool = False,
@@ -125,7 +127,8 @@ class Service:
         model's directory -> any engine of the `engine/base.py` contract). `model_dirs`: where `register` may
         load base models from besides the bundled ones (None: anywhere). `max_train_queue`: jobs that may wait
         for the training thread besides the one running. `record_traffic`: record every trainable model's
-        traffic, whatever its register asked; `traffic_retention`: how much each model's store keeps.
+        traffic, whatever its register asked; `traffic_retention`: how much each model's store keeps;
+        `background_samples`: background samples for every recording model that asks for none itself.
         `trainer_factory` replaces the in-process `Trainer` (a base model's directory and LoRA config -> its
         trainer), e.g. data-parallel workers on Ray (`training/ray_workers.py`). `share_base_weights`: the
         in-process trainer builds on the base weights of its model's `TorchEngine` (`engine/weights.py`; one
@@ -142,6 +145,9 @@ class Service:
         self.max_train_queue = max_train_queue
         self.record_traffic = record_traffic
         self.traffic_retention = traffic_retention or Retention()
+        if not 0 <= background_samples <= 16:
+            raise ValueError(f"background_samples must be in [0, 16], got {background_samples}.")
+        self.background_samples = background_samples
         self._train_jobs = 0  # submitted to the training thread and not finished
         self._train_jobs_lock = threading.Lock()
         self._engines: dict[str, Engine] = {}
@@ -223,13 +229,15 @@ class Service:
         lora: LoRAConfig | None = None,
         fork_from: str | None = None,
         record_traffic: bool = False,
+        background_samples: int = 0,
     ) -> int:
         """Register a trainable model; resume from its newest complete checkpoint. Returns the step.
 
         `fork_from` (`other@step`, `other` for its latest step, or `project/other@step`): a model with no
         checkpoints yet starts with a copy of that checkpoint as its step 0 (`training/fork.py`).
         `record_traffic`: record the chat completions it serves (each register sets it anew; the service's
-        own `record_traffic` turns it on for every model).
+        own `record_traffic` turns it on for every model). `background_samples`: with recording on, sample
+        and record that many more choices per request, never returned (the service's own setting when 0).
         Registers of one name run one at a time. One that fails (say, a LoRA config the base model cannot
         take) leaves no trace: the name stays free and unlisted, and an engine it started is closed."""
         check_name("project", project)
@@ -262,7 +270,7 @@ class Service:
                 if existing.trainer is not None:
                     if ref is not None:
                         fork.check_resumable(mdir, name, ref)
-                    self._set_recording(existing, record_traffic)
+                    self._set_recording(existing, record_traffic, background_samples)
                     return existing.latest
             source = None
             if ref is not None:  # checked before the (slow) trainer loads: a bad source fails fast
@@ -297,7 +305,7 @@ class Service:
                 published = {s: ckpt.step_dir(mdir, s) for s in steps if s > 0 or forked}
                 entry = ModelEntry(project, name, base_model, published, trainer=trainer, run_dir=mdir)
                 entry.default = default
-                self._set_recording(entry, record_traffic)
+                self._set_recording(entry, record_traffic, background_samples)
                 self.add_model(entry)
             except BaseException:
                 if isinstance(trainer, RayTrainerGroup):
@@ -311,10 +319,11 @@ class Service:
             return entry.latest
 
     # ------------------------------------------------------------------ traffic
-    def _set_recording(self, entry: ModelEntry, record: bool) -> None:
+    def _set_recording(self, entry: ModelEntry, record: bool, background: int = 0) -> None:
         assert entry.run_dir is not None
         with self._lock:
             entry.record = record or self.record_traffic
+            entry.background = (background or self.background_samples) if entry.record else 0
             if entry.record and entry.traffic is None:
                 entry.traffic = SQLiteTrafficStore(entry.run_dir / TRAFFIC_FILE, self.traffic_retention)
 
@@ -323,6 +332,12 @@ class Service:
         with self._lock:
             entry = self._models.get(name)
             return entry.traffic if entry is not None and entry.record else None
+
+    def background_samples_of(self, name: str) -> int:
+        """How many background samples a request served by model `name` gets (0 unless it records)."""
+        with self._lock:
+            entry = self._models.get(name)
+            return entry.background if entry is not None and entry.record else 0
 
     def traffic_stores(self, name: str | None = None) -> list[TrafficStore]:
         """The stores feedback looks in: model `name`'s (every trainable model's with None). A model that

@@ -11,12 +11,14 @@ which the server answers with a 400 that says what to change.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from advantage.engine.chat import encode_prompt
 from advantage.engine.sampling import SamplingParams
-from advantage.online.store import rewarded_to_dict
+from advantage.online.records import Feedback, rewarded_to_dict
 from advantage.service import Service, UnknownServedModel, Weights, check_name
 from advantage.training import primitives
 from advantage.training.grpo import build_datums
@@ -37,10 +39,14 @@ from advantage.wire.ops import (
     LogprobsRequest,
     MarkTrainedReply,
     MarkTrainedRequest,
+    OnlineJudgedReply,
+    OnlineJudgedRequest,
     OnlineStartReply,
     OnlineStartRequest,
     OnlineTrafficReply,
     OnlineTrafficRequest,
+    OnlineUnjudgedReply,
+    OnlineUnjudgedRequest,
     OptimStepReply,
     OptimStepRequest,
     PromoteReply,
@@ -258,6 +264,35 @@ def _mark_trained(service: Service, name: str, req: MarkTrainedRequest) -> MarkT
         raise ValueError(f"{name!r} has no recorded traffic to mark.")
     stores[0].mark_trained([(cid, int(idx)) for cid, idx in req.keys], req.step, req.outcome)
     return MarkTrainedReply(marked=len(req.keys))
+
+
+async def online_unjudged(service: Service, name: str, req: OnlineUnjudgedRequest) -> OnlineUnjudgedReply:
+    return await _on_train_thread(service, _online_unjudged, name, req)
+
+
+def _online_unjudged(service: Service, name: str, req: OnlineUnjudgedRequest) -> OnlineUnjudgedReply:
+    stores = service.traffic_stores(name)
+    if not stores:
+        return OnlineUnjudgedReply(recording=False, completions=[])
+    found = stores[0].unjudged(req.min_choices, req.min_step, req.limit)
+    return OnlineUnjudgedReply(recording=True, completions=[dataclasses.asdict(c) for c in found])
+
+
+async def online_judged(service: Service, name: str, req: OnlineJudgedRequest) -> OnlineJudgedReply:
+    return await _on_train_thread(service, _online_judged, name, req)
+
+
+def _online_judged(service: Service, name: str, req: OnlineJudgedRequest) -> OnlineJudgedReply:
+    stores = service.traffic_stores(name)
+    if not stores:
+        raise ValueError(f"{name!r} has no recorded traffic to judge.")
+    now = time.time()
+    rows = [
+        Feedback(req.completion_id, s.choice, s.reward, None, s.comment, None, now, judge=req.judge)
+        for s in req.scores
+    ]
+    stores[0].set_judged(req.completion_id, req.judge, req.outcome, rows)
+    return OnlineJudgedReply(scores=len(rows))
 
 
 # ------------------------------------------------------------------------------ sampling and scoring

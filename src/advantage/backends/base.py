@@ -22,10 +22,14 @@ from advantage.wire.ops import (
     MarkTrainedReply,
     MarkTrainedRequest,
     ModelSpec,
+    OnlineJudgedReply,
+    OnlineJudgedRequest,
     OnlineStartReply,
     OnlineStartRequest,
     OnlineTrafficReply,
     OnlineTrafficRequest,
+    OnlineUnjudgedReply,
+    OnlineUnjudgedRequest,
     OptimStepReply,
     OptimStepRequest,
     PromoteReply,
@@ -100,6 +104,10 @@ class Backend(Protocol):
     async def promote(self, model: ModelSpec, req: PromoteRequest) -> PromoteReply: ...
 
     async def online_traffic(self, model: ModelSpec, req: OnlineTrafficRequest) -> OnlineTrafficReply: ...
+
+    async def online_unjudged(self, model: ModelSpec, req: OnlineUnjudgedRequest) -> OnlineUnjudgedReply: ...
+
+    async def online_judged(self, model: ModelSpec, req: OnlineJudgedRequest) -> OnlineJudgedReply: ...
 
     async def mark_trained(self, model: ModelSpec, req: MarkTrainedRequest) -> MarkTrainedReply: ...
 

@@ -32,10 +32,14 @@ from advantage.wire.ops import (
     MarkTrainedReply,
     MarkTrainedRequest,
     ModelSpec,
+    OnlineJudgedReply,
+    OnlineJudgedRequest,
     OnlineStartReply,
     OnlineStartRequest,
     OnlineTrafficReply,
     OnlineTrafficRequest,
+    OnlineUnjudgedReply,
+    OnlineUnjudgedRequest,
     OptimStepReply,
     OptimStepRequest,
     PromoteReply,
@@ -105,6 +109,7 @@ class LocalBackend:
             model.lora,
             model.fork_from,
             model.record_traffic,
+            model.background_samples,
         )
 
     async def train(
@@ -181,6 +186,12 @@ class LocalBackend:
 
     async def online_traffic(self, model: ModelSpec, req: OnlineTrafficRequest) -> OnlineTrafficReply:
         return await self._ops.online_traffic(self.service, model.name, req)
+
+    async def online_unjudged(self, model: ModelSpec, req: OnlineUnjudgedRequest) -> OnlineUnjudgedReply:
+        return await self._ops.online_unjudged(self.service, model.name, req)
+
+    async def online_judged(self, model: ModelSpec, req: OnlineJudgedRequest) -> OnlineJudgedReply:
+        return await self._ops.online_judged(self.service, model.name, req)
 
     async def mark_trained(self, model: ModelSpec, req: MarkTrainedRequest) -> MarkTrainedReply:
         return await self._ops.mark_trained(self.service, model.name, req)

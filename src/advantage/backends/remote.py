@@ -58,10 +58,14 @@ from advantage.wire.ops import (
     MarkTrainedReply,
     MarkTrainedRequest,
     ModelSpec,
+    OnlineJudgedReply,
+    OnlineJudgedRequest,
     OnlineStartReply,
     OnlineStartRequest,
     OnlineTrafficReply,
     OnlineTrafficRequest,
+    OnlineUnjudgedReply,
+    OnlineUnjudgedRequest,
     OptimStepReply,
     OptimStepRequest,
     PromoteReply,
@@ -79,7 +83,17 @@ from advantage.wire.ops import (
 NOT_REGISTERED = "model_not_registered"  # the server's error code for a model it does not know (any more)
 _RETRY_STATUS = frozenset({502, 503, 504})
 _IDEMPOTENT_OPS = frozenset(
-    {"datums", "sft_datums", "forward", "sample", "logprobs", "online_traffic", "mark_trained"}
+    {
+        "datums",
+        "sft_datums",
+        "forward",
+        "sample",
+        "logprobs",
+        "online_traffic",
+        "mark_trained",
+        "online_unjudged",
+        "online_judged",
+    }
 )
 # Raised before the request went out. httpx's transport retries the first two itself; a pool timeout (every
 # connection busy) is retried here.
@@ -159,6 +173,8 @@ class RemoteBackend:
             body["fork_from"] = model.fork_from
         if model.record_traffic:  # likewise for a server that predates recording
             body["record_traffic"] = True
+        if model.background_samples:  # and background samples
+            body["background_samples"] = model.background_samples
         data = await self._call("POST", "/models", body, idempotent=True, what="register")
         return int(data["step"])
 
@@ -233,6 +249,12 @@ class RemoteBackend:
 
     async def online_traffic(self, model: ModelSpec, req: OnlineTrafficRequest) -> OnlineTrafficReply:
         return OnlineTrafficReply.model_validate(await self._op(model, "online_traffic", req))
+
+    async def online_unjudged(self, model: ModelSpec, req: OnlineUnjudgedRequest) -> OnlineUnjudgedReply:
+        return OnlineUnjudgedReply.model_validate(await self._op(model, "online_unjudged", req))
+
+    async def online_judged(self, model: ModelSpec, req: OnlineJudgedRequest) -> OnlineJudgedReply:
+        return OnlineJudgedReply.model_validate(await self._op(model, "online_judged", req))
 
     async def mark_trained(self, model: ModelSpec, req: MarkTrainedRequest) -> MarkTrainedReply:
         return MarkTrainedReply.model_validate(await self._op(model, "mark_trained", req))

@@ -13,8 +13,13 @@ Rules, the ones `POST /v1/feedback` and `TrainableModel.feedback` document:
   later. Send it after the episode's last turn: turns recorded after the call get nothing until a call
   comes again. An agent samples its turns with n=1; a turn sampled with n>1 gets the reward on all of its
   choices, since the store cannot tell which one the agent went on with.
-- **Errors.** An unknown completion id is a 404; a choice index out of range, a non-finite reward, an unknown
-  label, or neither/both of reward and label is a 400. Each message says what to send instead.
+- **Background samples are not the caller's to rate.** A model served with `background_samples=k` records k
+  more choices per request that the caller never saw (indices n..n+k-1); feedback on one is a 400. The
+  online trainer's judge (`OnlineConfig.judge_model`) scores them; explicit feedback on a returned choice
+  always wins over the judge's score for it, whichever came first (`online/judging.py`).
+- **Errors.** An unknown completion id is a 404; a choice index out of range (or a background sample's), a
+  non-finite reward, an unknown label, or neither/both of reward and label is a 400. Each message says what
+  to send instead.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from advantage.online.store import Feedback, RecordedCompletion, TrafficStore
+from advantage.online.records import Feedback, RecordedCompletion
+from advantage.online.store import TrafficStore
 from advantage.trajectory import MAX_ABS_REWARD  # the bound on trajectory rewards, too
 
 MAX_COMMENT_CHARS = 4000
@@ -108,7 +114,14 @@ def give_feedback(
             "completion_id",
         )
     store, record = found
-    n = len(record.choices)
+    n = len(record.returned)
+    if not isinstance(choice, bool) and n <= choice < len(record.choices):
+        raise FeedbackError(
+            400,
+            f"Choice {choice} of completion {completion_id!r} is a background sample, which the caller never "
+            f"saw: rate the returned choices (0..{n - 1}); the online trainer's judge scores the others.",
+            "choice",
+        )
     if isinstance(choice, bool) or not 0 <= choice < n:
         raise FeedbackError(
             400,

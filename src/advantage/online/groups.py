@@ -8,6 +8,9 @@ carrying the exact sampled ids and logprobs as recorded (`token_ids`, `token_log
 `forced_token_indices`, `weights`), the request's tools, and the feedback's reward. So training uses the
 sampled ids, never a re-tokenization, exactly as for rollouts.
 
+The rated choices include background samples (`server/background.py`) and choices the online trainer's
+judge scored (`judging.py`); each trajectory's metadata says which (`background`, `judge`).
+
 Skipped, and counted (as `model.train` counts zero-variance groups): a prompt with fewer than `min_size`
 rated choices (nothing to compare against), and a group whose rewards are all equal (zero advantage).
 """
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 
 from openai.types.chat.chat_completion import Choice
 
-from advantage.online.store import RewardedChoice
+from advantage.online.records import RecordedChoice, RecordedCompletion, RewardedChoice
 from advantage.trajectory import MessageOrChoice, Trajectory, TrajectoryGroup
 
 
@@ -28,11 +31,21 @@ class TrafficGroups:
     groups: list[TrajectoryGroup] = field(default_factory=list)
     too_small: int = 0  # prompts with fewer than min_size rated choices
     zero_variance: int = 0  # groups whose rewards were all equal
+    tied: list[tuple[tuple[str, int], ...]] = field(
+        default_factory=list
+    )  # those groups' (completion, choice)
 
 
 def trajectory_from_traffic(row: RewardedChoice) -> Trajectory:
     """One rated choice as a trajectory: its request's messages, then the choice with its sampled ids."""
-    rec, ch = row.completion, row.choice
+    t = recorded_trajectory(row.completion, row.choice, row.feedback.reward)
+    if row.feedback.judge is not None:
+        t.metadata["judge"] = row.feedback.judge
+    return t
+
+
+def recorded_trajectory(rec: RecordedCompletion, ch: RecordedChoice, reward: float) -> Trajectory:
+    """A recorded choice as a trajectory with `reward`: its request's messages, then the choice."""
     choice = Choice.model_validate(
         {
             "index": ch.index,
@@ -54,8 +67,9 @@ def trajectory_from_traffic(row: RewardedChoice) -> Trajectory:
         "choice": ch.index,
         "step": rec.step,
         "user": rec.user,
+        "background": ch.background,
     }
-    return Trajectory(items, tools=rec.request.get("tools"), reward=row.feedback.reward, metadata=metadata)
+    return Trajectory(items, tools=rec.request.get("tools"), reward=reward, metadata=metadata)
 
 
 def groups_from_traffic(rows: Iterable[RewardedChoice], min_size: int = 2) -> TrafficGroups:
@@ -73,6 +87,7 @@ def groups_from_traffic(rows: Iterable[RewardedChoice], min_size: int = 2) -> Tr
         rewards = [m.feedback.reward for m in members]
         if max(rewards) == min(rewards):
             out.zero_variance += 1
+            out.tied.append(tuple((m.completion.id, m.choice.index) for m in members))
             continue
         out.groups.append(TrajectoryGroup([trajectory_from_traffic(m) for m in members]))
     return out

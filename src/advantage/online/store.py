@@ -1,4 +1,5 @@
-"""The traffic store: every chat completion a recording model served, and the feedback given on it.
+"""The traffic store: every chat completion a recording model served, and the feedback given on it (the
+records themselves are `online/records.py`'s).
 
 `TrafficStore` is the interface the server and the online trainer use; it is narrow (record, look up,
 write feedback, read rewarded choices, prune) so that a server-grade database can replace SQLite later.
@@ -8,13 +9,22 @@ may lose the last few transactions but never leaves the file inconsistent. One c
 callers run its methods on worker threads, never on the event loop.
 
 Tables (JSON columns hold what a completion request or a choice was on the wire):
-    completions(id, model, step, created, episode, user, request_json, metadata_json)
+    completions(id, model, step, created, episode, user, request_json, metadata_json, pending)
     choices(completion_id, idx, token_ids, logprobs, prompt_token_ids, forced_token_indices,
-            finish_reason, message_json)
-    feedback(completion_id, idx, reward, label, comment, source_id, updated)
+            finish_reason, message_json, background)
+    feedback(completion_id, idx, reward, label, comment, source_id, updated, judge)
     trained(completion_id, idx, step, outcome, updated)
+    judged(completion_id, judge, outcome, updated)
 `episode` is the JSON of the request's `metadata["episode"]` (NULL without one), indexed so that feedback
-on an episode finds its completions. A choice has at most one feedback row: writing one replaces it.
+on an episode finds its completions. A choice has at most one feedback row: explicit feedback replaces any
+row; a judge's score (`judge` names the judge) is written only where there is none, so explicit feedback
+wins over the judge whichever comes first.
+
+Background samples (`server/background.py`): a completion recorded with `pending` = k has k background
+samples on the way; `add_background` appends them as choices `n..n+k-1` with `background` = 1 (never
+returned to the caller) and sets `pending` to 0. `judged` records which completions the online trainer's
+judge has looked at (outcome "scored", or "failed" for a verdict that could not be used), so none is sent
+twice. Files written before these columns existed get them on open (`ALTER TABLE`).
 `trained` is the online trainer's durable record of what it has used (`online/trainer.py`): a rated choice
 with a row there is never trained on as fresh traffic again; `outcome` says what became of it ("promoted":
 in a step that became the default, "rejected": in a step the promotion gate refused, "stale": sampled from
@@ -31,13 +41,17 @@ import json
 import sqlite3
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from advantage.online.records import Feedback, RecordedChoice, RecordedCompletion, RewardedChoice
 
 FILENAME = "traffic.sqlite"
 MAX_AGE_S = 30 * 24 * 3600.0
 MAX_COMPLETIONS = 100_000
+PENDING_TIMEOUT_S = 600.0  # background samples not recorded by then never will be (the server stopped)
+JUDGED = ("scored", "failed")
 
 
 @dataclass(frozen=True)
@@ -55,54 +69,6 @@ class Retention:
             )
 
 
-@dataclass
-class RecordedChoice:
-    index: int
-    token_ids: list[int]
-    logprobs: list[float]
-    prompt_token_ids: list[int]
-    forced_token_indices: list[int]
-    finish_reason: str | None
-    message: dict[str, Any]  # the assistant message as served (content, tool_calls)
-
-
-@dataclass
-class RecordedCompletion:
-    id: str
-    model: str  # the trainable model's name (not name@step)
-    step: int  # the weights step that produced it
-    created: float  # unix time, seconds
-    request: dict[str, Any]  # messages, tools, tool_choice and sampling params, as sent
-    choices: list[RecordedChoice]
-    metadata: dict[str, Any] = field(default_factory=dict)
-    user: str | None = None
-
-    @property
-    def episode(self) -> str | None:
-        """The episode tag as stored: the JSON of `metadata["episode"]`, or None."""
-        return episode_key(self.metadata)
-
-
-@dataclass
-class Feedback:
-    completion_id: str
-    choice: int
-    reward: float
-    label: str | None = None
-    comment: str | None = None
-    source_id: str | None = None  # the completion the caller named (another one for an episode's turns)
-    updated: float = 0.0
-
-
-@dataclass
-class RewardedChoice:
-    """One recorded choice with the feedback on it: what the online trainer learns from."""
-
-    completion: RecordedCompletion
-    choice: RecordedChoice
-    feedback: Feedback
-
-
 class TrafficStore(Protocol):
     def record(self, completion: RecordedCompletion) -> None:
         """Store a completion and its choices (and prune what retention no longer keeps)."""
@@ -110,12 +76,28 @@ class TrafficStore(Protocol):
 
     def get(self, completion_id: str) -> RecordedCompletion | None: ...
 
+    def add_background(self, completion_id: str, choices: list[RecordedChoice]) -> bool:
+        """Append a completion's background samples (none: they never came) and clear its `pending`;
+        False when the completion is not kept (any more)."""
+        ...
+
     def episode(self, model: str, episode: str) -> list[tuple[str, int]]:
-        """(completion id, number of choices) of the model's completions tagged `episode`, oldest first."""
+        """(completion id, number of returned choices) of the model's completions tagged `episode`, oldest
+        first (background samples are not the episode's: the agent went on with a returned choice)."""
         ...
 
     def set_feedback(self, rows: list[Feedback]) -> None:
         """Write feedback rows, replacing any on the same choices, in one transaction."""
+        ...
+
+    def unjudged(self, min_choices: int, min_step: int, limit: int) -> list[RecordedCompletion]:
+        """Completions for the judge, oldest first: from step `min_step` on, with at least `min_choices`
+        choices, no background samples pending (or pending for over `PENDING_TIMEOUT_S`), never judged, and
+        a choice with neither feedback nor a `trained` row."""
+        ...
+
+    def set_judged(self, completion_id: str, judge: str, outcome: str, scores: list[Feedback]) -> None:
+        """Record the judge's look at a completion (`JUDGED`) and its scores, which never replace feedback."""
         ...
 
     def feedback(self, completion_id: str) -> dict[int, Feedback]:
@@ -145,23 +127,6 @@ class TrafficStore(Protocol):
     def close(self) -> None: ...
 
 
-def rewarded_to_dict(row: RewardedChoice) -> dict[str, Any]:
-    """A rated choice as JSON-able data (what the `online_traffic` op sends)."""
-    return asdict(row)
-
-
-def rewarded_from_dict(d: dict[str, Any]) -> RewardedChoice:
-    c = dict(d["completion"])
-    c["choices"] = [RecordedChoice(**ch) for ch in c["choices"]]
-    return RewardedChoice(RecordedCompletion(**c), RecordedChoice(**d["choice"]), Feedback(**d["feedback"]))
-
-
-def episode_key(metadata: dict[str, Any] | None) -> str | None:
-    if not metadata or metadata.get("episode") is None:
-        return None
-    return json.dumps(metadata["episode"], sort_keys=True)
-
-
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS completions (
     id TEXT PRIMARY KEY,
@@ -171,7 +136,8 @@ CREATE TABLE IF NOT EXISTS completions (
     episode TEXT,
     user TEXT,
     request_json TEXT NOT NULL,
-    metadata_json TEXT NOT NULL
+    metadata_json TEXT NOT NULL,
+    pending INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS completions_created ON completions(created);
 CREATE INDEX IF NOT EXISTS completions_episode ON completions(model, episode) WHERE episode IS NOT NULL;
@@ -184,6 +150,7 @@ CREATE TABLE IF NOT EXISTS choices (
     forced_token_indices TEXT NOT NULL,
     finish_reason TEXT,
     message_json TEXT NOT NULL,
+    background INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (completion_id, idx)
 );
 CREATE TABLE IF NOT EXISTS feedback (
@@ -194,6 +161,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     comment TEXT,
     source_id TEXT,
     updated REAL NOT NULL,
+    judge TEXT,
     PRIMARY KEY (completion_id, idx),
     FOREIGN KEY (completion_id, idx) REFERENCES choices(completion_id, idx) ON DELETE CASCADE
 );
@@ -208,7 +176,19 @@ CREATE TABLE IF NOT EXISTS trained (
     FOREIGN KEY (completion_id, idx) REFERENCES choices(completion_id, idx) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS trained_outcome ON trained(outcome, updated);
+CREATE TABLE IF NOT EXISTS judged (
+    completion_id TEXT PRIMARY KEY REFERENCES completions(id) ON DELETE CASCADE,
+    judge TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    updated REAL NOT NULL
+);
 """
+# Columns added since the first release: (table, column, declaration), added to older files on open.
+_ADDED_COLUMNS = (
+    ("completions", "pending", "INTEGER NOT NULL DEFAULT 0"),
+    ("choices", "background", "INTEGER NOT NULL DEFAULT 0"),
+    ("feedback", "judge", "TEXT"),
+)
 OUTCOMES = ("promoted", "rejected", "stale", "skipped")
 
 
@@ -226,6 +206,9 @@ class SQLiteTrafficStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _ADDED_COLUMNS:
+            if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
         # Kept here: COUNT(*) walks the whole table, and the count is checked on every insert.
         self._count = int(self._db.execute("SELECT COUNT(*) FROM completions").fetchone()[0])
 
@@ -234,30 +217,44 @@ class SQLiteTrafficStore:
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
-                "INSERT INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO completions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     c.id, c.model, c.step, c.created, c.episode, _text(c.user),
-                    json.dumps(c.request), json.dumps(c.metadata),
+                    json.dumps(c.request), json.dumps(c.metadata), c.pending,
                 ),
             )  # fmt: skip
-            self._db.executemany(
-                "INSERT INTO choices VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        c.id,
-                        ch.index,
-                        json.dumps(ch.token_ids),
-                        json.dumps(ch.logprobs),
-                        json.dumps(ch.prompt_token_ids),
-                        json.dumps(ch.forced_token_indices),
-                        ch.finish_reason,
-                        json.dumps(ch.message),
-                    )
-                    for ch in c.choices
-                ],
-            )
+            self._insert_choices(c.id, c.choices)
             self._count += 1
             self._prune(time.time())
+
+    def _insert_choices(self, completion_id: str, choices: list[RecordedChoice]) -> None:
+        self._db.executemany(
+            "INSERT INTO choices VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    completion_id,
+                    ch.index,
+                    json.dumps(ch.token_ids),
+                    json.dumps(ch.logprobs),
+                    json.dumps(ch.prompt_token_ids),
+                    json.dumps(ch.forced_token_indices),
+                    ch.finish_reason,
+                    json.dumps(ch.message),
+                    int(ch.background),
+                )
+                for ch in choices
+            ],
+        )
+
+    def add_background(self, completion_id: str, choices: list[RecordedChoice]) -> bool:
+        with self._lock, self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            if not self._db.execute(
+                "UPDATE completions SET pending = 0 WHERE id = ?", (completion_id,)
+            ).rowcount:
+                return False
+            self._insert_choices(completion_id, choices)
+            return True
 
     def get(self, completion_id: str) -> RecordedCompletion | None:
         with self._lock:
@@ -273,7 +270,8 @@ class SQLiteTrafficStore:
         with self._lock:
             rows = self._db.execute(
                 "SELECT c.id, COUNT(ch.idx) FROM completions c JOIN choices ch ON ch.completion_id = c.id "
-                "WHERE c.model = ? AND c.episode = ? GROUP BY c.id ORDER BY c.created, c.rowid",
+                "WHERE c.model = ? AND c.episode = ? AND ch.background = 0 GROUP BY c.id "
+                "ORDER BY c.created, c.rowid",
                 (model, episode),
             ).fetchall()
         return [(str(r[0]), int(r[1])) for r in rows]
@@ -282,20 +280,49 @@ class SQLiteTrafficStore:
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany(
-                "INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        f.completion_id,
-                        f.choice,
-                        f.reward,
-                        _text(f.label),
-                        _text(f.comment),
-                        f.source_id,
-                        f.updated,
-                    )
-                    for f in rows
-                ],
+                "INSERT OR REPLACE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [_feedback_row(f) for f in rows],
             )
+
+    def unjudged(self, min_choices: int, min_step: int, limit: int) -> list[RecordedCompletion]:
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT c.id FROM completions c WHERE c.step >= ? "
+                    "AND (c.pending = 0 OR c.created < ?) "
+                    "AND NOT EXISTS (SELECT 1 FROM judged j WHERE j.completion_id = c.id) "
+                    "AND (SELECT COUNT(*) FROM choices ch WHERE ch.completion_id = c.id) >= ? "
+                    "AND EXISTS (SELECT 1 FROM choices ch WHERE ch.completion_id = c.id "
+                    "AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.completion_id = c.id AND f.idx = ch.idx) "
+                    "AND NOT EXISTS (SELECT 1 FROM trained t WHERE t.completion_id = c.id AND t.idx = ch.idx)) "
+                    "ORDER BY c.created, c.rowid LIMIT ?",
+                    (min_step, time.time() - PENDING_TIMEOUT_S, min_choices, limit),
+                )
+            ]
+        return [c for c in map(self.get, ids) if c is not None]
+
+    def set_judged(self, completion_id: str, judge: str, outcome: str, scores: list[Feedback]) -> None:
+        if outcome not in JUDGED:
+            raise ValueError(f"outcome must be one of {JUDGED}, got {outcome!r}.")
+        if any(f.judge is None for f in scores):
+            raise ValueError("a judge's score names its judge (Feedback.judge).")
+        try:
+            with self._lock, self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT OR REPLACE INTO judged VALUES (?, ?, ?, ?)",
+                    (completion_id, _text(judge), outcome, time.time()),
+                )
+                self._db.executemany(  # OR IGNORE: explicit feedback already there wins
+                    "INSERT OR IGNORE INTO feedback VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_feedback_row(f) for f in scores],
+                )
+        except sqlite3.IntegrityError:
+            raise ValueError(
+                f"set_judged names a completion or choice that is not recorded (or no longer kept): "
+                f"{completion_id!r}."
+            ) from None
 
     def feedback(self, completion_id: str) -> dict[int, Feedback]:
         with self._lock:
@@ -399,8 +426,15 @@ def _text(value: str | None) -> str | None:
     return None if value is None else value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def _feedback_row(f: Feedback) -> tuple[Any, ...]:
+    return (
+        f.completion_id, f.choice, f.reward, _text(f.label), _text(f.comment), f.source_id, f.updated,
+        _text(f.judge),
+    )  # fmt: skip
+
+
 def _completion(row: tuple[Any, ...], choices: dict[str, list[RecordedChoice]]) -> RecordedCompletion:
-    cid, model, step, created, _episode, user, request_json, metadata_json = row
+    cid, model, step, created, _episode, user, request_json, metadata_json, pending = row
     return RecordedCompletion(
         id=cid,
         model=model,
@@ -410,11 +444,12 @@ def _completion(row: tuple[Any, ...], choices: dict[str, list[RecordedChoice]]) 
         choices=choices.get(cid, []),
         metadata=json.loads(metadata_json),
         user=user,
+        pending=int(pending),
     )
 
 
 def _choice(row: tuple[Any, ...]) -> RecordedChoice:
-    _cid, idx, token_ids, logprobs, prompt_ids, forced, finish, message_json = row
+    _cid, idx, token_ids, logprobs, prompt_ids, forced, finish, message_json, background = row
     return RecordedChoice(
         index=int(idx),
         token_ids=json.loads(token_ids),
@@ -423,9 +458,10 @@ def _choice(row: tuple[Any, ...]) -> RecordedChoice:
         forced_token_indices=json.loads(forced),
         finish_reason=finish,
         message=json.loads(message_json),
+        background=bool(background),
     )
 
 
 def _feedback(row: tuple[Any, ...]) -> Feedback:
-    cid, idx, reward, label, comment, source_id, updated = row
-    return Feedback(cid, int(idx), float(reward), label, comment, source_id, float(updated))
+    cid, idx, reward, label, comment, source_id, updated, judge = row
+    return Feedback(cid, int(idx), float(reward), label, comment, source_id, float(updated), judge)

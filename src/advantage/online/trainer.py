@@ -2,6 +2,8 @@
 
 `train_online(model, config, evaluate=..., stop=...)` loops until stopped (`stop` set, `config.max_steps`
 steps, or `config.max_seconds`):
+0. with a judge (`config.judge_model`, or `judge=`), score the recorded requests whose sibling choices are not
+   all rated (`judging.py`: explicit feedback wins; a failed verdict is counted and skipped);
 1. read the rated choices not used yet (`TrafficStore.untrained`, through the backend's `online_traffic`
    op); the ones sampled from weights more than `max_steps_off_policy` steps before the default step (or
    from a later, unpromoted step) are marked "stale" and never trained on;
@@ -41,7 +43,9 @@ from typing import TYPE_CHECKING
 
 from advantage.config import OnlineConfig
 from advantage.online.groups import groups_from_traffic
-from advantage.online.store import RewardedChoice, rewarded_from_dict
+from advantage.online.judging import JudgeCounts, judge_for, judge_traffic
+from advantage.online.records import RewardedChoice, rewarded_from_dict
+from advantage.rewards.ruler import JudgeUsage, RulerJudge
 from advantage.trajectory import TrajectoryGroup
 from advantage.wire.ops import MarkTrainedRequest, OnlineStartRequest, OnlineTrafficRequest, PromoteRequest
 
@@ -72,6 +76,9 @@ class OnlineResult:
     default: int = 0  # the default step when the trainer stopped
     stale: int = 0  # choices never trained on: sampled from weights too old
     stopped: str = ""  # "stop", "max_steps" or "max_seconds"
+    zero_variance: int = 0  # distinct groups seen whose rewards all tied (skipped, as in `model.train`)
+    judge: JudgeCounts = field(default_factory=JudgeCounts)  # requests the judge scored, failed on, ...
+    judge_usage: JudgeUsage | None = None  # the judge's tokens and cost, apart from the policy's
 
     @property
     def rejected(self) -> list[int]:
@@ -84,10 +91,12 @@ async def train_online(
     *,
     evaluate: Evaluate | None = None,
     stop: asyncio.Event | None = None,
+    judge: RulerJudge | None = None,
     on_step: OnStep | None = None,
 ) -> OnlineResult:
-    """Train `model` on its recorded, rated traffic until stopped (see the module docstring). `on_step` is
-    called with each step once it is judged (progress lines, a deadline's estimate of a step's length)."""
+    """Train `model` on its recorded, rated traffic until stopped (see the module docstring). `judge`
+    replaces the judge `config.judge_model` names (a custom rubric, say). `on_step` is called with each
+    step once it is judged (progress lines, a deadline's estimate of a step's length)."""
     config = config or OnlineConfig()
     if config.max_steps is None and config.max_seconds is None and stop is None:
         raise ValueError(
@@ -98,12 +107,29 @@ async def train_online(
     rng = random.Random(config.seed)
     t0 = time.monotonic()
     out = OnlineResult(default=default)
+    judge = judge or judge_for(config, model)
+    out.judge_usage = judge.usage if judge is not None else None
+    tied: set[tuple[tuple[str, int], ...]] = set()
     while not (reason := _stop_reason(config, stop, len(out.steps), time.monotonic() - t0)):
+        if judge is not None:
+            limit = config.max_steps_off_policy
+            out.judge.add(
+                await judge_traffic(
+                    model,
+                    judge,
+                    min_choices=config.group_size,
+                    min_step=0 if limit is None else max(0, default - limit),
+                    limit=config.judge_max_groups,
+                )
+            )
         fresh, stale = await _fresh_traffic(model, default, config)
         if stale:
             await _mark(model, [_key(r) for r in stale], default, "stale")
             out.stale += len(stale)
-        groups = groups_from_traffic(fresh, config.group_size).groups[: config.max_groups]
+        formed = groups_from_traffic(fresh, config.group_size)
+        tied.update(formed.tied)
+        out.zero_variance = len(tied)
+        groups = formed.groups[: config.max_groups]
         if len(groups) < config.min_groups:
             await _wait(stop, config.poll_s, t0, config.max_seconds)
             continue

@@ -11,7 +11,8 @@ text.
 stored (`online/store.py`) with its request, every choice's sampled ids and logprobs, the weights step and
 the caller's `metadata` and `user`, before the response (or a stream's last chunk) goes out: a caller that
 has the completion id can send feedback on it at once. A store that fails to write is logged and does not
-fail the completion.
+fail the completion. A model with background samples gets k more choices per request, queued beside the
+caller's and recorded after the response, never returned (`server/background.py`).
 
 `prepare` (rendering, tokenizing, grammar checks, loading an older step's adapter) runs on a worker thread,
 and so does encoding a response; the event loop only moves bytes. A request is submitted to the engine before
@@ -46,7 +47,14 @@ from advantage.engine.chat import encode_prompt, forced_functions, parse_reply
 from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
-from advantage.online.store import RecordedChoice, RecordedCompletion, TrafficStore
+from advantage.online.records import RecordedChoice, RecordedCompletion
+from advantage.online.store import TrafficStore
+from advantage.server.background import (
+    BackgroundFuture,
+    attach_background,
+    cancel_background,
+    submit_background,
+)
 from advantage.server.schemas import APIError, ChatCompletionRequest, queue_full
 from advantage.service import Service, UnknownServedModel, Weights
 
@@ -61,9 +69,12 @@ class PreparedRequest:
         prompt_ids: list[int],
         params: SamplingParams,
         recorder: TrafficStore | None = None,
+        background: int = 0,
     ):
         self.req, self.weights, self.prompt_ids, self.params = req, weights, prompt_ids, params
         self.recorder = recorder
+        self.background = background if recorder is not None else 0  # background samples to ask for
+        self.pending = 0  # background samples queued: recorded with the completion, appended when done
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.tools_enabled = bool(req.tools) and req.tool_choice != "none"
@@ -108,7 +119,9 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
         raise APIError(400, str(exc)) from None
     except ContextLengthError as exc:
         raise APIError(400, str(exc), param="messages", code="context_length_exceeded") from None
-    return PreparedRequest(req, weights, prompt_ids, params, service.recorder(weights.model))
+    recorder = service.recorder(weights.model)
+    background = service.background_samples_of(weights.model) if recorder is not None else 0
+    return PreparedRequest(req, weights, prompt_ids, params, recorder, background)
 
 
 def _grammar(req: ChatCompletionRequest, tool_format: str) -> tuple[str | None, str]:
@@ -160,10 +173,37 @@ def submit(p: PreparedRequest, on_token: TokenCallback | None = None) -> asyncio
     return asyncio.wrap_future(fut)
 
 
+def submit_with_background(
+    p: PreparedRequest, on_token: TokenCallback | None = None
+) -> tuple[asyncio.Future[list[Completion]], BackgroundFuture | None]:
+    """`submit`, then the request's background samples (if its model asks for any) right behind it."""
+    fut = submit(p, on_token)
+    bg = submit_background(p.weights, p.prompt_ids, p.params, p.background)
+    p.pending = p.background if bg is not None else 0
+    return fut, bg
+
+
 async def complete(p: PreparedRequest) -> Response:
-    outs = await submit(p)
-    body = await asyncio.to_thread(lambda: _json(_completion(p, outs)))  # encoded off the loop
+    fut, bg = submit_with_background(p)
+    try:
+        outs = await fut
+        body = await asyncio.to_thread(lambda: _json(_completion(p, outs)))  # encoded off the loop
+    except BaseException:
+        cancel_background(bg)
+        raise
+    _attach(p, bg, len(outs))
     return Response(body, media_type="application/json")
+
+
+def _attach(p: PreparedRequest, bg: BackgroundFuture | None, n: int) -> None:
+    """Append the background samples to the recorded completion when they are done (choices n..n+k-1)."""
+    if bg is None or p.recorder is None:
+        return
+
+    def build(outs: list[Completion]) -> list[RecordedChoice]:
+        return [_recorded(p, n + i, c, _choice(p, n + i, c), background=True) for i, c in enumerate(outs)]
+
+    attach_background(bg, p.recorder, p.id, build)
 
 
 def _json(m: ChatCompletion | ChatCompletionChunk) -> str:
@@ -221,25 +261,30 @@ def _record(p: PreparedRequest, outs: list[Completion], choices: list[Choice]) -
         step=p.weights.step,
         created=time.time(),
         request=request,
-        choices=[
-            RecordedChoice(
-                index=i,
-                token_ids=c.token_ids,
-                logprobs=c.logprobs,
-                prompt_token_ids=p.prompt_ids,
-                forced_token_indices=c.forced,
-                finish_reason=full.finish_reason,
-                message=full.message.model_dump(mode="json", exclude_unset=True),
-            )
-            for i, (c, full) in enumerate(zip(outs, choices, strict=True))
-        ],
+        choices=[_recorded(p, i, c, full) for i, (c, full) in enumerate(zip(outs, choices, strict=True))],
         metadata=dict(p.req.metadata or {}),
         user=p.req.user,
+        pending=p.pending,
     )
     try:
         p.recorder.record(record)
     except Exception:  # a full disk or a locked file must not fail the completion the caller is owed
         log.exception("could not record completion %s of %s", p.id, p.weights.model)
+
+
+def _recorded(
+    p: PreparedRequest, index: int, c: Completion, full: Choice, background: bool = False
+) -> RecordedChoice:
+    return RecordedChoice(
+        index=index,
+        token_ids=c.token_ids,
+        logprobs=c.logprobs,
+        prompt_token_ids=p.prompt_ids,
+        forced_token_indices=c.forced,
+        finish_reason=full.finish_reason,
+        message=full.message.model_dump(mode="json", exclude_unset=True),
+        background=background,
+    )
 
 
 def _extensions(p: PreparedRequest, c: Completion) -> dict[str, Any]:
@@ -285,13 +330,16 @@ def stream(p: PreparedRequest) -> AsyncIterator[str]:
     def on_token(index: int, delta: str) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, (index, delta))
 
-    return _chunks(p, queue, submit(p, None if p.tools_enabled else on_token))
+    task, bg = submit_with_background(p, None if p.tools_enabled else on_token)
+    return _chunks(p, queue, task, bg)
 
 
 async def _chunks(
-    p: PreparedRequest, queue: asyncio.Queue[tuple[int, str]], task: asyncio.Future[list[Completion]]
+    p: PreparedRequest,
+    queue: asyncio.Queue[tuple[int, str]],
+    task: asyncio.Future[list[Completion]],
+    bg: BackgroundFuture | None,
 ) -> AsyncIterator[str]:
-
     def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> str:
         extra = {} if usage is None else {"usage": usage}
         m = ChatCompletionChunk(
@@ -322,13 +370,20 @@ async def _chunks(
         outs = task.result()
     finally:  # the client went away mid-stream (or the stream failed): the engine drops the request's rows
         task.cancel()
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            cancel_background(bg)  # no completion to record them with
 
     def encode() -> list[Choice]:
         fulls = [_choice(p, i, c) for i, c in enumerate(outs)]
         _record(p, outs, fulls)
         return fulls
 
-    fulls = await asyncio.to_thread(encode)
+    try:
+        fulls = await asyncio.to_thread(encode)
+    except BaseException:
+        cancel_background(bg)
+        raise
+    _attach(p, bg, len(outs))
     for i, (c, full) in enumerate(zip(outs, fulls, strict=True)):
         delta = ChoiceDelta()
         if p.tools_enabled:

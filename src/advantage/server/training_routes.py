@@ -9,7 +9,7 @@
     POST   /v1/training/models/{name}/{op}                 the low-level API's primitives: datums,
            sft_datums, forward, forward_backward, optim_step, save_weights, log_metrics,
            sample, logprobs, restore, and the online trainer's online_start, online_traffic,
-           mark_trained, promote (`service_ops`)
+           mark_trained, promote, online_unjudged, online_judged (`service_ops`)
 
 `train` answers `application/x-ndjson`, one JSON object a line:
     {"event": "started", "step": 3}                        accepted; the model was at step 3
@@ -66,8 +66,10 @@ from advantage.wire.ops import (
     LogRequest,
     MarkTrainedRequest,
     ModelSpec,
+    OnlineJudgedRequest,
     OnlineStartRequest,
     OnlineTrafficRequest,
+    OnlineUnjudgedRequest,
     OptimStepRequest,
     PromoteRequest,
     RestoreRequest,
@@ -100,6 +102,7 @@ async def register(body: ModelSpec, request: Request) -> Response:
             body.lora,
             body.fork_from,
             body.record_traffic,
+            body.background_samples,
         )
     except Exception as exc:
         raise api_error(exc) from exc
@@ -194,6 +197,8 @@ _op_route("online_start", OnlineStartRequest, ops.online_start)
 _op_route("promote", PromoteRequest, ops.promote)
 _op_route("online_traffic", OnlineTrafficRequest, ops.online_traffic)
 _op_route("mark_trained", MarkTrainedRequest, ops.mark_trained)
+_op_route("online_unjudged", OnlineUnjudgedRequest, ops.online_unjudged)
+_op_route("online_judged", OnlineJudgedRequest, ops.online_judged)
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from advantage.config import AdamParams, LoRAConfig, LossConfig, LossName, TrainConfig
 from advantage.wire.datum import Datum
@@ -58,6 +58,22 @@ class ModelSpec(_Wire):
         description="Record the chat completions this model serves (request, sampled ids and logprobs, "
         "weights step, metadata), for `POST /v1/feedback` and online training. Each register sets it anew.",
     )
+    background_samples: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Record this many extra samples of every recorded request, never returned to the caller "
+        "(choices n..n+k-1, marked background), so each request is a group once a judge scores it. Sampled "
+        "in the caller's batch; needs record_traffic. Each register sets it anew.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.background_samples and not self.record_traffic:
+            raise ValueError(
+                "background_samples are recorded traffic: set record_traffic=True with them (or leave them 0)."
+            )
+        return self
 
 
 class TrainRequest(_Wire):
@@ -255,3 +271,33 @@ class MarkTrainedRequest(_Wire):
 
 class MarkTrainedReply(_Wire):
     marked: int
+
+
+class OnlineUnjudgedRequest(_Wire):
+    min_choices: int = Field(2, ge=2, le=128, description="Only completions with this many choices or more.")
+    min_step: int = Field(0, ge=0, description="Only completions sampled from this step or a later one.")
+    limit: int = Field(8, ge=1, le=1000, description="At most this many completions, oldest first.")
+
+
+class OnlineUnjudgedReply(_Wire):
+    recording: bool
+    completions: list[dict[str, Any]]  # `dataclasses.asdict` of `online.store.RecordedCompletion`
+
+
+class JudgeScore(_Wire):
+    choice: int = Field(ge=0)
+    reward: float = Field(ge=0, le=1, allow_inf_nan=False, description="The judge's score, in [0, 1].")
+    comment: str | None = Field(None, max_length=4000, description="The judge's explanation.")
+
+
+class OnlineJudgedRequest(_Wire):
+    completion_id: str = Field(min_length=1, max_length=128)
+    judge: str = Field(min_length=1, max_length=256, description="The judge model's name.")
+    outcome: Literal["scored", "failed"]
+    scores: list[JudgeScore] = Field(
+        default_factory=list, description="Written to choices without feedback; explicit feedback wins."
+    )
+
+
+class OnlineJudgedReply(_Wire):
+    scores: int
