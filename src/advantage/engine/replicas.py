@@ -280,10 +280,11 @@ class RayEngineReplicas:
                 from ray.util.placement_group import remove_placement_group
 
                 # A replica on another node removes its own; a dead or stuck one is not waited for long.
-                with contextlib.suppress(ray.exceptions.RayError):
-                    ray.wait(
-                        [a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=10
-                    )
+                if self.actors:
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.wait(
+                            [a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=10
+                        )
                 for a in self.actors:
                     ray.kill(a, no_restart=True)
                 if self.placement_group is not None:
