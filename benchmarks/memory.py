@@ -46,9 +46,7 @@ async def _register(model_name: str, root: str) -> object:
     import advantage as adv
 
     backend = adv.LocalBackend(root, progress=False)
-    backend.service.share_base_weights = (
-        True  # off by default for now (Service's docstring); "before" lacks it
-    )
+    backend.service.share_base_weights = True  # the default now; opt-in in some older trees
     await adv.TrainableModel("m", project="p", base_model=model_name).register(backend)
     return backend
 

@@ -243,8 +243,12 @@ async def test_distillation_lowers_the_reverse_kl_to_the_teacher(
     local: adv.LocalBackend, sharp_tiny_dir: Path
 ) -> None:
     """A teacher fine-tuned to say one thing; a fresh student of the same base learns from the teacher's
-    scores of the student's own samples alone (no reward), and its reverse KL to the teacher falls
-    (measured: 3.3, 3.4, 3.1, 2.6, 2.6, 2.7, 2.1, 1.9)."""
+    scores of the student's own samples alone (no reward), and its reverse KL to the teacher falls.
+
+    16 steps of 16 samples at lr 2e-2. With 8 steps of 8 at lr 5e-2 the run was chaotic: it passed in 2 of 18
+    variants (other sample seeds, the trainer's weights laid out otherwise, the teacher's learning rate changed
+    by 2e-5), sharing the base weights or not. These settings passed in all 9 tried: the last two steps' KL
+    was 0.54-0.58 of the first two's."""
     teacher = await _model(local, "teacher", sharp_tiny_dir)
     ttc = await teacher.training_client()
     prompt = (await ttc.sample(PROMPT, n=1, max_tokens=1)).prompt_tokens
@@ -258,13 +262,13 @@ async def test_distillation_lowers_the_reverse_kl_to_the_teacher(
     student = await _model(local, "student", sharp_tiny_dir)
     tc = await student.training_client()
     kls = []
-    for step in range(8):
-        datums = await _sampled(tc, n=8, seed=100 + step)
+    for step in range(16):
+        datums = await _sampled(tc, n=16, seed=100 + step)
         scores = await tc.compute_logprobs(datums, model=teacher_name)
         batch, metrics = adv.distill_datums(datums, scores)
         kls.append(metrics["distill/reverse_kl"])
         await tc.forward_backward(batch, "importance_sampling")
-        await tc.optim_step(adv.AdamParams(learning_rate=5e-2))
+        await tc.optim_step(adv.AdamParams(learning_rate=2e-2))
         await tc.save_weights(metrics)
     assert kls[0] > 1.0  # the teacher finds the fresh student's samples unlikely
     assert sum(kls[-2:]) < 0.75 * sum(kls[:2]), kls

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +155,44 @@ def test_a_cancelled_request_leaves_its_replica(engine: Engine) -> None:
         assert time.monotonic() < deadline, engine.in_flight()
         time.sleep(0.05)
     assert engine.live() == [0, 1]
+
+
+@needs_ray
+def test_no_scratch_directory_outlives_the_replica_set(
+    ray_cluster: None,
+    model_dir: Path,  # noqa: F811 - the fixture
+    adapters: dict[str, str],  # noqa: F811 - the fixture
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The replicas write adapter files under one scratch directory of the set. A replica killed and restarted
+    by Ray empties its killed process's files; one killed for good, and every other, leaves nothing behind
+    once the set is closed."""
+    import ray
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the set's scratch directory goes here
+    replicas = RayEngineReplicas.start(
+        model_dir, ReplicaPlacement(replicas=2, max_restarts=1), {"max_context": CONTEXT}
+    )
+    try:
+        replicas.load_adapter("a", adapters["a"])
+        [scratch] = tmp_path.glob("advantage-replica-*")
+        files = lambda i: sorted(p.name for p in (scratch / str(i)).iterdir())  # noqa: E731
+        assert sorted(p.name for p in scratch.iterdir()) == ["0", "1"] and len(files(0)) == len(files(1)) == 1
+        killed = files(0)
+        os.kill(replicas.pids[0], signal.SIGKILL)
+        replicas.load_adapter("b", adapters["b"])  # replica 0 is found lost and restarted, then catches up
+        deadline = time.monotonic() + 180
+        while replicas.live() != [0, 1]:
+            assert time.monotonic() < deadline, "the killed replica did not come back"
+            time.sleep(0.2)
+        # "a" and "b" from the restarted process; the killed process's files are gone
+        assert len(files(0)) == 2 and not set(killed) & set(files(0))
+        ray.kill(replicas.actors[1], no_restart=True)  # dies without removing its directory
+        assert len(files(1)) == 2
+    finally:
+        replicas.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def _replicas(backend: adv.LocalBackend, base: Path) -> RayEngineReplicas:

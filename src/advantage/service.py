@@ -121,7 +121,7 @@ class Service:
         background_samples: int = 0,
         engine_factory: EngineFactory | None = None,
         trainer_factory: Callable[[Path, LoRAConfig], Trainer] | None = None,
-        share_base_weights: bool = False,
+        share_base_weights: bool = True,
     ) -> None:
         """`engine_kwargs` go to every `TorchEngine` (e.g. `max_pending`); `engine_factory` replaces it (a base
         model's directory -> any engine of the `engine/base.py` contract). `model_dirs`: where `register` may
@@ -132,8 +132,7 @@ class Service:
         `trainer_factory` replaces the in-process `Trainer` (a base model's directory and LoRA config -> its
         trainer), e.g. data-parallel workers on Ray (`training/ray_workers.py`). `share_base_weights`: the
         in-process trainer builds on the base weights of its model's `TorchEngine` (`engine/weights.py`; one
-        copy, not two). Off by default: with it on, on-policy distillation between two models of one base
-        stops learning (`tests/test_distill.py`), for a reason not found yet."""
+        copy, not two); off, it loads its own copy, which trains bit for bit the same."""
         self.root = Path(root)
         self.engine_kwargs = engine_kwargs or {}
         self.engine_factory = engine_factory

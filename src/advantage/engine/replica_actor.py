@@ -2,6 +2,11 @@
 `TorchEngine` for the base model, adapters written from the files the router sends, and the process id in
 every reply, so the router sees that Ray restarted it (a new process has none of the adapters).
 
+Adapter files go to a scratch directory of the replica's own, `<scratch>/<index>`, under the replica set's
+`scratch` directory (the router's, made and removed by it; a replica on another node makes it there). A
+replica Ray restarts empties the directory its killed process left; `close` (and, failing that, the process's
+normal exit) removes it.
+
 The actor is async: its requests run concurrently and join one engine's continuous batch; cancelling a
 request's Ray task cancels its engine rows.
 """
@@ -9,6 +14,8 @@ request's Ray task cancels its engine rows.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -20,17 +27,21 @@ from advantage.engine.sampling import SamplingParams
 
 
 class ReplicaActor:
-    """One replica (see the module docstring). Adapter files go to a temporary directory of its own, removed
-    with the adapter; a killed process leaves its directory behind in the system's temp dir."""
+    """One replica (see the module docstring): replica `index` of the set whose scratch directory is `scratch`."""
 
-    def __init__(self, model_dir: str, engine_kwargs: dict[str, Any], threads: int, gpu: bool) -> None:
+    def __init__(
+        self, model_dir: str, engine_kwargs: dict[str, Any], threads: int, gpu: bool, scratch: str, index: int
+    ) -> None:
         import torch
 
         from advantage.engine.torch_engine import TorchEngine
 
         torch.set_num_threads(threads)
         self.engine = TorchEngine(model_dir, **{"device": "cuda" if gpu else "cpu", **engine_kwargs})
-        self.dir = Path(tempfile.mkdtemp(prefix="advantage-replica-"))
+        self.dir = Path(scratch) / str(index)
+        shutil.rmtree(self.dir, ignore_errors=True)  # a killed process's, when Ray restarted this replica
+        self.dir.mkdir(parents=True)
+        atexit.register(self.close)
         self.dirs: dict[str, Path] = {}  # adapter name -> the directory its files were written to
         self.pid = os.getpid()
 
@@ -65,3 +76,9 @@ class ReplicaActor:
         if name in self.dirs:
             shutil.rmtree(self.dirs.pop(name), ignore_errors=True)
         return self.pid
+
+    def close(self) -> None:
+        """Remove the scratch directory (and the set's, if this was the last replica in it on this node)."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.dir.parent.rmdir()

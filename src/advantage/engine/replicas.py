@@ -14,7 +14,8 @@ adapter name) before it is queued, as with one engine.
   replicas need no shared directory, only the base model at the same path) and returns once each has loaded
   it: the service announces `name@step` after that, so a request for it reaches only replicas that have it.
   The router remembers name -> directory; a replica that Ray restarted loads every current adapter before it
-  is given a request.
+  is given a request. The replicas write the files to a scratch directory of the set (`scratch`, in the
+  system's temp dir), removed on `close` whatever became of the replicas.
 - Faults: a request whose replica died (or restarted under it) is sent once more, to another live replica;
   if that fails too, its future fails with `ReplicaUnavailable` (the server answers 500, which the OpenAI
   client retries and `gather_trajectory_groups` counts as a failed rollout). A replica is known to have
@@ -30,6 +31,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -109,6 +112,7 @@ class RayEngineReplicas:
         self.model_dir, self.placement, self.engine_kwargs = str(model_dir), placement, dict(engine_kwargs)
         self.router = PrefixRouter()
         self.placement_group: Any = None
+        self.scratch: Path | None = None  # the replicas' adapter files (replica_actor.py), removed on close
         self.actors: list[Any] = []
         self.pids: list[int] = []  # each replica's process as last seen: another pid is a restart
         self.context_len = self.default_max_tokens = self.max_in_flight = 0
@@ -152,6 +156,7 @@ class RayEngineReplicas:
                 "replicas or fewer CPUs/GPUs per replica."
             ) from None
         remote = ray.remote(ReplicaActor)
+        self.scratch = Path(tempfile.mkdtemp(prefix="advantage-replica-"))
         threads, gpu = max(1, int(pl.cpus_per_replica)), pl.gpus_per_replica > 0
         self.actors = [
             remote.options(
@@ -162,7 +167,7 @@ class RayEngineReplicas:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.placement_group, placement_group_bundle_index=i
                 ),
-            ).remote(self.model_dir, self.engine_kwargs, threads, gpu)
+            ).remote(self.model_dir, self.engine_kwargs, threads, gpu, str(self.scratch), i)
             for i in range(pl.replicas)
         ]
         limits = ray.get([a.limits.remote() for a in self.actors], timeout=READY_TIMEOUT_S)
@@ -260,7 +265,9 @@ class RayEngineReplicas:
             return list(self._in_flight)
 
     def close(self) -> None:
-        """Kill the replicas (their requests fail) and free the placement group; `cluster.leave`."""
+        """Kill the replicas (their requests fail) once each removed its scratch directory, free the placement
+        group and remove the set's scratch directory (what a replica killed earlier left there too);
+        `cluster.leave`."""
         with self._lock:
             if self._closed:
                 return
@@ -272,11 +279,19 @@ class RayEngineReplicas:
             if ray.is_initialized():
                 from ray.util.placement_group import remove_placement_group
 
+                # A replica on another node removes its own; a dead or stuck one is not waited for long.
+                if self.actors:
+                    with contextlib.suppress(ray.exceptions.RayError):
+                        ray.wait(
+                            [a.close.remote() for a in self.actors], num_returns=len(self.actors), timeout=10
+                        )
                 for a in self.actors:
                     ray.kill(a, no_restart=True)
                 if self.placement_group is not None:
                     remove_placement_group(self.placement_group)
             cluster.leave(self)
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
     # ---------------------------------------------------------------- routing and faults
     def _check_open(self) -> None:

@@ -24,8 +24,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from advantage.config import AdamParams, LoRAConfig
 from advantage.engine.kv import layer_kv
-from advantage.engine.precision import resolve_dtype, use_fp32_head
-from advantage.engine.weights import BaseWeights, shared_model
+from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
+from advantage.engine.weights import BaseWeights, own_memory, shared_model
 from advantage.training.packing import layout, shared_prefix_len
 from advantage.wire.datum import Datum
 
@@ -75,6 +75,11 @@ class Trainer:
         if base is None:
             base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
             base = base.to(self.device)  # type: ignore[arg-type]  # transformers' wrapped .to() hides its signature
+            if fp32_head:  # the engine's logprobs are computed the same way (engine/precision.py)
+                use_fp32_head(base)
+            # Laid out as the engine lays out the weights a trainer may share instead: the matmuls then sum in
+            # the same order, and a step is bit for bit the same with or without sharing.
+            own_memory(column_major_linears(base))  # both in place
         base.config.use_cache = True
         torch.manual_seed(seed)
         peft_cfg = LoraConfig(
@@ -85,8 +90,6 @@ class Trainer:
             task_type="CAUSAL_LM",
         )
         self.model: Any = get_peft_model(base, peft_cfg)
-        if fp32_head:  # the engine's logprobs are computed the same way (engine/precision.py)
-            use_fp32_head(self.model.get_base_model())
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
