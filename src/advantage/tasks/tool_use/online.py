@@ -62,7 +62,7 @@ class OnlineDemoConfig(BaseModel):
         description="Promotion gate: a step becomes the default only if its dev success is at least the "
         "default's minus this (0.07: one dev question of 16; this task's success dips before it climbs).",
     )
-    learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (constant).")
+    learning_rate: float = Field(1.5e-3, gt=0, le=1, description="AdamW learning rate (constant).")
     temperature: float = Field(0.7, ge=0, le=2, description="The users' sampling temperature.")
     val_size: int = Field(32, ge=1, description="Held-out questions for the start and end evaluation.")
     dev_size: int = Field(16, ge=1, description="Other held-out questions, the promotion gate's.")
@@ -192,12 +192,12 @@ async def run(cfg: OnlineDemoConfig) -> dict[str, float]:
     traffic = Traffic()
     stop = asyncio.Event()
     deadline = start + cfg.minutes * 60 - (60.0 + 2.0 * len(val))  # the rest is the final evaluation
-    longest = [0.0]  # the longest step so far: none starts that could not end before the deadline
+    recent: list[float] = []  # the last steps' lengths: no step starts that could not end before the deadline
     since = [time.monotonic(), 0]  # when the last step was judged, and the episodes by then
 
     def progress(step: OnlineStep) -> None:
         now = time.monotonic()
-        longest[0] = max(longest[0], step.seconds)
+        recent[:] = [*recent[-2:], step.seconds]
         window = [s for t, s in traffic.successes if t >= since[0]]
         users = sum(window) / len(window) if window else float("nan")
         verdict = "promoted" if step.promoted else "rejected"
@@ -212,7 +212,7 @@ async def run(cfg: OnlineDemoConfig) -> dict[str, float]:
 
     async def watch() -> None:
         while not stop.is_set():
-            if time.monotonic() + 1.2 * longest[0] >= deadline:
+            if time.monotonic() + 1.1 * max(recent, default=0.0) >= deadline:
                 stop.set()
             await asyncio.sleep(1.0)
 
