@@ -299,7 +299,9 @@ class OnlineConfig(_Config):
             raise ValueError("judge_base_url is where judge_model is served: set judge_model too.")
         golden = {"golden_min_reward", "golden_max_choices"} & self.model_fields_set
         if golden and not self.golden_set:
-            raise ValueError(f"{', '.join(sorted(golden))} shape the golden set: set golden_set=True too.")
+            raise ValueError(
+                f"{' and '.join(sorted(golden))} set(s) the golden set, which is off: set golden_set=True too."
+            )
         return self
 
 
