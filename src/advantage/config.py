@@ -217,7 +217,8 @@ class OnlineConfig(_Config):
     rated traffic whenever enough groups are ready, and a promotion gate decides which steps are served.
     The guards against forgetting are `train.kl_beta` (a KL anchor to the base model) and `replay_share`.
     With `judge_model`, a RULER judge scores recorded requests' choices that have no explicit feedback
-    (`advantage.online.judging`), so traffic with background samples trains without any feedback."""
+    (`advantage.online.judging`), so traffic with background samples trains without any feedback. With
+    `golden_set`, the gate scores steps on the recorded golden set (`advantage.online.golden`)."""
 
     train: TrainConfig = Field(
         default_factory=TrainConfig,

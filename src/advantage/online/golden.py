@@ -5,9 +5,10 @@
 normal request). Its choices rated by explicit feedback (never a judge's score) at least
 `OnlineConfig.golden_min_reward` are the golden set; the newest `golden_max_choices` ratings are used.
 
-**Never training data.** The traffic store never hands a golden completion to the online trainer as
-untrained traffic, nor to its judge (`TrafficStore.untrained`, `.unjudged`); so golden choices are never
-trained on, never marked trained, hence never replayed, and never judged.
+**Never training data.** The traffic store never hands a golden completion (its background samples
+included) to the online trainer as untrained traffic, nor to its judge (`TrafficStore.untrained`,
+`.unjudged`): golden choices are never trained on, never marked trained, hence never replayed, and never
+judged.
 
 **The score** of served weights `name@step` is the mean log-probability per token of the golden choices'
 sampled tokens under those weights, pooled over all choices (a long answer counts by its length), tokens a
@@ -15,7 +16,8 @@ grammar forced excluded (nothing was chosen there, as in training). Each sequenc
 token_ids` as recorded, scored whole by the backend's `logprobs` op (`TrainingClient.compute_logprobs`), so
 no text is ever re-tokenized. Higher is better, 0 at most (every golden token certain). With
 `OnlineConfig(golden_set=True)` the gate's `tolerance` is therefore in nats per token: 0.01 lets a step
-through whose golden answers are at most e^0.01 - 1 ≈ 1% less likely per token than under the default.
+through under which the golden answers are at most 1 - e^-0.01 ≈ 1% less likely per token than under the
+default.
 
 The set is read once, when the trainer starts: the default and every new step are scored on the same
 answers. Golden answers rated later join it at the trainer's next start. An empty golden set is an error

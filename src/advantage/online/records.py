@@ -85,7 +85,7 @@ def completion_from_dict(d: dict[str, Any]) -> RecordedCompletion:
 def is_golden(metadata: dict[str, Any] | None) -> bool:
     """A golden completion: its request's `metadata["golden"]` is truthy (true, a non-zero number, a
     non-empty string, list or object). Its rated choices are an evaluation set, never training data
-    (`online/golden.py`); the store's `GOLDEN_SQL` is the same test."""
+    (`online/golden.py`); the store's `golden_sql` is the same test in SQL."""
     return bool(metadata and metadata.get("golden"))
 
 
