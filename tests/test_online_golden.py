@@ -65,7 +65,8 @@ def test_the_store_reads_the_golden_set_and_never_hands_it_to_training(tmp_path:
         keys = [(r.completion.id, r.choice.index) for r in s.golden(1.0)]
         assert keys == [("g2", 0), ("g1", 2), ("g1", 0)]  # rated at least 1.0, newest rating first
         assert [(r.completion.id, r.choice.index) for r in s.golden(1.5)] == [("g1", 2)]
-        assert len(s.golden(0.0)) == 4 and len(s.golden(0.0, limit=2)) == 2
+        assert len(s.golden(0.0)) == 4 and len(s.golden(limit=2)) == 2
+        assert [r.feedback.reward for r in s.golden()] == [1.0, 2.0, 0.0, 1.0]  # any explicit rating
         # Never training data: not untrained (so never marked, never replayed), never for the judge.
         assert {r.completion.id for r in s.untrained()} == {"n1"}
         assert [c.id for c in s.unjudged(min_choices=2, min_step=0, limit=10)] == []  # n1 is all rated

@@ -41,6 +41,7 @@ first; their choices and feedback go with them.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -116,9 +117,9 @@ class TrafficStore(Protocol):
         never a golden completion's (`records.is_golden`)."""
         ...
 
-    def golden(self, min_reward: float, limit: int | None = None) -> list[RewardedChoice]:
+    def golden(self, min_reward: float | None = None, limit: int | None = None) -> list[RewardedChoice]:
         """The golden set: choices of golden completions with explicit feedback (not a judge's) of at least
-        `min_reward`, most recently rated first."""
+        `min_reward` (None: any), most recently rated first."""
         ...
 
     def mark_trained(self, keys: list[tuple[str, int]], step: int, outcome: str) -> None:
@@ -367,12 +368,12 @@ class SQLiteTrafficStore:
             (-1 if limit is None else limit,),
         )
 
-    def golden(self, min_reward: float, limit: int | None = None) -> list[RewardedChoice]:
+    def golden(self, min_reward: float | None = None, limit: int | None = None) -> list[RewardedChoice]:
         return self._rated(
             "SELECT f.* FROM feedback f JOIN completions c ON c.id = f.completion_id "
             f"WHERE f.judge IS NULL AND f.reward >= ? AND {golden_sql('c.metadata_json')} "
             "ORDER BY f.updated DESC, f.rowid DESC LIMIT ?",
-            (min_reward, -1 if limit is None else limit),
+            (-math.inf if min_reward is None else min_reward, -1 if limit is None else limit),
         )
 
     def mark_trained(self, keys: list[tuple[str, int]], step: int, outcome: str) -> None:

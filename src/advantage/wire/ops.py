@@ -258,8 +258,10 @@ class OnlineTrafficRequest(_Wire):
         "or the golden set: golden completions' choices rated at least `min_reward`, newest rating first.",
     )
     limit: int | None = Field(None, ge=1, description="At most this many rows.")
-    min_reward: float = Field(
-        1.0, allow_inf_nan=False, description="kind 'golden': the least explicit feedback reward it takes."
+    min_reward: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="kind 'golden': only choices rated at least this (None: any explicit feedback).",
     )
 
 
