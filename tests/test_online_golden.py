@@ -109,7 +109,7 @@ def test_the_golden_score_by_hand() -> None:
 def test_config_and_gate_rules() -> None:
     cfg = adv.OnlineConfig(golden_set=True, golden_min_reward=0.5, golden_max_choices=8, tolerance=0.01)
     assert (cfg.golden_set, cfg.golden_min_reward, cfg.golden_max_choices) == (True, 0.5, 8)
-    with pytest.raises(ValueError, match="golden_min_reward set.s. the golden set, which is off"):
+    with pytest.raises(ValueError, match="golden set is off, so golden_min_reward would do nothing"):
         adv.OnlineConfig(golden_min_reward=0.5)
     with pytest.raises(ValueError, match="golden_max_choices"):
         adv.OnlineConfig(golden_set=True, golden_max_choices=0)

@@ -301,7 +301,7 @@ class OnlineConfig(_Config):
         golden = {"golden_min_reward", "golden_max_choices"} & self.model_fields_set
         if golden and not self.golden_set:
             raise ValueError(
-                f"{' and '.join(sorted(golden))} set(s) the golden set, which is off: set golden_set=True too."
+                f"The golden set is off, so {' and '.join(sorted(golden))} would do nothing: set golden_set=True."
             )
         return self
 

@@ -203,8 +203,8 @@ OUTCOMES = ("promoted", "rejected", "stale", "skipped")
 
 
 def golden_sql(metadata_json: str) -> str:
-    """SQL true where the JSON column `metadata_json` holds a golden completion's metadata: `records.is_golden`
-    (Python truthiness of `metadata["golden"]`) in SQLite's JSON1."""
+    """SQL true where the JSON column `metadata_json` holds a golden completion's metadata:
+    `records.is_golden` (Python truthiness of `metadata["golden"]`) in SQLite's JSON1."""
     value = f"json_extract({metadata_json}, '$.golden')"
     return (
         f"(CASE json_type({metadata_json}, '$.golden') WHEN 'true' THEN 1 "

@@ -14,11 +14,11 @@ steps, or `config.max_seconds`):
    recorded sampler logprobs, and `train.kl_beta` anchors it to the base model);
 4. the promotion gate: with an `evaluate` function, or with `config.golden_set` (the recorded golden set,
    `golden.py`: the mean logprob per token of known-good answers, read once at the start), the new step's
-   score must be at least the default step's minus `tolerance`. Passed, the step becomes the default (`name` without `@` serves it);
-   refused, it stays addressable as `name@step`, and the trainer goes back to the default's weights and
-   optimizer state, so the next step trains from the last promoted weights. Without either every step is
-   promoted; with both, `train_online` refuses to start (`check_gate`). The verdict is a row with split
-   "online" in metrics.jsonl (`promoted` 1 or 0, the scores, and the golden set's size);
+   score must be at least the default step's minus `tolerance`. Passed, the step becomes the default (`name`
+   without `@` serves it); refused, it stays addressable as `name@step`, and the trainer goes back to the
+   default's weights and optimizer state, so the next step trains from the last promoted weights. Without
+   either every step is promoted; with both, `train_online` refuses to start (`check_gate`). The verdict is a
+   row with split "online" in metrics.jsonl (`promoted` 1 or 0, the scores, and the golden set's size);
 5. the fresh choices are marked trained (outcome "promoted" or "rejected"; "skipped" if the step trained
    nothing, say every sequence was over `train.max_seq_len`): they are never trained on again, whatever
    feedback comes later.
