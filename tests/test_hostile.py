@@ -271,6 +271,8 @@ def train_cases(choice: dict[str, Any]) -> list[tuple[str, str, Any, list[str], 
         ("promote-metric-step", "promote", {"step": 1, "accept": False, "metrics": {"step": 1}}, ["reserved"], "metrics"),
         ("mark-outcome-bad", "mark_trained", {"keys": [["c", 0]], "step": 1, "outcome": "eaten"}, ["outcome"], "outcome"),
         ("traffic-limit-zero", "online_traffic", {"limit": 0}, ["limit"], "limit"),
+        ("traffic-kind-bad", "online_traffic", {"kind": "gold"}, ["kind"], "kind"),
+        ("traffic-golden-reward-str", "online_traffic", {"kind": "golden", "min_reward": "high"}, ["min_reward"], "min_reward"),
     ]
     # fmt: on
 

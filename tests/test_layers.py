@@ -54,6 +54,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "advantage.distill",
             "advantage.online.trainer",
             "advantage.online.judging",  # the online trainer's judge: it uses RULER and the TrainableModel
+            "advantage.online.golden",  # the gate's golden set: it scores through the TrainableModel's backend
             "advantage.rewards",
             "advantage.report",
             "advantage.export",

@@ -308,7 +308,8 @@ def online(
         typer.Option(
             "--eval",
             help="Promotion gate: module:function, an `async def f(name: str) -> float` importable from the "
-            "working directory that scores a served name (name@step); without it every step is promoted.",
+            "working directory that scores a served name (name@step); without it (or --golden-set) every "
+            "step is promoted.",
         ),
     ] = None,
     **given: Any,
@@ -322,7 +323,7 @@ def online(
     from pydantic import ValidationError
 
     from advantage.config import OnlineConfig
-    from advantage.online.trainer import load_evaluate, run_online
+    from advantage.online.trainer import check_gate, load_evaluate, run_online
 
     fields = {k: v for k, v in given.items() if v is not None}
     try:
@@ -330,6 +331,7 @@ def online(
             fields["train"] = json.loads(fields["train"])
         cfg = OnlineConfig(**fields)
         evaluate_fn = load_evaluate(evaluate) if evaluate is not None else None
+        check_gate(cfg, evaluate_fn)
     except (ValidationError, ValueError, ImportError) as e:
         raise typer.BadParameter(str(e)) from None
     result = asyncio.run(
@@ -343,6 +345,11 @@ def online(
             evaluate=evaluate_fn,
         )
     )
+    if result.golden_choices:
+        typer.echo(
+            f"golden set: {result.golden_choices} choices, {result.golden_tokens} tokens; the score is their "
+            "mean logprob per token"
+        )
     for s in result.steps:
         verdict = "promoted" if s.promoted else "rejected"
         score = "" if s.score is None else f", score {s.score:.4f} (default {s.default_score:.4f})"

@@ -217,7 +217,8 @@ class OnlineConfig(_Config):
     rated traffic whenever enough groups are ready, and a promotion gate decides which steps are served.
     The guards against forgetting are `train.kl_beta` (a KL anchor to the base model) and `replay_share`.
     With `judge_model`, a RULER judge scores recorded requests' choices that have no explicit feedback
-    (`advantage.online.judging`), so traffic with background samples trains without any feedback."""
+    (`advantage.online.judging`), so traffic with background samples trains without any feedback. With
+    `golden_set`, the gate scores steps on the recorded golden set (`advantage.online.golden`)."""
 
     train: TrainConfig = Field(
         default_factory=TrainConfig,
@@ -241,7 +242,21 @@ class OnlineConfig(_Config):
         0.0,
         ge=0,
         description="Promotion gate: a new step is served as the default only if its evaluation score is at "
-        "least the default's minus this.",
+        "least the default's minus this (with golden_set, in nats per token).",
+    )
+    golden_set: bool = Field(
+        False,
+        description="Promotion gate on the recorded golden set (instead of an evaluate function): score "
+        "each step by the mean logprob per token of the golden answers (choices of requests sent with "
+        'metadata {"golden": true}, rated at least golden_min_reward), which are never trained on.',
+    )
+    golden_min_reward: float = Field(
+        1.0,
+        allow_inf_nan=False,
+        description="A golden request's choice is in the golden set when its feedback reward is at least this.",
+    )
+    golden_max_choices: int = Field(
+        64, ge=1, le=4096, description="The golden set holds at most this many choices (the newest rated)."
     )
     replay_share: float = Field(
         0.0,
@@ -283,6 +298,11 @@ class OnlineConfig(_Config):
     def _check(self) -> OnlineConfig:
         if self.judge_base_url is not None and self.judge_model is None:
             raise ValueError("judge_base_url is where judge_model is served: set judge_model too.")
+        golden = {"golden_min_reward", "golden_max_choices"} & self.model_fields_set
+        if golden and not self.golden_set:
+            raise ValueError(
+                f"The golden set is off, so {' and '.join(sorted(golden))} would do nothing: set golden_set=True."
+            )
         return self
 
 

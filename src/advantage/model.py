@@ -170,9 +170,10 @@ class TrainableModel(Model):
         """Keep training on this model's recorded, rated traffic until `stop` is set (or `config.max_steps`
         / `config.max_seconds`): one step whenever `config.min_groups` groups are ready, each promoted to the
         default served weights only if `await evaluate("name@step")` scores it no worse than the default by
-        more than `config.tolerance` (every step, without `evaluate`). Returns the steps, promoted or
-        rejected. With `config.judge_model` (or a `judge` of your own, say with another rubric), a RULER judge
-        scores the recorded requests' choices that have no feedback (`advantage.online.judging`).
+        more than `config.tolerance` (or, with `config.golden_set`, if the recorded golden set's answers are
+        no less likely per token by more than that; every step, without either). Returns the steps, promoted
+        or rejected. With `config.judge_model` (or a `judge` of your own, say with another rubric), a RULER
+        judge scores the recorded requests' choices that have no feedback (`advantage.online.judging`).
         `on_step(step)` is called as each step is judged. The rules, guards and crash safety are in
         `advantage.online.trainer`."""
         from advantage.online.trainer import train_online

@@ -250,7 +250,12 @@ def _online_traffic(service: Service, name: str, req: OnlineTrafficRequest) -> O
     if not stores:
         return OnlineTrafficReply(recording=False, rows=[])
     [store] = stores
-    rows = store.untrained(req.limit) if req.kind == "untrained" else store.trained("promoted", req.limit)
+    if req.kind == "untrained":
+        rows = store.untrained(req.limit)
+    elif req.kind == "golden":
+        rows = store.golden(req.min_reward, req.limit)
+    else:
+        rows = store.trained("promoted", req.limit)
     return OnlineTrafficReply(recording=True, rows=[rewarded_to_dict(r) for r in rows])
 
 

@@ -82,6 +82,13 @@ def completion_from_dict(d: dict[str, Any]) -> RecordedCompletion:
     return RecordedCompletion(**c)
 
 
+def is_golden(metadata: dict[str, Any] | None) -> bool:
+    """A golden completion: its request's `metadata["golden"]` is truthy (true, a non-zero number, a
+    non-empty string, list or object). Its rated choices are an evaluation set, never training data
+    (`online/golden.py`); the store's `golden_sql` is the same test in SQL."""
+    return bool(metadata and metadata.get("golden"))
+
+
 def episode_key(metadata: dict[str, Any] | None) -> str | None:
     if not metadata or metadata.get("episode") is None:
         return None

@@ -25,6 +25,9 @@ samples on the way; `add_background` appends them as choices `n..n+k-1` with `ba
 returned to the caller) and sets `pending` to 0. `judged` records which completions the online trainer's
 judge has looked at (outcome "scored", or "failed" for a verdict that could not be used), so none is sent
 twice. Files written before these columns existed get them on open (`ALTER TABLE`).
+Golden completions (`records.is_golden`: the request's `metadata["golden"]` is truthy, tested in SQL by
+`golden_sql` with JSON1) are an evaluation set: `untrained` and `unjudged` never return them, so the online
+trainer never trains on, replays or judges them; `golden` reads their rated choices (`online/golden.py`).
 `trained` is the online trainer's durable record of what it has used (`online/trainer.py`): a rated choice
 with a row there is never trained on as fresh traffic again; `outcome` says what became of it ("promoted":
 in a step that became the default, "rejected": in a step the promotion gate refused, "stale": sampled from
@@ -38,6 +41,7 @@ first; their choices and feedback go with them.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -91,9 +95,9 @@ class TrafficStore(Protocol):
         ...
 
     def unjudged(self, min_choices: int, min_step: int, limit: int) -> list[RecordedCompletion]:
-        """Completions for the judge, oldest first: from step `min_step` on, with at least `min_choices`
-        choices, no background samples pending (or pending for over `PENDING_TIMEOUT_S`), never judged, and
-        a choice with neither feedback nor a `trained` row."""
+        """Completions for the judge, oldest first: from step `min_step` on, not golden, with at least
+        `min_choices` choices, no background samples pending (or pending for over `PENDING_TIMEOUT_S`), never
+        judged, and a choice with neither feedback nor a `trained` row."""
         ...
 
     def set_judged(self, completion_id: str, judge: str, outcome: str, scores: list[Feedback]) -> None:
@@ -109,7 +113,13 @@ class TrafficStore(Protocol):
         ...
 
     def untrained(self, limit: int | None = None) -> list[RewardedChoice]:
-        """Rated choices the online trainer has not used yet (no `trained` row), oldest feedback first."""
+        """Rated choices the online trainer has not used yet (no `trained` row), oldest feedback first;
+        never a golden completion's (`records.is_golden`)."""
+        ...
+
+    def golden(self, min_reward: float | None = None, limit: int | None = None) -> list[RewardedChoice]:
+        """The golden set: choices of golden completions with explicit feedback (not a judge's) of at least
+        `min_reward` (None: any), most recently rated first."""
         ...
 
     def mark_trained(self, keys: list[tuple[str, int]], step: int, outcome: str) -> None:
@@ -190,6 +200,18 @@ _ADDED_COLUMNS = (
     ("feedback", "judge", "TEXT"),
 )
 OUTCOMES = ("promoted", "rejected", "stale", "skipped")
+
+
+def golden_sql(metadata_json: str) -> str:
+    """SQL true where the JSON column `metadata_json` holds a golden completion's metadata:
+    `records.is_golden` (Python truthiness of `metadata["golden"]`) in SQLite's JSON1."""
+    value = f"json_extract({metadata_json}, '$.golden')"
+    return (
+        f"(CASE json_type({metadata_json}, '$.golden') WHEN 'true' THEN 1 "
+        f"WHEN 'integer' THEN {value} != 0 WHEN 'real' THEN {value} != 0 WHEN 'text' THEN {value} != '' "
+        f"WHEN 'array' THEN json_array_length({metadata_json}, '$.golden') > 0 "
+        f"WHEN 'object' THEN {value} != '{{}}' ELSE 0 END)"
+    )
 
 
 class SQLiteTrafficStore:
@@ -289,7 +311,7 @@ class SQLiteTrafficStore:
             ids = [
                 r[0]
                 for r in self._db.execute(
-                    "SELECT c.id FROM completions c WHERE c.step >= ? "
+                    f"SELECT c.id FROM completions c WHERE c.step >= ? AND NOT {golden_sql('c.metadata_json')} "
                     "AND (c.pending = 0 OR c.created < ?) "
                     "AND NOT EXISTS (SELECT 1 FROM judged j WHERE j.completion_id = c.id) "
                     "AND (SELECT COUNT(*) FROM choices ch WHERE ch.completion_id = c.id) >= ? "
@@ -339,9 +361,19 @@ class SQLiteTrafficStore:
 
     def untrained(self, limit: int | None = None) -> list[RewardedChoice]:
         return self._rated(
-            "SELECT f.* FROM feedback f LEFT JOIN trained t ON t.completion_id = f.completion_id "
-            "AND t.idx = f.idx WHERE t.completion_id IS NULL ORDER BY f.updated, f.rowid LIMIT ?",
+            "SELECT f.* FROM feedback f JOIN completions c ON c.id = f.completion_id "
+            "LEFT JOIN trained t ON t.completion_id = f.completion_id AND t.idx = f.idx "
+            f"WHERE t.completion_id IS NULL AND NOT {golden_sql('c.metadata_json')} "
+            "ORDER BY f.updated, f.rowid LIMIT ?",
             (-1 if limit is None else limit,),
+        )
+
+    def golden(self, min_reward: float | None = None, limit: int | None = None) -> list[RewardedChoice]:
+        return self._rated(
+            "SELECT f.* FROM feedback f JOIN completions c ON c.id = f.completion_id "
+            f"WHERE f.judge IS NULL AND f.reward >= ? AND {golden_sql('c.metadata_json')} "
+            "ORDER BY f.updated DESC, f.rowid DESC LIMIT ?",
+            (-math.inf if min_reward is None else min_reward, -1 if limit is None else limit),
         )
 
     def mark_trained(self, keys: list[tuple[str, int]], step: int, outcome: str) -> None:

@@ -12,11 +12,13 @@ steps, or `config.max_seconds`):
 3. add `replay_share` of earlier groups from promoted steps (those with a choice rated at least
    `replay_min_reward`), then train one step (`model.train`, with `config.train`; its loss corrects for the
    recorded sampler logprobs, and `train.kl_beta` anchors it to the base model);
-4. the promotion gate: with an `evaluate` function, the new step's score must be at least the default
-   step's minus `tolerance`. Passed, the step becomes the default (`name` without `@` serves it);
-   refused, it stays addressable as `name@step`, and the trainer goes back to the default's weights and
-   optimizer state, so the next step trains from the last promoted weights. Without `evaluate` every step
-   is promoted. The verdict is a row with split "online" in metrics.jsonl (`promoted` 1 or 0, the scores);
+4. the promotion gate: with an `evaluate` function, or with `config.golden_set` (the recorded golden set,
+   `golden.py`: the mean logprob per token of known-good answers, read once at the start), the new step's
+   score must be at least the default step's minus `tolerance`. Passed, the step becomes the default (`name`
+   without `@` serves it); refused, it stays addressable as `name@step`, and the trainer goes back to the
+   default's weights and optimizer state, so the next step trains from the last promoted weights. Without
+   either every step is promoted; with both, `train_online` refuses to start (`check_gate`). The verdict is a
+   row with split "online" in metrics.jsonl (`promoted` 1 or 0, the scores, and the golden set's size);
 5. the fresh choices are marked trained (outcome "promoted" or "rejected"; "skipped" if the step trained
    nothing, say every sequence was over `train.max_seq_len`): they are never trained on again, whatever
    feedback comes later.
@@ -42,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from advantage.config import OnlineConfig
+from advantage.online.golden import golden_score, read_golden
 from advantage.online.groups import groups_from_traffic
 from advantage.online.judging import JudgeCounts, judge_for, judge_traffic
 from advantage.online.records import RewardedChoice, rewarded_from_dict
@@ -61,7 +64,7 @@ REPLAY_POOL = 2000  # the most recent promoted choices replay picks from
 class OnlineStep:
     step: int  # the step trained
     promoted: bool
-    score: float | None  # its evaluation score (None without `evaluate`)
+    score: float | None  # its evaluation score (None without a gate): `evaluate`'s, or the golden score
     default_score: float | None  # the default's score it was compared with
     groups: int  # fresh groups trained on
     replay_groups: int
@@ -79,6 +82,8 @@ class OnlineResult:
     zero_variance: int = 0  # distinct groups seen whose rewards all tied (skipped, as in `model.train`)
     judge: JudgeCounts = field(default_factory=JudgeCounts)  # requests the judge scored, failed on, ...
     judge_usage: JudgeUsage | None = None  # the judge's tokens and cost, apart from the policy's
+    golden_choices: int = 0  # the golden set the gate scored on (0 without `golden_set`): choices, tokens
+    golden_tokens: int = 0
 
     @property
     def rejected(self) -> list[int]:
@@ -102,11 +107,22 @@ async def train_online(
         raise ValueError(
             "train_online runs until stopped: pass a `stop` event, or set max_steps or max_seconds."
         )
+    check_gate(config, evaluate)
+    out = OnlineResult()
+    gate_info: dict[str, float] = {}
+    if config.golden_set:
+        golden = await read_golden(model, config)
+        out.golden_choices, out.golden_tokens = len(golden.sequences), golden.tokens
+        gate_info = {"golden_choices": float(out.golden_choices), "golden_tokens": float(out.golden_tokens)}
+
+        async def evaluate(name: str) -> float:
+            return await golden_score(model, golden, name)
+
     default = (await model.backend.online_start(model.spec, OnlineStartRequest())).default
     default_score = await evaluate(model.get_inference_name(default)) if evaluate is not None else None
     rng = random.Random(config.seed)
     t0 = time.monotonic()
-    out = OnlineResult(default=default)
+    out.default = default
     judge = judge or judge_for(config, model)
     out.judge_usage = judge.usage if judge is not None else None
     tied: set[tuple[tuple[str, int], ...]] = set()
@@ -135,7 +151,9 @@ async def train_online(
             continue
         replay = await _replay(model, config, len(groups), rng) if config.replay_share > 0 else []
         began = time.monotonic()
-        step = await _step(model, config, groups, replay, default, default_score, evaluate, out.stale)
+        step = await _step(
+            model, config, groups, replay, default, default_score, evaluate, gate_info, out.stale
+        )
         step.seconds = time.monotonic() - began
         out.steps.append(step)
         if on_step is not None:
@@ -155,6 +173,7 @@ async def _step(
     default: int,
     default_score: float | None,
     evaluate: Evaluate | None,
+    gate_info: dict[str, float],
     stale_total: int,
 ) -> OnlineStep:
     """Train one step on `groups` (+ `replay`), judge it, and mark the fresh choices."""
@@ -177,10 +196,19 @@ async def _step(
         "stale_total": float(stale_total),
     }
     if score is not None and default_score is not None:
-        gate.update(score=score, default_score=default_score, default_step=float(default))
+        gate.update(score=score, default_score=default_score, default_step=float(default), **gate_info)
     await model.backend.promote(model.spec, PromoteRequest(step=result.step, accept=accept, metrics=gate))
     await _mark(model, used, result.step, "promoted" if accept else "rejected")
     return OnlineStep(result.step, accept, score, default_score, *counts, result.metrics)
+
+
+def check_gate(config: OnlineConfig, evaluate: Evaluate | None) -> None:
+    """One promotion gate at most: an `evaluate` function or the golden set, not both."""
+    if config.golden_set and evaluate is not None:
+        raise ValueError(
+            "Two promotion gates: an evaluate function (--eval) and golden_set=True (--golden-set). Pick one: "
+            "the step's score is either the function's or the golden set's, never a mix."
+        )
 
 
 def _stop_reason(config: OnlineConfig, stop: asyncio.Event | None, steps: int, elapsed: float) -> str:

@@ -252,10 +252,17 @@ class PromoteReply(_Wire):
 
 
 class OnlineTrafficRequest(_Wire):
-    kind: Literal["untrained", "promoted"] = Field(
-        "untrained", description="Rated choices not trained on yet, or those in promoted steps (replay)."
+    kind: Literal["untrained", "promoted", "golden"] = Field(
+        "untrained",
+        description="Rated choices not trained on yet (never golden ones), those in promoted steps (replay), "
+        "or the golden set: golden completions' choices rated at least `min_reward`, newest rating first.",
     )
     limit: int | None = Field(None, ge=1, description="At most this many rows.")
+    min_reward: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="kind 'golden': only choices rated at least this (None: any explicit feedback).",
+    )
 
 
 class OnlineTrafficReply(_Wire):
