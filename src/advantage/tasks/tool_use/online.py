@@ -62,7 +62,7 @@ class OnlineDemoConfig(BaseModel):
         description="Promotion gate: a step becomes the default only if its dev success is at least the "
         "default's minus this (0.07: one dev question of 16; this task's success dips before it climbs).",
     )
-    learning_rate: float = Field(1.5e-3, gt=0, le=1, description="AdamW learning rate (constant).")
+    learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (constant).")
     temperature: float = Field(0.7, ge=0, le=2, description="The users' sampling temperature.")
     val_size: int = Field(32, ge=1, description="Held-out questions for the start and end evaluation.")
     dev_size: int = Field(16, ge=1, description="Other held-out questions, the promotion gate's.")
