@@ -202,6 +202,38 @@ def test_the_gate_rejects_a_worse_step_and_trains_on_from_the_default(
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("against", "promoted"), [("default", [True, True, True]), ("best", [True, False, True])]
+)
+def test_the_gate_against_the_best_stops_a_drift_one_tolerance_at_a_time(
+    tmp_path: Path, tiny_model_dir: Path, against: str, promoted: list[bool]
+) -> None:
+    """Each step 0.05 worse than the last is within a tolerance of 0.07 of the default; against the best
+    promoted score (0.5), the second is not (0.40 < 0.43), and the third is measured against 0.5 again."""
+    scores = {"bot@0": 0.5, "bot@1": 0.45, "bot@2": 0.40, "bot@3": 0.44}
+
+    async def evaluate(name: str) -> float:
+        return scores[name]
+
+    async def main() -> None:
+        backend, model = await start(tmp_path, tiny_model_dir)
+        try:
+            for task in (1, 2, 3):
+                await serve_and_rate(model, task)
+            cfg = adv.OnlineConfig(max_steps=3, max_groups=1, tolerance=0.07, gate_against=against, **FAST)
+            out = await model.train_online(cfg, evaluate=evaluate)
+            assert [s.promoted for s in out.steps] == promoted
+            rows = online_rows(backend, model)
+            assert ("best_score" in rows[1]) is (against == "best")
+            if against == "best":
+                assert rows[1]["best_score"] == 0.5 and out.default == 3
+        finally:
+            await backend.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.integration
 def test_forgetting_guards_replay_and_kl_anchor(tmp_path: Path, tiny_model_dir: Path) -> None:
     async def main() -> None:
         backend, model = await start(tmp_path, tiny_model_dir)

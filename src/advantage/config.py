@@ -244,6 +244,12 @@ class OnlineConfig(_Config):
         description="Promotion gate: a new step is served as the default only if its evaluation score is at "
         "least the default's minus this (with golden_set, in nats per token).",
     )
+    gate_against: Literal["default", "best"] = Field(
+        "default",
+        description="What a new step's score is compared with: the current default's score, or the best "
+        "score of any promoted step so far. With 'default', a tolerance lets the default drift down one "
+        "tolerance per step; with 'best' it stays within one tolerance of the best.",
+    )
     golden_set: bool = Field(
         False,
         description="Promotion gate on the recorded golden set (instead of an evaluate function): score "

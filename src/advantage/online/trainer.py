@@ -120,6 +120,7 @@ async def train_online(
 
     default = (await model.backend.online_start(model.spec, OnlineStartRequest())).default
     default_score = await evaluate(model.get_inference_name(default)) if evaluate is not None else None
+    best_score = default_score  # the best promoted score so far (the bar with gate_against="best")
     rng = random.Random(config.seed)
     t0 = time.monotonic()
     out.default = default
@@ -152,7 +153,7 @@ async def train_online(
         replay = await _replay(model, config, len(groups), rng) if config.replay_share > 0 else []
         began = time.monotonic()
         step = await _step(
-            model, config, groups, replay, default, default_score, evaluate, gate_info, out.stale
+            model, config, groups, replay, default, default_score, evaluate, gate_info, out.stale, best_score
         )
         step.seconds = time.monotonic() - began
         out.steps.append(step)
@@ -160,6 +161,8 @@ async def train_online(
             on_step(step)
         if step.promoted:
             default, default_score = step.step, step.score
+            if step.score is not None:
+                best_score = step.score if best_score is None else max(best_score, step.score)
         out.default = default
     out.stopped = reason
     return out
@@ -175,8 +178,10 @@ async def _step(
     evaluate: Evaluate | None,
     gate_info: dict[str, float],
     stale_total: int,
+    best_score: float | None = None,
 ) -> OnlineStep:
-    """Train one step on `groups` (+ `replay`), judge it, and mark the fresh choices."""
+    """Train one step on `groups` (+ `replay`), judge it, and mark the fresh choices. The bar is the
+    default's score, or with `gate_against="best"` the best promoted score so far (`best_score`)."""
     trajs = [t for g in groups for t in g.trajectories]
     used = [(str(t.metadata["completion_id"]), int(t.metadata["choice"])) for t in trajs]
     result = await model.train(groups + replay, config.train)
@@ -185,7 +190,8 @@ async def _step(
         await _mark(model, used, default, "skipped")
         return OnlineStep(result.step, False, None, default_score, *counts, result.metrics)
     score = await evaluate(model.get_inference_name(result.step)) if evaluate is not None else None
-    accept = score is None or default_score is None or score >= default_score - config.tolerance
+    bar = best_score if config.gate_against == "best" and best_score is not None else default_score
+    accept = score is None or bar is None or score >= bar - config.tolerance
     staleness = [default - int(t.metadata["step"]) for t in trajs]
     gate = {
         "groups": float(len(groups)),
@@ -197,6 +203,8 @@ async def _step(
     }
     if score is not None and default_score is not None:
         gate.update(score=score, default_score=default_score, default_step=float(default), **gate_info)
+        if config.gate_against == "best" and bar is not None:
+            gate["best_score"] = bar
     await model.backend.promote(model.spec, PromoteRequest(step=result.step, accept=accept, metrics=gate))
     await _mark(model, used, result.step, "promoted" if accept else "rejected")
     return OnlineStep(result.step, accept, score, default_score, *counts, result.metrics)
