@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import openai
@@ -61,6 +62,12 @@ class OnlineDemoConfig(BaseModel):
         le=1,
         description="Promotion gate: a step becomes the default only if its dev success is at least the "
         "default's minus this (0.07: one dev question of 16; this task's success dips before it climbs).",
+    )
+    gate_against: Literal["default", "best"] = Field(
+        "best",
+        description="Compare a step with the default's dev success or with the best promoted so far "
+        "(OnlineConfig.gate_against): against the default, the tolerance let two runs drift down a "
+        "question per step.",
     )
     learning_rate: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (constant).")
     temperature: float = Field(0.7, ge=0, le=2, description="The users' sampling temperature.")
@@ -170,6 +177,7 @@ def online_config(cfg: OnlineDemoConfig, seconds: float) -> adv.OnlineConfig:
         group_size=cfg.askers,
         max_steps_off_policy=cfg.max_steps_off_policy,
         tolerance=cfg.tolerance,
+        gate_against=cfg.gate_against,
         max_seconds=seconds,
         max_steps=cfg.max_steps,
         poll_s=2.0,
