@@ -261,6 +261,7 @@ class OnlineTrafficRequest(_Wire):
     min_reward: float | None = Field(
         None,
         allow_inf_nan=False,
+        strict=True,  # a JSON number: not a boolean (lax mode reads false as 0.0)
         description="kind 'golden': only choices rated at least this (None: any explicit feedback).",
     )
 
