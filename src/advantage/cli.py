@@ -161,7 +161,16 @@ def _options_from(*configs: type[BaseModel]) -> Callable[[Callable[..., None]], 
             fields.update(config.model_fields)
         for name, field in fields.items():
             ann: Any = field.annotation
-            help_ = f"{field.description} (default: {field.get_default(call_default_factory=True)})"
+            defaults = [
+                (c.__name__, c.model_fields[name].get_default(call_default_factory=True))
+                for c in configs
+                if name in c.model_fields
+            ]
+            if len({repr(d) for _, d in defaults}) > 1:  # shared, with different defaults: say each
+                default = "; ".join(f"{v} in {c}" for c, v in defaults)
+            else:
+                default = str(defaults[0][1])
+            help_ = f"{field.description} (default: {default})"
             decls: tuple[str, ...] = ()
             if get_origin(ann) is Literal:
                 help_ += f" One of: {', '.join(map(str, get_args(ann)))}."
