@@ -185,8 +185,15 @@ def online_config(cfg: OnlineDemoConfig, seconds: float) -> adv.OnlineConfig:
 
 
 async def run(cfg: OnlineDemoConfig) -> dict[str, float]:
-    start = time.monotonic()
     backend = adv.LocalBackend(cfg.root, progress=False)
+    try:
+        return await _run(cfg, backend)
+    finally:
+        await backend.close()
+
+
+async def _run(cfg: OnlineDemoConfig, backend: adv.LocalBackend) -> dict[str, float]:
+    start = time.monotonic()
     model = adv.TrainableModel(cfg.name, project="demo", base_model=cfg.base_model, record_traffic=True)
     await model.register(backend)
     client = openai.AsyncOpenAI(base_url=backend.base_url, api_key=backend.api_key, max_retries=2)
@@ -207,11 +214,11 @@ async def run(cfg: OnlineDemoConfig) -> dict[str, float]:
         now = time.monotonic()
         recent[:] = [*recent[-2:], step.seconds]
         window = [s for t, s in traffic.successes if t >= since[0]]
-        users = sum(window) / len(window) if window else float("nan")
+        users_rate = sum(window) / len(window) if window else float("nan")
         verdict = "promoted" if step.promoted else "rejected"
         print(
             f"step {step.step:3d} {verdict}  dev success {step.score or 0:4.0%} (default {step.default_score or 0:4.0%})  "
-            f"users' success {users:4.0%}  episodes {traffic.episodes - since[1]:3d} "
+            f"users' success {users_rate:4.0%}  episodes {traffic.episodes - since[1]:3d} "
             f"({traffic.episodes / (now - start) * 3600:,.0f}/h)  groups {step.groups}  "
             f"rated {traffic.feedback}  inverted {traffic.inverted}  step {step.seconds:.0f}s  "
             f"elapsed {(now - start) / 60:4.1f} min"
@@ -249,7 +256,6 @@ async def run(cfg: OnlineDemoConfig) -> dict[str, float]:
         f"{traffic.inverted} inverted, {result.stale} choices too stale to train on"
     )
     await http.aclose()
-    await backend.close()
     return {"baseline_success": base_rate, "final_success": final_rate, "seconds": elapsed,
             "steps": float(len(result.steps)), "rejected": float(len(result.rejected)),
             "episodes": float(traffic.episodes), "default_step": float(result.default)}  # fmt: skip
