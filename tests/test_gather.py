@@ -9,7 +9,14 @@ import math
 import pytest
 from openai.types.chat.chat_completion import Choice
 
-from advantage.gather import RolloutError, completion_tokens, exception_budget, gather_trajectory_groups
+from advantage.gather import (
+    RolloutError,
+    completion_tokens,
+    exception_budget,
+    gather_informative_groups,
+    gather_trajectory_groups,
+    is_informative,
+)
 from advantage.trajectory import Trajectory, TrajectoryGroup
 
 
@@ -216,3 +223,82 @@ async def test_progress_postfix_counts_tokens(capsys: pytest.CaptureFixture[str]
     await gather_trajectory_groups([[with_choice(), with_choice()]], desc="demo", progress=True)
     err = capsys.readouterr().err
     assert "demo" in err and "tokens=6" in err and "reward=0.500" in err
+
+
+# ------------------------------------------------------------------ dynamic sampling
+
+
+def _rounds(rewards_of: dict[int, list[float]]) -> tuple[list[int], object]:
+    """A make_group over fixed per-group rewards that records which groups were asked for."""
+    asked: list[int] = []
+
+    def make_group(k: int) -> list:
+        asked.append(k)
+        return [_ok(r, tag=f"{k}") for r in rewards_of[k]]
+
+    return asked, make_group
+
+
+async def test_informative_groups_stop_after_first_round_when_enough() -> None:
+    asked, make_group = _rounds({0: [0, 1], 1: [1, 1], 2: [0, 1], 3: [0, 0]})
+    groups = await gather_informative_groups(
+        make_group, min_informative=2, max_groups=8, first_round=4, progress=False
+    )
+    assert asked == [0, 1, 2, 3]
+    assert [is_informative(g) for g in groups] == [True, False, True, False]
+
+
+async def test_informative_groups_later_rounds_sized_by_the_rate_so_far() -> None:
+    # Round 1: 4 groups, 1 informative (rate 1/4); 3 more are wanted -> ceil(3 / 0.25) = 12, capped at
+    # max_groups - 4 = 6. Round 2 (groups 4..9) finds 3 more informative ones: 4 in all, stop.
+    rewards = {k: [0.0, 0.0] for k in range(10)}
+    for k in (2, 5, 7, 9):
+        rewards[k] = [0.0, 1.0]
+    asked, make_group = _rounds(rewards)
+    groups = await gather_informative_groups(
+        make_group, min_informative=4, max_groups=10, first_round=4, progress=False
+    )
+    assert asked == list(range(10))
+    assert len(groups) == 10 and sum(is_informative(g) for g in groups) == 4
+    assert [g.trajectories[0].messages_and_choices[0]["content"] for g in groups] == [
+        str(k) for k in range(10)
+    ]
+
+
+async def test_informative_groups_next_round_is_what_is_missing_at_the_rate() -> None:
+    # Round 1: 4 groups, 2 informative (rate 1/2); 1 more wanted -> ceil(1 / 0.5) = 2 groups, then stop.
+    rewards = {k: [1.0, 1.0] for k in range(8)}
+    for k in (0, 1, 4):
+        rewards[k] = [0.0, 0.5]
+    asked, make_group = _rounds(rewards)
+    groups = await gather_informative_groups(
+        make_group, min_informative=3, max_groups=8, first_round=4, progress=False
+    )
+    assert asked == [0, 1, 2, 3, 4, 5]
+    assert sum(is_informative(g) for g in groups) == 3
+
+
+async def test_informative_groups_give_up_at_max_groups() -> None:
+    asked, make_group = _rounds({k: [1.0, 1.0, 1.0] for k in range(6)})
+    groups = await gather_informative_groups(make_group, min_informative=2, max_groups=6, progress=False)
+    assert asked == list(range(6))  # rounds of 2 (the rate is 0), until 6 were gathered
+    assert len(groups) == 6 and not any(is_informative(g) for g in groups)
+
+
+def test_is_informative_needs_two_different_rewards() -> None:
+    assert not is_informative(TrajectoryGroup(trajectories=[_traj(1.0)]))
+    assert not is_informative(TrajectoryGroup(trajectories=[_traj(0.5), _traj(0.5)]))
+    assert is_informative(TrajectoryGroup(trajectories=[_traj(0.5), _traj(0.6)]))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_informative": 0, "max_groups": 4}, "min_informative must be >= 1"),
+        ({"min_informative": 5, "max_groups": 4}, "raise max_groups"),
+        ({"min_informative": 2, "max_groups": 4, "first_round": 0}, "first_round must be >= 1"),
+    ],
+)
+async def test_informative_groups_reject_bad_sizes(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        await gather_informative_groups(lambda k: [_ok(1.0)], progress=False, **kwargs)

@@ -17,7 +17,12 @@ from advantage.config import (
     TrainConfig,
 )
 from advantage.distill import distill_datums, reverse_kl_advantages
-from advantage.gather import RolloutError, gather_trajectory_groups
+from advantage.gather import (
+    RolloutError,
+    gather_informative_groups,
+    gather_trajectory_groups,
+    is_informative,
+)
 from advantage.health import CollapseGuard, HealthBands, health_warnings
 from advantage.lowlevel import TrainingClient
 from advantage.model import Model, TrainableModel
@@ -60,7 +65,9 @@ __all__ = [
     "TrainableModel",
     "Trajectory",
     "TrajectoryGroup",
+    "gather_informative_groups",
     "gather_trajectory_groups",
+    "is_informative",
     "distill_datums",
     "reverse_kl_advantages",
 ]

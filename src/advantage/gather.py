@@ -225,3 +225,60 @@ async def gather_trajectory_groups(
     if n_by_after_each:
         log.info("%s: after_each dropped %d of %d groups", desc, n_by_after_each, len(results))
     return kept
+
+
+def is_informative(group: TrajectoryGroup) -> bool:
+    """A group carries a learning signal when its rewards are not all equal (GRPO's advantage is 0 otherwise)."""
+    rewards = group.rewards()
+    return len(rewards) > 1 and max(rewards) != min(rewards)
+
+
+async def gather_informative_groups(
+    make_group: Callable[[int], Iterable[Awaitable[Trajectory]]],
+    *,
+    min_informative: int,
+    max_groups: int,
+    first_round: int | None = None,
+    desc: str = "gather",
+    **gather_kwargs: Any,
+) -> list[TrajectoryGroup]:
+    """Dynamic sampling (DAPO): gather groups in rounds until at least `min_informative` of them carry a
+    learning signal (`is_informative`), or `max_groups` groups were gathered.
+
+    - `make_group(k)` returns the rollouts of the k-th group; k counts on across rounds (0, 1, 2, ...), so a
+      scenario or a sampling seed can follow it.
+    - The first round gathers `first_round` groups (default `min_informative`); each later one as many as
+      the informative rate so far says are still needed, at least one and never past `max_groups`.
+    - `gather_kwargs` go to every round's `gather_trajectory_groups` (`max_exceptions` is per round).
+    - Returns every group gathered, in order, tied ones included: the trainer skips them, and the train
+      metrics stay those of all the policy's rollouts. Train with `TrainConfig(tied_groups_in_mean=False)`
+      for a step as large as one where every group carried signal, as DAPO does.
+    """
+    if min_informative < 1:
+        raise ValueError(f"min_informative must be >= 1, got {min_informative}")
+    if max_groups < min_informative:
+        raise ValueError(
+            f"max_groups ({max_groups}) must be at least min_informative ({min_informative}): "
+            "raise max_groups, or ask for fewer informative groups"
+        )
+    size = min(min_informative if first_round is None else first_round, max_groups)
+    if size < 1:
+        raise ValueError(f"first_round must be >= 1, got {first_round}")
+    groups: list[TrajectoryGroup] = []
+    k = n_informative = 0
+    rnd = 1
+    while True:
+        got = await gather_trajectory_groups(
+            [make_group(k + j) for j in range(size)],
+            desc=desc if rnd == 1 else f"{desc} (round {rnd})",
+            **gather_kwargs,
+        )
+        k += size
+        groups += got
+        n_informative += sum(is_informative(g) for g in got)
+        missing = min_informative - n_informative
+        if missing <= 0 or k >= max_groups:
+            return groups
+        rate = n_informative / k
+        size = min(max_groups - k, max(1, math.ceil(missing / rate)) if rate > 0 else size)
+        rnd += 1

@@ -9,11 +9,12 @@ dir with checkpoints, metrics.jsonl and trajectories. Only the public API is use
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import advantage as adv
 
@@ -39,6 +40,16 @@ class DemoConfig(BaseModel):
         "skipped, so the update shrinks as the policy learns.",
     )
     group_size: int = Field(4, ge=2, description="Rollouts per scenario.")
+    min_informative_groups: int = Field(
+        0,
+        ge=0,
+        description="Dynamic sampling (DAPO; 0: off): after the step's groups_per_step scenarios, gather more "
+        "until this many groups carry signal (rewards not all equal), up to max_groups_per_step. The step then "
+        "averages over its informative groups only, at the learning rate times the share of them found.",
+    )
+    max_groups_per_step: int = Field(
+        16, ge=1, description="With min_informative_groups: the most scenarios one step gathers."
+    )
     val_size: int = Field(32, ge=1, description="Held-out scenarios for the baseline and final evaluation.")
     dev_size: int = Field(
         16,
@@ -122,6 +133,17 @@ class DemoConfig(BaseModel):
         None, description="OpenAI-compatible URL of the judge (key: OPENAI_API_KEY); default: the backend."
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> DemoConfig:
+        if self.min_informative_groups and self.max_groups_per_step < max(
+            self.groups_per_step, self.min_informative_groups
+        ):
+            raise ValueError(
+                f"max_groups_per_step ({self.max_groups_per_step}) must be at least groups_per_step "
+                f"({self.groups_per_step}) and min_informative_groups ({self.min_informative_groups})"
+            )
+        return self
+
 
 def _rss_gib() -> float:
     try:
@@ -157,24 +179,38 @@ def held_out(seed: int, val_size: int, dev_size: int) -> tuple[list, list]:
     return val, dev
 
 
-def train_config(cfg: DemoConfig, lr: float) -> adv.TrainConfig:
+def train_config(
+    cfg: DemoConfig, lr: float, groups: list[adv.TrajectoryGroup] | None = None
+) -> adv.TrainConfig:
+    """The step's `TrainConfig`. With dynamic sampling the mean is over the informative groups, and the rate
+    is scaled by the share of the wanted informative groups that were found (`groups`: the step's)."""
     schedule = adv.LRSchedule(
         kind=cfg.lr_schedule,
         warmup_steps=cfg.warmup_steps,
         total_steps=max(cfg.steps, cfg.warmup_steps + 1),
         min_lr_ratio=cfg.min_lr_ratio,
     )
+    dynamic = cfg.min_informative_groups > 0
+    if dynamic and groups is not None:
+        lr *= min(1.0, sum(adv.is_informative(g) for g in groups) / cfg.min_informative_groups)
     return adv.TrainConfig(
         learning_rate=lr,
         schedule=schedule,
         micro_batch_size=cfg.micro_batch_size,
         agg=cfg.agg,
-        lr_by_signal=cfg.lr_by_signal,
+        lr_by_signal=cfg.lr_by_signal and not dynamic,
+        tied_groups_in_mean=not dynamic,
         tree_advantages=cfg.tree_advantages,
     )
 
 
 async def run(cfg: DemoConfig) -> dict[str, float]:
+    """The demo: baseline, `cfg.steps` GRPO steps, the best step by dev success, the held-out result.
+
+    An evaluation runs alongside the next step's rollouts: both use the same weights, so the engine decodes
+    them in one batch, and the evaluation's latency (a few long greedy episodes decoding alone at the end)
+    hides behind the rollouts instead of adding to the step. The verdict is read before that step trains:
+    a stop or a roll-back drops the rollouts, which came from the weights it judged."""
     start = time.perf_counter()
     backend: adv.Backend = adv.RemoteBackend(cfg.backend) if cfg.backend else adv.LocalBackend(cfg.root)
     model = adv.TrainableModel(cfg.name, project="demo", base_model=cfg.base_model)
@@ -196,103 +232,162 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         async def after_each(g: adv.TrajectoryGroup) -> adv.TrajectoryGroup | None:
             return await adv.ruler_score_group(g, judge=judge, swallow_exceptions=True)
 
-    base_rate, base_reward = await evaluate(model, val, "baseline eval", cfg.force_first_call)
-    print(f"baseline held-out success {base_rate:.0%}  reward {base_reward:.3f}")
+    force = cfg.force_first_call
+    baseline = asyncio.ensure_future(evaluate(model, val, "baseline eval", force))
     guard = adv.CollapseGuard(tolerance=0.15, patience=2)
     evaluated: set[int] = set()  # steps whose dev success is known
+    dev_eval: asyncio.Future[tuple[float, float]] | None = None
+    dev_step = first_step
     if cfg.eval_every:
-        rate, _ = await evaluate(model, dev, "dev eval", cfg.force_first_call, split="dev")
-        guard.update(first_step, rate)
-        evaluated.add(first_step)
-        print(f"  dev success {rate:.0%} (step {first_step})")
+        dev_eval = asyncio.ensure_future(evaluate(model, dev, "dev eval", force, split="dev"))
+    base_rate = base_reward = float("nan")
+
+    async def read_baseline() -> None:
+        nonlocal base_rate, base_reward
+        if math.isnan(base_rate):
+            base_rate, base_reward = await baseline
+            print(f"baseline held-out success {base_rate:.0%}  reward {base_reward:.3f}")
+
     history: list[dict[str, float]] = []
     at_target = 0  # dev evaluations in a row at stop_at
-    for i in range(cfg.steps):
-        scenarios = make_scenarios(
-            cfg.groups_per_step, seed=cfg.seed * 100_003 + first_step + i, split="train"
-        )
-        step_seed = (cfg.seed * 1_000_003 + first_step + i) * 1_000
-        t0 = time.perf_counter()
-        groups = await adv.gather_trajectory_groups(
-            [
-                [
+    try:
+        for i in range(cfg.steps):
+            step_key = cfg.seed * 100_003 + first_step + i
+            scenarios = make_scenarios(cfg.groups_per_step, seed=step_key, split="train")
+            if cfg.min_informative_groups:  # dynamic sampling's later rounds: other scenarios of the split
+                n_more = cfg.max_groups_per_step - cfg.groups_per_step
+                scenarios += make_scenarios(n_more, seed=-1 - step_key, split="train")
+            step_seed = (cfg.seed * 1_000_003 + first_step + i) * 1_000
+
+            def group(k: int, scenarios: list = scenarios, step_seed: int = step_seed) -> list:
+                return [
                     rollout(
                         model,
-                        s,
+                        scenarios[k],
                         temperature=cfg.temperature,
-                        force_first_call=cfg.force_first_call,
-                        seed=step_seed + 10 * (g * cfg.group_size + k),
+                        force_first_call=force,
+                        seed=step_seed + 10 * (k * cfg.group_size + j),
                     )
-                    for k in range(cfg.group_size)
+                    for j in range(cfg.group_size)
                 ]
-                for g, s in enumerate(scenarios)
-            ],
-            max_exceptions=0.25,
-            after_each=after_each,
-            desc=f"step {first_step + i + 1} rollouts",
-        )
-        t_gen = time.perf_counter() - t0
-        result = await model.train(groups, config=train_config(cfg, lr))
-        m = result.metrics
-        warnings = adv.health_warnings(m, history)
-        history.append(m)
-        print(
-            f"step {result.step:3d}  reward {m.get('train/reward', float('nan')):.3f}  "
-            + (
-                f"(task {m.get('train/independent_reward', float('nan')):.3f})  "
-                if cfg.reward == "ruler"
-                else ""
-            )
-            + f"success {m.get('train/success', float('nan')):.2f}  "
-            + (
-                f"not trained: all {len(groups)} groups tied (the step stays)  "
-                if m.get("skipped_step")
-                else f"entropy {m.get('entropy', float('nan')):.2f}  "
-                f"drift {m.get('logprob_drift_mean_abs', float('nan')):.3f}  "
-                f"lr {m.get('lr', float('nan')):.1e}  "
-            )
-            + f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  elapsed {time.perf_counter() - start:.0f}s  "
-            f"rss {_rss_gib():.1f} GiB" + (f"  WARNING: {'; '.join(warnings)}" if warnings else "")
-        )
-        if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
-            rate, _ = await evaluate(model, dev, f"dev eval step {result.step}", cfg.force_first_call, "dev")
-            evaluated.add(result.step)
-            action = guard.update(result.step, rate)
-            print(f"  dev success {rate:.0%} (best {guard.best_score:.0%} at step {guard.best_step})")
-            at_target = at_target + 1 if rate >= cfg.stop_at else 0
-            if at_target >= cfg.stop_after:
-                print(f"  dev success at {cfg.stop_at:.0%} {at_target} times in a row: stopping early")
-                break
-            if action == "rollback" and cfg.guard:
-                lr *= guard.lr_factor
-                step = await model.restore(guard.best_step, metric="dev/success")
-                print(
-                    f"  rolled back to step {guard.best_step} (now step {step}); learning rate x{guard.lr_factor}"
-                )
-            elif action == "stop" and cfg.guard:
-                print("  dev success fell again after the last roll-back: stopping")
-                break
 
-    best_note = ""
-    if cfg.eval_every:  # end on the best step by dev success (a tie keeps the later step)
+            t0 = time.perf_counter()
+            desc = f"step {first_step + i + 1} rollouts"
+            if cfg.min_informative_groups:
+                groups = await adv.gather_informative_groups(
+                    group,
+                    min_informative=cfg.min_informative_groups,
+                    max_groups=cfg.max_groups_per_step,
+                    first_round=cfg.groups_per_step,
+                    max_exceptions=0.25,
+                    after_each=after_each,
+                    desc=desc,
+                )
+            else:
+                groups = await adv.gather_trajectory_groups(
+                    [group(k) for k in range(cfg.groups_per_step)],
+                    max_exceptions=0.25,
+                    after_each=after_each,
+                    desc=desc,
+                )
+            t_gen = time.perf_counter() - t0
+            await read_baseline()
+            if dev_eval is not None:  # the evaluation of the weights these rollouts came from
+                rate, _ = await dev_eval
+                dev_eval = None
+                evaluated.add(dev_step)
+                action = guard.update(dev_step, rate)
+                print(
+                    f"  dev success {rate:.0%} (step {dev_step}; best {guard.best_score:.0%} at step {guard.best_step})"
+                )
+                at_target = at_target + 1 if rate >= cfg.stop_at and dev_step != first_step else 0
+                if at_target >= cfg.stop_after:
+                    print(f"  dev success at {cfg.stop_at:.0%} {at_target} times in a row: stopping early")
+                    break
+                if action == "rollback" and cfg.guard:
+                    lr *= guard.lr_factor
+                    step = await model.restore(guard.best_step, metric="dev/success")
+                    print(
+                        f"  rolled back to step {guard.best_step} (now step {step}); learning rate "
+                        f"x{guard.lr_factor}; this step's rollouts, from the weights rolled back from, are dropped"
+                    )
+                    continue
+                if action == "stop" and cfg.guard:
+                    print("  dev success fell again after the last roll-back: stopping")
+                    break
+            result = await model.train(groups, config=train_config(cfg, lr, groups))
+            m = result.metrics
+            warnings = adv.health_warnings(m, history)
+            history.append(m)
+            print(
+                f"step {result.step:3d}  reward {m.get('train/reward', float('nan')):.3f}  "
+                + (
+                    f"(task {m.get('train/independent_reward', float('nan')):.3f})  "
+                    if cfg.reward == "ruler"
+                    else ""
+                )
+                + f"success {m.get('train/success', float('nan')):.2f}  "
+                + (
+                    f"groups {len(groups)} ({sum(adv.is_informative(g) for g in groups)} informative)  "
+                    if cfg.min_informative_groups
+                    else ""
+                )
+                + (
+                    f"not trained: all {len(groups)} groups tied (the step stays)  "
+                    if m.get("skipped_step")
+                    else f"entropy {m.get('entropy', float('nan')):.2f}  "
+                    f"drift {m.get('logprob_drift_mean_abs', float('nan')):.3f}  "
+                    f"lr {m.get('lr', float('nan')):.1e}  "
+                )
+                + f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  "
+                f"elapsed {time.perf_counter() - start:.0f}s  rss {_rss_gib():.1f} GiB"
+                + (f"  WARNING: {'; '.join(warnings)}" if warnings else "")
+            )
+            if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
+                dev_step = result.step
+                dev_eval = asyncio.ensure_future(
+                    evaluate(model, dev, f"dev eval step {dev_step}", force, "dev")
+                )
+        await read_baseline()
+        if dev_eval is not None:  # no step came after it (steps=0, or a roll-back at the end)
+            rate, _ = await dev_eval
+            dev_eval = None
+            evaluated.add(dev_step)
+            guard.update(dev_step, rate)
+
+        best_note = ""
         last = await model.get_step()
-        if last not in evaluated:
-            rate, _ = await evaluate(model, dev, "dev eval (last step)", cfg.force_first_call, "dev")
-            guard.update(last, rate)
-        if guard.best_step != last:
-            await model.restore(guard.best_step, metric="dev/success")
-            best_note = f", rolled back to step {guard.best_step}: best dev success {guard.best_score:.0%}"
-        else:
-            best_note = f", the best by dev success {guard.best_score:.0%}"
-    final_rate, final_reward = await evaluate(model, val, "final eval", cfg.force_first_call)
+        final: asyncio.Future[tuple[float, float]] = asyncio.ensure_future(
+            evaluate(model, val, "final eval", force)
+        )  # of the last step, which is usually the best: alongside its dev evaluation
+        if cfg.eval_every:  # end on the best step by dev success (a tie keeps the later step)
+            if last not in evaluated:
+                rate, _ = await evaluate(model, dev, "dev eval (last step)", force, "dev")
+                guard.update(last, rate)
+            if guard.best_step != last:
+                await final  # held-out success of the last step, logged; the best one is evaluated below
+                await model.restore(guard.best_step, metric="dev/success")
+                best_note = (
+                    f", rolled back to step {guard.best_step}: best dev success {guard.best_score:.0%}"
+                )
+                final = asyncio.ensure_future(evaluate(model, val, "final eval", force))
+            else:
+                best_note = f", the best by dev success {guard.best_score:.0%}"
+        final_rate, final_reward = await final
+    finally:
+        for task in (baseline, dev_eval):
+            if task is not None and not task.done():
+                task.cancel()
     elapsed = time.perf_counter() - start
+    served = await model.get_step()
     print(
         f"held-out success {base_rate:.0%} -> {final_rate:.0%}, reward {base_reward:.3f} -> {final_reward:.3f} "
-        f"in {elapsed / 60:.1f} min (serving step {await model.get_step()}{best_note})"
+        f"in {elapsed / 60:.1f} min (serving step {served}{best_note})"
     )
     await backend.close()
     return {"baseline_success": base_rate, "final_success": final_rate, "baseline_reward": base_reward,
-            "final_reward": final_reward, "seconds": elapsed, "best_step": float(guard.best_step)}  # fmt: skip
+            "final_reward": final_reward, "seconds": elapsed, "best_step": float(guard.best_step),
+            "served_step": float(served)}  # fmt: skip
 
 
 def main(cfg: DemoConfig | None = None) -> dict[str, float]:

@@ -1,0 +1,45 @@
+"""The demo's loop on the bundled model, shortened to seconds a step: evaluations that run alongside the next
+step's rollouts, dynamic sampling, the end on the best step. (The learning itself is tested, slow, in
+test_demo_learning.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from advantage.tasks.tool_use.train import DemoConfig, run
+
+
+def _rows(root: Path) -> list[dict]:
+    path = root / "demo" / "models" / "tool-use-001" / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+async def test_shortened_demo_with_dynamic_sampling_and_overlapped_evaluations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = DemoConfig(
+        root=tmp_path, steps=2, val_size=2, dev_size=2, eval_every=1, groups_per_step=1, group_size=2,
+        min_informative_groups=2, max_groups_per_step=3, micro_batch_size=4,
+    )  # fmt: skip
+    out = await run(cfg)
+    rows = _rows(tmp_path)
+    trains = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in trains] == [1, 2]
+    # Dynamic sampling: each step gathered 1 group, then more (up to 3) while fewer than 2 carried signal.
+    assert all(1 <= r["n_groups"] <= 3 for r in trains)
+    # Dev success is known for the base weights, step 1 (evaluated beside step 2's rollouts) and the last step.
+    assert sorted(r["step"] for r in rows if r["split"] == "dev") == [0, 1, 2]
+    vals = [r for r in rows if r["split"] == "val"]
+    assert vals[0]["step"] == 0 and vals[-1]["step"] == int(out["served_step"])  # the best step, or its copy
+    printed = capsys.readouterr().out
+    assert "baseline held-out success" in printed and "held-out success" in printed.splitlines()[-1]
+    assert 0.0 <= out["final_success"] <= 1.0
+
+
+def test_dynamic_sampling_needs_room_for_its_rounds() -> None:
+    with pytest.raises(ValueError, match="max_groups_per_step"):
+        DemoConfig(groups_per_step=8, min_informative_groups=8, max_groups_per_step=4)
+    DemoConfig(groups_per_step=8, max_groups_per_step=4)  # off: the cap is not used
