@@ -17,6 +17,7 @@ def _rows(root: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+@pytest.mark.slow  # ~2 min and a model + trainer in the test process; CI's wheel check runs a one-step demo
 async def test_shortened_demo_with_dynamic_sampling_and_overlapped_evaluations(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
