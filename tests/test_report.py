@@ -201,6 +201,24 @@ def test_a_collapsed_run_gets_no_ceiling_in_the_report(tmp_path: Path) -> None:
     assert [s.kind for s in data.charts[0].series] == ["data"]  # no dashed ceiling drawn
 
 
+def test_the_reward_range_bounds_the_reports_ceiling(tmp_path: Path) -> None:
+    """A run still climbing steeply fits a ceiling above anything a [0, 1] reward can reach unless the report
+    is told the range (`advantage report --min-reward 0 --max-reward 1`)."""
+    run = tmp_path / "climbing"
+    for s, r in enumerate([0.30, 0.36, 0.44, 0.52, 0.61, 0.70, 0.79, 0.89], 1):
+        RunLog(run).append(s, "train", {"train/reward": r})
+    unbounded = build_report_data(run)
+    assert unbounded.fit.ok and float(unbounded.fit.message.split("=")[1].split()[0]) > 1.05
+    bounded = build_report_data(run, reward_range=(0.0, 1.0))
+    assert bounded.fit.ok and float(bounded.fit.message.split("=")[1].split()[0]) <= 1.0
+    assert max(y for _, y in bounded.charts[0].series[-1].points) <= 1.0 + 1e-9
+    result = CliRunner().invoke(app, ["report", str(run), "--min-reward", "0", "--max-reward", "1"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["report", str(run), "--max-reward", "0.5"])  # below a reward seen
+    assert result.exit_code == 0, result.output  # the fit is what fails, and the page says so
+    assert "a_max=0.5 is below the best observed reward" in (run / "report.html").read_text()
+
+
 def test_fit_failure_is_said_not_raised(tmp_path: Path) -> None:
     data = build_report_data(_run(tmp_path, 2))
     assert not data.fit.ok and "at least 4 points" in data.fit.message

@@ -408,12 +408,18 @@ def report(
     ] = None,
     open_: Annotated[bool, typer.Option("--open", help="Open the report in a web browser.")] = False,
     max_steps: Annotated[int, typer.Option(help="Most steps of trajectories kept per split.")] = 50,
+    min_reward: Annotated[
+        float | None, typer.Option(help="The least reward the task can give (floors the fit's ceiling).")
+    ] = None,
+    max_reward: Annotated[
+        float | None, typer.Option(help="The most reward the task can give (caps the fit's ceiling).")
+    ] = None,
 ) -> None:
     """Write one self-contained HTML report of a run: curves, the ceiling fit, and a trajectory viewer."""
     from advantage.report import write_report
 
     try:
-        path = write_report(run_dir, out, max_steps=max_steps)
+        path = write_report(run_dir, out, max_steps=max_steps, reward_range=(min_reward, max_reward))
     except (FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e), param_hint="RUN_DIR") from None
     typer.echo(path)

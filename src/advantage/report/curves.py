@@ -224,11 +224,14 @@ def build_charts(
     return [c for c in charts if c.series]
 
 
-def build_fit(run_dir: Path, rows: list[dict[str, Any]]) -> tuple[FitInfo, list[Point] | None]:
+def build_fit(
+    run_dir: Path, rows: list[dict[str, Any]], reward_range: tuple[float | None, float | None] = (None, None)
+) -> tuple[FitInfo, list[Point] | None]:
     """The ScaleRL fit of train reward against step, and its curve out to 2x the steps so far; no curve
-    for a reward that is not rising, whose fit predicts nothing."""
+    for a reward that is not rising, whose fit predicts nothing. `reward_range` (least, most), where known,
+    bounds the fitted ceiling (`fit_scaling_curve`'s `a_min`, `a_max`)."""
     try:
-        fit = fit_run(run_dir, metric=FIT_METRIC, axis="step")
+        fit = fit_run(run_dir, metric=FIT_METRIC, axis="step", a_min=reward_range[0], a_max=reward_range[1])
     except ValueError as e:
         return FitInfo(ok=False, message=f"No ceiling fit: {e}."), None
     if not fit.rising:

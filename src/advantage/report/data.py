@@ -208,8 +208,11 @@ def _title(run_dir: Path) -> str:
     return run_dir.name
 
 
-def build_report_data(run_dir: Path, max_steps: int = 50) -> ReportData:
-    """Everything the report shows for `run_dir`. Raises FileNotFoundError when it holds no metrics.jsonl."""
+def build_report_data(
+    run_dir: Path, max_steps: int = 50, reward_range: tuple[float | None, float | None] = (None, None)
+) -> ReportData:
+    """Everything the report shows for `run_dir`. Raises FileNotFoundError when it holds no metrics.jsonl.
+    `reward_range` (least, most reward the task can give) bounds the ceiling fit."""
     run_dir = Path(run_dir)
     log = RunLog(run_dir)
     if not log.metrics_path.is_file():
@@ -220,7 +223,7 @@ def build_report_data(run_dir: Path, max_steps: int = 50) -> ReportData:
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     rows = log.rows()
-    fit, curve = build_fit(run_dir, rows)
+    fit, curve = build_fit(run_dir, rows, reward_range)
     best = best_step(rows)
     trajectories, omitted = build_trajectories(run_dir, max_steps)
     charts = build_charts(rows, curve, best)
