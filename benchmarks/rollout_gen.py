@@ -5,15 +5,18 @@ setting (`--compare`):
 
 - `prefix-cache`: the prompt-prefix cache on, and off (`prefix_cache_mb=0`);
 - `cascade`: cascade attention on (rows read one shared copy of the prompt prefix's KV), and off
-  (`cascade=False`: every row holds and reads its own copy).
+  (`cascade=False`: every row holds and reads its own copy);
+- `dtype`: the model in bf16 and in fp32 (a CPU with AMX multiplies bf16 natively; `--train` shows what
+  that does to the update as well).
 
 Each round runs the demo's rollouts for one training step (G scenarios x N rollouts, T=0.7, multi-turn,
 first call forced, seeded so both sides sample alike) on both, alternating which goes first, and prints the
-wall times and their ratio. The prompts repeat as in the demo: one system prompt, tool schemas and worked
+wall times and their ratio; with `--train`, each side then trains one step on what it gathered (the demo's
+loss settings) and that is timed too. The prompts repeat as in the demo: one system prompt, tool schemas and worked
 example for every rollout, and each turn extends the last.
 
     .venv/bin/python benchmarks/rollout_gen.py [--compare cascade] [--groups 8] [--group-size 4]
-        [--rounds 2] [--dtype float32] [--json out.json]
+        [--rounds 2] [--dtype float32] [--train] [--json out.json]
 """
 
 from __future__ import annotations
@@ -35,14 +38,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples`
 import advantage as adv  # noqa: E402
 from advantage.tasks.tool_use.env import make_scenarios  # noqa: E402
 from advantage.tasks.tool_use.rollout import rollout  # noqa: E402
+from advantage.tasks.tool_use.train import DemoConfig, train_config  # noqa: E402
 
 COMPARE = {  # label -> engine settings, the feature on first
     "prefix-cache": {"prefix cache": {"prefix_cache_mb": 512}, "no prefix cache": {"prefix_cache_mb": 0}},
     "cascade": {"cascade": {"cascade": True}, "no cascade": {"cascade": False}},
+    "dtype": {"bf16": {"dtype": "bfloat16"}, "fp32": {"dtype": "float32"}},
 }
+TRAIN = train_config(DemoConfig(), lr=1e-3)  # the demo's loss settings
 
 
-async def one_step(model: adv.TrainableModel, seed: int, groups: int, group_size: int) -> tuple[float, float]:
+async def one_step(
+    model: adv.TrainableModel, seed: int, groups: int, group_size: int, train: bool
+) -> tuple[float, float, float]:
+    """Seconds to gather (and to train on, with `train`; else nan) one demo step, and its completion tokens."""
     scenarios = make_scenarios(groups, seed=seed, split="train")
     t0 = time.perf_counter()
     done = await adv.gather_trajectory_groups(
@@ -63,7 +72,12 @@ async def one_step(model: adv.TrainableModel, seed: int, groups: int, group_size
         for t in g.trajectories
         for c in t.choices()
     )
-    return seconds, tokens
+    train_seconds = float("nan")
+    if train:
+        t0 = time.perf_counter()
+        await model.train(done, TRAIN)
+        train_seconds = time.perf_counter() - t0
+    return seconds, tokens, train_seconds
 
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
@@ -71,27 +85,37 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         sides = {}
         for label, kwargs in COMPARE[args.compare].items():
             backend = adv.LocalBackend(
-                Path(tmp) / label.replace(" ", "-"), progress=False, dtype=args.dtype, **kwargs
+                Path(tmp) / label.replace(" ", "-"), progress=False, **{"dtype": args.dtype, **kwargs}
             )
             model = adv.TrainableModel("bench", project="bench", base_model="smollm2-135m-instruct")
             await model.register(backend)
             sides[label] = (backend, model)
         times: dict[str, list[float]] = {k: [] for k in sides}
         tokens: dict[str, list[int]] = {k: [] for k in sides}
+        train_times: dict[str, list[float]] = {k: [] for k in sides}
         for r in range(args.rounds):
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for label in order:
-                s, n = await one_step(sides[label][1], seed=r, groups=args.groups, group_size=args.group_size)
+                s, n, ts = await one_step(
+                    sides[label][1], seed=r, groups=args.groups, group_size=args.group_size, train=args.train
+                )
                 times[label].append(s)
                 tokens[label].append(n)
-                print(f"round {r + 1} {label:>16}: {s:6.1f} s, {n} completion tokens", flush=True)
+                train_times[label].append(ts)
+                trained = f", train {ts:5.1f} s" if args.train else ""
+                print(f"round {r + 1} {label:>16}: {s:6.1f} s, {n} completion tokens{trained}", flush=True)
         for backend, _ in sides.values():
             await backend.close()
     med = {k: statistics.median(v) for k, v in times.items()}
     on, off = COMPARE[args.compare]
     ratio = med[off] / med[on]
     print(f"median s per demo step: {on} {med[on]:.1f}, {off} {med[off]:.1f}; speed-up {ratio:.2f}x")
-    return {"seconds": times, "completion_tokens": tokens, "median_seconds": med, "speedup": ratio}
+    result: dict[str, object] = {"seconds": times, "completion_tokens": tokens, "median_seconds": med, "speedup": ratio}
+    if args.train:
+        tmed = {k: statistics.median(v) for k, v in train_times.items()}
+        print(f"median s per train step: {on} {tmed[on]:.1f}, {off} {tmed[off]:.1f}; speed-up {tmed[off] / tmed[on]:.2f}x")
+        result |= {"train_seconds": train_times, "median_train_seconds": tmed}
+    return result
 
 
 if __name__ == "__main__":
@@ -101,6 +125,7 @@ if __name__ == "__main__":
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--dtype", default="auto", help="as the demo: fp32 on CPUs without bf16 units")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--train", action="store_true", help="also train one step on each side's rollouts, timed")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     result = asyncio.run(main(a))

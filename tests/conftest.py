@@ -11,6 +11,9 @@ import pytest
 # Set here, before any test module loads torch: `import advantage` sets nothing (advantage.environment).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# dtype="auto" means fp32 in the tests, whatever the CPU: their tolerances are fp32's, and a box with native
+# bf16 (AMX) would otherwise run them in bf16. The bf16 paths have tests of their own that ask for it.
+os.environ.setdefault("ADVANTAGE_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +67,44 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _live_weights() -> tuple[int, float]:
+    """Live torch modules that hold parameters, and the MB of those parameters (shared storage counted once)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    seen: set[int] = set()
+    mods = 0
+    nbytes = 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Module) and obj.__class__.__name__.endswith("ForCausalLM"):
+            mods += 1
+            for p in obj.parameters():
+                ptr = p.untyped_storage().data_ptr()
+                if ptr not in seen:
+                    seen.add(ptr)
+                    nbytes += p.untyped_storage().nbytes()
+    return mods, nbytes / 2**20
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    """With ADVANTAGE_TEST_MEMLOG=FILE, after each test module: the process's RSS and the causal LMs still
+    alive (a test that leaves a backend open keeps its model's weights for the rest of the run)."""
+    yield
+    path = os.environ.get("ADVANTAGE_TEST_MEMLOG")
+    if not path or (nextitem is not None and nextitem.path == item.path):
+        return
+    mods, mb = _live_weights()
+    with open(path, "a") as f:
+        f.write(f"{item.path.name}\trss_mb={_rss_mb():.0f}\tlive_lms={mods}\tlive_lm_mb={mb:.0f}\n")

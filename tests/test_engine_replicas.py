@@ -129,7 +129,7 @@ def ray_cluster() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def spec() -> EngineSpec:
     """The contract's fp32 CPU tolerances: the replicas are fp32 `TorchEngine`s on the CPU."""
-    make = lambda d: RayEngineReplicas.start(d, ReplicaPlacement(replicas=2), {"max_context": CONTEXT})  # noqa: E731
+    make = lambda d: RayEngineReplicas.start(d, ReplicaPlacement(replicas=2), {"max_context": CONTEXT, "dtype": "float32"})  # noqa: E731
     return EngineSpec(make, "cpu", 2e-4, 5e-5)
 
 

@@ -114,6 +114,7 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch) -> None:
     from advantage.engine import precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(precision.DTYPE_ENV)  # conftest sets it; this test is about "auto" without it
     monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
     assert precision.resolve_dtype("auto", cpu) == torch.float32
     assert precision.resolve_dtype("auto", cuda) == torch.bfloat16
@@ -122,6 +123,19 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch) -> None:
     assert precision.resolve_dtype("auto", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be"):
         precision.resolve_dtype("fp8", cpu)
+
+
+def test_advantage_dtype_overrides_auto(monkeypatch) -> None:
+    from advantage.engine import precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
+    monkeypatch.setenv(precision.DTYPE_ENV, "float32")
+    assert precision.resolve_dtype("auto", cpu) == precision.resolve_dtype("auto", cuda) == torch.float32
+    assert precision.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit dtype still wins
+    monkeypatch.setenv(precision.DTYPE_ENV, "fp32")
+    with pytest.raises(ValueError, match="ADVANTAGE_DTYPE must be one of bfloat16, float32, float16"):
+        precision.resolve_dtype("auto", cpu)
 
 
 def _cispo_step(trainer: Trainer) -> None:

@@ -177,8 +177,11 @@ class Service:
         (one copy of them, not two, when both run on one device in one dtype)."""
         from advantage.engine.torch_engine import TorchEngine
 
+        # The engine's dtype and device, so sampler and trainer compute alike ("auto" is bf16 on a CPU with
+        # AMX: an engine asked for fp32 there must not be paired with a bf16 trainer).
+        same = {k: self.engine_kwargs[k] for k in ("dtype", "device") if k in self.engine_kwargs}
         if not self.share_base_weights:
-            return Trainer(model_dir, lora)
+            return Trainer(model_dir, lora, **same)
         with self._lock:
             engines = list(self._engines.values())
         source = Path(model_dir).resolve()
@@ -190,7 +193,7 @@ class Service:
             ),
             None,
         )
-        return Trainer(model_dir, lora, base_weights=shared)
+        return Trainer(model_dir, lora, base_weights=shared, **same)
 
     def add_model(self, entry: ModelEntry) -> None:
         with self._lock:
@@ -571,6 +574,12 @@ class Service:
                 entry.traffic.close()
             if isinstance(entry.trainer, RayTrainerGroup):
                 entry.trainer.close()
+        # Drop the engines and trainers (their weights) now: the server's endpoints close over this service,
+        # and FastAPI keeps endpoint functions in a process-wide cache, so the service itself outlives close.
+        with self._lock:
+            self._engines.clear()
+            self._models.clear()
+        _release_freed_memory()
 
 
 def _read_default(mdir: Path, steps: list[int]) -> int | None:

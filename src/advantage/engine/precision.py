@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,19 @@ def native_bf16_cpu() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+DTYPE_ENV = "ADVANTAGE_DTYPE"  # what "auto" means in this process, when set: bfloat16, float32 or float16
+DTYPES = ("bfloat16", "float32", "float16")
+
+
 def default_dtype(device: torch.device) -> str:
-    """ "bfloat16" on CUDA and on CPUs with native bf16 matmuls, "float32" on other CPUs."""
+    """ "bfloat16" on CUDA and on CPUs with native bf16 matmuls, "float32" on other CPUs; the environment
+    variable ADVANTAGE_DTYPE, when set, overrides both (the test suite sets float32, so that its tolerances
+    hold on every CPU)."""
+    override = os.environ.get(DTYPE_ENV)
+    if override:
+        if override not in DTYPES:
+            raise ValueError(f"{DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {override!r}; unset it for auto.")
+        return override
     if device.type == "cuda":
         return "bfloat16"
     return "bfloat16" if native_bf16_cpu() else "float32"
@@ -38,7 +50,7 @@ def default_dtype(device: torch.device) -> str:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """A dtype name ("auto", "bfloat16", "float32", "float16") as a torch dtype; "auto" asks default_dtype."""
     name = default_dtype(device) if dtype == "auto" else dtype
-    if name not in ("bfloat16", "float32", "float16"):
+    if name not in DTYPES:
         raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float32' or 'float16', got {dtype!r}.")
     return getattr(torch, name)
 
