@@ -10,7 +10,7 @@ Two workloads (`--workload`):
 Both trainers get the same conditions:
 
   model        the bundled SmolLM2-135M-Instruct in the dtype our `dtype="auto"` picks on this machine
-               (bf16 where the CPU multiplies bf16 natively, else fp32; `--dtype` overrides; TRL gets
+               (fp32 on CPUs, see engine/precision.py; `--dtype` overrides; TRL gets
                model_init_kwargs dtype and bf16=True/False to match), LoRA r=8, alpha=16, dropout 0, all
                linear layers
   prompts      the same scenarios: step k trains on make_scenarios(groups, seed=1000+k); TRL gets them in

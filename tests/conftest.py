@@ -11,8 +11,8 @@ import pytest
 # Set here, before any test module loads torch: `import advantage` sets nothing (advantage.environment).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# dtype="auto" means fp32 in the tests, whatever the CPU: their tolerances are fp32's, and a box with native
-# bf16 (AMX) would otherwise run them in bf16. The bf16 paths have tests of their own that ask for it.
+# dtype="auto" means fp32 in the tests on any machine (a GPU box included): their tolerances are fp32's. The
+# bf16 paths have tests of their own that ask for it.
 os.environ.setdefault("ADVANTAGE_DTYPE", "float32")
 
 

@@ -18,8 +18,8 @@ PROMPT = [{"role": "user", "content": "Say something."}]
 
 def same_weights_logprob_tol() -> float:
     """How far one logprob, computed twice under the same weights (another batch, another summation order,
-    from the prefix cache or not), may differ in the engine's default precision on this machine: bf16 where
-    the CPU multiplies it natively (precision.py), else fp32."""
+    from the prefix cache or not), may differ in the engine's default precision (ADVANTAGE_DTYPE may make
+    that bf16)."""
     from advantage.engine.precision import default_dtype
 
     return 5e-3 if default_dtype(torch.device("cpu")) == "bfloat16" else 1e-4

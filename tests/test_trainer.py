@@ -110,17 +110,14 @@ def test_bf16_trainer_and_engine_head_run_in_fp32(tiny_model_dir) -> None:
         engine.close()
 
 
-def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(monkeypatch) -> None:
+def test_auto_dtype_is_bf16_on_cuda_and_fp32_on_every_cpu(monkeypatch) -> None:
     from advantage.engine import precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv(precision.DTYPE_ENV)  # conftest sets it; this test is about "auto" without it
-    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: False)
-    assert precision.resolve_dtype("auto", cpu) == torch.float32
+    assert precision.resolve_dtype("auto", cpu) == torch.float32  # with AMX too: precision.py says why
     assert precision.resolve_dtype("auto", cuda) == torch.bfloat16
     assert precision.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit choice stands
-    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
-    assert precision.resolve_dtype("auto", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be"):
         precision.resolve_dtype("fp8", cpu)
 
@@ -129,7 +126,8 @@ def test_advantage_dtype_overrides_auto(monkeypatch) -> None:
     from advantage.engine import precision
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(precision, "native_bf16_cpu", lambda: True)
+    monkeypatch.setenv(precision.DTYPE_ENV, "bfloat16")
+    assert precision.resolve_dtype("auto", cpu) == precision.resolve_dtype("auto", cuda) == torch.bfloat16
     monkeypatch.setenv(precision.DTYPE_ENV, "float32")
     assert precision.resolve_dtype("auto", cpu) == precision.resolve_dtype("auto", cuda) == torch.float32
     assert precision.resolve_dtype("bfloat16", cpu) == torch.bfloat16  # an explicit dtype still wins

@@ -1,50 +1,39 @@
 """Numeric precision, chosen once for the engine and the trainer alike.
 
-- `default_dtype`: the decoder's dtype. bf16 where the hardware multiplies bf16 natively (CUDA; CPUs with
-  AVX512-BF16 or AMX), fp32 elsewhere. On a CPU without them torch emulates bf16 matmuls: measured on a
-  2-core Xeon without avx512_bf16, a 1024^2 matmul ran at 48 GFLOPS in bf16 against 222 in fp32, and a demo
-  train step took 110 s in bf16 against 82 s in fp32.
+- `default_dtype`: the decoder's dtype: bf16 on CUDA, fp32 on every CPU. A CPU without native bf16
+  emulates it: on a 2-core Xeon without avx512_bf16 a 1024^2 matmul ran at 48 GFLOPS in bf16 against 222 in
+  fp32, and a demo train step took 110 s against 82 s. A CPU with AMX multiplies a 1024^2 bf16 matmul ~9x
+  faster than fp32, but the bundled 135M model's small matmuls gain little of it: on a 2-core AMX Xeon a
+  demo step's rollouts took 37.8 s in bf16 against 32.4 s in fp32 and its update 28.0 against 30.0 s
+  (`benchmarks/rollout_gen.py --compare dtype --train`), while the sampler-trainer logprob drift was
+  ~0.015 nats in bf16 against ~0.001 in fp32. Ask for `dtype="bfloat16"` (or set ADVANTAGE_DTYPE) on a
+  CPU where a bigger model makes it pay.
 - `use_fp32_head`: on a bf16 decoder, the final norm, the vocabulary head and so the log-softmax still run
   in fp32, in the sampler and in the trainer, so both compute logprobs the same way.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-
-
-@functools.cache
-def native_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
 
 DTYPE_ENV = "ADVANTAGE_DTYPE"  # what "auto" means in this process, when set: bfloat16, float32 or float16
 DTYPES = ("bfloat16", "float32", "float16")
 
 
 def default_dtype(device: torch.device) -> str:
-    """ "bfloat16" on CUDA and on CPUs with native bf16 matmuls, "float32" on other CPUs; the environment
-    variable ADVANTAGE_DTYPE, when set, overrides both (the test suite sets float32, so that its tolerances
-    hold on every CPU)."""
+    """ "bfloat16" on CUDA, "float32" on CPUs (see the module docstring); the environment variable
+    ADVANTAGE_DTYPE, when set, overrides both (the test suite sets float32, so that its tolerances hold on a
+    GPU box too)."""
     override = os.environ.get(DTYPE_ENV)
     if override:
         if override not in DTYPES:
             raise ValueError(f"{DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {override!r}; unset it for auto.")
         return override
-    if device.type == "cuda":
-        return "bfloat16"
-    return "bfloat16" if native_bf16_cpu() else "float32"
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
