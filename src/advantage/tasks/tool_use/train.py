@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -204,6 +205,83 @@ def train_config(
     )
 
 
+async def step_rollouts(
+    model: adv.TrainableModel,
+    cfg: DemoConfig,
+    step: int,
+    after_each: Callable[[adv.TrajectoryGroup], Awaitable[adv.TrajectoryGroup | None]] | None,
+) -> list[adv.TrajectoryGroup]:
+    """The rollouts that train step `step + 1`: `groups_per_step` scenarios x `group_size` rollouts, or with
+    dynamic sampling more scenarios until enough groups carry signal. Scenarios and sampling are seeded by
+    `cfg.seed` and the step, so a rerun draws the same ones."""
+    step_key = cfg.seed * 100_003 + step
+    scenarios = make_scenarios(cfg.groups_per_step, seed=step_key, split="train")
+    if cfg.min_informative_groups:  # dynamic sampling's later rounds: other scenarios of the split
+        scenarios += make_scenarios(
+            cfg.max_groups_per_step - cfg.groups_per_step, seed=-1 - step_key, split="train"
+        )
+    step_seed = (cfg.seed * 1_000_003 + step) * 1_000
+
+    def group(k: int) -> list[Awaitable[adv.Trajectory]]:
+        return [
+            rollout(
+                model,
+                scenarios[k],
+                temperature=cfg.temperature,
+                force_first_call=cfg.force_first_call,
+                seed=step_seed + 10 * (k * cfg.group_size + j),
+            )
+            for j in range(cfg.group_size)
+        ]
+
+    desc = f"step {step + 1} rollouts"
+    if cfg.min_informative_groups:
+        return await adv.gather_informative_groups(
+            group,
+            min_informative=cfg.min_informative_groups,
+            max_groups=cfg.max_groups_per_step,
+            first_round=cfg.groups_per_step,
+            max_exceptions=0.25,
+            after_each=after_each,
+            desc=desc,
+        )
+    return await adv.gather_trajectory_groups(
+        [group(k) for k in range(cfg.groups_per_step)], max_exceptions=0.25, after_each=after_each, desc=desc
+    )
+
+
+def step_line(
+    cfg: DemoConfig,
+    result: adv.TrainResult,
+    groups: list[adv.TrajectoryGroup],
+    t_gen: float,
+    elapsed: float,
+    warnings: list[str],
+) -> str:
+    """The progress line of one trained step."""
+    m = result.metrics
+    nan = float("nan")
+    parts = [f"step {result.step:3d}  reward {m.get('train/reward', nan):.3f}  "]
+    if cfg.reward == "ruler":
+        parts.append(f"(task {m.get('train/independent_reward', nan):.3f})  ")
+    parts.append(f"success {m.get('train/success', nan):.2f}  ")
+    if cfg.min_informative_groups:
+        parts.append(f"groups {len(groups)} ({sum(adv.is_informative(g) for g in groups)} informative)  ")
+    if m.get("skipped_step"):
+        parts.append(f"not trained: all {len(groups)} groups tied (the step stays)  ")
+    else:
+        parts.append(
+            f"entropy {m.get('entropy', nan):.2f}  drift {m.get('logprob_drift_mean_abs', nan):.3f}  "
+            f"lr {m.get('lr', nan):.1e}  "
+        )
+    parts.append(
+        f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  elapsed {elapsed:.0f}s  rss {_rss_gib():.1f} GiB"
+    )
+    if warnings:
+        parts.append(f"  WARNING: {'; '.join(warnings)}")
+    return "".join(parts)
+
+
 async def run(cfg: DemoConfig) -> dict[str, float]:
     """The demo: baseline, `cfg.steps` GRPO steps, the best step by dev success, the held-out result.
 
@@ -252,44 +330,8 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     at_target = 0  # dev evaluations in a row at stop_at
     try:
         for i in range(cfg.steps):
-            step_key = cfg.seed * 100_003 + first_step + i
-            scenarios = make_scenarios(cfg.groups_per_step, seed=step_key, split="train")
-            if cfg.min_informative_groups:  # dynamic sampling's later rounds: other scenarios of the split
-                n_more = cfg.max_groups_per_step - cfg.groups_per_step
-                scenarios += make_scenarios(n_more, seed=-1 - step_key, split="train")
-            step_seed = (cfg.seed * 1_000_003 + first_step + i) * 1_000
-
-            def group(k: int, scenarios: list = scenarios, step_seed: int = step_seed) -> list:
-                return [
-                    rollout(
-                        model,
-                        scenarios[k],
-                        temperature=cfg.temperature,
-                        force_first_call=force,
-                        seed=step_seed + 10 * (k * cfg.group_size + j),
-                    )
-                    for j in range(cfg.group_size)
-                ]
-
             t0 = time.perf_counter()
-            desc = f"step {first_step + i + 1} rollouts"
-            if cfg.min_informative_groups:
-                groups = await adv.gather_informative_groups(
-                    group,
-                    min_informative=cfg.min_informative_groups,
-                    max_groups=cfg.max_groups_per_step,
-                    first_round=cfg.groups_per_step,
-                    max_exceptions=0.25,
-                    after_each=after_each,
-                    desc=desc,
-                )
-            else:
-                groups = await adv.gather_trajectory_groups(
-                    [group(k) for k in range(cfg.groups_per_step)],
-                    max_exceptions=0.25,
-                    after_each=after_each,
-                    desc=desc,
-                )
+            groups = await step_rollouts(model, cfg, first_step + i, after_each)
             t_gen = time.perf_counter() - t0
             await read_baseline()
             if dev_eval is not None:  # the evaluation of the weights these rollouts came from
@@ -316,33 +358,9 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
                     print("  dev success fell again after the last roll-back: stopping")
                     break
             result = await model.train(groups, config=train_config(cfg, lr, groups))
-            m = result.metrics
-            warnings = adv.health_warnings(m, history)
-            history.append(m)
-            print(
-                f"step {result.step:3d}  reward {m.get('train/reward', float('nan')):.3f}  "
-                + (
-                    f"(task {m.get('train/independent_reward', float('nan')):.3f})  "
-                    if cfg.reward == "ruler"
-                    else ""
-                )
-                + f"success {m.get('train/success', float('nan')):.2f}  "
-                + (
-                    f"groups {len(groups)} ({sum(adv.is_informative(g) for g in groups)} informative)  "
-                    if cfg.min_informative_groups
-                    else ""
-                )
-                + (
-                    f"not trained: all {len(groups)} groups tied (the step stays)  "
-                    if m.get("skipped_step")
-                    else f"entropy {m.get('entropy', float('nan')):.2f}  "
-                    f"drift {m.get('logprob_drift_mean_abs', float('nan')):.3f}  "
-                    f"lr {m.get('lr', float('nan')):.1e}  "
-                )
-                + f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  "
-                f"elapsed {time.perf_counter() - start:.0f}s  rss {_rss_gib():.1f} GiB"
-                + (f"  WARNING: {'; '.join(warnings)}" if warnings else "")
-            )
+            warnings = adv.health_warnings(result.metrics, history)
+            history.append(result.metrics)
+            print(step_line(cfg, result, groups, t_gen, time.perf_counter() - start, warnings))
             if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
                 dev_step = result.step
                 dev_eval = asyncio.ensure_future(
