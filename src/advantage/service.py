@@ -177,8 +177,8 @@ class Service:
         (one copy of them, not two, when both run on one device in one dtype)."""
         from advantage.engine.torch_engine import TorchEngine
 
-        # The engine's dtype and device, so sampler and trainer compute alike ("auto" is bf16 on a CPU with
-        # AMX: an engine asked for fp32 there must not be paired with a bf16 trainer).
+        # The engine's dtype and device, so sampler and trainer compute alike: an engine asked for fp32 on a
+        # GPU must not be paired with a trainer that picked bf16 there for itself.
         same = {k: self.engine_kwargs[k] for k in ("dtype", "device") if k in self.engine_kwargs}
         if not self.share_base_weights:
             return Trainer(model_dir, lora, **same)

@@ -5,8 +5,8 @@
   fp32, and a demo train step took 110 s against 82 s. A CPU with AMX multiplies a 1024^2 bf16 matmul ~9x
   faster than fp32, but the bundled 135M model's small matmuls gain little of it: on a 2-core AMX Xeon a
   demo step's rollouts took 37.8 s in bf16 against 32.4 s in fp32 and its update 28.0 against 30.0 s
-  (`benchmarks/rollout_gen.py --compare dtype --train`), while the sampler-trainer logprob drift was
-  ~0.015 nats in bf16 against ~0.001 in fp32. Ask for `dtype="bfloat16"` (or set ADVANTAGE_DTYPE) on a
+  (`benchmarks/rollout_gen.py --compare dtype --train`), while the demo's sampler-trainer logprob drift
+  was 0.008-0.045 nats a step in bf16 against 0.001-0.010 in fp32. Ask for `dtype="bfloat16"` (or set ADVANTAGE_DTYPE) on a
   CPU where a bigger model makes it pay.
 - `use_fp32_head`: on a bf16 decoder, the final norm, the vocabulary head and so the log-softmax still run
   in fp32, in the sampler and in the trainer, so both compute logprobs the same way.
