@@ -1,7 +1,7 @@
 """Sampler vs trainer: do the engine and the trainer give the same logprobs for the same sampled tokens?
 
 For each precision (a bf16 decoder with bf16 logits, the old default; a bf16 decoder with the fp32 norm +
-head + log-softmax, the default where the CPU has native bf16; an fp32 decoder, the default elsewhere), one
+head + log-softmax, the default on CUDA; an fp32 decoder, the default on every CPU), one
 engine and one trainer on the bundled SmolLM2-135M-Instruct (no adapter) are built. The engine samples
 G demo prompts x N completions (T = 0.7, seeded, up to 48 tokens, concurrently, as a demo step does); the
 trainer then recomputes the sampled tokens' logprobs in micro-batches of 8 (as `model.train` does). Printed:
