@@ -7,7 +7,8 @@
 #    bundled model would be (ADVANTAGE_CACHE_DIR), so that tests asking for the bundled name get it;
 # 3. the engine contract suite, the gpu-marked CUDA engines included;
 # 4. benchmarks/gpu_check.py bench (generation, a GRPO step, sampler-trainer agreement; bf16 and fp32);
-# 5. a selection of fast tests (gpu-marked ones included), on CUDA since that is the default device where there is one: first the
+# 5. a selection of fast tests (gpu-marked ones included), on CUDA since that is the default device where there is one
+#    (in fp32: tests/conftest.py sets ADVANTAGE_DTYPE=float32; steps 3 and 4 cover bf16): first the
 #    trainer / engine / training-loop ones, then the server ones (on a random model: a test that checks
 #    what the model says fails there, and says nothing about CUDA).
 # Everything lands in $OUT (at most 8 files): install.log contract.log bench.log bench.json tests.log
