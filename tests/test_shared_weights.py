@@ -165,3 +165,19 @@ def test_the_engine_keeps_no_view_of_the_mapped_checkpoint(tiny_model_dir: Path,
         assert str(copy / "model.safetensors") not in maps
     finally:
         engine.close()
+
+
+def test_the_trainer_takes_the_engines_dtype_not_its_own_auto(
+    tiny_model_dir: Path, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine asked for fp32 where "auto" means bf16 (here: ADVANTAGE_DTYPE; on a GPU: CUDA's default) gets
+    an fp32 trainer that shares its weights, not a bf16 one that loads its own copy."""
+    monkeypatch.setenv("ADVANTAGE_DTYPE", "bfloat16")
+    service = Service(tmp_path, engine_kwargs={"dtype": "float32"}, share_base_weights=True)
+    try:
+        service.register("p", "m", str(tiny_model_dir))
+        trainer = service.model_entry("m").trainer
+        assert isinstance(trainer, Trainer) and trainer.shares_base
+        assert next(iter(_frozen(trainer).values())).dtype == torch.float32
+    finally:
+        service.close()
