@@ -375,18 +375,23 @@ def online(
         )
 
 
+# The reward's range, where the task knows it: `fit` and `report` bound the ScaleRL ceiling A by it.
+MinReward = Annotated[
+    float | None, typer.Option(help="The least reward the task can give (floors the ceiling A).")
+]
+MaxReward = Annotated[
+    float | None, typer.Option(help="The most reward the task can give (caps the ceiling A).")
+]
+
+
 @app.command()
 def fit(
     run_dir: Annotated[Path, typer.Argument(help="A run dir holding metrics.jsonl.")],
     metric: Annotated[str, typer.Option(help="Metric to fit.")] = "train/reward",
     axis: Annotated[str, typer.Option(help="Compute axis: step, seconds or tokens.")] = "step",
     skip_frac: Annotated[float, typer.Option(help="Fraction of the earliest points to drop.")] = 0.0,
-    min_reward: Annotated[
-        float | None, typer.Option(help="The least reward the task can give (floors the ceiling A).")
-    ] = None,
-    max_reward: Annotated[
-        float | None, typer.Option(help="The most reward the task can give (caps the ceiling A).")
-    ] = None,
+    min_reward: MinReward = None,
+    max_reward: MaxReward = None,
 ) -> None:
     """Fit the ScaleRL curve to a run and predict its reward ceiling, or say that the reward is not rising."""
     from advantage.scaling import fit_run
@@ -408,12 +413,8 @@ def report(
     ] = None,
     open_: Annotated[bool, typer.Option("--open", help="Open the report in a web browser.")] = False,
     max_steps: Annotated[int, typer.Option(help="Most steps of trajectories kept per split.")] = 50,
-    min_reward: Annotated[
-        float | None, typer.Option(help="The least reward the task can give (floors the fit's ceiling).")
-    ] = None,
-    max_reward: Annotated[
-        float | None, typer.Option(help="The most reward the task can give (caps the fit's ceiling).")
-    ] = None,
+    min_reward: MinReward = None,
+    max_reward: MaxReward = None,
 ) -> None:
     """Write one self-contained HTML report of a run: curves, the ceiling fit, and a trajectory viewer."""
     from advantage.report import write_report
