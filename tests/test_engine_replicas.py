@@ -1,9 +1,10 @@
 """Engine replicas as Ray actors (`engine/replicas.py`) and their router (`engine/routing.py`).
 
 The router's tests are pure. The rest run on one local Ray cluster (8 logical CPUs on however many cores)
-and skip when Ray is not installed: the engine contract suite against 2 replicas, a two-step GRPO run
-through `LocalBackend(engine_replicas=2, trainer_workers=2)`, and a replica killed while a gather is in
-flight. All use the tiny random Llama (the bundled model would load six times over on two cores).
+and skip when Ray is not installed: the engine contract suite against 2 replicas, per-token streaming, a
+two-step GRPO run through `LocalBackend(engine_replicas=2, trainer_workers=2)`, and a replica killed while
+a gather is in flight. All use the tiny random Llama (the bundled model would load six times over on two
+cores).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from helpers import toy_rollout
 # The contract suite (engine/base.py), run here against the replicas: its fixtures and tests, imported.
 from test_engine_contract import (  # noqa: F401 - fixtures and tests pytest collects from this module
     CONTEXT,
+    PROMPT,
     EngineSpec,
     adapters,
     model_dir,
@@ -47,7 +49,7 @@ from test_engine_contract import (  # noqa: F401 - fixtures and tests pytest col
 import advantage as adv
 from advantage.config import LoRAConfig
 from advantage.engine.base import Engine
-from advantage.engine.replicas import RayEngineReplicas, ReplicaPlacement, engine_factory
+from advantage.engine.replicas import RayEngineReplicas, ReplicaPlacement, ReplicaUnavailable, engine_factory
 from advantage.engine.routing import BLOCK, PrefixRouter
 from advantage.engine.sampling import SamplingParams
 
@@ -142,10 +144,35 @@ def engine(ray_cluster: None, spec: EngineSpec, model_dir: Path) -> Iterator[Eng
     e.close()
 
 
-def test_a_cancelled_request_leaves_its_replica(engine: Engine) -> None:
-    """Cancelling the future cancels the actor's task (and so the engine's rows): nothing stays in flight."""
+def _slow_decoding(replicas: RayEngineReplicas, seconds: float) -> None:
+    """Each replica's engine sleeps `seconds` before every decode step (0: back to full speed), so a test sees
+    its requests in flight."""
+    import ray
+
+    def slow_down(actor: Any) -> None:
+        """Runs in the replica (a nested function: Ray ships it by value)."""
+        engine = actor.engine
+        step = engine.__dict__.setdefault("_fast_decode_step", engine._decode_step)
+
+        def slow() -> None:
+            import time
+
+            time.sleep(seconds)
+            step()
+
+        engine._decode_step = slow if seconds > 0 else step
+
+    ray.get([a.__ray_call__.remote(slow_down) for a in replicas.actors])
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_cancelled_request_leaves_its_replica(engine: Engine, streamed: bool) -> None:
+    """Cancelling the future cancels the actor's task, a streamed one's too (and so the engine's rows):
+    nothing stays in flight."""
     assert isinstance(engine, RayEngineReplicas)
-    fut = engine.submit([1, 17, 923, 88], SamplingParams(max_tokens=200, temperature=1.0))
+    pieces: list[str] = []
+    on_token = (lambda i, t: pieces.append(t)) if streamed else None
+    fut = engine.submit([1, 17, 923, 88], SamplingParams(max_tokens=200, temperature=1.0), on_token=on_token)
     deadline = time.monotonic() + 30
     while not any(engine.in_flight()):
         assert time.monotonic() < deadline
@@ -155,6 +182,81 @@ def test_a_cancelled_request_leaves_its_replica(engine: Engine) -> None:
         assert time.monotonic() < deadline, engine.in_flight()
         time.sleep(0.05)
     assert engine.live() == [0, 1]
+
+
+def test_a_streamed_request_arrives_token_by_token_from_a_replica(engine: Engine) -> None:
+    """`on_token` fires while the replica decodes (a Ray streaming generator), not once at the end: a seeded
+    request of two choices arrives in many chunks, each choice's in order, and they join to the text of the
+    same request not streamed."""
+    assert isinstance(engine, RayEngineReplicas)
+    params = SamplingParams(max_tokens=12, n=2, temperature=1.0, seed=11)
+    pieces: dict[int, list[str]] = {0: [], 1: []}
+    _slow_decoding(engine, 0.1)  # a decode step takes ~1 ms here: the chunks might merge on a loaded box
+    try:
+        fut = engine.submit(PROMPT, params, on_token=lambda i, t: pieces[i].append(t))
+        deadline = time.monotonic() + 60
+        while not (pieces[0] or pieces[1]):  # the first text comes while the request is still decoding
+            assert time.monotonic() < deadline and not fut.done()
+            time.sleep(0.005)
+        assert not fut.done()
+        streamed = fut.result(timeout=120)
+    finally:
+        _slow_decoding(engine, 0)
+    plain = engine.submit(PROMPT, params).result(timeout=120)
+    assert [c.token_ids for c in streamed] == [c.token_ids for c in plain]
+    assert ["".join(pieces[i]) for i in (0, 1)] == [c.text for c in plain]
+    assert len(pieces[0]) > 1 and len(pieces[1]) > 1, pieces
+    assert engine.stats["streams_broken"] == 0
+
+
+@needs_ray
+def test_a_streamed_request_is_retried_only_if_none_of_it_was_streamed(
+    ray_cluster: None,
+    model_dir: Path,  # noqa: F811 - the fixture
+) -> None:
+    """A replica dies with two streamed requests on it. The one that had streamed text fails with
+    ReplicaUnavailable (retrying it would stream its start twice); the one that had streamed nothing is
+    retried on the other replica, and its chunks join to its text exactly once."""
+    import ray
+
+    replicas = RayEngineReplicas.start(
+        model_dir, ReplicaPlacement(replicas=2), {"max_context": CONTEXT, "dtype": "float32"}
+    )
+    try:
+        _slow_decoding(replicas, 0.3)
+        started: list[str] = []
+        first = replicas.submit(
+            PROMPT, SamplingParams(max_tokens=40), on_token=lambda i, t: started.append(t)
+        )
+        deadline = time.monotonic() + 60
+        while not started:
+            assert time.monotonic() < deadline and not first.done()
+            time.sleep(0.01)
+        [victim] = [i for i, n in enumerate(replicas.in_flight()) if n]
+
+        def hold_new_requests(actor: Any) -> None:
+            """Runs in the victim: a request submitted from now on is queued and never decoded."""
+            import concurrent.futures
+
+            actor.engine.submit = lambda *args, **kwargs: concurrent.futures.Future()
+
+        ray.get(replicas.actors[victim].__ray_call__.remote(hold_new_requests))
+        pieces: list[str] = []
+        # PROMPT is a prefix of it: routed to the victim, where PROMPT's request runs
+        second = replicas.submit(
+            PROMPT + [42], SamplingParams(max_tokens=6), on_token=lambda i, t: pieces.append(t)
+        )
+        while replicas.in_flight()[victim] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(replicas.pids[victim], signal.SIGKILL)
+        with pytest.raises(ReplicaUnavailable, match="after streaming part of its text"):
+            first.result(timeout=60)
+        [out] = second.result(timeout=60)
+        assert "".join(pieces) == out.text and pieces
+        assert replicas.stats["streams_broken"] == 1 and replicas.stats["requests_retried"] == 1
+    finally:
+        replicas.close()
 
 
 @needs_ray
@@ -227,7 +329,7 @@ async def test_local_backend_trains_with_two_replicas_and_two_trainer_workers(
                 assert f"rep@{want_step}" in ray.get(actor.adapters.remote())[1]
         served = [m.id for m in (await model.openai_client().models.list()).data]
         assert "rep@2" in served
-        # Streaming through a replica: the text arrives when the choice is done, in the usual chunks.
+        # Streaming through a replica: token by token, in the usual chunks.
         chunks = await model.openai_client().chat.completions.create(
             model="rep@2", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, stream=True
         )

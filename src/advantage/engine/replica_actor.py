@@ -8,7 +8,9 @@ replica Ray restarts empties the directory its killed process left; `close` (and
 normal exit) removes it.
 
 The actor is async: its requests run concurrently and join one engine's continuous batch; cancelling a
-request's Ray task cancels its engine rows.
+request's Ray task cancels its engine rows. `generate_stream` is the streamed form of `generate`: an async
+generator that the router calls as a Ray streaming generator (`num_returns="streaming"`), yielding the text
+as the engine decodes it and the completions last.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,39 @@ class ReplicaActor:
         self, prompt_ids: list[int], params: SamplingParams, adapter: str | None
     ) -> tuple[int, list[Completion]]:
         return self.pid, await self.engine.generate(prompt_ids, params, adapter)
+
+    async def generate_stream(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: str | None
+    ) -> AsyncIterator[tuple[int, list[tuple[int, str]], list[Completion] | None]]:
+        """`generate`, streamed: yields (pid, text deltas as (choice index, text), None) whenever the engine
+        has decoded more (one token's text each when the router keeps up, several when it does not), then
+        (pid, the last deltas, the completions). An engine error is raised from the generator; closing it
+        (Ray cancelling the task) cancels the request's rows."""
+        loop = asyncio.get_running_loop()
+        deltas: list[tuple[int, str]] = []
+        more = asyncio.Event()
+
+        def push(index: int, text: str) -> None:  # on this loop, in the order the engine emitted them
+            deltas.append((index, text))
+            more.set()
+
+        def on_token(index: int, text: str) -> None:  # on the engine's thread
+            loop.call_soon_threadsafe(push, index, text)
+
+        done = asyncio.wrap_future(self.engine.submit(prompt_ids, params, adapter, on_token))
+        done.add_done_callback(lambda _: more.set())
+        try:
+            while not done.done():
+                await more.wait()
+                more.clear()
+                if deltas and not done.done():
+                    chunk, deltas[:] = list(deltas), []
+                    yield self.pid, chunk, None
+            # The engine emits a row's last text before it settles the request, and both reach this loop in
+            # that order (call_soon_threadsafe), so `deltas` now holds every delta not yet yielded.
+            yield self.pid, list(deltas), done.result()
+        finally:
+            done.cancel()  # a no-op once done; else the engine drops the request's rows
 
     async def score(self, sequences: list[list[int]], adapter: str | None) -> tuple[int, list[list[float]]]:
         return self.pid, await asyncio.wrap_future(self.engine.score(sequences, adapter))

@@ -20,7 +20,13 @@ adapter name) before it is queued, as with one engine.
   if that fails too, its future fails with `ReplicaUnavailable` (the server answers 500, which the OpenAI
   client retries and `gather_trajectory_groups` counts as a failed rollout). A replica is known to have
   restarted by its process id, which every reply carries.
-- Streaming: `on_token` gets each choice's whole text when the request finishes, not token by token.
+- Streaming: a request with `on_token` runs the actor's `generate_stream` as a Ray streaming generator
+  (`num_returns="streaming"`): the replica yields the text as its engine decodes it (a token's text per item
+  when this side keeps up, a few tokens' when it lags), and one event loop thread here (`_streams`) reads
+  every stream and calls `on_token` in order. A request without `on_token` gets one reply. Text that reached
+  `on_token` cannot be taken back, so a streamed request whose replica dies is retried on another replica
+  only if none of its text was streamed yet; after that it fails with `ReplicaUnavailable` (retryable: the
+  client sends the whole request again), so no text is ever streamed twice.
 
 Ray is imported only when replicas start: with one replica and no address nothing imports it.
 """
@@ -96,8 +102,9 @@ class _Call:
     out: concurrent.futures.Future[Any]
     on_token: TokenCallback | None = None
     tries: int = 2
-    ref: Any = None  # the ObjectRef of the attempt in flight
+    ref: Any = None  # the ObjectRef (ObjectRefGenerator when streamed) of the attempt in flight
     failed: list[int] = field(default_factory=list)  # replicas that lost it
+    streamed: bool = False  # some text reached on_token: a retry would stream it twice
 
 
 class RayEngineReplicas:
@@ -122,7 +129,9 @@ class RayEngineReplicas:
         self._adapters: dict[str, Path] = {}  # name -> directory, what every ready replica has loaded
         self._version = 0  # bumped on every change of _adapters, so a reviving replica sees one it missed
         self._closed = False
-        self.stats = {"requests_retried": 0, "replicas_lost": 0, "replicas_back": 0}
+        self._loop: asyncio.AbstractEventLoop | None = None  # reads the streamed requests (`_streams`)
+        self._loop_thread: threading.Thread | None = None
+        self.stats = {"requests_retried": 0, "streams_broken": 0, "replicas_lost": 0, "replicas_back": 0}
 
     @classmethod
     def start(
@@ -187,7 +196,7 @@ class RayEngineReplicas:
         adapter: str | None = None,
         on_token: TokenCallback | None = None,
     ) -> concurrent.futures.Future[list[Completion]]:
-        """`Engine.submit` on the routed replica. `on_token` gets each choice's text at the end."""
+        """`Engine.submit` on the routed replica; with `on_token`, streamed as the replica decodes."""
         self.check_fits(len(prompt_ids), params.max_tokens)
         if params.grammar is not None:
             self.grammars.validate(params.grammar)
@@ -265,9 +274,9 @@ class RayEngineReplicas:
             return list(self._in_flight)
 
     def close(self) -> None:
-        """Kill the replicas (their requests fail) once each removed its scratch directory, free the placement
-        group and remove the set's scratch directory (what a replica killed earlier left there too);
-        `cluster.leave`."""
+        """Kill the replicas (their requests fail, streamed ones too) once each removed its scratch directory,
+        stop the thread reading streams, free the placement group and remove the set's scratch directory (what
+        a replica killed earlier left there too); `cluster.leave`."""
         with self._lock:
             if self._closed:
                 return
@@ -287,9 +296,11 @@ class RayEngineReplicas:
                         )
                 for a in self.actors:
                     ray.kill(a, no_restart=True)
+                self._stop_streams()  # before Ray shuts down: a stream it leaves unanswered is failed here
                 if self.placement_group is not None:
                     remove_placement_group(self.placement_group)
             cluster.leave(self)
+        self._stop_streams()  # if Ray was shut down already
         if self.scratch is not None:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
@@ -328,10 +339,17 @@ class RayEngineReplicas:
             self.router.record(call.prompt, i)
             self._in_flight[i] += 1
             call.tries -= 1
-            call.ref = getattr(self.actors[i], call.method).remote(*call.args)
+            if call.on_token is None:
+                call.ref = getattr(self.actors[i], call.method).remote(*call.args)
+            else:
+                stream = self.actors[i].generate_stream.options(num_returns="streaming")
+                call.ref = stream.remote(*call.args)
         if first:
             call.out.add_done_callback(lambda f: self._cancel(call) if f.cancelled() else None)
-        call.ref.future().add_done_callback(lambda f: self._settle(call, i, f))
+        if call.on_token is None:
+            call.ref.future().add_done_callback(lambda f: self._answer(call, i, _outcome(f)))
+        else:
+            asyncio.run_coroutine_threadsafe(self._stream(call, i, call.ref), self._streams())
 
     def _cancel(self, call: _Call) -> None:
         import ray
@@ -339,43 +357,100 @@ class RayEngineReplicas:
         with contextlib.suppress(Exception):
             ray.cancel(call.ref)
 
-    def _settle(self, call: _Call, i: int, done: concurrent.futures.Future[Any]) -> None:
-        """An attempt on replica `i` finished: answer the call, or mark the replica lost and retry elsewhere."""
+    def _streams(self) -> asyncio.AbstractEventLoop:
+        """The event loop that reads every streamed request's generator, in a thread of its own."""
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._loop_thread = threading.Thread(
+                    target=self._loop.run_forever, name="advantage-replica-streams", daemon=True
+                )
+                self._loop_thread.start()
+            return self._loop
+
+    async def _stream(self, call: _Call, i: int, generator: Any) -> None:
+        """Read replica `i`'s stream for `call`: each delta to `on_token` as it comes, then answer the call."""
+        on_token = call.on_token
+        assert on_token is not None
+        outcome: tuple[int, Any] | BaseException = ReplicaUnavailable(
+            f"engine replica {i} ended a stream early"
+        )
+        try:
+            async for ref in generator:
+                pid, deltas, result = await ref
+                if not call.out.done():  # not cancelled
+                    for index, text in deltas:
+                        call.streamed = True
+                        on_token(index, text)
+                if result is not None:
+                    outcome = (pid, result)
+        except asyncio.CancelledError:  # close(): the loop stops
+            outcome = ReplicaUnavailable("the engine closed while the request streamed; retry")
+        except BaseException as e:  # the replica died, or its engine raised
+            outcome = e
+        self._answer(call, i, outcome)
+
+    def _stop_streams(self) -> None:
+        """Fail the streams still being read (their replicas are gone) and stop the loop reading them."""
+        with self._lock:
+            loop, thread = self._loop, self._loop_thread
+            self._loop = self._loop_thread = None
+        if loop is None or thread is None:
+            return
+
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+    def _answer(self, call: _Call, i: int, outcome: tuple[int, Any] | BaseException) -> None:
+        """An attempt on replica `i` ended with (pid, result) or an error: answer the call, or mark the
+        replica lost and retry elsewhere (not if some of the call's text was streamed already)."""
         import ray
 
         with self._lock:
             self._in_flight[i] -= 1
         if call.out.done():  # cancelled
             return
-        try:
-            pid, result = done.result()
-        except ray.exceptions.RayActorError as e:
-            lost: Exception | None = e
-        except ray.exceptions.RayTaskError as e:  # the engine raised: lost only if it restarted under us
-            lost = e if getattr(e, "pid", None) not in (None, self.pids[i]) else None
-            if lost is None:
-                _settle(call.out, e.as_instanceof_cause())
+        if isinstance(outcome, ray.exceptions.RayTaskError):
+            # the engine raised: the replica is lost only if it restarted under us
+            if getattr(outcome, "pid", None) in (None, self.pids[i]):
+                _settle(call.out, outcome.as_instanceof_cause())
                 return
-        except BaseException as e:
-            _settle(call.out, e)
-            return
-        else:
+        elif not isinstance(outcome, ray.exceptions.RayActorError):
+            if isinstance(outcome, BaseException):
+                _settle(call.out, outcome)
+                return
+            pid, result = outcome
             if pid != self.pids[i]:
                 self._lost(i)  # restarted between requests: its adapters must be loaded again
-            if call.on_token is not None:
-                for index, c in enumerate(result):
-                    if c.text:
-                        call.on_token(index, c.text)
             _settle(call.out, result)
             return
         self._lost(i)
         call.failed.append(i)
-        if call.tries > 0:
+        if call.streamed:
+            self.stats["streams_broken"] += 1
+            _settle(
+                call.out,
+                ReplicaUnavailable(
+                    f"engine replica {i} failed a request after streaming part of its text, which cannot be "
+                    f"taken back: not retried on another replica. Send the request again ({outcome})."
+                ),
+            )
+        elif call.tries > 0:
             self.stats["requests_retried"] += 1
-            log.warning("engine replica %d failed a request (%s); retrying on another", i, lost)
+            log.warning("engine replica %d failed a request (%s); retrying on another", i, outcome)
             self._dispatch(call)
         else:
-            _settle(call.out, ReplicaUnavailable(f"engine replicas {call.failed} failed the request: {lost}"))
+            _settle(
+                call.out, ReplicaUnavailable(f"engine replicas {call.failed} failed the request: {outcome}")
+            )
 
     def _on_replicas(self, targets: list[int], send: Any) -> Exception | None:
         """Run one call on each target replica; a dead or restarted one is marked lost (it catches up when it
@@ -436,6 +511,14 @@ class RayEngineReplicas:
 def _read_files(path: Path) -> dict[str, bytes]:
     """A PEFT adapter's files in a checkpoint directory (not the optimizer state beside them)."""
     return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file() and p.name.startswith("adapter_")}
+
+
+def _outcome(done: concurrent.futures.Future[Any]) -> tuple[int, Any] | BaseException:
+    """A finished reply's (pid, result), or the error it raised."""
+    try:
+        return done.result()
+    except BaseException as e:
+        return e
 
 
 def _settle(fut: concurrent.futures.Future[Any], outcome: Any) -> None:
