@@ -9,9 +9,11 @@ the sampler only picks among them, so even the 135M bundled model always returns
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,37 +51,156 @@ def grammar_from_response_format(response_format: dict[str, Any] | None) -> str 
     )
 
 
-def grammar_for_tool_choice(tools: list[dict[str, Any]], functions: list[str]) -> str:
+# The separators of json.dumps, which is how calls in the prompt (the chat module's rendering of earlier turns
+# and examples) are written: compact JSON put the 135M model off its stride (right arguments on held-out demo
+# questions fell from 31% to 16%).
+_CALL_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+TokenSpans = Callable[[str], list[tuple[int, int, int]]]  # text -> (token id, start char, end char) per token
+EnumValues = dict[tuple[str, str], list[list[int]]]  # (function, argument) -> each value's token ids
+ENUM_VALUES = "// enum-values"  # a grammar comment line that lists one enum's values as tokens
+_NAME = '{"name": "'
+
+
+@functools.lru_cache(maxsize=64)
+def enum_values(grammar: str) -> EnumValues:
+    """The enum table written into a tool-call grammar by `grammar_for_tool_choice` (empty for others)."""
+    table: EnumValues = {}
+    for line in grammar.splitlines():
+        if line.startswith(ENUM_VALUES):
+            entry = json.loads(line[len(ENUM_VALUES) :])
+            table[(entry["function"], entry["key"])] = entry["values"]
+    return table
+
+
+def grammar_for_tool_choice(
+    tools: list[dict[str, Any]], functions: list[str], token_spans: TokenSpans | None = None
+) -> str:
     """A grammar that admits exactly one `<tool_call>` block (as the chat module renders it) calling one of
     `functions` with arguments that fit that function's parameter schema. One, not "one or more": given
-    the choice, a small model keeps appending calls until max_tokens."""
+    the choice, a small model keeps appending calls until max_tokens.
+
+    With `token_spans` (the tokenizer's, see `GrammarCompiler`), a string enum among a function's arguments
+    admits each value only as the tokens the tokenizer itself writes it with. Spelled character by
+    character, the grammar lets the model start a value with a piece it never uses for it: in the demo,
+    "Beijing" is `Be` + `ijing`, but the 135M model put more weight on `B`, after which only "Bangkok" was
+    left, so a question about Beijing got Bangkok's weather. With canonical tokens `B` means Bangkok and
+    `Be` means Beijing, and the first token decides the value.
+
+    Each such enum is also listed in a comment line of the grammar (`// enum-values {json}`: the function,
+    the key and every value's tokens), which `Constraint.values_at` reads back: an engine can then choose a
+    value by the logprob of all its tokens, not of its first one alone (`TorchEngine(enum_lookahead=)`).
+    Being part of the grammar text, the table reaches an engine in another process with the grammar."""
     import llguidance
 
     by_name = {t["function"]["name"]: t["function"] for t in tools}
-    calls = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": name},
-                "arguments": by_name[name].get("parameters") or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for name in functions
-    ]
-    # The separators of json.dumps, which is how calls in the prompt (the chat module's rendering of earlier
-    # turns and examples) are written: compact JSON put the 135M model off its stride (right arguments on
-    # held-out demo questions fell from 31% to 16%).
-    options = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-    schema = {"anyOf": calls, "x-guidance": options}
-    lark = "\n".join(
-        [
-            'start: "<tool_call>\\n" body "\\n</tool_call>"',
-            f"body: %json {json.dumps(schema)}",
-        ]
+    schemas = [by_name[name].get("parameters") for name in functions]
+    if token_spans is None or not all(p is None or isinstance(p, dict) for p in schemas):
+        # (a parameters value that is no schema at all is left to llguidance, whose error names it)
+        calls = [_call_schema(name, by_name[name].get("parameters")) for name in functions]
+        lark = f"body: %json {json.dumps({'anyOf': calls, 'x-guidance': _CALL_JSON})}"
+    else:
+        rules = [f"body: {' | '.join(f'call_{i}' for i in range(len(functions)))}"]
+        tables: list[str] = []
+        for i, name in enumerate(functions):
+            call, values = _call_rules(f"call_{i}", name, by_name[name].get("parameters"), token_spans)
+            rules += call
+            tables += [
+                f"{ENUM_VALUES} {json.dumps({'function': name, 'key': key, 'values': seqs})}"
+                for key, seqs in values.items()
+            ]
+        lark = "\n".join(rules + tables)
+    return str(
+        llguidance.LLMatcher.grammar_from_lark(f'start: "<tool_call>\\n" body "\\n</tool_call>"\n{lark}')
     )
-    return str(llguidance.LLMatcher.grammar_from_lark(lark))
+
+
+def _call_schema(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": parameters or {"type": "object"}},
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+
+
+def _call_rules(
+    rule: str, name: str, parameters: dict[str, Any] | None, token_spans: TokenSpans
+) -> tuple[list[str], dict[str, list[list[int]]]]:
+    """Lark rules for one function's call object, `{"name": NAME, "arguments": {...}}`, and the token
+    sequences of each string enum among its arguments (by key). The arguments are written key by key when
+    the schema fixes them (every property required, no others: the keys then come in the schema's order, as
+    llguidance's %json writes them), so that a string enum can be a choice of token sequences; any other
+    arguments schema is left to %json whole."""
+    head = _lark_string(f'{{"name": {json.dumps(name)}, "arguments": ')
+    params = parameters or {"type": "object"}
+    props, required = params.get("properties"), params.get("required")
+    fixed = (
+        params.get("type") == "object"
+        and isinstance(props, dict)
+        and props
+        and params.get("additionalProperties") is False
+        and isinstance(required, list)
+        and all(isinstance(r, str) for r in required)
+        and set(required) == set(props)
+        and set(params) <= {"type", "properties", "required", "additionalProperties", "description", "title"}
+    )
+    if not fixed or not isinstance(props, dict):
+        return [f'{rule}: {head} {rule}_args "}}"', f"{rule}_args: %json {_json_rule(params)}"], {}
+    parts, rules, values = [], [], {}
+    for j, (key, schema) in enumerate(props.items()):
+        sep = "{" if j == 0 else ", "
+        parts.append(_lark_string(f"{sep}{json.dumps(key)}: "))
+        parts.append(f"{rule}_{j}")
+        seqs = _enum_tokens(schema, token_spans)
+        if seqs is None:
+            rules.append(f"{rule}_{j}: %json {_json_rule(schema)}")
+        else:
+            alts = " | ".join(" ".join(f"<[{t}]>" for t in seq) for seq in seqs)
+            rules.append(f'{rule}_{j}: "\\"" ({alts}) "\\""')
+            values[key] = seqs
+    return [f'{rule}: {head} {" ".join(parts)} "}}}}"', *rules], values
+
+
+def _enum_tokens(schema: Any, token_spans: TokenSpans) -> list[list[int]] | None:
+    """Each value's canonical tokens, for a plain string enum whose values all have them; else None."""
+    enum = schema.get("enum") if isinstance(schema, dict) else None
+    if not (
+        isinstance(enum, list)
+        and enum
+        and all(isinstance(v, str) for v in enum)
+        and schema.get("type", "string") == "string"
+        and set(schema) <= {"type", "enum", "description", "title"}
+    ):
+        return None
+    seqs = [_canonical_tokens(v, token_spans) for v in dict.fromkeys(enum)]
+    return None if any(s is None for s in seqs) else [s for s in seqs if s is not None]
+
+
+def _canonical_tokens(value: str, token_spans: TokenSpans) -> list[int] | None:
+    """The token ids the tokenizer writes a JSON string's content with, between its quotes (as in `{"k":
+    "VALUE"}`), or None when a token straddles a quote (the value then stays character by character)."""
+    inner = json.dumps(value, ensure_ascii=False)[1:-1]  # as llguidance writes strings: UTF-8, no \u escapes
+    prefix = '{"k": "'
+    start, end = len(prefix), len(prefix) + len(inner)
+    ids = []
+    for tok, a, b in token_spans(prefix + inner + '"}'):
+        if b <= start or a >= end:
+            continue
+        if a < start or b > end:
+            return None
+        ids.append(tok)
+    return ids or None
+
+
+def _json_rule(schema: Any) -> str:
+    """%json's argument: the schema with the call's separators (anything else as it is, for llguidance's
+    error to name)."""
+    return json.dumps({**schema, "x-guidance": _CALL_JSON} if isinstance(schema, dict) else schema)
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text)
 
 
 class GrammarCompiler:
@@ -91,6 +212,7 @@ class GrammarCompiler:
         self._tok: Any = None
         self._lock = threading.Lock()
         self._valid: OrderedDict[str, None] = OrderedDict()  # grammars that validated, most recent last
+        self._tool_grammars: OrderedDict[str, str] = OrderedDict()  # tools JSON -> grammar
 
     def _tokenizer(self) -> Any:
         with self._lock:
@@ -99,6 +221,32 @@ class GrammarCompiler:
 
                 self._tok = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
             return self._tok
+
+    def tool_choice(self, tools: list[dict[str, Any]], functions: list[str]) -> str:
+        """`grammar_for_tool_choice` with this tokenizer's canonical tokens for string enums (cached: an
+        agent sends the same tools on every turn)."""
+        key = json.dumps([tools, functions], sort_keys=True)
+        with self._lock:
+            if key in self._tool_grammars:
+                self._tool_grammars.move_to_end(key)
+                return self._tool_grammars[key]
+        grammar = grammar_for_tool_choice(tools, functions, self.token_spans)
+        with self._lock:
+            self._tool_grammars[key] = grammar
+            while len(self._tool_grammars) > 64:
+                self._tool_grammars.popitem(last=False)
+        return grammar
+
+    def token_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """(token id, start, end) per token of `text`; empty for a tokenizer without offsets (a slow one),
+        which leaves every value character by character."""
+        if not getattr(self._hf, "is_fast", False):
+            return []
+        enc = self._hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [
+            (int(t), int(a), int(b))
+            for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+        ]
 
     def validate(self, grammar: str) -> None:
         import llguidance
@@ -118,14 +266,27 @@ class GrammarCompiler:
     def matcher(self, grammar: str) -> Constraint:
         import llguidance
 
-        return Constraint(llguidance.LLMatcher(self._tokenizer(), grammar))
+        return Constraint(llguidance.LLMatcher(self._tokenizer(), grammar), enum_values(grammar))
 
 
 class Constraint:
     """One sequence's matcher: which tokens may come next, and feeding it the sampled ones."""
 
-    def __init__(self, matcher: Any) -> None:
+    def __init__(self, matcher: Any, values: EnumValues | None = None) -> None:
         self._m = matcher
+        self._values = values or {}
+
+    def values_at(self, text: str) -> list[list[int]] | None:
+        """The token sequences of the enum whose value starts here, if `text` (the sequence so far) has just
+        opened a string of a call argument listed in the grammar's enum table; else None."""
+        if not self._values or not text.endswith('": "'):
+            return None
+        key = text[:-4].rpartition('"')[2]
+        at = text.rfind(_NAME)
+        if at < 0:
+            return None
+        function = text[at + len(_NAME) :].partition('"')[0]
+        return self._values.get((function, key))
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into row `row` of an llguidance token bitmask."""

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -38,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
 from advantage.engine.detokenize import Detokenizer, detokenizer_factory
+from advantage.engine.enum_choice import choose_values
 from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
@@ -76,9 +78,14 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
     forced: list[int] = field(default_factory=list)
+    plan: list[int] = field(default_factory=list)  # the tokens of an enum value chosen by lookahead, to come
     text: str = ""
     emitted: int = 0
     finish: Literal["stop", "length"] | None = None
+
+    @property
+    def temperature(self) -> float:
+        return self.req.params.temperature
 
 
 class TorchEngine:
@@ -98,6 +105,7 @@ class TorchEngine:
         max_pending: int = 256,
         merge_lora: bool | None = None,
         cascade: bool | None = None,
+        enum_lookahead: int = 4,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -125,6 +133,9 @@ class TorchEngine:
         self.stop_token_ids = self._stop_token_ids(model)
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.grammars = GrammarCompiler(self.tokenizer, int(model.config.vocab_size))
+        if enum_lookahead < 0:
+            raise ValueError(f"enum_lookahead must be >= 0, got {enum_lookahead}.")
+        self.enum_lookahead = enum_lookahead  # enum values of a forced call scored whole (enum_choice.py)
         self._adapters: dict[str, str] = {}  # adapter name -> path
         # fp32 on CPU: adapters are merged into the weights per batch (engine/lora.py); else peft layers.
         if merge_lora is None:
@@ -149,6 +160,8 @@ class TorchEngine:
             "generated_tokens": 0,
             "cancelled_rows": 0,
             "shared_prefix_steps": 0,  # decode steps whose rows read one shared copy of a prompt prefix
+            "enum_choices": 0,  # enum values of forced calls chosen by whole-value logprob
+            "lookahead_rows": 0,  # candidate values scored past their first token
         }
         self._thread = threading.Thread(target=self._loop, name="advantage-engine", daemon=True)
         self._thread.start()
@@ -517,8 +530,12 @@ class TorchEngine:
         constraints = [r.constraint if r.finish is None else None for r in rows]  # a finished row rides along
         if any(constraints):
             allowed_RV = allowed_tokens(constraints, logits_RV.shape[-1])
-            forced_R = (allowed_RV.sum(-1) == 1).tolist()
+            forced_R = (allowed_RV.sum(-1) == 1).tolist()  # by the grammar: a value chosen below is trained
             allowed_RV = allowed_RV.to(logits_RV.device)
+            if self.enum_lookahead:
+                self.stats["enum_choices"] += choose_values(
+                    rows, logits_RV, allowed_RV, self.enum_lookahead, partial(self._lookahead, row_ids.start)
+                )
         tokens_R, lp_R = sample_next(logits_RV, temp, top_p, [r.generator for r in rows], allowed_RV)
         k = max(r.req.params.top_logprobs for r in rows)
         top_vals = top_idx = None
@@ -540,7 +557,41 @@ class TorchEngine:
         self.stats["generated_tokens"] += live
         self._retire_finished()
 
+    def _lookahead(self, first: int, jobs: list[tuple[int, list[int]]]) -> list[float]:
+        """`enum_choice.ScoreRests` for rows `first + j`: the logprob of each candidate's tokens after its
+        first, in its row's context (the cache as of now), from one forward of the candidates, right-padded,
+        on copies of their rows' KV."""
+        assert self._cache is not None and self._attn is not None
+        seqs = [seq for _, seq in jobs]
+        idx = torch.tensor([first + j for j, _ in jobs], device=self.device)
+        width = max(len(s) for s in seqs) - 1
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            ids[i, : len(seq) - 1] = torch.tensor(seq[:-1])
+        held = len(self._shared) if self._shared else 0
+        attn = self._attn.index_select(0, idx)
+        pos = attn.sum(-1, keepdim=True) + held + torch.arange(width, device=self.device)
+        attn = torch.cat([attn, attn.new_ones((len(seqs), width))], dim=1)
+        cache = GrowingCache(len(self._cache.layers), offset=held)
+        for layer, (k, v) in zip(cache.growing_layers, layer_kv(self._cache), strict=True):
+            layer.update(k.index_select(0, idx), v.index_select(0, idx))
+        out = self.model(
+            input_ids=ids.to(self.device),
+            attention_mask=self._full_mask(attn),
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            **self._prefix_kwargs(self._shared),
+        )
+        lp_BTV = torch.log_softmax(out.logits.float(), dim=-1)
+        self.stats["lookahead_rows"] += len(seqs)
+        return [
+            float(sum(lp_BTV[i, t - 1, seq[t]] for t in range(1, len(seq)))) for i, seq in enumerate(seqs)
+        ]
+
     def _advance_row(self, row: _Row, token: int, logprob: float) -> None:
+        if row.plan:
+            row.plan.pop(0)
         row.ids.append(token)
         row.logprobs.append(logprob)
         if row.constraint is not None:

@@ -44,7 +44,7 @@ from openai.types.completion_usage import CompletionUsage
 
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.engine.chat import encode_prompt, forced_functions, parse_reply
-from advantage.engine.grammar import GrammarError, grammar_for_tool_choice, grammar_from_response_format
+from advantage.engine.grammar import GrammarCompiler, GrammarError, grammar_from_response_format
 from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
 from advantage.online.records import RecordedChoice, RecordedCompletion
@@ -96,7 +96,9 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs requires logprobs=true.", param="top_logprobs")
-    grammar, source = _grammar(req, renderer_for(weights.engine.tokenizer).tool_format)
+    grammar, source = _grammar(
+        req, renderer_for(weights.engine.tokenizer).tool_format, weights.engine.grammars
+    )
     if grammar is not None:
         try:
             weights.engine.grammars.validate(grammar)
@@ -124,7 +126,9 @@ def prepare(service: Service, req: ChatCompletionRequest) -> PreparedRequest:
     return PreparedRequest(req, weights, prompt_ids, params, recorder, background)
 
 
-def _grammar(req: ChatCompletionRequest, tool_format: str) -> tuple[str | None, str]:
+def _grammar(
+    req: ChatCompletionRequest, tool_format: str, grammars: GrammarCompiler
+) -> tuple[str | None, str]:
     """The grammar that constrains the reply, and the field it comes from: response_format, or the tools
     of a forced tool_choice.
 
@@ -151,7 +155,7 @@ def _grammar(req: ChatCompletionRequest, tool_format: str) -> tuple[str | None, 
             param="tool_choice",
         )
     try:
-        return grammar_for_tool_choice(req.tools or [], forced), "tools"
+        return grammars.tool_choice(req.tools or [], forced), "tools"
     except ValueError as exc:
         raise APIError(400, _schema_error("tools", str(exc)), param="tools") from None
 
