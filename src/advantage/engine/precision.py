@@ -31,7 +31,9 @@ def default_dtype(device: torch.device) -> str:
     override = os.environ.get(DTYPE_ENV)
     if override:
         if override not in DTYPES:
-            raise ValueError(f"{DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {override!r}; unset it for auto.")
+            raise ValueError(
+                f"{DTYPE_ENV} must be one of {', '.join(DTYPES)}, got {override!r}; unset it for auto."
+            )
         return override
     return "bfloat16" if device.type == "cuda" else "float32"
 
