@@ -343,13 +343,15 @@ def test_smollm2_real_tokenizer_gets_chatml(tokenizer):
     assert isinstance(renderer_for(tokenizer), ChatMLRenderer)
 
 
-def test_forced_tool_choice_is_refused_for_a_non_hermes_tool_format():
+def test_forced_tool_choice_is_refused_for_a_non_hermes_tool_format(tokenizer):
     """The forcing grammar writes <tool_call> blocks: a Llama 3 model would return them as plain text."""
+    from advantage.engine.grammar import GrammarCompiler
     from advantage.server.completions import _grammar
     from advantage.server.schemas import APIError, ChatCompletionRequest
 
+    grammars = GrammarCompiler(tokenizer, len(tokenizer))
     req = ChatCompletionRequest(model="m", messages=NO_SYSTEM, tools=TOOLS, tool_choice="required")
     assert Llama3Renderer().tool_format == "json" and Gemma3Renderer().tool_format == "hermes"
     with pytest.raises(APIError, match="tool_choice 'auto'"):
-        _grammar(req, "json")
-    assert _grammar(req, "hermes")[1] == "tools"
+        _grammar(req, "json", grammars)
+    assert _grammar(req, "hermes", grammars)[1] == "tools"
