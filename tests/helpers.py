@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,8 @@ def same_weights_logprob_tol() -> float:
     from advantage.engine.precision import default_dtype
 
     return 5e-3 if default_dtype(torch.device("cpu")) == "bfloat16" else 1e-4
+
+
 WEATHER_TOOL = {
     "type": "function",
     "function": {
@@ -76,3 +79,16 @@ def single_process_steps(model_dir: Path) -> tuple[dict[str, torch.Tensor], list
         metrics.append(m)
     state = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     return state, metrics
+
+
+def arm_trainer_worker_to_die(group: Any, worker: int = 1) -> None:
+    """Make trainer worker `worker` of a `RayTrainerGroup` kill its own process at its next micro-batch,
+    before the gradient all-reduce, so the other workers are left waiting in the collective."""
+    import ray
+
+    def die_in_the_middle_of_the_step(actor: Any) -> None:  # nested: Ray ships it by value
+        import os
+
+        actor.worker.trainer.forward_backward = lambda *args, **kwargs: os._exit(1)
+
+    ray.get(group.actors[worker].__ray_call__.remote(die_in_the_middle_of_the_step))

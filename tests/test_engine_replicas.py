@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import toy_rollout
+from helpers import arm_trainer_worker_to_die, toy_rollout
 
 # The contract suite (engine/base.py), run here against the replicas: its fixtures and tests, imported.
 from test_engine_contract import (  # noqa: F401 - fixtures and tests pytest collects from this module
@@ -131,7 +131,12 @@ def ray_cluster() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def spec() -> EngineSpec:
     """The contract's fp32 CPU tolerances: the replicas are fp32 `TorchEngine`s on the CPU."""
-    make = lambda d: RayEngineReplicas.start(d, ReplicaPlacement(replicas=2), {"max_context": CONTEXT, "dtype": "float32"})  # noqa: E731
+
+    def make(d: Path) -> Engine:
+        return RayEngineReplicas.start(
+            d, ReplicaPlacement(replicas=2), {"max_context": CONTEXT, "dtype": "float32"}
+        )
+
     return EngineSpec(make, "cpu", 2e-4, 5e-5)
 
 
@@ -385,14 +390,7 @@ async def test_two_steps_on_the_bundled_model_with_two_replicas_two_trainer_work
         group = backend.service.model_entry("bundled").trainer
         assert isinstance(group, RayTrainerGroup)
 
-        def die_in_the_middle_of_the_step(actor: Any) -> None:
-            """Runs in worker 1 (a nested function: Ray ships it by value): its next micro-batch kills its
-            process, before the gradient all-reduce, so worker 0 is left waiting in the collective."""
-            import os
-
-            actor.worker.trainer.forward_backward = lambda *args, **kwargs: os._exit(1)
-
-        ray.get(group.actors[1].__ray_call__.remote(die_in_the_middle_of_the_step))
+        arm_trainer_worker_to_die(group)
         with pytest.raises(RuntimeError, match="trainer worker failed during step 2; nothing was saved"):
             await model.train(second, config)
         assert await model.get_step() == 1 and model.get_inference_name() == "bundled@1"

@@ -12,11 +12,18 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from helpers import DP_CONFIG, DP_LORA, DP_STEPS, dp_datums, single_process_steps, toy_rollout
+from helpers import (
+    DP_CONFIG,
+    DP_LORA,
+    DP_STEPS,
+    arm_trainer_worker_to_die,
+    dp_datums,
+    single_process_steps,
+    toy_rollout,
+)
 
 import advantage as adv
 from advantage.config import LoRAConfig
@@ -162,7 +169,6 @@ async def test_a_killed_trainer_worker_fails_the_step_and_the_next_resumes_from_
 ) -> None:
     """Worker 1 dies mid-step: the step raises a clear error, nothing is published, and the next call starts
     fresh workers from the last checkpoint (step 1), so the next `train` publishes step 2 from there."""
-    import ray
 
     backend = adv.LocalBackend(tmp_path, progress=False, trainer_workers=2)
     model = adv.TrainableModel("kill", project="t", base_model=str(tiny_model_dir), lora=LoRAConfig(r=4))
@@ -176,14 +182,7 @@ async def test_a_killed_trainer_worker_fails_the_step_and_the_next_resumes_from_
         group = backend.service.model_entry("kill").trainer
         assert isinstance(group, RayTrainerGroup)
 
-        def die_in_the_middle_of_the_step(actor: Any) -> None:
-            """Runs in worker 1 (a nested function: Ray ships it by value): its next micro-batch kills its
-            process, before the gradient all-reduce, so worker 0 is left waiting in the collective."""
-            import os
-
-            actor.worker.trainer.forward_backward = lambda *args, **kwargs: os._exit(1)
-
-        ray.get(group.actors[1].__ray_call__.remote(die_in_the_middle_of_the_step))
+        arm_trainer_worker_to_die(group)
         with pytest.raises(RuntimeError, match="trainer worker failed during step 2; nothing was saved"):
             await model.train(groups, config)
         assert await model.get_step() == 1 and model.get_inference_name() == "kill@1"
