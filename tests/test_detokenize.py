@@ -14,8 +14,8 @@ from advantage.engine.detokenize import (
     WindowDetokenizer,
     detokenizer_factory,
 )
+from advantage.engine.rows import Request, Row
 from advantage.engine.sampling import SamplingParams
-from advantage.engine.torch_engine import TorchEngine, _Request, _Row
 
 TEXT = 'Héllo wörld — 日本語 🙂 <tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call> done. END here'
 
@@ -35,10 +35,10 @@ def new_detok(request, tokenizer):
 
 
 def _stream(detok: Detokenizer, ids: list[int], stop: list[str]) -> str:
-    req = _Request([1], SamplingParams(stop=stop), 10_000, None, concurrent.futures.Future(), None, [None])
-    row = _Row(req, 0, None, detok)
+    req = Request([1], SamplingParams(stop=stop), 10_000, None, concurrent.futures.Future(), None, [None])
+    row = Row(req, 0, None, detok)
     for t in ids:
-        if TorchEngine._stop_string_in(row, row.detok.step(t)):
+        if row.stop_string_in(row.detok.step(t)):
             break
     return row.text
 

@@ -52,8 +52,8 @@ from advantage.engine.base import Completion, EngineFactory, QueueFull, TokenCal
 from advantage.engine.grammar import GrammarCompiler
 from advantage.engine.replica_actor import ReplicaActor
 from advantage.engine.routing import PrefixRouter
+from advantage.engine.rows import check_fits, check_sequences
 from advantage.engine.sampling import SamplingParams
-from advantage.engine.torch_engine import check_fits, check_sequences
 
 log = logging.getLogger(__name__)
 

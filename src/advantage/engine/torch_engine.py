@@ -4,8 +4,9 @@ One background thread owns the model. Requests queue up; between decode steps th
 waiting request that uses the running batch's adapter, prefills them (identical prompts once: the 8
 rollouts of a GRPO group share one prefill; a prefix that an earlier prompt already computed, such as the
 system prompt and tool schemas, or the previous turn of the conversation, comes from the prefix cache),
-left-pads them into the running KV cache and decodes all rows together. The KV cache grows in place (see
-`kv.py`). Finished rows leave the batch at once, and columns that no row needs any more are cropped.
+left-pads them into the running KV cache and decodes all rows together (a row's own bookkeeping: `rows.py`).
+The KV cache grows in place (see `kv.py`). Finished rows leave the batch at once, and columns that no row
+needs any more are cropped.
 
 Rows in one batch share one LoRA adapter: merged into the weights for fp32 models on CPU (`lora.py`), else
 peft's active adapter. A request for another adapter waits until the rows ahead of it drain, so FIFO order
@@ -25,26 +26,25 @@ import contextlib
 import logging
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
 from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
-from advantage.engine.detokenize import Detokenizer, detokenizer_factory
+from advantage.engine.detokenize import detokenizer_factory
 from advantage.engine.enum_choice import choose_values
-from advantage.engine.grammar import Constraint, GrammarCompiler, allowed_tokens
+from advantage.engine.grammar import GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
 from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
 from advantage.engine.renderers import renderer_for
+from advantage.engine.rows import Request, Row, check_fits, check_sequences, settle
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 from advantage.engine.scoring import sequence_logprobs
 from advantage.engine.weights import BaseWeights, own_memory
@@ -53,39 +53,6 @@ log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 RETRY_AFTER_S = 1  # what a QueueFull advises: the batch turns over in about that time
-
-
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_new: int
-    adapter: str | None
-    future: concurrent.futures.Future[list[Completion]]
-    on_token: TokenCallback | None
-    results: list[Completion | None]
-    submitted: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Row:
-    req: _Request
-    index: int
-    generator: torch.Generator | None
-    detok: Detokenizer  # this row's text, token by token (engine/detokenize.py)
-    constraint: Constraint | None = None
-    ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top: list[list[tuple[int, float]]] = field(default_factory=list)
-    forced: list[int] = field(default_factory=list)
-    plan: list[int] = field(default_factory=list)  # the tokens of an enum value chosen by lookahead, to come
-    text: str = ""
-    emitted: int = 0
-    finish: Literal["stop", "length"] | None = None
-
-    @property
-    def temperature(self) -> float:
-        return self.req.params.temperature
 
 
 class TorchEngine:
@@ -143,10 +110,10 @@ class TorchEngine:
         self._merged = MergedLora(self.model) if merge_lora else None
         self._lora: dict[str, LoraWeights] = {}
         self._peft = False  # whether self.model has peft's LoRA layers (they stay once added)
-        self._pending: deque[_Request] = deque()
+        self._pending: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._cv = threading.Condition()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._batch_adapter: str | None = None
         self._cache: GrowingCache | None = None
         self._shared: SharedPrefix | None = None  # the batch's prompt prefix, kept once for all rows
@@ -180,7 +147,7 @@ class TorchEngine:
         if adapter is not None and adapter not in self._adapters:
             raise KeyError(f"adapter {adapter!r} is not loaded")
         fut: concurrent.futures.Future[list[Completion]] = concurrent.futures.Future()
-        req = _Request(list(prompt_ids), params, max_new, adapter, fut, on_token, [None] * params.n)
+        req = Request(list(prompt_ids), params, max_new, adapter, fut, on_token, [None] * params.n)
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -282,7 +249,7 @@ class TorchEngine:
                 if self._closed:
                     self._fail_all(RuntimeError("engine closed"))
                     return
-            batch: list[_Request] = []
+            batch: list[Request] = []
             try:
                 self._run_commands()
                 self._drop_cancelled()
@@ -296,7 +263,7 @@ class TorchEngine:
                 log.exception("engine step failed")
                 self._fail_rows(exc)
                 for req in batch:  # a prefill that failed before its rows joined: fail those requests too
-                    _settle(req.future, exc)
+                    settle(req.future, exc)
 
     def _run_commands(self) -> None:
         while self._commands:
@@ -354,14 +321,14 @@ class TorchEngine:
         del self._adapters[name]
         self.prefix_cache.clear(name)
 
-    def _take_admissible(self) -> list[_Request]:
+    def _take_admissible(self) -> list[Request]:
         """Pop the waiting requests that can join the running batch (same adapter, room left, FIFO)."""
         with self._cv:
             if not self._rows and self._pending:
                 self._batch_adapter = self._pending[0].adapter
                 if self._batch_adapter is not None and self._merged is None:
                     self.model.set_adapter(self._batch_adapter)
-            batch: list[_Request] = []
+            batch: list[Request] = []
             n_rows = sum(r.finish is None for r in self._rows)
             while self._pending and self._pending[0].adapter == self._batch_adapter:
                 req = self._pending[0]
@@ -374,9 +341,9 @@ class TorchEngine:
                     n_rows += req.params.n
         return batch
 
-    def _prefill(self, batch: list[_Request]) -> None:
+    def _prefill(self, batch: list[Request]) -> None:
         prompts: dict[tuple[int, ...], int] = {}
-        rows: list[_Row] = []
+        rows: list[Row] = []
         src: list[int] = []
         for req in batch:
             key = tuple(req.prompt_ids)
@@ -386,7 +353,7 @@ class TorchEngine:
                 if req.params.seed is not None:
                     gen = torch.Generator().manual_seed(req.params.seed + i)
                 constraint = self.grammars.matcher(req.params.grammar) if req.params.grammar else None
-                rows.append(_Row(req, i, gen, self._new_detokenizer(), constraint))
+                rows.append(Row(req, i, gen, self._new_detokenizer(), constraint))
                 src.append(u)
         unique = [list(p) for p in prompts]
         cache, shared, attn_UP, out = self._forward_prompts(unique)
@@ -550,7 +517,7 @@ class TorchEngine:
             live += 1
             if forced_R[j]:
                 row.forced.append(len(row.ids))
-            self._advance_row(row, int(tokens_R[j]), float(lp_R[j]))
+            row.advance(int(tokens_R[j]), float(lp_R[j]), self.stop_token_ids, self._decode)
             if row.req.params.top_logprobs and top_vals is not None and top_idx is not None:
                 n = row.req.params.top_logprobs
                 row.top.append(list(zip(top_idx[j, :n].tolist(), top_vals[j, :n].tolist(), strict=True)))
@@ -589,68 +556,21 @@ class TorchEngine:
             float(sum(lp_BTV[i, t - 1, seq[t]] for t in range(1, len(seq)))) for i, seq in enumerate(seqs)
         ]
 
-    def _advance_row(self, row: _Row, token: int, logprob: float) -> None:
-        if row.plan:
-            row.plan.pop(0)
-        row.ids.append(token)
-        row.logprobs.append(logprob)
-        if row.constraint is not None:
-            row.constraint.consume(token)
-        if token in self.stop_token_ids:
-            row.finish = "stop"
-            row.text = self._decode(row.ids[:-1])
-        elif not self._stop_string_in(row, row.detok.step(token)):
-            done = row.constraint is not None and row.constraint.done
-            if done or len(row.ids) >= row.req.max_new:
-                row.finish = "stop" if done else "length"
-                # the whole row once: with a trailing partial character, as a full decode has it
-                row.text = self._decode(row.ids)
-        self._emit(row)
-
     def _decode(self, ids: list[int]) -> str:
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         assert isinstance(text, str)  # one sequence of ids: one text
         return text
 
-    @staticmethod
-    def _stop_string_in(row: _Row, piece: str | None) -> bool:
-        """Append the new token's text (None while a character is incomplete: incremental detokenization,
-        not a decode of the whole row per token); on a stop string, cut the text there and finish the row.
-        A stop string is looked for only where it could newly end."""
-        if not piece:
-            return False
-        stops = row.req.params.stop
-        start = max(0, len(row.text) - max((len(s) for s in stops), default=1) + 1)
-        row.text += piece
-        hits = [i for i in (row.text.find(s, start) for s in stops) if i >= 0]
-        if not hits:
-            return False
-        row.text = row.text[: min(hits)]
-        row.finish = "stop"
-        return True
-
-    def _emit(self, row: _Row) -> None:
-        """Stream the row's new text, holding back what might still turn into a stop string."""
-        stops = row.req.params.stop
-        if row.req.on_token is not None:
-            hold = 0 if row.finish else max((len(s) - 1 for s in stops), default=0)
-            end = len(row.text) - hold
-            if not row.finish and row.text.endswith("\ufffd"):
-                end = min(end, len(row.text) - 1)
-            if end > row.emitted:
-                row.req.on_token(row.index, row.text[row.emitted : end])
-                row.emitted = end
-
     def _retire_finished(self) -> None:
         """Answer the requests whose rows just finished. Finished rows leave the batch (a copy of the whole
         KV cache) only once they are a quarter of it, or when new rows join: until then they ride along,
         which costs little (decoding is bound by reading the weights, not by the rows) and saves a copy."""
-        finished = [(r, finish) for r in self._rows if (finish := r.finish) is not None]
-        for r, finish in finished:
+        finished = [r for r in self._rows if r.finish is not None]
+        for r in finished:
             if r.req.results[r.index] is None:
-                r.req.results[r.index] = Completion(r.ids, r.logprobs, r.text, finish, r.top, r.forced)
+                r.req.results[r.index] = r.completion()
                 if all(c is not None for c in r.req.results):
-                    _settle(r.req.future, [c for c in r.req.results if c is not None])
+                    settle(r.req.future, [c for c in r.req.results if c is not None])
         if finished and len(finished) * 4 >= len(self._rows):
             self._compact()
 
@@ -684,13 +604,13 @@ class TorchEngine:
 
     def _fail_rows(self, exc: Exception) -> None:
         for r in self._rows:
-            _settle(r.req.future, exc)
+            settle(r.req.future, exc)
         self._rows, self._cache, self._attn, self._last, self._shared = [], None, None, None, None
 
     def _fail_all(self, exc: Exception) -> None:
         self._fail_rows(exc)
         while self._pending:
-            _settle(self._pending.popleft().future, exc)
+            settle(self._pending.popleft().future, exc)
         while self._commands:  # a command queued as the engine closed must not wait forever
             _, fut = self._commands.popleft()
             if not fut.done():
@@ -706,46 +626,6 @@ class TorchEngine:
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
                 ids.add(tid)
         return {i for i in ids if i is not None}
-
-
-def check_fits(context_len: int, default_max_tokens: int, prompt_len: int, max_tokens: int | None) -> int:
-    """The number of new tokens a request may sample in a context of `context_len` (`Engine.check_fits`)."""
-    room = context_len - prompt_len
-    if room < 1:
-        raise ContextLengthError(
-            f"The prompt has {prompt_len} tokens but the model's context is {context_len}; "
-            "shorten the messages."
-        )
-    if max_tokens is None:
-        return min(room, default_max_tokens)
-    if max_tokens > room:
-        raise ContextLengthError(
-            f"The prompt has {prompt_len} tokens and max_tokens is {max_tokens}, which exceeds the "
-            f"model's context of {context_len}; lower max_tokens to at most {room} or shorten the prompt."
-        )
-    return max_tokens
-
-
-def check_sequences(sequences: list[list[int]], context_len: int, vocab: int) -> None:
-    """What `Engine.score` refuses at once: an empty sequence, one past the context, an id off the vocabulary."""
-    for i, seq in enumerate(sequences):
-        if not seq:
-            raise ValueError(f"Sequence {i} is empty; send at least one token id.")
-        if len(seq) > context_len:
-            raise ContextLengthError(
-                f"Sequence {i} has {len(seq)} tokens but the model's context is {context_len}."
-            )
-        if any(not 0 <= t < vocab for t in seq):
-            raise ValueError(f"Sequence {i} has token ids outside the vocabulary [0, {vocab}).")
-
-
-def _settle(fut: concurrent.futures.Future[list[Completion]], outcome: list[Completion] | Exception) -> None:
-    """Answer a request, unless it is answered or cancelled already (a client may cancel at any moment)."""
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if isinstance(outcome, Exception):
-            fut.set_exception(outcome)
-        else:
-            fut.set_result(outcome)
 
 
 def _unshare(cache: GrowingCache, shared: SharedPrefix | None, keep: int, attn: torch.Tensor) -> torch.Tensor:
