@@ -71,3 +71,24 @@ def test_unsupported_adapters_are_refused_with_the_way_out(tiny_model_dir, tmp_p
             engine.load_adapter("d", path)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_removing_the_adapter_the_last_batch_used_leaves_the_engine_clean(
+    tiny_model_dir, tmp_path, merge, caplog
+) -> None:
+    """The engine remembers the last batch's adapter; once it is removed, the next command (a load, a score)
+    must not ask for it again (it used to log a KeyError from `MergedLora.activate` on every later step)."""
+    engine = TorchEngine(tiny_model_dir, dtype="float32", merge_lora=merge)
+    try:
+        base = _answer(engine, None)
+        engine.load_adapter("a", _adapter(tiny_model_dir, tmp_path / "a", 1))
+        with_a = _answer(engine, "a")
+        engine.remove_adapter("a")
+        engine.load_adapter("b", _adapter(tiny_model_dir, tmp_path / "b", 2))
+        engine.score([[1, 17, 923, 88]]).result()
+        assert "engine step failed" not in caplog.text
+        assert _answer(engine, None) == base
+        assert _answer(engine, "b")[0] != with_a[0]
+    finally:
+        engine.close()

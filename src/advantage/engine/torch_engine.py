@@ -319,6 +319,8 @@ class TorchEngine:
             self.model.delete_adapter(name)
         # (peft) The last adapter stays in peft (deleting it is not allowed) but is no longer served.
         del self._adapters[name]
+        if self._batch_adapter == name:  # the batch it served has drained: the next step must not ask for it
+            self._batch_adapter = None
         self.prefix_cache.clear(name)
 
     def _take_admissible(self) -> list[Request]:
