@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 import advantage as adv
+from advantage.config import Agg
 from advantage.tasks.tool_use.env import make_scenarios
 from advantage.tasks.tool_use.rollout import rollout
 from advantage.tasks.tool_use.train import evaluate, held_out
+from advantage.training.schedules import lr_at
 
 
 class Recipe(BaseModel):
@@ -54,11 +55,19 @@ class Recipe(BaseModel):
         le=1,
         description="Cosine decay to this fraction of the peak at the last step (1: constant).",
     )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up to the peak learning rate.")
+    agg: Agg = Field(
+        "token_mean",
+        description="Loss aggregation: token_mean weighs long episodes more; seq_mean weighs each alike.",
+    )
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature of the student's rollouts.")
     seed: int = Field(0, description="Seed of scenarios, rollouts and the dev/val questions (as the demo's).")
     val_size: int = Field(32, ge=0, description="Held-out questions for the final evaluation (0: none).")
     dev_size: int = Field(16, ge=1, description="Dev questions, evaluated every eval_every steps.")
     eval_every: int = Field(2, ge=0, description="Evaluate on dev every N steps (0: never).")
+    val_every: int = Field(
+        0, ge=0, description="Also evaluate on the held-out questions every N steps (0: only at the end)."
+    )
     stop_at_teacher: bool = Field(False, description="Stop once dev success reaches the teacher's.")
 
 
@@ -89,7 +98,17 @@ async def run(r: Recipe) -> dict[str, float]:
             rate, _ = await evaluate(student, dev, "dev eval", True, "dev")
             out["dev_success_0"] = rate
             print(f"teacher dev success {target:.0%}; student dev success {rate:.0%} (step 0)")
+        if r.val_size and r.val_every:
+            served = adv.Model(teacher_ref, base_url=backend.base_url, api_key=backend.api_key)
+            out["teacher_val_success"] = await success_rate(served, val, "teacher held-out eval")
+            print(f"teacher held-out success {out['teacher_val_success']:.0%}")
         first = await student.get_step()
+        schedule = adv.LRSchedule(
+            kind="constant" if r.min_lr_ratio == 1 or r.steps <= 1 + r.warmup_steps else "cosine",
+            warmup_steps=r.warmup_steps,
+            total_steps=max(r.steps - 1, r.warmup_steps + 1),
+            min_lr_ratio=r.min_lr_ratio,
+        )
         for i in range(r.steps):
             t0 = time.perf_counter()
             scenarios = make_scenarios(r.groups_per_step, seed=r.seed * 100_003 + first + i, split="train")
@@ -115,8 +134,8 @@ async def run(r: Recipe) -> dict[str, float]:
             datums = await tc.datums_from_groups(groups, skip_zero_variance=False)
             scores = await tc.compute_logprobs(datums, model=teacher_ref)
             batch, metrics = adv.distill_datums(datums, scores)
-            fb = await tc.forward_backward(batch, "importance_sampling")
-            lr = cosine_lr(r.learning_rate, r.min_lr_ratio, i, r.steps)
+            fb = await tc.forward_backward(batch, "importance_sampling", {"agg": r.agg})
+            lr = lr_at(schedule, r.learning_rate, i)
             stepped = await tc.optim_step(adv.AdamParams(learning_rate=lr))
             metrics.update(
                 {
@@ -141,6 +160,10 @@ async def run(r: Recipe) -> dict[str, float]:
                 line += f"  dev success {rate:.0%}"
                 if target is not None and rate >= target and "steps_to_teacher" not in out:
                     out["steps_to_teacher"] = float(i + 1)
+            if r.val_size and r.val_every and (i + 1) % r.val_every == 0 and i + 1 < r.steps:
+                rate, _ = await evaluate(student, val, f"held-out eval {name}", True, "val")
+                out[f"val_success_{first + i + 1}"] = rate
+                line += f"  held-out success {rate:.0%}"
             print(line)
             if r.stop_at_teacher and "steps_to_teacher" in out:
                 print(f"dev success reached the teacher's ({target:.0%}) after {i + 1} steps: stopping")
@@ -152,13 +175,6 @@ async def run(r: Recipe) -> dict[str, float]:
     finally:
         await backend.close()
     return out
-
-
-def cosine_lr(peak: float, min_ratio: float, i: int, steps: int) -> float:
-    """Step i of `steps` (from 0): the peak, decayed along a half cosine to min_ratio x peak at the last."""
-    if steps <= 1:
-        return peak
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * i / (steps - 1))))
 
 
 async def success_rate(model: adv.Model, scenarios: list, desc: str) -> float:

@@ -52,7 +52,7 @@ from advantage.engine.base import Completion, EngineFactory, QueueFull, TokenCal
 from advantage.engine.grammar import GrammarCompiler
 from advantage.engine.replica_actor import ReplicaActor
 from advantage.engine.routing import PrefixRouter
-from advantage.engine.rows import check_fits, check_sequences
+from advantage.engine.rows import check_fits, check_sequences, settle
 from advantage.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ class RayEngineReplicas:
             load = {i: self._in_flight[i] for i in self._ready if i not in call.failed}
             if self._closed or not load:
                 what = "the engine is closed" if self._closed else "no engine replica is live"
-                _settle(call.out, ReplicaUnavailable(f"{what}; failed: {call.failed or 'none'}. Retry."))
+                settle(call.out, ReplicaUnavailable(f"{what}; failed: {call.failed or 'none'}. Retry."))
                 return
             i = self.router.affine(call.prompt, set(load))
             if i is None or load[i] >= self.max_in_flight:
@@ -334,7 +334,7 @@ class RayEngineReplicas:
                         f"in {RETRY_AFTER_S} s, or send fewer requests at once.",
                         RETRY_AFTER_S,
                     )
-                _settle(call.out, ReplicaUnavailable("every live engine replica is full; retry"))
+                settle(call.out, ReplicaUnavailable("every live engine replica is full; retry"))
                 return
             self.router.record(call.prompt, i)
             self._in_flight[i] += 1
@@ -421,22 +421,22 @@ class RayEngineReplicas:
         if isinstance(outcome, ray.exceptions.RayTaskError):
             # the engine raised: the replica is lost only if it restarted under us
             if getattr(outcome, "pid", None) in (None, self.pids[i]):
-                _settle(call.out, outcome.as_instanceof_cause())
+                settle(call.out, outcome.as_instanceof_cause())
                 return
         elif not isinstance(outcome, ray.exceptions.RayActorError):
             if isinstance(outcome, BaseException):
-                _settle(call.out, outcome)
+                settle(call.out, outcome)
                 return
             pid, result = outcome
             if pid != self.pids[i]:
                 self._lost(i)  # restarted between requests: its adapters must be loaded again
-            _settle(call.out, result)
+            settle(call.out, result)
             return
         self._lost(i)
         call.failed.append(i)
         if call.streamed:
             self.stats["streams_broken"] += 1
-            _settle(
+            settle(
                 call.out,
                 ReplicaUnavailable(
                     f"engine replica {i} failed a request after streaming part of its text, which cannot be "
@@ -448,7 +448,7 @@ class RayEngineReplicas:
             log.warning("engine replica %d failed a request (%s); retrying on another", i, outcome)
             self._dispatch(call)
         else:
-            _settle(
+            settle(
                 call.out, ReplicaUnavailable(f"engine replicas {call.failed} failed the request: {outcome}")
             )
 
@@ -519,14 +519,6 @@ def _outcome(done: concurrent.futures.Future[Any]) -> tuple[int, Any] | BaseExce
         return done.result()
     except BaseException as e:
         return e
-
-
-def _settle(fut: concurrent.futures.Future[Any], outcome: Any) -> None:
-    with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if isinstance(outcome, BaseException):
-            fut.set_exception(outcome)
-        else:
-            fut.set_result(outcome)
 
 
 def engine_factory(

@@ -13,7 +13,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -21,6 +21,8 @@ from advantage.engine.base import Completion, ContextLengthError, TokenCallback
 from advantage.engine.detokenize import Detokenizer
 from advantage.engine.grammar import Constraint
 from advantage.engine.sampling import SamplingParams
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -110,10 +112,10 @@ class Row:
         return Completion(self.ids, self.logprobs, self.text, self.finish, self.top, self.forced)
 
 
-def settle(fut: concurrent.futures.Future[list[Completion]], outcome: list[Completion] | Exception) -> None:
+def settle(fut: concurrent.futures.Future[T], outcome: T | BaseException) -> None:
     """Answer a request, unless it is answered or cancelled already (a client may cancel at any moment)."""
     with contextlib.suppress(concurrent.futures.InvalidStateError):
-        if isinstance(outcome, Exception):
+        if isinstance(outcome, BaseException):
             fut.set_exception(outcome)
         else:
             fut.set_result(outcome)
