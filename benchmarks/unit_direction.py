@@ -6,8 +6,9 @@ tool, and at T = 0.7 with 4 samples per question the share right, plus the group
 
     .venv/bin/python benchmarks/unit_direction.py
 
-"from first" is the order before session 31 (value, from_unit, to_unit; the worked example's call too);
-"to first" asks for the target unit before the given one (value, to_unit, from_unit), the default now.
+Sides: the schema's argument order ("from first": value, from_unit, to_unit, as before session 31; "to first":
+value, to_unit, from_unit, the target unit before the given one, as now; the worked example's call follows
+it) and the worked example's unit question.
 """
 
 from __future__ import annotations
@@ -29,11 +30,18 @@ import advantage as adv  # noqa: E402
 from advantage.tasks.tool_use import rollout as ro  # noqa: E402
 from advantage.tasks.tool_use.env import TEMPLATES, TOOLS, UNIT_NAMES, UNIT_PAIRS, Scenario  # noqa: E402
 
-ORDERS = {"from first": ("value", "from_unit", "to_unit"), "to first": ("value", "to_unit", "from_unit")}
+FROM_FIRST, TO_FIRST = ("value", "from_unit", "to_unit"), ("value", "to_unit", "from_unit")
+NOW = "What is 3 km in miles?"  # the worked example's unit question (rollout._EXAMPLE_CALLS)
+SIDES = {  # label: (argument order, the worked example's unit question)
+    "from first, 'How many miles is 3 km?' (before)": (FROM_FIRST, "How many miles is 3 km?"),
+    "to first, 'How many miles is 3 km?'": (TO_FIRST, "How many miles is 3 km?"),
+    "to first, 'What is 3 km in miles?' (now)": (TO_FIRST, NOW),
+}
 
 
-def with_order(keys: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The tools and the worked example with convert_units' arguments in `keys` order."""
+def with_order(keys: tuple[str, ...], question: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The tools and the worked example with convert_units' arguments in `keys` order, and `question` as
+    the example's unit question."""
     tools = copy.deepcopy(TOOLS)
     for t in tools:
         if t["function"]["name"] == "convert_units":
@@ -41,6 +49,8 @@ def with_order(keys: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[dict[s
             p["properties"] = {k: p["properties"][k] for k in keys}
             p["required"] = list(keys)
     example = copy.deepcopy(ro.EXAMPLE)
+    assert NOW in example[0]["content"]
+    example[0]["content"] = example[0]["content"].replace(NOW, question)
     for call in example[1]["tool_calls"]:
         if call["function"]["name"] == "convert_units":
             args = json.loads(call["function"]["arguments"])
@@ -61,9 +71,9 @@ def questions() -> list[tuple[str, str, str]]:
     ]
 
 
-async def side(root: Path, label: str, keys: tuple[str, ...]) -> dict[str, Any]:
-    tools, example = with_order(keys)
-    backend = adv.LocalBackend(root / label.replace(" ", "-"), progress=False)
+async def side(root: Path, label: str, keys: tuple[str, ...], question: str) -> dict[str, Any]:
+    tools, example = with_order(keys, question)
+    backend = adv.LocalBackend(root / str(len(list(root.iterdir()))), progress=False)
     model = adv.TrainableModel("units", project="bench", base_model="smollm2-135m-instruct")
     await model.register(backend)
     client = model.openai_client()
@@ -95,7 +105,7 @@ async def side(root: Path, label: str, keys: tuple[str, ...]) -> dict[str, Any]:
     flat = Counter(x for g in sampled for x in g)
     signal = sum(0 < g.count("right") < len(g) for g in sampled)
     print(
-        f"{label:>10}: greedy right {greedy['right']}/{len(qs)}, reversed {greedy['reversed']}, other unit "
+        f"{label}: greedy right {greedy['right']}/{len(qs)}, reversed {greedy['reversed']}, other unit "
         f"{greedy['other unit']}, other tool {greedy['other tool']} | T=0.7 x4: right "
         f"{flat['right'] / sum(flat.values()):.0%}, groups with signal {signal}/{len(qs)} ({seconds:.0f} s)",
         flush=True,
@@ -105,7 +115,7 @@ async def side(root: Path, label: str, keys: tuple[str, ...]) -> dict[str, Any]:
 
 async def main() -> dict[str, Any]:
     with TemporaryDirectory() as tmp:
-        return {label: await side(Path(tmp), label, keys) for label, keys in ORDERS.items()}
+        return {label: await side(Path(tmp), label, *how) for label, how in SIDES.items()}
 
 
 if __name__ == "__main__":
