@@ -18,8 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import advantage as adv  # noqa: E402
 from advantage.tasks.tool_use.reward import success  # noqa: E402
-from advantage.tasks.tool_use.rollout import rollout  # noqa: E402
-from advantage.tasks.tool_use.train import held_out  # noqa: E402
+from advantage.tasks.tool_use.train import greedy_episodes, held_out  # noqa: E402
 
 
 async def curve(root: Path, name: str, steps: list[int], seed: int, val_size: int) -> dict[int, float]:
@@ -31,13 +30,8 @@ async def curve(root: Path, name: str, steps: list[int], seed: int, val_size: in
         await model.register(backend)
         for step in steps:
             served = adv.Model(f"{name}@{step}", base_url=backend.base_url, api_key=backend.api_key)
-            groups = await adv.gather_trajectory_groups(
-                [[rollout(served, s, temperature=0.0, force_first_call=True)] for s in val],
-                max_exceptions=len(val),
-                desc=f"{name}@{step}",
-            )
-            trajs = [t for g in groups for t in g.trajectories]
-            out[step] = sum(success(t) for t in trajs) / len(val)
+            groups = await greedy_episodes(served, val, f"{name}@{step}")
+            out[step] = sum(success(t) for g in groups for t in g.trajectories) / len(val)
             print(f"step {step}: held-out success {out[step]:.0%}", flush=True)
     finally:
         await backend.close()

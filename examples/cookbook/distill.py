@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 import advantage as adv
 from advantage.config import Agg
 from advantage.tasks.tool_use.env import make_scenarios
+from advantage.tasks.tool_use.reward import success
 from advantage.tasks.tool_use.rollout import rollout
-from advantage.tasks.tool_use.train import evaluate, held_out
+from advantage.tasks.tool_use.train import evaluate, greedy_episodes, held_out
 from advantage.training.schedules import lr_at
 
 
@@ -91,15 +92,14 @@ async def run(r: Recipe) -> dict[str, float]:
         teacher_ref = r.teacher if "@" in r.teacher else f"{teacher_name}@{await teacher.get_step()}"
         print(f"distilling {teacher_ref} into {student.name} (from step {await student.get_step()})")
         target = None
+        served = adv.Model(teacher_ref, base_url=backend.base_url, api_key=backend.api_key)
         if r.eval_every:
-            served = adv.Model(teacher_ref, base_url=backend.base_url, api_key=backend.api_key)
             target = await success_rate(served, dev, "teacher dev eval")
             out["teacher_dev_success"] = target
             rate, _ = await evaluate(student, dev, "dev eval", True, "dev")
             out["dev_success_0"] = rate
             print(f"teacher dev success {target:.0%}; student dev success {rate:.0%} (step 0)")
         if r.val_size and r.val_every:
-            served = adv.Model(teacher_ref, base_url=backend.base_url, api_key=backend.api_key)
             out["teacher_val_success"] = await success_rate(served, val, "teacher held-out eval")
             print(f"teacher held-out success {out['teacher_val_success']:.0%}")
         first = await student.get_step()
@@ -179,12 +179,8 @@ async def run(r: Recipe) -> dict[str, float]:
 
 async def success_rate(model: adv.Model, scenarios: list, desc: str) -> float:
     """Greedy success on `scenarios`, as the demo evaluates, without logging (for the teacher)."""
-    groups = await adv.gather_trajectory_groups(
-        [[rollout(model, s, temperature=0.0, force_first_call=True)] for s in scenarios],
-        max_exceptions=len(scenarios),
-        desc=desc,
-    )
-    return sum(t.metrics.get("success", 0.0) for g in groups for t in g.trajectories) / len(scenarios)
+    groups = await greedy_episodes(model, scenarios, desc)
+    return sum(success(t) for g in groups for t in g.trajectories) / len(scenarios)
 
 
 if __name__ == "__main__":

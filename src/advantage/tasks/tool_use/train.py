@@ -21,7 +21,7 @@ import advantage as adv
 
 from .env import make_scenarios
 from .reward import success
-from .rollout import rollout
+from .rollout import ChatModel, rollout
 
 
 class DemoConfig(BaseModel):
@@ -159,15 +159,22 @@ async def evaluate(
     model: adv.TrainableModel, scenarios: list, desc: str, force: bool, split: str = "val"
 ) -> tuple[float, float]:
     """Greedy held-out evaluation: (success rate, mean reward), logged as `split` at the current step."""
-    groups = await adv.gather_trajectory_groups(
-        [[rollout(model, s, temperature=0.0, force_first_call=force)] for s in scenarios],
-        max_exceptions=len(scenarios),
-        desc=desc,
-    )
+    groups = await greedy_episodes(model, scenarios, desc, force)
     trajs = [t for g in groups for t in g.trajectories]
     await model.log(groups, split=split)
     rate = sum(success(t) for t in trajs) / len(scenarios)
     return rate, sum(t.reward for t in trajs) / max(len(trajs), 1)
+
+
+async def greedy_episodes(
+    model: ChatModel, scenarios: list, desc: str, force: bool = True
+) -> list[adv.TrajectoryGroup]:
+    """One greedy episode per scenario, as the demo evaluates (a failed episode is counted, not raised)."""
+    return await adv.gather_trajectory_groups(
+        [[rollout(model, s, temperature=0.0, force_first_call=force)] for s in scenarios],
+        max_exceptions=len(scenarios),
+        desc=desc,
+    )
 
 
 def held_out(seed: int, val_size: int, dev_size: int) -> tuple[list, list]:
