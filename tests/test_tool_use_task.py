@@ -42,6 +42,19 @@ def test_every_tool_is_asked_about() -> None:
     assert sorted(tools) == sorted(env.TOOL_NAMES * 2)
 
 
+def test_a_mix_sets_each_tools_share() -> None:
+    mix = {"convert_units": 4, "convert_currency": 3, "get_events": 1}
+    tools = [s.tool for s in make_scenarios(8, seed=0, mix=mix)]
+    assert {t: tools.count(t) for t in mix} == mix and "get_weather" not in tools
+    assert make_scenarios(8, seed=0, mix=mix) == make_scenarios(8, seed=0, mix=mix)
+    # equal counts draw exactly what the default turn-taking draws
+    assert make_scenarios(8, seed=5, mix=dict.fromkeys(env.TOOL_NAMES, 2)) == make_scenarios(8, seed=5)
+    with pytest.raises(ValueError, match="add up to n=8"):
+        make_scenarios(8, mix={"convert_units": 7})
+    with pytest.raises(ValueError, match="unknown tools"):
+        make_scenarios(1, mix={"get_stock_price": 1})
+
+
 def test_train_and_val_never_share_an_instance() -> None:
     train = {s.question for seed in range(5) for s in make_scenarios(200, seed=seed, split="train")}
     val = {s.question for seed in range(5) for s in make_scenarios(200, seed=seed, split="val")}

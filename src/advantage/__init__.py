@@ -16,6 +16,7 @@ from advantage.config import (
     SFTConfig,
     TrainConfig,
 )
+from advantage.curriculum import TaskMix, apportion
 from advantage.distill import distill_datums, reverse_kl_advantages
 from advantage.gather import (
     RolloutError,
@@ -68,6 +69,8 @@ __all__ = [
     "gather_informative_groups",
     "gather_trajectory_groups",
     "is_informative",
+    "TaskMix",
+    "apportion",
     "distill_datums",
     "reverse_kl_advantages",
 ]

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -25,7 +26,6 @@ VAL_FRACTION = 0.2
 def _fn(name: str, params: dict[str, dict[str, Any]]) -> dict[str, Any]:
     schema = {"type": "object", "properties": params, "required": list(params), "additionalProperties": False}
     return {"type": "function", "function": {"name": name, "parameters": schema}}
-
 
 
 # ------------------------------------------------------------------------------------------------ the world
@@ -271,23 +271,46 @@ def _draw(rng: random.Random, tool: str) -> tuple[str, dict[str, Any]]:
     return template.format(**args), args
 
 
+def _slots(n: int, mix: Mapping[str, int] | None) -> list[str]:
+    """The tool of each of `n` scenarios: round-robin over the tools while each has some of its count left
+    (with equal counts, or none given, that is plain turn-taking)."""
+    if mix is None:
+        mix = {t: n // len(TOOL_NAMES) + (i < n % len(TOOL_NAMES)) for i, t in enumerate(TOOL_NAMES)}
+    unknown = set(mix) - set(TOOL_NAMES)
+    if unknown:
+        raise ValueError(f"mix names unknown tools {sorted(unknown)}; the tools are {TOOL_NAMES}")
+    if any(c < 0 for c in mix.values()) or sum(mix.values()) != n:
+        raise ValueError(f"mix must hold counts >= 0 that add up to n={n}, got {dict(mix)}")
+    left = {t: mix.get(t, 0) for t in TOOL_NAMES}
+    slots: list[str] = []
+    while len(slots) < n:
+        for t in TOOL_NAMES:
+            if left[t]:
+                slots.append(t)
+                left[t] -= 1
+    return slots
+
+
 def split_of(question: str) -> Split:
     """The split a question belongs to, fixed by its text (so no instance is in both)."""
     h = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big")
     return "val" if h / 2**64 < VAL_FRACTION else "train"
 
 
-def make_scenarios(n: int, seed: int = 0, split: Split = "train") -> list[Scenario]:
-    """`n` scenarios of `split`, cycling through the tools; the same (n, seed, split) gives the same list.
+def make_scenarios(
+    n: int, seed: int = 0, split: Split = "train", mix: Mapping[str, int] | None = None
+) -> list[Scenario]:
+    """`n` scenarios of `split`; the same (n, seed, split, mix) gives the same list.
 
-    Repeats within a list are avoided while the split has unused instances of a tool."""
+    `mix` says how many of the `n` are questions for each tool (e.g. `TaskMix.counts(n)`); by default the
+    tools take turns, so the shares are equal. Repeats within a list are avoided while the split has unused
+    instances of a tool."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     rng = random.Random(f"tool_use:{split}:{seed}")
     seen: set[str] = set()
     out: list[Scenario] = []
-    for i in range(n):
-        tool = TOOL_NAMES[i % len(TOOL_NAMES)]
+    for tool in _slots(n, mix):
         for _attempt in range(200):
             question, args = _draw(rng, tool)
             if split_of(question) == split and question not in seen:

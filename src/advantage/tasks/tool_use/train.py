@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import advantage as adv
 
-from .env import make_scenarios
+from .env import TOOL_NAMES, make_scenarios
 from .reward import success
 from .rollout import ChatModel, rollout
 
@@ -41,6 +41,14 @@ class DemoConfig(BaseModel):
         "skipped, so the update shrinks as the policy learns.",
     )
     group_size: int = Field(4, ge=2, description="Rollouts per scenario.")
+    task_mix: Literal["equal", "by_failure"] = Field(
+        "by_failure",
+        description="How a step's scenarios are shared among the four tools: in equal shares, or in "
+        "proportion to each tool's running failure rate in the training rollouts (`advantage.TaskMix`). "
+        "With equal shares weather and calendar questions were solved by step ~6 and tied, and a step "
+        "trained on about 2 unit questions: 12 steps saw ~24, too few to learn which way round "
+        '"How many miles is 3 km?" is read.',
+    )
     min_informative_groups: int = Field(
         0,
         ge=0,
@@ -217,12 +225,15 @@ async def step_rollouts(
     cfg: DemoConfig,
     step: int,
     after_each: Callable[[adv.TrajectoryGroup], Awaitable[adv.TrajectoryGroup | None]] | None,
+    mix: adv.TaskMix | None = None,
 ) -> list[adv.TrajectoryGroup]:
     """The rollouts that train step `step + 1`: `groups_per_step` scenarios x `group_size` rollouts, or with
-    dynamic sampling more scenarios until enough groups carry signal. Scenarios and sampling are seeded by
-    `cfg.seed` and the step, so a rerun draws the same ones."""
+    dynamic sampling more scenarios until enough groups carry signal. `mix` shares the scenarios among the
+    tools (default: equal shares). Scenarios and sampling are seeded by `cfg.seed` and the step, so a rerun
+    with the same results draws the same ones."""
     step_key = cfg.seed * 100_003 + step
-    scenarios = make_scenarios(cfg.groups_per_step, seed=step_key, split="train")
+    counts = mix.counts(cfg.groups_per_step) if mix else None
+    scenarios = make_scenarios(cfg.groups_per_step, seed=step_key, split="train", mix=counts)
     if cfg.min_informative_groups:  # dynamic sampling's later rounds: other scenarios of the split
         scenarios += make_scenarios(
             cfg.max_groups_per_step - cfg.groups_per_step, seed=-1 - step_key, split="train"
@@ -257,6 +268,14 @@ async def step_rollouts(
     )
 
 
+def tool_results(groups: list[adv.TrajectoryGroup]) -> dict[str, list[float]]:
+    """Each tool's rollouts' success in a step's groups, for `TaskMix.update`."""
+    out: dict[str, list[float]] = {}
+    for t in (t for g in groups for t in g.trajectories):
+        out.setdefault(t.metadata["scenario"]["tool"], []).append(t.metrics["success"])
+    return out
+
+
 def step_line(
     cfg: DemoConfig,
     result: adv.TrainResult,
@@ -274,6 +293,9 @@ def step_line(
     parts.append(f"success {m.get('train/success', nan):.2f}  ")
     if cfg.min_informative_groups:
         parts.append(f"groups {len(groups)} ({sum(adv.is_informative(g) for g in groups)} informative)  ")
+    if cfg.task_mix != "equal":  # the tools' shares of this step's scenarios
+        shares = {k.split("_", 1)[1]: len(v) // cfg.group_size for k, v in tool_results(groups).items()}
+        parts.append("mix " + " ".join(f"{k}:{shares[k]}" for k in sorted(shares)) + "  ")
     if m.get("skipped_step"):
         parts.append(f"not trained: all {len(groups)} groups tied (the step stays)  ")
     else:
@@ -334,11 +356,12 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             print(f"baseline held-out success {base_rate:.0%}  reward {base_reward:.3f}")
 
     history: list[dict[str, float]] = []
+    mix = adv.TaskMix(TOOL_NAMES) if cfg.task_mix == "by_failure" else None
     at_target = 0  # dev evaluations in a row at stop_at
     try:
         for i in range(cfg.steps):
             t0 = time.perf_counter()
-            groups = await step_rollouts(model, cfg, first_step + i, after_each)
+            groups = await step_rollouts(model, cfg, first_step + i, after_each, mix)
             t_gen = time.perf_counter() - t0
             await read_baseline()
             if dev_eval is not None:  # the evaluation of the weights these rollouts came from
@@ -365,6 +388,8 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
                     print("  dev success fell again after the last roll-back: stopping")
                     break
             result = await model.train(groups, config=train_config(cfg, lr, groups))
+            if mix:
+                mix.update(tool_results(groups))
             warnings = adv.health_warnings(result.metrics, history)
             history.append(result.metrics)
             print(step_line(cfg, result, groups, t_gen, time.perf_counter() - start, warnings))
