@@ -41,13 +41,14 @@ class DemoConfig(BaseModel):
         "skipped, so the update shrinks as the policy learns.",
     )
     group_size: int = Field(4, ge=2, description="Rollouts per scenario.")
-    task_mix: Literal["equal", "by_failure"] = Field(
-        "by_failure",
-        description="How a step's scenarios are shared among the four tools: in equal shares, or in "
-        "proportion to each tool's running failure rate in the training rollouts (`advantage.TaskMix`). "
-        "With equal shares weather and calendar questions were solved by step ~6 and tied, and a step "
-        "trained on about 2 unit questions: 12 steps saw ~24, too few to learn which way round "
-        '"How many miles is 3 km?" is read.',
+    focus_groups: int = Field(
+        0,
+        ge=0,
+        description="Scenarios per step beyond groups_per_step, shared among the tools by their running "
+        "failure rate in the training rollouts (`advantage.TaskMix`); groups_per_step stays in equal shares. "
+        "Re-weighting the groups_per_step themselves starved the solved tools: on seed 1, steps of 6 "
+        "conversion groups in 8 moved weather questions to the convert_* tools (train success on weather "
+        "1.0 -> 0.0 in four steps).",
     )
     min_informative_groups: int = Field(
         0,
@@ -144,12 +145,11 @@ class DemoConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DemoConfig:
-        if self.min_informative_groups and self.max_groups_per_step < max(
-            self.groups_per_step, self.min_informative_groups
-        ):
+        first = self.groups_per_step + self.focus_groups
+        if self.min_informative_groups and self.max_groups_per_step < max(first, self.min_informative_groups):
             raise ValueError(
-                f"max_groups_per_step ({self.max_groups_per_step}) must be at least groups_per_step "
-                f"({self.groups_per_step}) and min_informative_groups ({self.min_informative_groups})"
+                f"max_groups_per_step ({self.max_groups_per_step}) must be at least groups_per_step + "
+                f"focus_groups ({first}) and min_informative_groups ({self.min_informative_groups})"
             )
         return self
 
@@ -227,17 +227,20 @@ async def step_rollouts(
     after_each: Callable[[adv.TrajectoryGroup], Awaitable[adv.TrajectoryGroup | None]] | None,
     mix: adv.TaskMix | None = None,
 ) -> list[adv.TrajectoryGroup]:
-    """The rollouts that train step `step + 1`: `groups_per_step` scenarios x `group_size` rollouts, or with
-    dynamic sampling more scenarios until enough groups carry signal. `mix` shares the scenarios among the
-    tools (default: equal shares). Scenarios and sampling are seeded by `cfg.seed` and the step, so a rerun
-    with the same results draws the same ones."""
+    """The rollouts that train step `step + 1`: `groups_per_step` scenarios in equal shares of the tools
+    and `focus_groups` more shared by `mix`, x `group_size` rollouts; with dynamic sampling more scenarios
+    until enough groups carry signal. Scenarios and sampling are seeded by `cfg.seed` and the step, so a
+    rerun with the same results draws the same ones."""
     step_key = cfg.seed * 100_003 + step
-    counts = mix.counts(cfg.groups_per_step) if mix else None
-    scenarios = make_scenarios(cfg.groups_per_step, seed=step_key, split="train", mix=counts)
+    first = cfg.groups_per_step + cfg.focus_groups
+    counts = None
+    if mix is not None and cfg.focus_groups:
+        equal = adv.apportion(dict.fromkeys(TOOL_NAMES, 1.0), cfg.groups_per_step)
+        focus = mix.counts(cfg.focus_groups)
+        counts = {t: equal[t] + focus[t] for t in TOOL_NAMES}
+    scenarios = make_scenarios(first, seed=step_key, split="train", mix=counts)
     if cfg.min_informative_groups:  # dynamic sampling's later rounds: other scenarios of the split
-        scenarios += make_scenarios(
-            cfg.max_groups_per_step - cfg.groups_per_step, seed=-1 - step_key, split="train"
-        )
+        scenarios += make_scenarios(cfg.max_groups_per_step - first, seed=-1 - step_key, split="train")
     step_seed = (cfg.seed * 1_000_003 + step) * 1_000
 
     def group(k: int) -> list[Awaitable[adv.Trajectory]]:
@@ -258,13 +261,13 @@ async def step_rollouts(
             group,
             min_informative=cfg.min_informative_groups,
             max_groups=cfg.max_groups_per_step,
-            first_round=cfg.groups_per_step,
+            first_round=first,
             max_exceptions=0.25,
             after_each=after_each,
             desc=desc,
         )
     return await adv.gather_trajectory_groups(
-        [group(k) for k in range(cfg.groups_per_step)], max_exceptions=0.25, after_each=after_each, desc=desc
+        [group(k) for k in range(first)], max_exceptions=0.25, after_each=after_each, desc=desc
     )
 
 
@@ -293,7 +296,7 @@ def step_line(
     parts.append(f"success {m.get('train/success', nan):.2f}  ")
     if cfg.min_informative_groups:
         parts.append(f"groups {len(groups)} ({sum(adv.is_informative(g) for g in groups)} informative)  ")
-    if cfg.task_mix != "equal":  # the tools' shares of this step's scenarios
+    if cfg.focus_groups:  # the tools' shares of this step's scenarios
         shares = {k.split("_", 1)[1]: len(v) // cfg.group_size for k, v in tool_results(groups).items()}
         parts.append("mix " + " ".join(f"{k}:{shares[k]}" for k in sorted(shares)) + "  ")
     if m.get("skipped_step"):
@@ -356,7 +359,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             print(f"baseline held-out success {base_rate:.0%}  reward {base_reward:.3f}")
 
     history: list[dict[str, float]] = []
-    mix = adv.TaskMix(TOOL_NAMES) if cfg.task_mix == "by_failure" else None
+    mix = adv.TaskMix(TOOL_NAMES) if cfg.focus_groups else None
     at_target = 0  # dev evaluations in a row at stop_at
     try:
         for i in range(cfg.steps):
