@@ -1,5 +1,5 @@
 """The demo's loop on the bundled model, shortened to seconds a step: evaluations that run alongside the next
-step's rollouts, dynamic sampling, the end on the best step. (The learning itself is tested, slow, in
+step's rollouts, dynamic sampling, focus groups, the end on the best step. (The learning itself is tested, slow, in
 test_demo_learning.py.)"""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from advantage.tasks.tool_use.train import DemoConfig, run
+import advantage as adv
+from advantage.tasks.tool_use.train import DemoConfig, run, step_scenarios
 
 
 def _rows(root: Path) -> list[dict]:
@@ -23,14 +24,15 @@ async def test_shortened_demo_with_dynamic_sampling_and_overlapped_evaluations(
 ) -> None:
     cfg = DemoConfig(
         root=tmp_path, steps=2, val_size=2, dev_size=2, eval_every=1, groups_per_step=1, group_size=2,
-        min_informative_groups=2, max_groups_per_step=3, micro_batch_size=4,
+        focus_groups=1, min_informative_groups=2, max_groups_per_step=3, micro_batch_size=4,
     )  # fmt: skip
     out = await run(cfg)
     rows = _rows(tmp_path)
     trains = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in trains] == [1, 2]
-    # Dynamic sampling: each step gathered 1 group, then more (up to 3) while fewer than 2 carried signal.
-    assert all(1 <= r["n_groups"] <= 3 for r in trains)
+    # Dynamic sampling: each step gathered 2 groups (1 + 1 focus group), then one more while fewer than 2
+    # carried signal.
+    assert all(2 <= r["n_groups"] <= 3 for r in trains)
     # Dev success is known for the base weights, step 1 (evaluated beside step 2's rollouts) and the last step.
     assert sorted(r["step"] for r in rows if r["split"] == "dev") == [0, 1, 2]
     vals = [r for r in rows if r["split"] == "val"]
@@ -44,3 +46,20 @@ def test_dynamic_sampling_needs_room_for_its_rounds() -> None:
     with pytest.raises(ValueError, match="max_groups_per_step"):
         DemoConfig(groups_per_step=8, min_informative_groups=8, max_groups_per_step=4)
     DemoConfig(groups_per_step=8, max_groups_per_step=4)  # off: the cap is not used
+
+
+def test_focus_groups_go_to_the_tools_still_failed() -> None:
+    cfg = DemoConfig(groups_per_step=8, focus_groups=4, seed=3)
+    mix = adv.TaskMix(["get_weather", "convert_currency", "convert_units", "get_events"])
+    mix.update({"get_weather": [1.0] * 8, "get_events": [1.0] * 8, "convert_units": [0.0] * 8})
+    # failure: weather 0.25, currency 0.5 (no results: the prior), units 0.75, events 0.25
+    # -> the 4 focus groups: quotas 0.57, 1.14, 1.71, 0.57 -> 0, 1, 1, 0 + the largest remainders (units
+    # 0.71, then weather 0.57) -> currency 1, units 2, weather 1; on top of 2 of each in equal shares
+    tools = [s.tool for s in step_scenarios(cfg, 0, mix)]
+    assert {t: tools.count(t) for t in set(tools)} == {
+        "get_weather": 3, "convert_currency": 3, "convert_units": 4, "get_events": 2,
+    }  # fmt: skip
+    assert step_scenarios(cfg, 0, mix) == step_scenarios(cfg, 0, mix)
+    assert step_scenarios(cfg, 0, mix) != step_scenarios(cfg, 1, mix)
+    # without focus groups the step draws what it always drew
+    assert [s.tool for s in step_scenarios(DemoConfig(seed=3), 0)].count("get_weather") == 2

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import advantage as adv
 
-from .env import TOOL_NAMES, make_scenarios
+from .env import TOOL_NAMES, Scenario, make_scenarios
 from .reward import success
 from .rollout import ChatModel, rollout
 
@@ -220,6 +220,23 @@ def train_config(
     )
 
 
+def step_scenarios(cfg: DemoConfig, step: int, mix: adv.TaskMix | None = None) -> list[Scenario]:
+    """The scenarios of step `step + 1`, seeded by `cfg.seed` and the step: `groups_per_step` in equal
+    shares of the tools, `focus_groups` more shared by `mix` (equal shares without one), then with dynamic
+    sampling the scenarios of its later rounds."""
+    step_key = cfg.seed * 100_003 + step
+    first = cfg.groups_per_step + cfg.focus_groups
+    counts = None
+    if cfg.focus_groups:
+        equal = adv.apportion(dict.fromkeys(TOOL_NAMES, 1.0), cfg.groups_per_step)
+        focus = (mix or adv.TaskMix(TOOL_NAMES)).counts(cfg.focus_groups)
+        counts = {t: equal[t] + focus[t] for t in TOOL_NAMES}
+    scenarios = make_scenarios(first, seed=step_key, split="train", mix=counts)
+    if cfg.min_informative_groups:  # dynamic sampling's later rounds: other scenarios of the split
+        scenarios += make_scenarios(cfg.max_groups_per_step - first, seed=-1 - step_key, split="train")
+    return scenarios
+
+
 async def step_rollouts(
     model: adv.TrainableModel,
     cfg: DemoConfig,
@@ -227,20 +244,11 @@ async def step_rollouts(
     after_each: Callable[[adv.TrajectoryGroup], Awaitable[adv.TrajectoryGroup | None]] | None,
     mix: adv.TaskMix | None = None,
 ) -> list[adv.TrajectoryGroup]:
-    """The rollouts that train step `step + 1`: `groups_per_step` scenarios in equal shares of the tools
-    and `focus_groups` more shared by `mix`, x `group_size` rollouts; with dynamic sampling more scenarios
-    until enough groups carry signal. Scenarios and sampling are seeded by `cfg.seed` and the step, so a
-    rerun with the same results draws the same ones."""
-    step_key = cfg.seed * 100_003 + step
+    """The rollouts that train step `step + 1`: `group_size` of each of `step_scenarios`' first
+    `groups_per_step + focus_groups`, and with dynamic sampling more until enough groups carry signal.
+    The sampling is seeded too, so a rerun with the same results draws the same rollouts."""
+    scenarios = step_scenarios(cfg, step, mix)
     first = cfg.groups_per_step + cfg.focus_groups
-    counts = None
-    if mix is not None and cfg.focus_groups:
-        equal = adv.apportion(dict.fromkeys(TOOL_NAMES, 1.0), cfg.groups_per_step)
-        focus = mix.counts(cfg.focus_groups)
-        counts = {t: equal[t] + focus[t] for t in TOOL_NAMES}
-    scenarios = make_scenarios(first, seed=step_key, split="train", mix=counts)
-    if cfg.min_informative_groups:  # dynamic sampling's later rounds: other scenarios of the split
-        scenarios += make_scenarios(cfg.max_groups_per_step - first, seed=-1 - step_key, split="train")
     step_seed = (cfg.seed * 1_000_003 + step) * 1_000
 
     def group(k: int) -> list[Awaitable[adv.Trajectory]]:
