@@ -130,3 +130,27 @@ def test_prefix_tree_advantages_by_hand() -> None:
     assert prefix_tree_advantages([[5]], [0.5]) == [[0.5]]
     with pytest.raises(ValueError, match="2 sequences but 1 advantages"):
         prefix_tree_advantages([[1], [2]], [0.0])
+
+
+def test_prefix_tree_advantages_against_the_node_baseline_by_hand() -> None:
+    # The same tree as above. Position 0: every sequence at the root (V = 1), all wrote 1 (Q = 1): 0.
+    # Position 2: the node [1, 2] holds all three (V = 1); A and B wrote 3 (Q = 0): -1; C wrote 6 (Q = 3): +2.
+    # Position 3: A's and B's node [1, 2, 3] holds A and B (V = 0); A wrote 4 (Q = 1): +1, B 5 (Q = -1): -1;
+    # C's node [1, 2, 6] holds C alone (V = Q = 3): 0.
+    seqs = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7]]
+    assert prefix_tree_advantages(seqs, [1.0, -1.0, 3.0], baseline="node") == [
+        [0.0, 0.0, -1.0, 1.0],
+        [0.0, 0.0, -1.0, -1.0],
+        [0.0, 0.0, 2.0, 0.0],
+    ]
+    # Two failures that share a fatal choice and then differ (a wrong target unit, then either source) are
+    # not told apart: their second choice gets 0, where the group baseline pushes both down by -1.
+    seqs = [[7, 1, 3], [7, 2, 3], [7, 2, 4]]  # success, then two failures after token 2
+    group = prefix_tree_advantages(seqs, [2.0, -1.0, -1.0])
+    node = prefix_tree_advantages(seqs, [2.0, -1.0, -1.0], baseline="node")
+    assert group[1][2] == group[2][2] == -1.0 and node[1][2] == node[2][2] == 0.0
+    assert node == [[0.0, 2.0, 0.0], [0.0, -1.0, 0.0], [0.0, -1.0, 0.0]]
+    # One sequence a prefix of the other: only where the longer one goes on is it credited (V = 0, Q = -2).
+    assert prefix_tree_advantages([[1, 2], [1, 2, 3]], [2.0, -2.0], "node") == [[0.0, 0.0], [0.0, 0.0, -2.0]]
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        prefix_tree_advantages([[1]], [0.0], baseline="root")  # type: ignore[arg-type]

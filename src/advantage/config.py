@@ -163,6 +163,13 @@ class TrainConfig(LossConfig, _SequenceLimits, AdamParams):
         "advantage of the rollouts that wrote the same tokens up to it (advantages.prefix_tree_advantages), "
         "so a token every rollout wrote (a tool name's first piece) is not pushed down with the failures.",
     )
+    tree_baseline: Literal["group", "node"] = Field(
+        "group",
+        description="With tree_advantages, what a token's mean is compared with: the group's (0: every "
+        "token after a rollout parted from the others carries its branch's advantage), or the node's, the "
+        "rollouts that reached the token's context, so only tokens chosen differently from one context are "
+        "credited and a rollout running on alone after a fatal choice is not pushed down further.",
+    )
     lr_by_signal: bool = Field(
         False,
         description="Multiply the step's learning rate by the fraction of the batch's sequences that carry "

@@ -25,6 +25,16 @@ advantages is 0 and the token is left alone; where they part, each branch gets i
 With a per-sequence advantage, a failed rollout's push down on such shared tokens is cancelled by its
 siblings' push up only under a token-count mean; under `seq_mean` the shorter sequences win, and a failure
 that called the wrong `get_*` tool pushed down `get` for every `get_*` tool.
+
+That mean is Q(context, token) − V(root): every token after the point where a rollout parted from the
+others carries the whole of its branch's advantage. With `baseline="node"` the token gets Q − V(node)
+instead, V(node) being the mean over the rollouts that reached the token's context: a token is credited
+only where rollouts chose differently from the same context, by how much better its branch did than the
+node's average (the per-node advantage of tree-search RL, e.g. TreeRL, Hou et al. 2025). Where one rollout
+runs on alone its tokens get 0. This matters after a fatal choice: a unit conversion that took the source
+unit as the target fails whatever comes next, and under the group baseline its next argument was pushed
+down too, so the policy drifted from one failure to another ("to": "kg", "from": "lb" -> "to": "kg",
+"from": "kg"), where under the node baseline only the fatal choice is.
 """
 
 from __future__ import annotations
@@ -35,6 +45,8 @@ from typing import Literal
 
 Scale = Literal["group", "batch", "none"]
 SCALES: tuple[Scale, ...] = ("group", "batch", "none")
+TreeBaseline = Literal["group", "node"]
+TREE_BASELINES: tuple[TreeBaseline, ...] = ("group", "node")
 
 
 def _validate(rewards: list[list[float]], scale: str) -> None:
@@ -99,11 +111,17 @@ def group_advantages(
     return advantages, metrics
 
 
-def prefix_tree_advantages(sequences: list[list[int]], advantages: list[float]) -> list[list[float]]:
+def prefix_tree_advantages(
+    sequences: list[list[int]], advantages: list[float], baseline: TreeBaseline = "group"
+) -> list[list[float]]:
     """Per-token advantages of a group's sequences (see the module docstring): position j of sequence i
-    gets the mean advantage of the sequences that agree with sequence i on tokens 0..j (itself included)."""
+    gets Q_j, the mean advantage of the sequences that agree with sequence i on tokens 0..j (itself
+    included). With `baseline="node"` it gets Q_j − V_j instead, V_j being the same mean over the sequences
+    that agree on tokens 0..j−1 (the node the token is chosen at): nonzero only where sequences part."""
     if len(sequences) != len(advantages):
         raise ValueError(f"{len(sequences)} sequences but {len(advantages)} advantages")
+    if baseline not in TREE_BASELINES:
+        raise ValueError(f"baseline must be one of {TREE_BASELINES}, got {baseline!r}")
     n = len(sequences)
     lcp = [[0] * n for _ in range(n)]
     for i in range(n):
@@ -120,8 +138,10 @@ def prefix_tree_advantages(sequences: list[list[int]], advantages: list[float]) 
         # the set, and so the mean, is constant.
         cuts = sorted({min(lcp[i][k], len(seq)) for k in range(n)} | {0})
         for lo, hi in zip(cuts, cuts[1:], strict=False):
-            members = [advantages[k] for k in range(n) if lcp[i][k] > lo]
-            mean = fmean(members)
-            values[lo:hi] = [mean] * (hi - lo)
+            q = fmean([advantages[k] for k in range(n) if lcp[i][k] > lo])
+            if baseline == "group":
+                values[lo:hi] = [q] * (hi - lo)
+            else:  # only token lo is chosen among siblings; the node of lo + 1 .. hi − 1 is their own
+                values[lo] = q - fmean([advantages[k] for k in range(n) if lcp[i][k] >= lo])
         out.append(values)
     return out

@@ -62,7 +62,9 @@ def _datums_and_mean(
             ]
         if config.tree_advantages:
             mine = datums[first:]
-            per_token = prefix_tree_advantages([d.input_ids for d in mine], [d.advantage for d in mine])
+            per_token = prefix_tree_advantages(
+                [d.input_ids for d in mine], [d.advantage for d in mine], config.tree_baseline
+            )
             datums[first:] = [
                 d.model_copy(update={"extras": {**d.extras, ADV_KEY: a}})
                 for d, a in zip(mine, per_token, strict=True)

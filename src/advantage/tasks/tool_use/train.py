@@ -88,6 +88,11 @@ class DemoConfig(BaseModel):
         "Without it, one rollout that called get_weather for a calendar question pushed down `get` for "
         "both get_* tools: the next step sent weather and calendar questions to the convert_* tools.",
     )
+    tree_baseline: Literal["group", "node"] = Field(
+        "group",
+        description="With tree_advantages, credit a token against the group's mean or the node's "
+        "(TrainConfig.tree_baseline).",
+    )
     lr_by_signal: bool = Field(
         True,
         description="Scale each step's learning rate by the fraction of its groups that were not tied "
@@ -217,6 +222,7 @@ def train_config(
         lr_by_signal=cfg.lr_by_signal and not dynamic,
         tied_groups_in_mean=not dynamic,
         tree_advantages=cfg.tree_advantages,
+        tree_baseline=cfg.tree_baseline,
     )
 
 
