@@ -62,4 +62,4 @@ def test_focus_groups_go_to_the_tools_still_failed() -> None:
     assert step_scenarios(cfg, 0, mix) == step_scenarios(cfg, 0, mix)
     assert step_scenarios(cfg, 0, mix) != step_scenarios(cfg, 1, mix)
     # without focus groups the step draws what it always drew
-    assert [s.tool for s in step_scenarios(DemoConfig(seed=3), 0)].count("get_weather") == 2
+    assert [s.tool for s in step_scenarios(DemoConfig(seed=3, focus_groups=0), 0)].count("get_weather") == 2

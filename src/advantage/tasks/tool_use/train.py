@@ -42,13 +42,14 @@ class DemoConfig(BaseModel):
     )
     group_size: int = Field(4, ge=2, description="Rollouts per scenario.")
     focus_groups: int = Field(
-        0,
+        4,
         ge=0,
         description="Scenarios per step beyond groups_per_step, shared among the tools by their running "
-        "failure rate in the training rollouts (`advantage.TaskMix`); groups_per_step stays in equal shares. "
-        "Re-weighting the groups_per_step themselves starved the solved tools: on seed 1, steps of 6 "
-        "conversion groups in 8 moved weather questions to the convert_* tools (train success on weather "
-        "1.0 -> 0.0 in four steps).",
+        "failure rate in the training rollouts (`advantage.TaskMix`); groups_per_step stay in equal shares. "
+        "With 4, seed 1 went 66 -> 97 % and seed 4 72 -> 81 % held-out (94 % and 72 % without), for about "
+        "a third more time per step. Re-weighting the groups_per_step themselves instead starved the tools "
+        "already solved: on seed 1, steps with 6 conversion groups of 8 sent weather questions to the "
+        "convert_* tools (train success on weather 1.0 -> 0.0 in four steps).",
     )
     min_informative_groups: int = Field(
         0,
