@@ -14,6 +14,11 @@ proportion to it, with a floor so that no kind is dropped.
 
 The same idea as prioritised level replay or online difficulty filtering, at the granularity of a task's
 kinds: cheap, deterministic for a given sequence of results, and it never sees held-out data.
+
+Give it extra groups rather than the whole step. A solved kind's groups tie, so nothing in a step pushes
+back when the others' updates generalise onto it: on the tool-use demo, steps of 6 conversion groups in 8
+sent weather questions to the conversion tools (train success on them 1.0 -> 0.0 in four steps). The demo
+draws 8 groups in equal shares and `TaskMix.counts(4)` more (`DemoConfig.focus_groups`).
 """
 
 from __future__ import annotations
