@@ -132,6 +132,16 @@ def test_tree_advantages_leave_tokens_every_rollout_wrote_alone(tiny_model_dir: 
             per_token = d.extras[ADV_KEY]
             assert per_token[first] == 0.0  # "40": all four wrote it, mean advantage 0
             assert per_token[first + 1] == pytest.approx(d.advantage) and d.advantage != 0  # its own
+    # Against the node's baseline: the same where the rollouts part (the node is the group's root, mean 0),
+    # and 0 after it, where each runs on alone (the final "2" and whatever the template adds).
+    datums, _ = build_datums(
+        trainer, [TrajectoryGroup(trajs)], TrainConfig(tree_advantages=True, tree_baseline="node")
+    )
+    for d in datums:
+        first = d.loss_mask.index(1.0)
+        per_token = d.extras[ADV_KEY]
+        assert per_token[first + 1] == pytest.approx(d.advantage)
+        assert all(a == 0.0 for j, a in enumerate(per_token) if j != first + 1)
 
 
 def test_kl_anchor_over_micro_batches_with_the_batch_prefix(tiny_model_dir: Path) -> None:
