@@ -271,11 +271,16 @@ def _draw(rng: random.Random, tool: str) -> tuple[str, dict[str, Any]]:
     return template.format(**args), args
 
 
+def equal_mix(n: int) -> dict[str, int]:
+    """`n` scenarios in equal shares of the tools; the first tools take the remainder (n = 6: 2, 2, 1, 1)."""
+    return {t: n // len(TOOL_NAMES) + (i < n % len(TOOL_NAMES)) for i, t in enumerate(TOOL_NAMES)}
+
+
 def _slots(n: int, mix: Mapping[str, int] | None) -> list[str]:
     """The tool of each of `n` scenarios: round-robin over the tools while each has some of its count left
     (with equal counts, or none given, that is plain turn-taking)."""
     if mix is None:
-        mix = {t: n // len(TOOL_NAMES) + (i < n % len(TOOL_NAMES)) for i, t in enumerate(TOOL_NAMES)}
+        mix = equal_mix(n)
     unknown = set(mix) - set(TOOL_NAMES)
     if unknown:
         raise ValueError(f"mix names unknown tools {sorted(unknown)}; the tools are {TOOL_NAMES}")

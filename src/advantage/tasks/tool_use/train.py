@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import advantage as adv
 
-from .env import TOOL_NAMES, Scenario, make_scenarios
+from .env import TOOL_NAMES, Scenario, equal_mix, make_scenarios
 from .reward import success
 from .rollout import ChatModel, rollout
 
@@ -149,9 +149,14 @@ class DemoConfig(BaseModel):
         None, description="OpenAI-compatible URL of the judge (key: OPENAI_API_KEY); default: the backend."
     )
 
+    @property
+    def first_round(self) -> int:
+        """Scenarios every step gathers (dynamic sampling may add more)."""
+        return self.groups_per_step + self.focus_groups
+
     @model_validator(mode="after")
     def _check(self) -> DemoConfig:
-        first = self.groups_per_step + self.focus_groups
+        first = self.first_round
         if self.min_informative_groups and self.max_groups_per_step < max(first, self.min_informative_groups):
             raise ValueError(
                 f"max_groups_per_step ({self.max_groups_per_step}) must be at least groups_per_step + "
@@ -232,10 +237,10 @@ def step_scenarios(cfg: DemoConfig, step: int, mix: adv.TaskMix | None = None) -
     shares of the tools, `focus_groups` more shared by `mix` (equal shares without one), then with dynamic
     sampling the scenarios of its later rounds."""
     step_key = cfg.seed * 100_003 + step
-    first = cfg.groups_per_step + cfg.focus_groups
+    first = cfg.first_round
     counts = None
     if cfg.focus_groups:
-        equal = adv.apportion(dict.fromkeys(TOOL_NAMES, 1.0), cfg.groups_per_step)
+        equal = equal_mix(cfg.groups_per_step)
         focus = (mix or adv.TaskMix(TOOL_NAMES)).counts(cfg.focus_groups)
         counts = {t: equal[t] + focus[t] for t in TOOL_NAMES}
     scenarios = make_scenarios(first, seed=step_key, split="train", mix=counts)
@@ -255,7 +260,7 @@ async def step_rollouts(
     `groups_per_step + focus_groups`, and with dynamic sampling more until enough groups carry signal.
     The sampling is seeded too, so a rerun with the same results draws the same rollouts."""
     scenarios = step_scenarios(cfg, step, mix)
-    first = cfg.groups_per_step + cfg.focus_groups
+    first = cfg.first_round
     step_seed = (cfg.seed * 1_000_003 + step) * 1_000
 
     def group(k: int) -> list[Awaitable[adv.Trajectory]]:
