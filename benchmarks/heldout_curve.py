@@ -17,8 +17,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import advantage as adv  # noqa: E402
+from advantage.tasks.tool_use.evaluation import greedy_episodes, held_out  # noqa: E402
 from advantage.tasks.tool_use.reward import success  # noqa: E402
-from advantage.tasks.tool_use.train import greedy_episodes, held_out  # noqa: E402
 
 
 async def curve(root: Path, name: str, steps: list[int], seed: int, val_size: int) -> dict[int, float]:

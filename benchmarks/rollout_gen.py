@@ -36,9 +36,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples`
 
 import advantage as adv  # noqa: E402
+from advantage.tasks.tool_use.config import DemoConfig  # noqa: E402
 from advantage.tasks.tool_use.env import make_scenarios  # noqa: E402
 from advantage.tasks.tool_use.rollout import rollout  # noqa: E402
-from advantage.tasks.tool_use.train import DemoConfig, train_config  # noqa: E402
+from advantage.tasks.tool_use.steps import train_config  # noqa: E402
 
 COMPARE = {  # label -> engine settings, the feature on first
     "prefix-cache": {"prefix cache": {"prefix_cache_mb": 512}, "no prefix cache": {"prefix_cache_mb": 0}},

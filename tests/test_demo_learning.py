@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_default_demo_reaches_its_target(tmp_path: Path, seed: int) -> None:
-    from advantage.tasks.tool_use.train import DemoConfig, main
+    from advantage.tasks.tool_use.config import DemoConfig
+    from advantage.tasks.tool_use.train import main
 
     result = main(DemoConfig(root=tmp_path, seed=seed))
     print(f"seed {seed}: {result}")

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 import advantage as adv
-from advantage.tasks.tool_use.train import DemoConfig, run, step_scenarios
+from advantage.tasks.tool_use.config import DemoConfig
+from advantage.tasks.tool_use.steps import step_scenarios
+from advantage.tasks.tool_use.train import run
 
 
 def _rows(root: Path) -> list[dict]:

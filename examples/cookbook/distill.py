@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 import advantage as adv
 from advantage.config import Agg
 from advantage.tasks.tool_use.env import make_scenarios
+from advantage.tasks.tool_use.evaluation import evaluate, greedy_episodes, held_out
 from advantage.tasks.tool_use.reward import success
 from advantage.tasks.tool_use.rollout import rollout
-from advantage.tasks.tool_use.train import evaluate, greedy_episodes, held_out
 from advantage.training.schedules import lr_at
 
 

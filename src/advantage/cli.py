@@ -202,8 +202,8 @@ def _options_from(*configs: type[BaseModel]) -> Callable[[Callable[..., None]], 
 
 
 def _demo_configs() -> tuple[type[BaseModel], type[BaseModel]]:
+    from advantage.tasks.tool_use.config import DemoConfig
     from advantage.tasks.tool_use.online import OnlineDemoConfig
-    from advantage.tasks.tool_use.train import DemoConfig
 
     return DemoConfig, OnlineDemoConfig
 
@@ -224,7 +224,7 @@ def demo(
 ) -> None:
     """Train the bundled model on the tool-use demo task on CPU, with a held-out baseline and final eval.
 
-    Every option is a field of advantage.tasks.tool_use.train:DemoConfig, or with --online of
+    Every option is a field of advantage.tasks.tool_use.config:DemoConfig, or with --online of
     advantage.tasks.tool_use.online:OnlineDemoConfig."""
     from pydantic import ValidationError
 

@@ -1,0 +1,41 @@
+"""How the demo measures a step: greedy episodes on the held-out (val) and dev questions."""
+
+from __future__ import annotations
+
+import advantage as adv
+
+from .env import make_scenarios
+from .reward import success
+from .rollout import ChatModel, rollout
+
+
+async def evaluate(
+    model: adv.TrainableModel, scenarios: list, desc: str, force: bool, split: str = "val"
+) -> tuple[float, float]:
+    """Greedy held-out evaluation: (success rate, mean reward), logged as `split` at the current step."""
+    groups = await greedy_episodes(model, scenarios, desc, force)
+    trajs = [t for g in groups for t in g.trajectories]
+    await model.log(groups, split=split)
+    rate = sum(success(t) for t in trajs) / len(scenarios)
+    return rate, sum(t.reward for t in trajs) / max(len(trajs), 1)
+
+
+async def greedy_episodes(
+    model: ChatModel, scenarios: list, desc: str, force: bool = True
+) -> list[adv.TrajectoryGroup]:
+    """One greedy episode per scenario, as the demo evaluates (a failed episode is counted, not raised)."""
+    return await adv.gather_trajectory_groups(
+        [[rollout(model, s, temperature=0.0, force_first_call=force)] for s in scenarios],
+        max_exceptions=len(scenarios),
+        desc=desc,
+    )
+
+
+def held_out(seed: int, val_size: int, dev_size: int) -> tuple[list, list]:
+    """The reported held-out set (`val_size`, the same list for a seed as before dev existed) and a disjoint
+    dev set that picks the best step, so the reported number is not the one the choice was made on."""
+    val = make_scenarios(val_size, seed=seed, split="val")
+    seen = {s.question for s in val}
+    pool = make_scenarios(val_size + dev_size, seed=seed, split="val")
+    dev = [s for s in pool if s.question not in seen][:dev_size]
+    return val, dev
