@@ -6,9 +6,10 @@ tool, and at T = 0.7 with 4 samples per question the share right, plus the group
 
     .venv/bin/python benchmarks/unit_direction.py
 
-Sides: the schema's argument order ("from first": value, from_unit, to_unit, as before session 31; "to first":
-value, to_unit, from_unit, the target unit before the given one, as now; the worked example's call follows
-it) and the worked example's unit question.
+Sides: the schema's argument order ("from first": value, from_unit, to_unit, as before session 31 and again
+since session 33; "to first": value, to_unit, from_unit, the target unit before the given one, as in sessions
+31-32; the worked example's call follows it) and the worked example's unit question. This measures the base
+model only: the trained policy reads units right more often with the source first (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ from advantage.tasks.tool_use.env import TEMPLATES, TOOLS, UNIT_NAMES, UNIT_PAIR
 FROM_FIRST, TO_FIRST = ("value", "from_unit", "to_unit"), ("value", "to_unit", "from_unit")
 NOW = "What is 3 km in miles?"  # the worked example's unit question (rollout._EXAMPLE_CALLS)
 SIDES = {  # label: (argument order, the worked example's unit question)
-    "from first, 'How many miles is 3 km?' (before)": (FROM_FIRST, "How many miles is 3 km?"),
+    "from first, 'How many miles is 3 km?' (session 30)": (FROM_FIRST, "How many miles is 3 km?"),
     "to first, 'How many miles is 3 km?'": (TO_FIRST, "How many miles is 3 km?"),
-    "to first, 'What is 3 km in miles?' (now)": (TO_FIRST, NOW),
+    "to first, 'What is 3 km in miles?' (sessions 31-32)": (TO_FIRST, NOW),
+    "from first, 'What is 3 km in miles?' (now)": (FROM_FIRST, NOW),
 }
 
 

@@ -100,7 +100,7 @@ def test_every_demo_tool_takes_its_rendered_calls(compiler, tokenizer, tool) -> 
     examples = {
         "get_weather": {"city": "Beijing"},
         "convert_currency": {"amount": 12.5, "from_currency": "USD", "to_currency": "EUR"},
-        "convert_units": {"value": -3, "to_unit": "mi", "from_unit": "km"},
+        "convert_units": {"value": -3, "from_unit": "km", "to_unit": "mi"},
         "get_events": {"date": "2025-01-15"},
     }
     args = examples[name]
@@ -151,8 +151,8 @@ def test_the_grammar_lists_its_enums_for_the_engine(compiler, tokenizer) -> None
     assert ids(tokenizer, "Beijing") in table[("get_weather", "city")]
     c = compiler.matcher(grammar)
     assert c.values_at(OPEN) == table[("get_weather", "city")]
-    units = '<tool_call>\n{"name": "convert_units", "arguments": {"value": 3, "to_unit": "mi", "from_unit": "'
-    assert c.values_at(units) == table[("convert_units", "from_unit")]
+    units = '<tool_call>\n{"name": "convert_units", "arguments": {"value": 3, "from_unit": "km", "to_unit": "'
+    assert c.values_at(units) == table[("convert_units", "to_unit")]
     assert c.values_at(units[:-1]) is None  # the string is not open yet
     assert c.values_at('<tool_call>\n{"name": "get_events", "arguments": {"date": "') is None  # a free string
     assert enum_values(grammar_for_tool_choice(TOOLS, ["get_weather"])) == {}  # %json: character by character

@@ -40,6 +40,21 @@ def test_guard_rolls_back_then_stops() -> None:
     assert g.update(15, 0.10) == "stop"
 
 
+def test_guard_ends_on_the_last_step_unless_it_fell_past_the_tolerance() -> None:
+    g = CollapseGuard(tolerance=0.15)
+    for step, score in [(0, 0.75), (3, 0.88), (6, 0.94), (9, 0.81), (12, 0.81)]:
+        g.update(step, score)
+    assert g.best_step == 6
+    assert g.end_step(12, 0.81) == 12  # 0.13 below the best: within the tolerance
+    assert g.end_step(12, 0.78) == 6  # 0.16 below: the best
+    g = CollapseGuard(tolerance=0.15)
+    for step, score in [(0, 0.69), (3, 0.75), (6, 0.69), (9, 0.50), (11, 0.50)]:
+        g.update(step, score)
+    assert g.end_step(11, 0.50) == 3
+    g.update(14, 0.80)
+    assert g.end_step(14, 0.80) == 14  # the last is the best
+
+
 def test_guard_patience() -> None:
     g = CollapseGuard(tolerance=0.05, patience=2)
     g.update(0, 0.5)

@@ -97,3 +97,10 @@ class CollapseGuard:
             return "stop"
         self.rollbacks += 1
         return "rollback"
+
+    def end_step(self, last_step: int, last_score: float) -> int:
+        """The step to end a run on: the last one, unless its score is more than `tolerance` below the best
+        (the drop `update` counts as a collapse); then the best. A smaller drop is within the noise of a
+        small evaluation set, and the last step has trained the most. Call `update` with the last step's
+        score first."""
+        return last_step if last_score >= self.best_score - self.tolerance else self.best_step

@@ -49,7 +49,7 @@ class DemoConfig(BaseModel):
     dev_size: int = Field(
         16,
         ge=1,
-        description="Other held-out scenarios, evaluated every eval_every steps to pick the best step.",
+        description="Other held-out scenarios, evaluated every eval_every steps: the run ends on its last step, or on the best by them if the last is more than 15 points below it.",
     )
     eval_every: int = Field(
         3,

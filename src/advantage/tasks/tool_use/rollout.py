@@ -48,7 +48,7 @@ _EXAMPLE_CALLS: list[tuple[str, str, dict[str, Any]]] = [
     # "What is X in Y?" as two of the three unit phrasings put it (the target last), abbreviation and name
     # mixed as no scenario does; greedy on the base model, 52 of 90 unit questions read the right way round
     # against 47 with "How many miles is 3 km?" (benchmarks/unit_direction.py).
-    ("What is 3 km in miles?", "convert_units", {"value": 3, "to_unit": "mi", "from_unit": "km"}),
+    ("What is 3 km in miles?", "convert_units", {"value": 3, "from_unit": "km", "to_unit": "mi"}),
     (
         "Convert 12 USD to EUR.",
         "convert_currency",

@@ -97,7 +97,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     force = cfg.force_first_call
     baseline = asyncio.ensure_future(evaluate(model, val, "baseline eval", force))
     guard = adv.CollapseGuard(tolerance=0.15, patience=2)
-    evaluated: set[int] = set()  # steps whose dev success is known
+    dev_scores: dict[int, float] = {}  # dev success of the steps evaluated
     dev_eval: asyncio.Future[tuple[float, float]] | None = None
     dev_step = first_step
     if cfg.eval_every:
@@ -122,7 +122,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             if dev_eval is not None:  # the evaluation of the weights these rollouts came from
                 rate, _ = await dev_eval
                 dev_eval = None
-                evaluated.add(dev_step)
+                dev_scores[dev_step] = rate
                 action = guard.update(dev_step, rate)
                 print(
                     f"  dev success {rate:.0%} (step {dev_step}; best {guard.best_score:.0%} at step {guard.best_step})"
@@ -157,7 +157,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         if dev_eval is not None:  # no step came after it (steps=0, or a roll-back at the end)
             rate, _ = await dev_eval
             dev_eval = None
-            evaluated.add(dev_step)
+            dev_scores[dev_step] = rate
             guard.update(dev_step, rate)
 
         best_note = ""
@@ -165,19 +165,21 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         final: asyncio.Future[tuple[float, float]] = asyncio.ensure_future(
             evaluate(model, val, "final eval", force)
         )  # of the last step, which is usually the best: alongside its dev evaluation
-        if cfg.eval_every:  # end on the best step by dev success (a tie keeps the later step)
-            if last not in evaluated:
-                rate, _ = await evaluate(model, dev, "dev eval (last step)", force, "dev")
-                guard.update(last, rate)
-            if guard.best_step != last:
+        if cfg.eval_every:  # end on the last step, or on the best by dev success if the last fell too far
+            if last not in dev_scores:
+                dev_scores[last], _ = await evaluate(model, dev, "dev eval (last step)", force, "dev")
+                guard.update(last, dev_scores[last])
+            end = guard.end_step(last, dev_scores[last])
+            drop = f"dev success {dev_scores[last]:.0%} against the best, {guard.best_score:.0%} at step {guard.best_step}"
+            if end != last:
                 await final  # held-out success of the last step, logged; the best one is evaluated below
-                await model.restore(guard.best_step, metric="dev/success")
-                best_note = (
-                    f", rolled back to step {guard.best_step}: best dev success {guard.best_score:.0%}"
-                )
+                await model.restore(end, metric="dev/success")
+                best_note = f", rolled back to step {end}: {drop}, more than {guard.tolerance:.0%} below it"
                 final = asyncio.ensure_future(evaluate(model, val, "final eval", force))
-            else:
+            elif guard.best_step == last:
                 best_note = f", the best by dev success {guard.best_score:.0%}"
+            else:
+                best_note = f", the last step: {drop}, within {guard.tolerance:.0%} of it"
         final_rate, final_reward = await final
     finally:
         for task in (baseline, dev_eval):
