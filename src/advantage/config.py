@@ -17,6 +17,8 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 PolicyLoss = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling"]
 LossName = Literal[PolicyLoss, "cross_entropy", "dpo"]
 Agg = Literal["token_mean", "seq_mean", "dr_grpo"]
+ScheduleKind = Literal["constant", "linear", "cosine"]
+TreeBaseline = Literal["group", "node"]
 
 # Old names of AdamParams fields, kept for one release (see README, "Deprecated names").
 _OLD_ADAM_NAMES = {"lr": "learning_rate", "grad_clip": "max_grad_norm"}
@@ -104,7 +106,7 @@ class LoRAConfig(_Config):
 class LRSchedule(_Config):
     """The learning rate over steps: warm-up, then constant or a decay (`training/schedules.py`)."""
 
-    kind: Literal["constant", "linear", "cosine"] = Field(
+    kind: ScheduleKind = Field(
         "constant", description="After warm-up: keep the rate, or decay it linearly or along a cosine."
     )
     warmup_steps: int = Field(0, ge=0, description="Steps of linear warm-up from lr/(warmup_steps+1) to lr.")
@@ -163,7 +165,7 @@ class TrainConfig(LossConfig, _SequenceLimits, AdamParams):
         "advantage of the rollouts that wrote the same tokens up to it (advantages.prefix_tree_advantages), "
         "so a token every rollout wrote (a tool name's first piece) is not pushed down with the failures.",
     )
-    tree_baseline: Literal["group", "node"] = Field(
+    tree_baseline: TreeBaseline = Field(
         "group",
         description="With tree_advantages, what a token's mean is compared with: the group's (0: every "
         "token after a rollout parted from the others carries its branch's advantage), or the node's, the "

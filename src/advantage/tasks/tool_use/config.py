@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from advantage.config import Agg, ScheduleKind, TreeBaseline
+
 
 class DemoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -57,7 +59,7 @@ class DemoConfig(BaseModel):
         description="Evaluate on the dev scenarios every N steps (0: never; the run ends on its last step).",
     )
     learning_rate: float = Field(1.5e-3, gt=0, le=1, description="Peak AdamW learning rate.")
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+    lr_schedule: ScheduleKind = Field(
         "cosine", description="Decay after warm-up, down to min_lr_ratio of the peak at the last step."
     )
     min_lr_ratio: float = Field(
@@ -73,7 +75,7 @@ class DemoConfig(BaseModel):
         "Without it, one rollout that called get_weather for a calendar question pushed down `get` for "
         "both get_* tools: the next step sent weather and calendar questions to the convert_* tools.",
     )
-    tree_baseline: Literal["group", "node"] = Field(
+    tree_baseline: TreeBaseline = Field(
         "group",
         description="With tree_advantages, credit a token against the group's mean or the node's "
         "(TrainConfig.tree_baseline).",
@@ -84,7 +86,7 @@ class DemoConfig(BaseModel):
         "(TrainConfig.lr_by_signal). Once most questions are solved a step trains on 2-3 groups, and a "
         "full-size AdamW step on them undid what was learnt: train success 0.91 -> 0.34 in one step.",
     )
-    agg: Literal["seq_mean", "token_mean", "dr_grpo"] = Field(
+    agg: Agg = Field(
         "seq_mean",
         description="Loss aggregation. Per sequence here: a failed episode that rambles until max_tokens "
         "has three times the tokens of a good one, and with token_mean its push on each sampled token "
