@@ -61,6 +61,7 @@ def main() -> None:
         )  # fmt: skip
         wall = time.perf_counter() - t0
         out = proc.stdout
+        args.root.mkdir(parents=True, exist_ok=True)  # a run that fails before its first checkpoint leaves none
         (args.root / f"seed-{seed}.log").write_text(out + proc.stderr[-5000:])
         last = re.search(r"held-out success (\d+)% -> (\d+)%.*\(serving step (\d+)(.*)\)", out)
         if proc.returncode or not last:
