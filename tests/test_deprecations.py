@@ -40,7 +40,9 @@ def test_configs_are_adam_params_and_loss_configs() -> None:
 def test_builtin_losses_and_validate_rewards_warn() -> None:
     with pytest.warns(DeprecationWarning, match="BUILTIN_LOSSES"):
         names = lowlevel.BUILTIN_LOSSES
-    assert set(names) == {"cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "dpo"}
+    assert set(names) == {
+        "cispo", "ppo", "grpo", "gspo", "importance_sampling", "cross_entropy", "dpo", "distill_topk"
+    }  # fmt: skip
     group = TrajectoryGroup([Trajectory([{"role": "user", "content": "hi"}], reward=float("nan"))])
     with (
         pytest.warns(DeprecationWarning, match="validate_rewards"),

@@ -306,6 +306,34 @@ def test_adapters_load_replace_and_unload(
         assert after.token_ids == base.token_ids
 
 
+def test_score_is_the_forward_pass_with_its_top_tokens(
+    engine: Engine, spec: EngineSpec, reference: Any, adapters: dict[str, str]
+) -> None:
+    """`score` gives each position's logprob under the requested weights and, with top_k, the top_k tokens
+    there: their logprobs descend and each is the reference's logprob of the id it names."""
+    seqs = [PROMPT + [5, 6, 7, 8], PROMPT + [9, 10], PROMPT[:4]]
+    engine.load_adapter("s", adapters["a"])
+    try:
+        for adapter, path in ((None, None), ("s", adapters["a"])):
+            scores = engine.score(seqs, adapter, top_k=4).result(timeout=120)
+            assert engine.score(seqs, adapter).result(timeout=120).logprobs == scores.logprobs
+            for seq, lp, ids, lps in zip(
+                seqs, scores.logprobs, scores.top_ids, scores.top_logprobs, strict=True
+            ):
+                assert lp[0] == 0.0 and ids[0] == [] and len(lp) == len(ids) == len(seq)
+                _assert_matches(spec, lp[1:], reference(path, seq[:1], seq[1:]))
+                got, want = [], []
+                for j in range(1, len(seq)):
+                    assert len(ids[j]) == 4 and lps[j] == sorted(lps[j], reverse=True)
+                    got += lps[j]
+                    want += [reference(path, seq[:j], [t])[0] for t in ids[j]]
+                _assert_matches(spec, got, want)
+    finally:
+        engine.remove_adapter("s")
+    with pytest.raises(ValueError, match="top_k"):
+        engine.score(seqs, top_k=-1)
+
+
 def test_bad_requests_fail_at_submit(engine: Engine) -> None:
     with pytest.raises(ContextLengthError):
         engine.submit(list(range(3, 3 + CONTEXT)), SamplingParams(max_tokens=1))

@@ -408,7 +408,7 @@ async def test_two_steps_on_the_bundled_model_with_two_replicas_two_trainer_work
         seqs = [e["prompt_token_ids"] + e["token_ids"] for e in extras]
         sampled = [x for e in extras for x in e["token_logprobs"]]  # under step 0, on the replicas
         for adapter, moved in ((None, False), ("bundled@2", True)):  # None: the base weights, i.e. step 0
-            scored = await asyncio.wrap_future(replicas.score(seqs, adapter))
+            scored = (await asyncio.wrap_future(replicas.score(seqs, adapter))).logprobs
             again = [x for e, s in zip(extras, scored, strict=True) for x in s[len(e["prompt_token_ids"]) :]]
             mean = sum(abs(a - b) for a, b in zip(sampled, again, strict=True)) / len(sampled)
             assert (mean > 1e-2) if moved else (mean < 1e-4), (adapter, mean)

@@ -60,7 +60,7 @@ def test_the_choice_is_trained_and_the_logprobs_are_the_models(engines) -> None:
     at = c.token_ids.index(be)
     assert c.token_ids[at + 1] == ijing
     assert at not in c.forced and at + 1 in c.forced
-    [scored] = engine.score([prompt + c.token_ids]).result(timeout=120)
+    [scored] = engine.score([prompt + c.token_ids]).result(timeout=120).logprobs
     want = scored[len(prompt) :]
     assert max(abs(a - b) for a, b in zip(c.logprobs, want, strict=True)) < 1e-3
 

@@ -206,7 +206,7 @@ def test_kl_is_zero_when_ref_equals_logp(name: str) -> None:
     torch.testing.assert_close(grad_of(loss, logp), grad_of(base, logp))
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("name", sorted(set(LOSSES) - {"distill_topk"}))  # (B, T, K): its own test below
 @pytest.mark.parametrize("agg", AGGS)
 def test_masked_positions_contribute_nothing(name: str, agg: str) -> None:
     logp, old_logp, adv, mask = random_batch()
@@ -227,6 +227,28 @@ def test_masked_positions_contribute_nothing(name: str, agg: str) -> None:
     g2 = grad_of(loss2, logp2)
     assert loss2.item() == pytest.approx(loss.item())
     assert metrics2 == pytest.approx(metrics)
+    torch.testing.assert_close(g2, g)
+    assert torch.all(g2[masked] == 0)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_masked_positions_contribute_nothing_to_the_soft_target_loss(agg: str) -> None:
+    logp, old_logp, _, mask = random_batch()
+    K = 3
+    student = (logp.detach()[..., None] - torch.rand(*logp.shape, K, dtype=logp.dtype)).requires_grad_()
+    teacher = old_logp[..., None] - torch.rand(*logp.shape, K, dtype=logp.dtype)
+    cfg = LossConfig(agg=agg)  # type: ignore[arg-type]
+    loss, metrics = get_loss("distill_topk")(student, teacher, torch.zeros(1), mask, cfg)
+    g = grad_of(loss, student)
+    masked = mask == 0
+    student2 = student.detach().clone()
+    student2[masked] = torch.tensor([float("-inf"), 50.0, -1e4], dtype=student.dtype)
+    student2.requires_grad_()
+    teacher2 = teacher.clone()
+    teacher2[masked] = 7.0
+    loss2, metrics2 = get_loss("distill_topk")(student2, teacher2, torch.zeros(1), mask, cfg)
+    g2 = grad_of(loss2, student2)
+    assert loss2.item() == pytest.approx(loss.item()) and metrics2 == pytest.approx(metrics)
     torch.testing.assert_close(g2, g)
     assert torch.all(g2[masked] == 0)
 
@@ -316,7 +338,9 @@ def _names(t: object) -> set[str]:
 
 
 def test_registry() -> None:
-    assert set(LOSSES) == {"ppo", "grpo", "cispo", "gspo", "importance_sampling", "cross_entropy", "dpo"}
+    assert set(LOSSES) == {
+        "ppo", "grpo", "cispo", "gspo", "importance_sampling", "cross_entropy", "dpo", "distill_topk"
+    }  # fmt: skip
     assert set(LOSSES) == _names(LossName)  # the names configs take, without torch, are the registry's
     assert _names(PolicyLoss) <= set(LOSSES)
     assert get_loss("grpo") is ppo_loss

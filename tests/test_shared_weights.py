@@ -88,7 +88,7 @@ def test_a_step_writes_only_the_adapter_and_the_served_base_is_unchanged(
         assert isinstance(engine, TorchEngine) and isinstance(trainer, Trainer) and trainer.shares_base
         base_before = {n: t.clone() for n, t in engine.base_weights.tensors.items()}
         lora_before = [p.detach().clone() for p in trainer.params]
-        scores_before = engine.score([SEQ]).result()
+        scores_before = engine.score([SEQ]).result().logprobs
         greedy = SamplingParams(max_tokens=8, temperature=0.0)
         answer_before = engine.submit(SEQ[:7], greedy).result()[0].token_ids
 
@@ -99,14 +99,16 @@ def test_a_step_writes_only_the_adapter_and_the_served_base_is_unchanged(
         out.mkdir()
         trainer.save(out)
         service.publish_step("m", 1, out)
-        trained = engine.score([SEQ], adapter="m@1").result()
+        trained = engine.score([SEQ], adapter="m@1").result().logprobs
         engine.submit(SEQ[:7], greedy, adapter="m@1").result()  # a batch runs with the adapter in
 
         assert all(not torch.equal(a, p) for a, p in zip(lora_before, trainer.params, strict=True))
         assert trained != scores_before  # the adapter changes the answers...
         for name, t in engine.base_weights.tensors.items():  # ...and never the base weights
             assert torch.equal(t, base_before[name]), name
-        assert engine.score([SEQ]).result() == scores_before  # the base, served again, answers as before
+        assert (
+            engine.score([SEQ]).result().logprobs == scores_before
+        )  # the base, served again, answers as before
         assert engine.submit(SEQ[:7], greedy).result()[0].token_ids == answer_before
     finally:
         service.close()

@@ -8,10 +8,15 @@ the per-token advantage is teacher minus student logprob, the negative of the re
 reward is only printed, never trained on. Teacher and student share the base model, so they share the
 tokenizer; any teacher the backend serves with the same tokenizer works (a bigger checkpoint too).
 
+With `--top-k K` the teacher gives its K most likely tokens at every position the student reached instead
+(`compute_top_logprobs`), and the student is trained on the KL to that distribution ("distill_topk", soft
+targets): a signal at every token, where the sampled-token estimate only sees the token that was sampled.
+
 First train a teacher (`advantage demo` leaves `.advantage/demo/models/tool-use-001/`), then:
 
     python -m examples.cookbook.distill --teacher tool-use-001@12 --steps 8
     python -m examples.cookbook.distill --teacher tool-use-001@12 --eval-every 1 --stop-at-teacher true
+    python -m examples.cookbook.distill --teacher tool-use-001@12 --top-k 20
 
 Every `eval_every` steps the student is evaluated greedily on the demo's 16 dev questions (the teacher
 too, once, at the start); at the end on the demo's 32 held-out questions. The run dir is
@@ -70,6 +75,13 @@ class Recipe(BaseModel):
         0, ge=0, description="Also evaluate on the held-out questions every N steps (0: only at the end)."
     )
     stop_at_teacher: bool = Field(False, description="Stop once dev success reaches the teacher's.")
+    top_k: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="0: the sampled-token reverse KL as the advantage; K: the KL to the teacher's top K "
+        "tokens at every position (soft targets).",
+    )
 
 
 async def run(r: Recipe) -> dict[str, float]:
@@ -132,9 +144,15 @@ async def run(r: Recipe) -> dict[str, float]:
             )
             trajs = [t for g in groups for t in g.trajectories]
             datums = await tc.datums_from_groups(groups, skip_zero_variance=False)
-            scores = await tc.compute_logprobs(datums, model=teacher_ref)
-            batch, metrics = adv.distill_datums(datums, scores)
-            fb = await tc.forward_backward(batch, "importance_sampling", {"agg": r.agg})
+            if r.top_k:
+                top = await tc.compute_top_logprobs(datums, r.top_k, model=teacher_ref)
+                batch, metrics = adv.topk_datums(datums, top)
+                fb = await tc.forward_backward(batch, "distill_topk", {"agg": r.agg})
+                metrics["distill/topk_kl"] = fb.metrics["loss"]
+            else:
+                scores = await tc.compute_logprobs(datums, model=teacher_ref)
+                batch, metrics = adv.distill_datums(datums, scores)
+                fb = await tc.forward_backward(batch, "importance_sampling", {"agg": r.agg})
             lr = lr_at(schedule, r.learning_rate, i)
             stepped = await tc.optim_step(adv.AdamParams(learning_rate=lr))
             metrics.update(
@@ -149,8 +167,9 @@ async def run(r: Recipe) -> dict[str, float]:
                 }
             )
             name = await tc.save_weights(metrics)
+            kl = f"top-{r.top_k} KL {metrics['distill/topk_kl']:.3f}  " if r.top_k else ""
             line = (
-                f"{name}: reverse KL {metrics['distill/reverse_kl']:.3f}  train success "
+                f"{name}: {kl}reverse KL {metrics['distill/reverse_kl']:.3f}  train success "
                 f"{metrics['train/success']:.2f}  ({metrics['seconds']:.0f} s, elapsed "
                 f"{time.perf_counter() - start:.0f} s)"
             )

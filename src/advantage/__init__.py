@@ -17,7 +17,7 @@ from advantage.config import (
     TrainConfig,
 )
 from advantage.curriculum import TaskMix, apportion
-from advantage.distill import distill_datums, reverse_kl_advantages
+from advantage.distill import distill_datums, reverse_kl_advantages, topk_datums
 from advantage.gather import (
     RolloutError,
     gather_informative_groups,
@@ -73,4 +73,5 @@ __all__ = [
     "apportion",
     "distill_datums",
     "reverse_kl_advantages",
+    "topk_datums",
 ]

@@ -13,9 +13,9 @@ Beta = Annotated[float, Field(ge=0, lt=1)]
 
 # The names of the built-in losses: the keys of `advantage.training.losses.LOSSES`, declared here so that a
 # config names a loss without importing torch. The policy losses train on rewards (`model.train`); the
-# low-level API also has "cross_entropy" (SFT) and "dpo" (preference pairs).
+# low-level API also has "cross_entropy" (SFT), "dpo" (preference pairs) and "distill_topk" (soft targets).
 PolicyLoss = Literal["cispo", "ppo", "grpo", "gspo", "importance_sampling"]
-LossName = Literal[PolicyLoss, "cross_entropy", "dpo"]
+LossName = Literal[PolicyLoss, "cross_entropy", "dpo", "distill_topk"]
 Agg = Literal["token_mean", "seq_mean", "dr_grpo"]
 ScheduleKind = Literal["constant", "linear", "cosine"]
 TreeBaseline = Literal["group", "node"]

@@ -23,7 +23,17 @@ where RL has one number per episode, and no reward function. Choices made here:
     await tc.forward_backward(batch, "importance_sampling")
     await tc.optim_step(adv.AdamParams(learning_rate=1e-3))
 
-`examples/cookbook/distill.py` distills a trained demo step into a fresh LoRA this way.
+**Soft targets** carry more than the one sampled token: the teacher's top-K distribution at every state the
+student reached, trained with the "distill_topk" loss, KL(q̃ ‖ π_S) with q̃ the teacher's top K renormalized
+(GKD's supervised KL on the student's own samples). Where a single token decides an episode (which tool,
+which unit), the sampled-token estimate above sees it only when the student happens to sample it wrongly;
+the soft target shows the teacher's preference on every sample:
+
+    teacher = await tc.compute_top_logprobs(datums, top_k=20, model="teacher@12")
+    batch, metrics = topk_datums(datums, teacher)
+    await tc.forward_backward(batch, "distill_topk")
+
+`examples/cookbook/distill.py` distills a trained demo step into a fresh LoRA either way (`--top-k`).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ import math
 from collections.abc import Sequence
 
 from advantage.lowlevel import ADV_KEY, Datum
+from advantage.wire.ops import LogprobsReply
 
 
 def reverse_kl_advantages(
@@ -77,3 +88,38 @@ def distill_datums(
         tokens += d.n_trained
         out.append(d.model_copy(update={"extras": {**d.extras, ADV_KEY: advs}}))
     return out, {"distill/reverse_kl": kl_sum / max(tokens, 1), "distill/tokens": float(tokens)}
+
+
+def topk_datums(datums: Sequence[Datum], teacher: LogprobsReply) -> tuple[list[Datum], dict[str, float]]:
+    """The datums with the teacher's top-K tokens and logprobs as soft targets at their trained positions
+    (`target_ids`, `target_logprobs`; empty lists elsewhere), for the "distill_topk" loss. `teacher` is
+    `compute_top_logprobs` of these datums. Metrics: `distill/teacher_mass` (the mean share of the teacher's
+    distribution its top K hold at trained positions), `distill/tokens`, and `distill/reverse_kl` (as in
+    `distill_datums`) when the datums carry the sampler's logprobs."""
+    if len(teacher.top_ids) != len(datums) or len(teacher.logprobs) != len(datums):
+        raise ValueError(
+            f"The teacher's reply has {len(teacher.top_ids)} top-k lists for {len(datums)} datums; call "
+            "compute_top_logprobs on these datums."
+        )
+    out: list[Datum] = []
+    mass, kl_sum, tokens, sampled = 0.0, 0.0, 0, True
+    for i, (d, ids, lps, lp) in enumerate(
+        zip(datums, teacher.top_ids, teacher.top_logprobs, teacher.logprobs, strict=True)
+    ):
+        if len(ids) != len(d.input_ids):
+            raise ValueError(f"Datum {i}: {len(ids)} teacher positions for {len(d.input_ids)} tokens.")
+        on = [bool(m) for m in d.loss_mask]
+        target_ids = [list(t) if m else [] for t, m in zip(ids, on, strict=True)]
+        target_lps = [list(t) if m else [] for t, m in zip(lps, on, strict=True)]
+        mass += sum(math.exp(x) for t in target_lps for x in t)
+        tokens += d.n_trained
+        if d.logprobs is None:
+            sampled = False
+        else:
+            kl_sum += sum(s - t for s, t, m in zip(d.logprobs, lp, on, strict=True) if m)
+        out.append(d.model_copy(update={"target_ids": target_ids, "target_logprobs": target_lps}))
+    out = [Datum.model_validate(d.model_dump()) for d in out]  # checked like any datum
+    metrics = {"distill/teacher_mass": mass / max(tokens, 1), "distill/tokens": float(tokens)}
+    if sampled:
+        metrics["distill/reverse_kl"] = kl_sum / max(tokens, 1)
+    return out, metrics

@@ -44,6 +44,7 @@ from advantage.wire.ops import (
     ForwardBackwardRequest,
     ForwardRequest,
     LogMetricsRequest,
+    LogprobsReply,
     LogprobsRequest,
     ModelSpec,
     OptimStepRequest,
@@ -155,10 +156,30 @@ class TrainingClient:
         computes its logprobs (no temperature). `model` is any model the backend serves that shares this
         model's tokenizer: a step of another model (`"teacher@12"`), its latest step (`"teacher"`), a base
         model; default: this model's latest step. No gradients, and the training thread is not used."""
+        return (await self._logprobs(sequences, model, 0)).logprobs
+
+    async def compute_top_logprobs(
+        self, sequences: Sequence[Datum] | Sequence[Sequence[int]], top_k: int = 20, model: str | None = None
+    ) -> LogprobsReply:
+        """`compute_logprobs`, and at each position the `top_k` tokens `model` finds most likely there, with
+        their logprobs: `reply.top_ids[i][j]`, `reply.top_logprobs[i][j]` (most likely first; empty at j = 0).
+        A teacher's distribution at the states a student reached: `advantage.distill.topk_datums` turns it
+        into soft targets for the "distill_topk" loss."""
+        if top_k < 1:
+            raise ValueError(
+                f"top_k is {top_k}; ask for at least 1 token per position (compute_logprobs: none)."
+            )
+        return await self._logprobs(sequences, model, top_k)
+
+    async def _logprobs(
+        self, sequences: Sequence[Datum] | Sequence[Sequence[int]], model: str | None, top_k: int
+    ) -> LogprobsReply:
         if not sequences:
             raise ValueError("compute_logprobs() got no sequences; pass at least one.")
         ids = [list(s.input_ids) if isinstance(s, Datum) else [int(t) for t in s] for s in sequences]
-        return (await self.backend.logprobs(self.spec, LogprobsRequest(sequences=ids, model=model))).logprobs
+        return await self.backend.logprobs(
+            self.spec, LogprobsRequest(sequences=ids, model=model, top_k=top_k)
+        )
 
     async def forward_backward(
         self,

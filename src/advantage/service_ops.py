@@ -345,8 +345,13 @@ def _sample_request(
 async def logprobs(service: Service, name: str, req: LogprobsRequest) -> LogprobsReply:
     service.trainable(name)
     weights = await asyncio.to_thread(_scoring_weights, service, name, req.model)
-    lps = await asyncio.wrap_future(weights.engine.score(req.sequences, weights.adapter))
-    return LogprobsReply(logprobs=lps, weights=WeightsInfo(model=weights.model, step=weights.step))
+    scores = await asyncio.wrap_future(weights.engine.score(req.sequences, weights.adapter, req.top_k))
+    return LogprobsReply(
+        logprobs=scores.logprobs,
+        weights=WeightsInfo(model=weights.model, step=weights.step),
+        top_ids=scores.top_ids,
+        top_logprobs=scores.top_logprobs,
+    )
 
 
 def _scoring_weights(service: Service, name: str, served: str | None) -> Weights:

@@ -57,6 +57,16 @@ class Completion:
     forced: list[int] = field(default_factory=list)
 
 
+@dataclass
+class Scores:
+    """What `sequence_logprobs` returns: `logprobs[i][j]` = log p(ids[j] | ids[:j]) (0.0 at j = 0) and, when
+    asked for, the top_k most likely tokens at each position with their logprobs (empty lists at j = 0)."""
+
+    logprobs: list[list[float]]
+    top_ids: list[list[list[int]]] = field(default_factory=list)
+    top_logprobs: list[list[list[float]]] = field(default_factory=list)
+
+
 @runtime_checkable
 class Engine(Protocol):
     """An inference engine as the service uses it (see the module docstring)."""
@@ -91,10 +101,11 @@ class Engine(Protocol):
         ...
 
     def score(
-        self, sequences: list[list[int]], adapter: str | None = None
-    ) -> concurrent.futures.Future[list[list[float]]]:
+        self, sequences: list[list[int]], adapter: str | None = None, top_k: int = 0
+    ) -> concurrent.futures.Future[Scores]:
         """Per-token logprobs of whole token sequences under `adapter` (None: the base weights), as sampling
-        computes them: out[i][j] = log p(ids[j] | ids[:j]), 0.0 at j = 0. Raises at once on bad input."""
+        computes them: logprobs[i][j] = log p(ids[j] | ids[:j]), 0.0 at j = 0; with `top_k`, each position's
+        top_k tokens and logprobs too. Raises at once on bad input."""
         ...
 
     def load_adapter(self, name: str, path: str | Path) -> None:

@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from advantage.engine.base import Completion
+from advantage.engine.base import Completion, Scores
 from advantage.engine.sampling import SamplingParams
 
 
@@ -94,8 +94,8 @@ class ReplicaActor:
         finally:
             done.cancel()  # a no-op once done; else the engine drops the request's rows
 
-    async def score(self, sequences: list[list[int]], adapter: str | None) -> tuple[int, list[list[float]]]:
-        return self.pid, await asyncio.wrap_future(self.engine.score(sequences, adapter))
+    async def score(self, sequences: list[list[int]], adapter: str | None, top_k: int) -> tuple[int, Scores]:
+        return self.pid, await asyncio.wrap_future(self.engine.score(sequences, adapter, top_k))
 
     async def load(self, name: str, files: dict[str, bytes]) -> int:
         out = Path(tempfile.mkdtemp(dir=self.dir))

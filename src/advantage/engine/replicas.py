@@ -48,7 +48,7 @@ from typing import Any
 from transformers import AutoConfig, AutoTokenizer
 
 from advantage import cluster
-from advantage.engine.base import Completion, EngineFactory, QueueFull, TokenCallback
+from advantage.engine.base import Completion, EngineFactory, QueueFull, Scores, TokenCallback
 from advantage.engine.grammar import GrammarCompiler
 from advantage.engine.replica_actor import ReplicaActor
 from advantage.engine.routing import PrefixRouter
@@ -216,13 +216,15 @@ class RayEngineReplicas:
         return await asyncio.wrap_future(self.submit(prompt_ids, params, adapter, on_token))
 
     def score(
-        self, sequences: list[list[int]], adapter: str | None = None
-    ) -> concurrent.futures.Future[list[list[float]]]:
+        self, sequences: list[list[int]], adapter: str | None = None, top_k: int = 0
+    ) -> concurrent.futures.Future[Scores]:
         self._check_adapter(adapter)
         check_sequences(sequences, self.context_len, self.vocab_size)
+        if top_k < 0:
+            raise ValueError(f"top_k is {top_k}; it must be 0 (none) or more.")
         seqs = [list(s) for s in sequences]
-        out: concurrent.futures.Future[list[list[float]]] = concurrent.futures.Future()
-        self._dispatch(_Call("score", (seqs, adapter), seqs[0] if seqs else [], out), first=True)
+        out: concurrent.futures.Future[Scores] = concurrent.futures.Future()
+        self._dispatch(_Call("score", (seqs, adapter, top_k), seqs[0] if seqs else [], out), first=True)
         return out
 
     def load_adapter(self, name: str, path: str | Path) -> None:

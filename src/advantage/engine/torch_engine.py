@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from advantage.engine.base import Completion, ContextLengthError, QueueFull, TokenCallback
+from advantage.engine.base import Completion, ContextLengthError, QueueFull, Scores, TokenCallback
 from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
 from advantage.engine.detokenize import detokenizer_factory
 from advantage.engine.enum_choice import choose_values
@@ -188,16 +188,19 @@ class TorchEngine:
         return list(self._adapters)
 
     def score(
-        self, sequences: list[list[int]], adapter: str | None = None
-    ) -> concurrent.futures.Future[list[list[float]]]:
+        self, sequences: list[list[int]], adapter: str | None = None, top_k: int = 0
+    ) -> concurrent.futures.Future[Scores]:
         """Per-token logprobs of whole token sequences under `adapter` (None: the base weights), as the
-        sampler computes them (`scoring.py`): out[i][j] = log p(ids[j] | ids[:j]), 0.0 at j = 0. Runs on the
-        engine thread between decode steps, so a running batch pauses for it and then goes on."""
+        sampler computes them (`scoring.py`): logprobs[i][j] = log p(ids[j] | ids[:j]), 0.0 at j = 0, and
+        with `top_k` each position's top_k tokens. Runs on the engine thread between decode steps, so a
+        running batch pauses for it and then goes on."""
         if adapter is not None and adapter not in self._adapters:
             raise KeyError(f"adapter {adapter!r} is not loaded")
         check_sequences(sequences, self.context_len, int(self.model.config.vocab_size))
         seqs = [list(s) for s in sequences]
-        return self._command(lambda: self._score(seqs, adapter))
+        if top_k < 0:
+            raise ValueError(f"top_k is {top_k}; it must be 0 (none) or more.")
+        return self._command(lambda: self._score(seqs, adapter, top_k))
 
     def close(self) -> None:
         with self._cv:
@@ -219,9 +222,9 @@ class TorchEngine:
             self._cv.notify()
         return fut
 
-    def _score(self, sequences: list[list[int]], adapter: str | None) -> list[list[float]]:
+    def _score(self, sequences: list[list[int]], adapter: str | None, top_k: int) -> Scores:
         with torch.inference_mode(), self._weights_of(adapter):
-            return sequence_logprobs(self.model, sequences, self.tokenizer.pad_token_id or 0)
+            return sequence_logprobs(self.model, sequences, self.tokenizer.pad_token_id or 0, top_k)
 
     @contextlib.contextmanager
     def _weights_of(self, adapter: str | None) -> Iterator[None]:

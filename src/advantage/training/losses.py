@@ -35,6 +35,14 @@ a k3 KL penalty to the reference model with β = 0.04, std-scaled group advantag
 Masked positions never matter: their log-ratio and logprob are replaced by 0 before use, so any value
 there, even -inf, changes neither the loss nor the gradient.
 
+**Soft targets** (`"distill_topk"`): at each trained position a teacher's K most likely next tokens and
+their logprobs; the loss is the forward KL(teacher ‖ student) of both distributions coarsened to K + 1
+outcomes, the K tokens and "any other": Σ_k q_k (log q_k − log p_k) + q_o (log q_o − log p_o), with
+q_o = 1 − Σ_k q_k and p_o likewise. It is 0 exactly when the student agrees with the teacher on those K
+tokens (and so on the rest's total), and a lower bound on the full KL (GKD's supervised KL at the
+student's own states, Agarwal et al. 2024). Here `logp` and `old_logp` are (B, T, K): the student's and
+the teacher's logprobs of the K target tokens; `adv` is unused.
+
 **DPO** (Rafailov et al. 2023) is here too, for preference pairs: `dpo_loss` is the pure function of
 summed sequence logprobs, −log σ(β·((π_c − ref_c) − (π_r − ref_r))) averaged over pairs, where the
 reference is the base model (the adapter disabled, as for the KL). In the registry (`"dpo"`) the batch's
@@ -252,6 +260,40 @@ def dpo_pairs_loss(
     return dpo_loss(seq[:, 0], seq[:, 1], ref[:, 0], ref[:, 1], cfg.dpo_beta)
 
 
+def topk_distill_loss(
+    logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, cfg: LossConfig, ref_logp: Tensor | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """KL(teacher ‖ student) over the K target tokens and "any other" (module docstring), per trained token,
+    aggregated as `cfg.agg` says: `logp` (B, T, K) the student's logprobs of the K target tokens (with grad),
+    `old_logp` (B, T, K) the teacher's. Metrics: loss, teacher_mass (Σ_k exp(teacher logprob): how much of
+    the teacher's distribution the K tokens hold) and student_mass (the same under the student)."""
+    if logp.dim() != 3 or old_logp.shape != logp.shape or mask.shape != logp.shape[:2]:
+        raise ValueError(
+            "distill_topk needs logp and old_logp of one (B, T, K) shape and a (B, T) mask; got "
+            f"{tuple(logp.shape)}, {tuple(old_logp.shape)}, {tuple(mask.shape)}. Datums need target_ids and "
+            "target_logprobs (advantage.distill.topk_datums)."
+        )
+    keep = (mask > 0).unsqueeze(-1)  # (B, T, 1)
+    lo = -30.0  # masked positions get logprob -30 on every side: finite, and no mass
+    t = torch.where(keep, old_logp.detach(), logp.new_full((), lo))  # (B, T, K)
+    s = torch.where(keep, logp, logp.new_full((), lo))  # (B, T, K)
+    top = (t.exp() * (t - s)).sum(-1)  # (B, T)
+    t_other = _log_rest(t)  # (B, T) log of the mass outside the K tokens
+    s_other = _log_rest(s)
+    rest = t_other.exp() * (t_other - s_other)  # (B, T)
+    loss = aggregate(top + rest, mask, cfg)
+    return loss, {
+        "loss": float(loss.detach()),
+        "teacher_mass": _masked_mean(t.exp().sum(-1), mask),
+        "student_mass": _masked_mean(s.detach().exp().sum(-1), mask),
+    }
+
+
+def _log_rest(lp: Tensor) -> Tensor:
+    """log(1 − Σ_k exp(lp_k)) over the last axis, kept finite when the K tokens hold (nearly) everything."""
+    return torch.log1p(-lp.exp().sum(-1).clamp(max=1.0 - 1e-6))
+
+
 # The one registry of losses; its keys are `advantage.config.LossName` (a test checks they agree).
 LOSSES: dict[LossName, LossFn] = {
     "ppo": ppo_loss,
@@ -261,6 +303,7 @@ LOSSES: dict[LossName, LossFn] = {
     "importance_sampling": importance_sampling_loss,
     "cross_entropy": cross_entropy_loss,
     "dpo": dpo_pairs_loss,
+    "distill_topk": topk_distill_loss,
 }
 
 

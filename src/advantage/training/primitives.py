@@ -34,6 +34,7 @@ from advantage.wire.datum import ADV_KEY, GRAD_KEY, Datum
 from advantage.wire.ops import LINEAR
 
 Progress = Callable[[int, int], None]  # (micro-batches done, total)
+TOPK = "distill_topk"  # the soft-target loss: it reads the datums' target_ids, not their sampled tokens
 
 
 def micro_batches(datums: list[Datum], size: int) -> list[list[int]]:
@@ -65,6 +66,7 @@ def check_datums(datums: list[Datum], vocab_size: int, max_len: int) -> None:
     if not datums:
         raise ValueError("The batch is empty; pass at least one datum.")
     keys = set(datums[0].extras)
+    k = datums[0].top_k
     for i, d in enumerate(datums):
         n = len(d.input_ids)
         if n < 2:
@@ -77,6 +79,13 @@ def check_datums(datums: list[Datum], vocab_size: int, max_len: int) -> None:
             raise ValueError(f"Datum {i} has token ids outside the vocabulary [0, {vocab_size}).")
         if set(d.extras) != keys:
             raise ValueError(f"Datum {i} has extras {sorted(d.extras)}; datum 0 has {sorted(keys)}.")
+        if (d.target_ids is None) != (datums[0].target_ids is None) or (d.top_k and d.top_k != k):
+            raise ValueError(
+                f"Datum {i} has {d.top_k or 'no'} soft-target tokens per position; datum 0 has {k or 'none'}. "
+                "Give every datum of a batch the same number (or none)."
+            )
+        if d.target_ids is not None and any(not 0 <= t < vocab_size for ts in d.target_ids for t in ts):
+            raise ValueError(f"Datum {i} has target_ids outside the vocabulary [0, {vocab_size}).")
 
 
 def pair_micro_batches(n_datums: int, size: int) -> list[list[int]]:
@@ -248,6 +257,13 @@ def _named_loss(name: str, cfg: LossConfig) -> Callable[[Batch], tuple[Any, dict
 
     def batch_loss(b: Batch) -> tuple[Any, dict[str, float]]:
         adv = b.extras.get(ADV_KEY, b.adv)  # (B, T) per-token advantages (distillation), else (B,)
+        if name == TOPK:  # soft targets: the student's and the teacher's logprobs of the target tokens
+            if b.target_logp is None or b.teacher_logp is None:
+                raise ValueError(
+                    "The 'distill_topk' loss needs datums with target_ids and target_logprobs "
+                    "(advantage.distill.topk_datums builds them from compute_top_logprobs)."
+                )
+            return loss_fn(b.target_logp, b.teacher_logp, adv, b.mask, cfg)
         return loss_fn(b.logp, b.old_logp, adv, b.mask, cfg, b.ref_logp)
 
     return batch_loss

@@ -35,7 +35,7 @@ BatchLossFn = Callable[["Batch"], tuple[torch.Tensor, dict[str, float]]]
 
 @dataclass
 class Batch:
-    """A micro-batch laid out for the loss: suffix-aligned tensors, all (B, S)."""
+    """A micro-batch laid out for the loss: suffix-aligned tensors, all (B, S) but the soft targets (B, S, K)."""
 
     logp: torch.Tensor  # new logprobs of the suffix tokens (grad), 0 where mask is 0
     old_logp: torch.Tensor
@@ -44,6 +44,8 @@ class Batch:
     ref_logp: torch.Tensor | None = None
     weight: float = 1.0  # this micro-batch's share of the whole batch, for the aggregation
     extras: dict[str, Any] = field(default_factory=dict)
+    target_logp: torch.Tensor | None = None  # (B, S, K) new logprobs of the datums' target_ids (grad)
+    teacher_logp: torch.Tensor | None = None  # (B, S, K) the datums' target_logprobs
 
 
 class Trainer:
@@ -96,6 +98,8 @@ class Trainer:
         self.pack_suffixes = True  # False: one row per sequence (kept for benchmarks and tests)
         self.last_entropy = (0.0, 0)  # (sum, tokens) of the policy entropy in the last sequence_logprobs
         self.last_slots = (0, 0)  # (sequence tokens, slots incl. padding) the last sequence_logprobs computed
+        # (B, S, K) logprobs of the datums' target_ids (soft targets) in the last sequence_logprobs, else None
+        self.last_targets: torch.Tensor | None = None
         self.checkpointing = False  # gradient checkpointing on (`gradient_checkpointing`)
 
     @contextlib.contextmanager
@@ -191,6 +195,7 @@ class Trainer:
             logp_NV = torch.log_softmax(logits_NV, dim=-1)
             lp_N = logp_NV.gather(1, targets_N.unsqueeze(1)).squeeze(1)
             logp_BS = torch.zeros(mask_BS.shape, dtype=lp_N.dtype, device=dev).masked_scatter(mask_BS, lp_N)
+            self.last_targets = _target_logprobs(datums, P, mask_BS, logp_NV)
             with torch.no_grad():  # the policy's entropy at the trained positions: a collapse shows here
                 self.last_entropy = (float(-(logp_NV.exp() * logp_NV).sum()), int(lp_N.numel()))
         return logp_BS, P
@@ -211,7 +216,7 @@ class Trainer:
         self.model.train()
         logp_BS, P = self.sequence_logprobs(datums, prefix=prefix)
         entropy_sum, n_tokens = self.last_entropy  # before the reference pass overwrites it
-        batch = _layout(datums, logp_BS, P, weight)
+        batch = _layout(datums, logp_BS, P, weight, self.last_targets)
         if ref_model:
             slots = self.last_slots  # the policy pass's, which the metrics report
             with torch.no_grad():  # the base weights, laid out as the policy pass was (the same P)
@@ -353,7 +358,29 @@ def aligned_logprobs(datums: list[Datum], logp_BS: torch.Tensor, P: int) -> list
     return [[0.0] * P + rows[i][: len(d.input_ids) - P] for i, d in enumerate(datums)]
 
 
-def _layout(datums: list[Datum], logp_BS: torch.Tensor, P: int, weight: float) -> Batch:
+def _target_logprobs(
+    datums: list[Datum], P: int, mask_BS: torch.Tensor, logp_NV: torch.Tensor
+) -> torch.Tensor | None:
+    """(B, S, K) logprobs of each datum's target_ids at its trained suffix positions (0 elsewhere), with
+    grad, from the (N, V) log-softmax of the trained positions; None when the datums carry no targets."""
+    K = datums[0].top_k
+    if not K:
+        return None
+    B, S = mask_BS.shape
+    ids_BSK = torch.zeros((B, S, K), dtype=torch.long)
+    for i, d in enumerate(datums):
+        assert d.target_ids is not None  # check_datums: all datums or none carry targets, with one K
+        for j in range(len(d.input_ids) - P):
+            if d.loss_mask[P + j]:
+                ids_BSK[i, j] = torch.tensor(d.target_ids[P + j])
+    lp_NK = logp_NV.gather(1, ids_BSK.to(logp_NV.device)[mask_BS])
+    out = torch.zeros((B, S, K), dtype=lp_NK.dtype, device=lp_NK.device)
+    return out.masked_scatter(mask_BS.unsqueeze(-1).expand(B, S, K), lp_NK)
+
+
+def _layout(
+    datums: list[Datum], logp_BS: torch.Tensor, P: int, weight: float, targets_BSK: torch.Tensor | None = None
+) -> Batch:
     B, S = logp_BS.shape
     old_BS = torch.zeros((B, S))
     mask_BS = torch.zeros((B, S))
@@ -367,6 +394,14 @@ def _layout(datums: list[Datum], logp_BS: torch.Tensor, P: int, weight: float) -
             x_BS[i, :n] = torch.tensor(d.extras[k][P:], dtype=torch.float32)
     adv_B = torch.tensor([d.advantage for d in datums], dtype=torch.float32)
     dev = logp_BS.device
+    teacher_BSK = None
+    if targets_BSK is not None:
+        teacher_BSK = torch.zeros(targets_BSK.shape)
+        for i, d in enumerate(datums):
+            assert d.target_logprobs is not None
+            for j in range(len(d.input_ids) - P):
+                if d.loss_mask[P + j]:
+                    teacher_BSK[i, j] = torch.tensor(d.target_logprobs[P + j])
     return Batch(
         logp=logp_BS,
         old_logp=old_BS.to(dev),
@@ -374,4 +409,6 @@ def _layout(datums: list[Datum], logp_BS: torch.Tensor, P: int, weight: float) -
         adv=adv_B.to(dev),
         weight=weight,
         extras={k: x.to(dev) for k, x in extras.items()},
+        target_logp=targets_BSK,
+        teacher_logp=None if teacher_BSK is None else teacher_BSK.to(dev),
     )

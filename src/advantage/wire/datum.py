@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GRAD_KEY = "logprob_grad"  # extras key of the per-token weights of the backend's "linear" loss
 ADV_KEY = "advantages"  # extras key of per-token advantages, used instead of a datum's `advantage`
+MAX_TOP_K = 64  # most soft-target tokens per position (a teacher's top-k)
 
 
 class Datum(BaseModel):
@@ -27,6 +28,15 @@ class Datum(BaseModel):
     )
     extras: dict[str, list[float]] = Field(
         default_factory=dict, description="Per-token values for custom losses, aligned to input_ids."
+    )
+    target_ids: list[list[int]] | None = Field(
+        None,
+        description="Soft targets (the 'distill_topk' loss): at each trained position, the K token ids a "
+        "teacher finds most likely there (the distribution over input_ids[j] given input_ids[:j]); "
+        "an empty list at untrained positions.",
+    )
+    target_logprobs: list[list[float]] | None = Field(
+        None, description="The teacher's logprobs of target_ids, aligned to them."
     )
 
     @model_validator(mode="after")
@@ -45,7 +55,38 @@ class Datum(BaseModel):
                 raise ValueError(f"{k} has {len(v)} values for {n} input_ids.")
             if not all(math.isfinite(x) for x in v):
                 raise ValueError(f"{k} has a non-finite value (NaN or inf); fix or drop it.")
+        self._check_targets()
         return self
+
+    def _check_targets(self) -> None:
+        ids, lps = self.target_ids, self.target_logprobs
+        if ids is None and lps is None:
+            return
+        if ids is None or lps is None:
+            raise ValueError("target_ids and target_logprobs go together; give both or neither.")
+        n = len(self.input_ids)
+        if len(ids) != n or len(lps) != n:
+            raise ValueError(
+                f"target_ids ({len(ids)}) and target_logprobs ({len(lps)}) need one list per token ({n})."
+            )
+        widths = {len(ids[j]) for j in range(n) if self.loss_mask[j]}
+        if len(widths) > 1 or 0 in widths or any(w > MAX_TOP_K for w in widths):
+            raise ValueError(
+                f"Every trained position needs the same number K of target tokens, 1 <= K <= {MAX_TOP_K}; "
+                f"got {sorted(widths)}."
+            )
+        for j in range(n):
+            if len(ids[j]) != len(lps[j]):
+                raise ValueError(f"Position {j}: {len(ids[j])} target_ids but {len(lps[j])} target_logprobs.")
+            if not all(math.isfinite(x) and x <= 0.0 for x in lps[j]):
+                raise ValueError(f"Position {j}: a target logprob is not a finite number <= 0.")
+
+    @property
+    def top_k(self) -> int:
+        """K, the soft-target tokens per trained position (0 without targets)."""
+        if self.target_ids is None:
+            return 0
+        return next((len(t) for t, m in zip(self.target_ids, self.loss_mask, strict=True) if m), 0)
 
     @property
     def n_trained(self) -> int:

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from advantage.config import AdamParams, LoRAConfig, LossConfig, LossName, TrainConfig
-from advantage.wire.datum import Datum
+from advantage.wire.datum import MAX_TOP_K, Datum
 from advantage.wire.records import GroupRecord
 
 RESERVED = ("step", "split", "time")  # metrics.jsonl's own columns: no metric may take these names
@@ -202,6 +202,12 @@ class LogprobsRequest(_Wire):
         description="The served weights that score them: `name@step`, `name` (its latest step) or a base "
         "model; it must share this model's tokenizer. Default: this model's latest step.",
     )
+    top_k: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOP_K,
+        description="Also return each position's top_k most likely tokens and their logprobs (distillation).",
+    )
 
 
 class WeightsInfo(_Wire):
@@ -212,6 +218,13 @@ class WeightsInfo(_Wire):
 class LogprobsReply(_Wire):
     logprobs: list[list[float]]
     weights: WeightsInfo
+    top_ids: list[list[list[int]]] = Field(
+        default_factory=list,
+        description="With top_k: [sequence][position] the top_k token ids, most likely first.",
+    )
+    top_logprobs: list[list[list[float]]] = Field(
+        default_factory=list, description="With top_k: their logprobs, aligned to top_ids."
+    )
 
 
 class RestoreRequest(_Wire):
