@@ -35,13 +35,15 @@ async def test_sft_then_rl_two_steps(tmp_path: Path) -> None:
     assert out["sft/steps"] == 1.0 and math.isfinite(out["sft/loss_last"])
 
 
-async def test_distill_one_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("top_k", [0, 4])
+async def test_distill_one_step(tmp_path: Path, top_k: int) -> None:
     """The base model as its own teacher (step 0 of a teacher run): every path of the recipe runs, and the
-    teacher's scores of the student's tokens equal the student's own (reverse KL 0 up to rounding)."""
+    teacher's scores of the student's tokens equal the student's own (reverse KL 0 up to rounding; with
+    soft targets, the KL to the teacher's top 4 too)."""
     (tmp_path / "demo" / "models" / "t").mkdir(parents=True)
     recipe = distill.Recipe(
         teacher="t@0", root=str(tmp_path), steps=1, groups_per_step=1, group_size=2, val_size=0,
-        eval_every=0,
+        eval_every=0, top_k=top_k,
     )  # fmt: skip
     out = await distill.run(recipe)
     assert math.isfinite(out["seconds"])
@@ -51,3 +53,5 @@ async def test_distill_one_step(tmp_path: Path) -> None:
     ]
     [step] = [r for r in rows if r.get("step") == 1 and "distill/reverse_kl" in r]
     assert step["distill/tokens"] > 0 and abs(step["distill/reverse_kl"]) < 1e-3
+    if top_k:
+        assert 0 < step["distill/teacher_mass"] <= 1 and abs(step["distill/topk_kl"]) < 1e-3
