@@ -330,6 +330,10 @@ def test_score_is_the_forward_pass_with_its_top_tokens(
                 _assert_matches(spec, got, want)
     finally:
         engine.remove_adapter("s")
+    # the base again, with no adapter served (peft may still hold the last one removed)
+    again = engine.score(seqs).result(timeout=120)
+    for seq, lp in zip(seqs, again.logprobs, strict=True):
+        _assert_matches(spec, lp[1:], reference(None, seq[:1], seq[1:]))
     with pytest.raises(ValueError, match="top_k"):
         engine.score(seqs, top_k=-1)
 

@@ -233,8 +233,8 @@ class TorchEngine:
         if self._merged is not None:
             self._merged.activate(adapter, self._lora)
             yield
-        elif adapter is None:
-            with self.model.disable_adapter() if self._adapters else contextlib.nullcontext():
+        elif adapter is None:  # as `_adapter_context`: the last adapter removed stays in peft's layers
+            with self.model.disable_adapter() if self._peft else contextlib.nullcontext():
                 yield
         else:
             self.model.set_adapter(adapter)
@@ -317,8 +317,9 @@ class TorchEngine:
                 self._merged.restore()
             del self._lora[name]
         elif name in self.model.peft_config and len(self.model.peft_config) > 1:
-            if self.model.active_adapter == name:
-                self.model.set_adapter(next(a for a in self._adapters if a != name))
+            if self.model.active_adapter == name:  # another one peft holds, served or not (the base is
+                # served with all of them disabled)
+                self.model.set_adapter(next(a for a in self.model.peft_config if a != name))
             self.model.delete_adapter(name)
         # (peft) The last adapter stays in peft (deleting it is not allowed) but is no longer served.
         del self._adapters[name]
