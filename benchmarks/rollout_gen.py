@@ -7,7 +7,10 @@ setting (`--compare`):
 - `cascade`: cascade attention on (rows read one shared copy of the prompt prefix's KV), and off
   (`cascade=False`: every row holds and reads its own copy);
 - `dtype`: the model in bf16 and in fp32 (a CPU with AMX multiplies bf16 natively; `--train` shows what
-  that does to the update as well).
+  that does to the update as well);
+- `attention`: cascade attention's two parts in torch's CPU flash kernel, merged by their log-sum-exps (the
+  default), and under one fp32 softmax (`two_part_attention`, the reference, which upcasts every key it
+  reads).
 
 Each round runs the demo's rollouts for one training step (G scenarios x N rollouts, T=0.7, multi-turn,
 first call forced, seeded so both sides sample alike) on both, alternating which goes first, and prints the
@@ -36,6 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `examples`
 
 import advantage as adv  # noqa: E402
+from advantage.engine.cascade import CASCADE_TWO_PART  # noqa: E402
 from advantage.tasks.tool_use.config import DemoConfig  # noqa: E402
 from advantage.tasks.tool_use.env import make_scenarios  # noqa: E402
 from advantage.tasks.tool_use.rollout import rollout  # noqa: E402
@@ -45,7 +49,9 @@ COMPARE = {  # label -> engine settings, the feature on first
     "prefix-cache": {"prefix cache": {"prefix_cache_mb": 512}, "no prefix cache": {"prefix_cache_mb": 0}},
     "cascade": {"cascade": {"cascade": True}, "no cascade": {"cascade": False}},
     "dtype": {"bf16": {"dtype": "bfloat16"}, "fp32": {"dtype": "float32"}},
+    "attention": {"flash parts": {}, "fp32 two-part": {}},
 }
+ATTENTION = {"fp32 two-part": CASCADE_TWO_PART}  # a side's attention implementation, where not the default
 TRAIN = train_config(DemoConfig(), lr=1e-3)  # the demo's loss settings
 
 
@@ -90,6 +96,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             )
             model = adv.TrainableModel("bench", project="bench", base_model="smollm2-135m-instruct")
             await model.register(backend)
+            if label in ATTENTION:
+                backend.service.engine(model.base_model).model.set_attn_implementation(ATTENTION[label])
             sides[label] = (backend, model)
         times: dict[str, list[float]] = {k: [] for k in sides}
         tokens: dict[str, list[int]] = {k: [] for k in sides}

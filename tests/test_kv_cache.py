@@ -13,14 +13,17 @@ from advantage.engine.sampling import SamplingParams
 from advantage.engine.torch_engine import TorchEngine
 
 
-def test_cascade_attention_equals_attention_over_the_whole_context():
+@pytest.mark.parametrize("impl", ["cpu-flash", "two-part"])
+def test_cascade_attention_equals_attention_over_the_whole_context(impl: str):
     """Rows that read one shared copy of a prefix get exactly the attention over [prefix ; own columns]:
-    grouped-query heads, several query tokens, a padded column and a causal edge in the rows' part."""
+    grouped-query heads, several query tokens, a padded column, a causal edge in the rows' part, and a query
+    that sees none of its row's own columns (only the prefix). On CPU the parts run in the flash kernel and
+    merge by their log-sum-exps; `two_part_attention` (any device) shares one softmax."""
     import types
 
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from advantage.engine.cascade import cascade_attention
+    from advantage.engine.cascade import cascade_attention, two_part_attention
 
     torch.manual_seed(0)
     B, H, KVH, T, P, S, d = 3, 6, 2, 2, 5, 4, 8
@@ -31,15 +34,51 @@ def test_cascade_attention_equals_attention_over_the_whole_context():
     mask = torch.ones(B, 1, T, P + S, dtype=torch.bool)
     mask[0, :, :, P] = False  # row 0's first own column is padding
     mask[:, :, 0, -1] = False  # the first query token does not see the last column yet
+    mask[2, :, 0, P:] = False  # row 2's first query token sees the prefix only
     whole_k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)
     whole_v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
     want, _ = sdpa_attention_forward(module, q, whole_k, whole_v, mask, scaling=0.3)
-    other = (torch.zeros_like(kp), torch.zeros_like(vp))  # layer 0's prefix: must not be read for layer 1
-    got, _ = cascade_attention(module, q, k, v, mask, scaling=0.3, shared_prefix=[other, (kp, vp)])
+    if impl == "two-part":
+        got = two_part_attention(q, k, v, mask, kp, vp, 0.3)
+    else:
+        other = (torch.zeros_like(kp), torch.zeros_like(vp))  # layer 0's prefix: must not be read for layer 1
+        got, _ = cascade_attention(module, q, k, v, mask, scaling=0.3, shared_prefix=[other, (kp, vp)])
     assert got.shape == (B, T, H, d)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
     plain, _ = cascade_attention(module, q, whole_k, whole_v, mask, scaling=0.3)  # no prefix: plain SDPA
     torch.testing.assert_close(plain, want)
+
+
+def test_cascade_attention_in_bf16_is_as_close_to_exact_as_sdpa():
+    """In bf16 the flash parts round each part's output once before the fp32 merge: their error against
+    fp64 attention stays at SDPA's own over the whole context (what the trainer computes)."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from advantage.engine.cascade import cascade_attention
+
+    torch.manual_seed(1)
+    B, H, KVH, T, P, S, d = 4, 9, 3, 3, 300, 40, 64
+    module = types.SimpleNamespace(layer_idx=0, num_key_value_groups=H // KVH, is_causal=True)
+    q = 3 * torch.randn(B, H, T, d)  # sharp enough that a few columns dominate
+    kp, vp = torch.randn(KVH, P, d), torch.randn(KVH, P, d)
+    k, v = torch.randn(B, KVH, S, d), torch.randn(B, KVH, S, d)
+    mask = torch.ones(B, 1, T, P + S, dtype=torch.bool)
+    mask[:2, :, :, P : P + 7] = False  # left padding
+    whole_k = torch.cat([kp.expand(B, -1, -1, -1), k], dim=2)
+    whole_v = torch.cat([vp.expand(B, -1, -1, -1), v], dim=2)
+    exact, _ = sdpa_attention_forward(
+        module, q.double(), whole_k.double(), whole_v.double(), mask, scaling=0.125
+    )
+    bf = torch.bfloat16
+    sdpa, _ = sdpa_attention_forward(module, q.to(bf), whole_k.to(bf), whole_v.to(bf), mask, scaling=0.125)
+    got, _ = cascade_attention(
+        module, q.to(bf), k.to(bf), v.to(bf), mask, scaling=0.125, shared_prefix=[(kp.to(bf), vp.to(bf))]
+    )
+    err_sdpa = (sdpa.double() - exact).abs().mean()
+    err = (got.double() - exact).abs().mean()
+    assert err < 1.5 * err_sdpa, (float(err), float(err_sdpa))
 
 
 def _kv(n: int, value: float = 0.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
