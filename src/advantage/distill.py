@@ -24,8 +24,8 @@ where RL has one number per episode, and no reward function. Choices made here:
     await tc.optim_step(adv.AdamParams(learning_rate=1e-3))
 
 **Soft targets** carry more than the one sampled token: the teacher's top-K distribution at every state the
-student reached, trained with the "distill_topk" loss, KL(q̃ ‖ π_S) with q̃ the teacher's top K renormalized
-(GKD's supervised KL on the student's own samples). Where a single token decides an episode (which tool,
+student reached, trained with the "distill_topk" loss: KL(π_T ‖ π_S) over those K tokens and "any other"
+(`training/losses.py`; GKD's supervised KL on the student's own samples). Where a single token decides an episode (which tool,
 which unit), the sampled-token estimate above sees it only when the student happens to sample it wrongly;
 the soft target shows the teacher's preference on every sample:
 
@@ -117,8 +117,10 @@ def topk_datums(datums: Sequence[Datum], teacher: LogprobsReply) -> tuple[list[D
             sampled = False
         else:
             kl_sum += sum(s - t for s, t, m in zip(d.logprobs, lp, on, strict=True) if m)
-        out.append(d.model_copy(update={"target_ids": target_ids, "target_logprobs": target_lps}))
-    out = [Datum.model_validate(d.model_dump()) for d in out]  # checked like any datum
+        # built anew (not model_copy), so the targets are checked like any datum's
+        out.append(
+            Datum.model_validate({**d.model_dump(), "target_ids": target_ids, "target_logprobs": target_lps})
+        )
     metrics = {"distill/teacher_mass": mass / max(tokens, 1), "distill/tokens": float(tokens)}
     if sampled:
         metrics["distill/reverse_kl"] = kl_sum / max(tokens, 1)

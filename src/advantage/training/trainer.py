@@ -367,15 +367,28 @@ def _target_logprobs(
     if not K:
         return None
     B, S = mask_BS.shape
-    ids_BSK = torch.zeros((B, S, K), dtype=torch.long)
-    for i, d in enumerate(datums):
-        assert d.target_ids is not None  # check_datums: all datums or none carry targets, with one K
-        for j in range(len(d.input_ids) - P):
-            if d.loss_mask[P + j]:
-                ids_BSK[i, j] = torch.tensor(d.target_ids[P + j])
+    ids_BSK = _per_position(datums, P, (B, S, K), lambda d: d.target_ids, torch.long)
     lp_NK = logp_NV.gather(1, ids_BSK.to(logp_NV.device)[mask_BS])
     out = torch.zeros((B, S, K), dtype=lp_NK.dtype, device=lp_NK.device)
     return out.masked_scatter(mask_BS.unsqueeze(-1).expand(B, S, K), lp_NK)
+
+
+def _per_position(
+    datums: list[Datum],
+    P: int,
+    shape: tuple[int, ...],
+    lists: Callable[[Datum], list[list[Any]] | None],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """(B, S, K): each datum's per-position K-lists (soft targets) at its trained suffix positions, 0 elsewhere."""
+    out = torch.zeros(shape, dtype=dtype)
+    for i, d in enumerate(datums):
+        rows = lists(d)
+        assert rows is not None  # check_datums: all datums or none carry targets, with one K
+        for j in range(len(d.input_ids) - P):
+            if d.loss_mask[P + j]:
+                out[i, j] = torch.tensor(rows[P + j], dtype=dtype)
+    return out
 
 
 def _layout(
@@ -396,12 +409,8 @@ def _layout(
     dev = logp_BS.device
     teacher_BSK = None
     if targets_BSK is not None:
-        teacher_BSK = torch.zeros(targets_BSK.shape)
-        for i, d in enumerate(datums):
-            assert d.target_logprobs is not None
-            for j in range(len(d.input_ids) - P):
-                if d.loss_mask[P + j]:
-                    teacher_BSK[i, j] = torch.tensor(d.target_logprobs[P + j])
+        shape = tuple(targets_BSK.shape)
+        teacher_BSK = _per_position(datums, P, shape, lambda d: d.target_logprobs, torch.float32)
     return Batch(
         logp=logp_BS,
         old_logp=old_BS.to(dev),
