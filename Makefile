@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export OMP_WAIT_POLICY := PASSIVE
 
-.PHONY: demo test typecheck install bench bench-all load clean
+.PHONY: demo test typecheck install install-gpu test-gpu bench bench-all load clean
 
 install: $(STAMP)
 
@@ -41,5 +41,15 @@ load: $(STAMP)
 bench-all: $(STAMP)
 	$(VENV)/bin/python benchmarks/run_all.py
 
+# The vLLM engine on an NVIDIA GPU, in a virtualenv of its own (requirements-gpu.txt says why); untested so far.
+install-gpu:
+	test -x .venv-gpu/bin/python || $(PYTHON) -m venv .venv-gpu
+	.venv-gpu/bin/pip install -q -r requirements-gpu.txt
+	.venv-gpu/bin/pip install -q --no-deps -e .
+
+# The engine contract suite on CUDA: TorchEngine in fp32 and bf16, and VLLMEngine.
+test-gpu:
+	.venv-gpu/bin/pytest -q -m gpu tests/test_engine_contract.py
+
 clean:
-	rm -rf $(VENV) .advantage runs
+	rm -rf $(VENV) .venv-gpu .advantage runs

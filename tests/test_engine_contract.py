@@ -7,7 +7,7 @@ The truth every engine is held to is an independent fp32 forward pass of the sam
 
 Engines: TorchEngine on the CPU in fp32 with adapters merged into its weights, with peft's layers, and
 without cascade attention, and in bf16 (CI); on CUDA in fp32 and bf16 (`gpu` marker: `pytest -m gpu tests/test_engine_contract.py`, skipped without
-CUDA). A vLLM engine would be one more entry of ENGINES, under the `gpu` marker. The Ray engine replicas
+CUDA), and VLLMEngine on CUDA in fp32 (`gpu` marker, skipped without vLLM; never run yet). The Ray engine replicas
 (`engine/replicas.py`) run these tests in `test_engine_replicas.py`, which imports them.
 """
 
@@ -49,6 +49,19 @@ def _torch(device: str, dtype: str, **kw: Any) -> Callable[[Path], Engine]:
     return make
 
 
+def _vllm(dtype: str) -> Callable[[Path], Engine]:
+    def make(model_dir: Path) -> Engine:
+        pytest.importorskip("vllm", reason="VLLMEngine needs vLLM: pip install -r requirements-gpu.txt")
+        from advantage.engine.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_dir, dtype=dtype, max_context=CONTEXT, gpu_memory_utilization=0.3, max_lora_rank=8,
+            max_loras=2, enforce_eager=True,
+        )  # fmt: skip
+
+    return make
+
+
 ENGINES = [
     pytest.param(EngineSpec(_torch("cpu", "float32", merge_lora=True), "cpu", 2e-4, 5e-5), id="torch-cpu-merged"),
     pytest.param(EngineSpec(_torch("cpu", "float32", merge_lora=False), "cpu", 2e-4, 5e-5), id="torch-cpu-peft"),
@@ -65,6 +78,8 @@ ENGINES = [
         id="torch-cuda-bf16",
         marks=pytest.mark.gpu,
     ),
+    # Never run yet: no GPU machine we had could install vLLM (engine/vllm_engine.py).
+    pytest.param(EngineSpec(_vllm("float32"), "cuda", 2e-3, 5e-4), id="vllm-fp32", marks=pytest.mark.gpu),
 ]
 
 PROMPT = [1, 17, 923, 88, 4012, 77, 5, 3301, 12, 640, 9, 2718, 31, 44, 4500, 200, 18, 19, 20, 21]
@@ -258,6 +273,7 @@ def test_forced_tool_call_follows_its_grammar(engine: Engine, spec: EngineSpec, 
         assert call["name"] == "get_weather"
         assert call["arguments"]["city"] in ("Paris", "Oslo") and isinstance(call["arguments"]["days"], int)
         assert c.forced and all(0 <= i < len(c.token_ids) for i in c.forced)  # '<tool_call>', keys, braces
+        assert c.forced == engine.grammars.forced_positions(grammar, c.token_ids)  # as a replay finds them
         _check(spec, reference, c, PROMPT)  # still the unconstrained model's logprobs
 
 

@@ -103,6 +103,13 @@ def serve(
     gpus_per_engine: Annotated[
         float, typer.Option(help="GPUs each engine replica reserves (> 0: CUDA).")
     ] = 0.0,
+    engine: Annotated[
+        Literal["torch", "vllm"],
+        typer.Option(
+            help="The inference engine: torch (CPU or CUDA), or vllm (NVIDIA GPUs; untested so far, and it "
+            "needs requirements-gpu.txt in its own virtualenv: README, 'Scaling out')."
+        ),
+    ] = "torch",
 ) -> None:
     """Serve base models and trained adapters through an OpenAI-compatible API."""
     from advantage import cluster
@@ -118,6 +125,10 @@ def serve(
             ray_address, trainer_workers * cpus_per_trainer + engine_replicas * cpus_per_engine, serve
         )
     engine_kwargs = {"max_pending": max_pending}
+    try:
+        engines = engine_factory(replicas, engine_kwargs, engine)
+    except (ImportError, ValueError) as e:
+        raise typer.BadParameter(str(e), param_hint="--engine") from None
     service = Service(
         root,
         engine_kwargs=engine_kwargs,
@@ -125,7 +136,7 @@ def serve(
         max_train_queue=max_train_queue,
         record_traffic=record,
         background_samples=background_samples,
-        engine_factory=engine_factory(replicas, engine_kwargs),
+        engine_factory=engines,
         trainer_factory=trainer_factory(trainers),
     )
     for name in base_model:

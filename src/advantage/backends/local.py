@@ -55,6 +55,7 @@ from advantage.wire.ops import (
 )
 
 if TYPE_CHECKING:
+    from advantage.engine.replicas import EngineKind
     from advantage.service import Service
 
 
@@ -67,13 +68,16 @@ class LocalBackend:
         trainer_workers: int = 1,
         engine_replicas: int = 1,
         ray_address: str | None = None,
+        engine: EngineKind = "torch",
         **engine_kwargs: object,
     ) -> None:
         """`trainer_workers` > 1 (or a `ray_address`) trains each model data-parallel on that many Ray actors
         (`training/ray_workers.py`); `engine_replicas` > 1 (or a `ray_address`) serves each base model from
         that many engine replicas as Ray actors (`engine/replicas.py`). Both need `advantage[ray]` and share one
         cluster: the one at `ray_address`, or a local one with room for both (one CPU per actor). 1 and no
-        address keeps the trainer and the engine in this process, and Ray is not imported."""
+        address keeps the trainer and the engine in this process, and Ray is not imported. `engine`: "torch"
+        (`TorchEngine`, CPU or CUDA) or "vllm" (`VLLMEngine` on NVIDIA GPUs, untested so far: README,
+        "Scaling out"); `engine_kwargs` go to it."""
         set_engine_defaults()  # before the engine's modules load torch: see advantage.environment
         from advantage import service_ops
         from advantage.engine.replicas import ReplicaPlacement, engine_factory
@@ -92,7 +96,7 @@ class LocalBackend:
         self.service: Service = Service(
             self.root,
             engine_kwargs=dict(engine_kwargs),
-            engine_factory=engine_factory(replicas, dict(engine_kwargs)),
+            engine_factory=engine_factory(replicas, dict(engine_kwargs), engine),
             trainer_factory=trainer_factory(trainers),
         )
         self.api_key: str | None = secrets.token_hex(16)  # loopback only, but not open to other local users

@@ -6,10 +6,8 @@ under the served weights' unmodified distribution (log_softmax of the raw logits
 computes for the same tokens). Everything else is the engine's own business: batching, prefix reuse, KV
 memory, how an adapter is applied.
 
-`TorchEngine` (`torch_engine.py`, CPU or CUDA) implements it. A vLLM engine would too: `submit` on its async
-engine with a `LoRARequest` per adapter name, `load_adapter` as `add_lora` (replacing a name: remove, then
-add), sampled-token logprobs from its outputs, `score` as its prompt logprobs (`prompt_logprobs=k` also gives
-the top k of `Scores`), and grammars passed to its guided decoding (llguidance). The same contract tests
+`TorchEngine` (`torch_engine.py`, CPU or CUDA) implements it, and `VLLMEngine` (`vllm_engine.py`, NVIDIA
+GPUs; written against vLLM's source, never run yet) does too. The same contract tests
 (`tests/test_engine_contract.py`) run against every engine.
 
 The records and errors of the contract live here, so that the server imports no particular engine.

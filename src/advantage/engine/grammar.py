@@ -268,6 +268,18 @@ class GrammarCompiler:
 
         return Constraint(llguidance.LLMatcher(self._tokenizer(), grammar), enum_values(grammar))
 
+    def forced_positions(self, grammar: str, token_ids: list[int]) -> list[int]:
+        """The indices of `token_ids` (a completion sampled under `grammar`, from its start) where the grammar
+        allowed exactly one token: `Completion.forced`, for an engine that does not report it."""
+        constraint, forced = self.matcher(grammar), []
+        for i, tok in enumerate(token_ids):
+            if constraint.done:
+                break
+            if int(allowed_tokens([constraint], self.vocab_size).sum()) == 1:
+                forced.append(i)
+            constraint.consume(tok)
+        return forced
+
 
 class Constraint:
     """One sequence's matcher: which tokens may come next, and feeding it the sampled ones."""
@@ -316,3 +328,4 @@ def allowed_tokens(constraints: list[Constraint | None], vocab_size: int) -> tor
             c.fill(bitmask, row)
     bits = (bitmask.unsqueeze(-1) >> _BITS) & 1  # bit i of word w is token 32 * w + i
     return bits.reshape(len(constraints), -1)[:, :vocab_size].bool()
+

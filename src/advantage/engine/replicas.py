@@ -43,7 +43,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import AutoConfig, AutoTokenizer
 
@@ -523,11 +523,25 @@ def _outcome(done: concurrent.futures.Future[Any]) -> tuple[int, Any] | BaseExce
         return e
 
 
+EngineKind = Literal["torch", "vllm"]  # TorchEngine (CPU or CUDA), VLLMEngine (GPUs; engine/vllm_engine.py)
+
+
 def engine_factory(
-    placement: ReplicaPlacement, engine_kwargs: dict[str, Any] | None = None
+    placement: ReplicaPlacement, engine_kwargs: dict[str, Any] | None = None, kind: EngineKind = "torch"
 ) -> EngineFactory | None:
-    """What `Service(engine_factory=...)` takes for this placement; None (the in-process `TorchEngine`) when
-    it needs no Ray."""
+    """What `Service(engine_factory=...)` takes for this placement and engine; None (the in-process
+    `TorchEngine`) when it needs neither Ray nor vLLM. `engine_kwargs` go to each engine."""
+    if kind == "vllm":
+        if placement.uses_ray:
+            raise ValueError(
+                "engine replicas on Ray serve TorchEngine only; vLLM parallelises itself: pass one engine "
+                "and vLLM's own options (e.g. tensor_parallel_size) instead of engine_replicas."
+            )
+        from advantage.engine.vllm_engine import vllm_factory
+
+        return vllm_factory(**(engine_kwargs or {}))
+    if kind != "torch":
+        raise ValueError(f"engine must be 'torch' or 'vllm', got {kind!r}.")
     if not placement.uses_ray:
         return None
     return lambda model_dir: RayEngineReplicas.start(model_dir, placement, engine_kwargs)

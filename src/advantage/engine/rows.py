@@ -13,13 +13,14 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 
 from advantage.engine.base import Completion, ContextLengthError, TokenCallback
 from advantage.engine.detokenize import Detokenizer
 from advantage.engine.grammar import Constraint
+from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingParams
 
 T = TypeVar("T")
@@ -150,3 +151,17 @@ def check_sequences(sequences: list[list[int]], context_len: int, vocab: int) ->
             )
         if any(not 0 <= t < vocab for t in seq):
             raise ValueError(f"Sequence {i} has token ids outside the vocabulary [0, {vocab}).")
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any) -> set[int]:
+    """The tokens that end a completion: the tokenizer's and the generation config's eos, and the chat
+    template's end-of-turn tokens (a GGUF's eos may not be one: Gemma 3's is <eos>, its turns end at
+    <end_of_turn>)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", *renderer_for(tokenizer).stop_tokens):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return {i for i in ids if i is not None}

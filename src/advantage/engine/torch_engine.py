@@ -43,8 +43,7 @@ from advantage.engine.grammar import GrammarCompiler, allowed_tokens
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
 from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
-from advantage.engine.renderers import renderer_for
-from advantage.engine.rows import Request, Row, check_fits, check_sequences, settle
+from advantage.engine.rows import Request, Row, check_fits, check_sequences, settle, stop_token_ids
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 from advantage.engine.scoring import sequence_logprobs
 from advantage.engine.weights import BaseWeights, own_memory
@@ -97,7 +96,7 @@ class TorchEngine:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}.")
         self.max_pending = max_pending  # requests waiting to join the batch; more is a QueueFull
         self.default_max_tokens = default_max_tokens
-        self.stop_token_ids = self._stop_token_ids(model)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, model.generation_config)
         self.prefix_cache = PrefixCache(prefix_cache_mb * 2**20)
         self.grammars = GrammarCompiler(self.tokenizer, int(model.config.vocab_size))
         if enum_lookahead < 0:
@@ -621,18 +620,6 @@ class TorchEngine:
             _, fut = self._commands.popleft()
             if not fut.done():
                 fut.set_exception(exc)
-
-    def _stop_token_ids(self, model: Any) -> set[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        # A GGUF's eos may not be the end-of-turn token (Gemma 3's is <eos>, its turns end at <end_of_turn>).
-        for tok in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", *renderer_for(self.tokenizer).stop_tokens):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
-                ids.add(tid)
-        return {i for i in ids if i is not None}
-
 
 def _unshare(cache: GrowingCache, shared: SharedPrefix | None, keep: int, attn: torch.Tensor) -> torch.Tensor:
     """Copy the shared prefix's tokens from `keep` on into every row's own columns; returns the new mask."""
