@@ -11,10 +11,8 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletion
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.email_agent import rollout  # noqa: E402
-from examples.email_agent.questions import load_questions  # noqa: E402
+from advantage.tasks.email_agent import rollout
+from advantage.tasks.email_agent.questions import load_questions
 
 Q = next(q for q in load_questions("test") if q.need == "search" and q.kind == "text")
 
@@ -99,7 +97,7 @@ async def test_rollout_bad_final_arguments() -> None:
 
 @pytest.mark.integration
 def test_cpu_recipe_smoke(tmp_path: Path) -> None:
-    from examples.email_agent.train import EmailTrainConfig, main
+    from advantage.tasks.email_agent.train import EmailTrainConfig, main
 
     result = main(EmailTrainConfig(root=tmp_path, steps=2, groups_per_step=1, group_size=2, max_turns=2,
                                    max_tokens=40))  # fmt: skip
@@ -141,7 +139,7 @@ def test_bench_command_with_the_bundled_model(tmp_path: Path) -> None:
 def test_the_bench_chart_names_the_plot_extra_without_matplotlib(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from examples.email_agent.bench import Summary, plot
+    from advantage.tasks.email_agent.bench import Summary, plot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises, as when not installed
     row = Summary("m", 1, 1.0, 0.0, 0.0, 0.0, 1.0, 0.1, 10.0, 0.0)

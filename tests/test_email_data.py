@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import sqlite3
-import sys
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, so `examples` imports
-
-from examples.email_agent.db import inbox_db  # noqa: E402
-from examples.email_agent.inbox import SPLITS, generate_inbox  # noqa: E402
-from examples.email_agent.questions import Question, keywords, load_questions, search_args  # noqa: E402
+from advantage.tasks.email_agent.db import inbox_db
+from advantage.tasks.email_agent.inbox import SPLITS, generate_inbox
+from advantage.tasks.email_agent.questions import Question, keywords, load_questions, search_args
 
 
 def test_sqlite_has_fts5() -> None:

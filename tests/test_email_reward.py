@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.email_agent.answers import is_idk, matches  # noqa: E402
-from examples.email_agent.judge import AnswerJudge, JudgeError, parse_verdict  # noqa: E402
-from examples.email_agent.questions import Question  # noqa: E402
-from examples.email_agent.reward import Rubric, make_rubric, outcome, reward  # noqa: E402
-from examples.email_agent.tools import FinalAnswer, ToolResult  # noqa: E402
+from advantage.tasks.email_agent.answers import is_idk, matches
+from advantage.tasks.email_agent.judge import AnswerJudge, JudgeError, parse_verdict
+from advantage.tasks.email_agent.questions import Question
+from advantage.tasks.email_agent.reward import Rubric, make_rubric, outcome, reward
+from advantage.tasks.email_agent.tools import FinalAnswer, ToolResult
 
 Q = Question(
     "inbox-0-q001", 0, "What time does my flight to Denver depart?", "9:10 AM", "time", ("abc123",), "search"

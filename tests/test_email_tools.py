@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from examples.email_agent.db import inbox_db  # noqa: E402
-from examples.email_agent.inbox import generate_inbox  # noqa: E402
-from examples.email_agent.tools import TOOL_NAMES, execute  # noqa: E402
+from advantage.tasks.email_agent.db import inbox_db
+from advantage.tasks.email_agent.inbox import generate_inbox
+from advantage.tasks.email_agent.tools import TOOL_NAMES, execute
 
 DB = inbox_db(0)
 

@@ -144,20 +144,6 @@ def serve(
     serve_forever(service, host, port, api_key)
 
 
-def _example_module(task: str, module: str):  # examples use the public API only; they live in the repo
-    import importlib
-    import sys
-
-    repo = Path(__file__).resolve().parents[2]
-    if not (repo / "examples" / task / f"{module}.py").exists():
-        raise typer.BadParameter(
-            f"This command runs examples/{task} from a clone of the repository "
-            "(git clone, then run it from there); the installed package does not ship the examples."
-        )
-    sys.path.insert(0, str(repo))
-    return importlib.import_module(f"examples.{task}.{module}")
-
-
 def _options_from(*configs: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command one --option per field of a pydantic config, with the field's description as its help:
     the config is the single place where a knob and its documentation live. The command's own named
@@ -494,15 +480,16 @@ def bench_email(
         "bench-results"
     ),
     prices: Annotated[
-        Path | None, typer.Option(help='JSON {"model": [usd_per_1M_in, usd_per_1M_out]}.')
+        Path | None, typer.Option(help='JSON {"model": \\[usd_per_1M_in, usd_per_1M_out]}.')
     ] = None,
     judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible URL of an answer judge.")] = None,
     judge_model: Annotated[str | None, typer.Option(help="Model name of the answer judge.")] = None,
 ) -> None:
     """Run the email agent (ART-E) test set with one or more models; print the comparison table.
 
-    Config and documentation: examples/email_agent/bench.py:BenchConfig."""
-    bench = _example_module("email_agent", "bench")
+    Config and documentation: src/advantage/tasks/email_agent/bench.py:BenchConfig."""
+    from advantage.tasks.email_agent import bench
+
     given = {k: v for k, v in locals().items() if k not in ("bench", "model", "limit")}
     bench.main(bench.BenchConfig(models=model, limit=limit or None, **given))
 

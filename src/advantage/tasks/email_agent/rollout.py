@@ -127,10 +127,10 @@ async def rollout(
     start = time.perf_counter()
     while turns < max_turns and finish == "max_turns":
         try:
-            resp = await client.chat.completions.create(
+            resp = await client.chat.completions.create(  # type: ignore[call-overload]  # plain dicts
                 model=model.get_inference_name(),
-                messages=traj.messages(),  # type: ignore[arg-type]
-                tools=TOOLS,  # type: ignore[arg-type]
+                messages=traj.messages(),
+                tools=TOOLS,
                 tool_choice="required" if force_tool_calls else "auto",
                 temperature=temperature,
                 max_tokens=max_tokens,

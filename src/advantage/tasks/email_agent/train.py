@@ -1,6 +1,6 @@
 """Train an email agent (ART-E) with GRPO. Only the public API is used.
 
-    python -m examples.email_agent.train --steps 2            # CPU: the bundled SmolLM2-135M, tiny groups
+    python -m advantage.tasks.email_agent.train --steps 2            # CPU: the bundled SmolLM2-135M, tiny groups
 
 CPU config (`EmailTrainConfig()`): a smoke-sized run that finishes in minutes on 2 cores. Honest
 expectations: the 135M model almost never writes a tool call on this multi-turn task (see BENCHMARKS.md),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -124,11 +125,11 @@ class Writer:
     def send(
         self,
         sender: Person | str,
-        to: list[Person | str],
+        to: Sequence[Person | str],
         subject: str,
         body: str,
         date: dt.datetime,
-        cc: list[Person | str] | None = None,
+        cc: Sequence[Person | str] | None = None,
         thread_id: str | None = None,
     ) -> Email:
         addr = lambda p: p if isinstance(p, str) else p.email  # noqa: E731
