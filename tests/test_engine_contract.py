@@ -273,7 +273,7 @@ def test_forced_tool_call_follows_its_grammar(engine: Engine, spec: EngineSpec, 
         assert call["name"] == "get_weather"
         assert call["arguments"]["city"] in ("Paris", "Oslo") and isinstance(call["arguments"]["days"], int)
         assert c.forced and all(0 <= i < len(c.token_ids) for i in c.forced)  # '<tool_call>', keys, braces
-        assert c.forced == engine.grammars.forced_positions(grammar, c.token_ids)  # as a replay finds them
+        assert engine.grammars.replay(grammar, c.token_ids) == (c.forced, len(c.token_ids))  # as replayed
         _check(spec, reference, c, PROMPT)  # still the unconstrained model's logprobs
 
 

@@ -15,8 +15,10 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
+from advantage.engine.base import Completion
+from advantage.engine.grammar import GrammarCompiler, grammar_for_tool_choice, grammar_from_response_format
 from advantage.engine.replicas import ReplicaPlacement, engine_factory
-from advantage.engine.vllm_engine import _Choice, _copy, _top
+from advantage.engine.vllm_engine import VLLMEngine, _Choice, _copy, _top, vllm_grammar
 
 NO_VLLM = importlib.util.find_spec("vllm") is None
 
@@ -87,6 +89,17 @@ def test_finish_reasons_map_onto_the_contract() -> None:
         failed.completion()
 
 
+def test_an_abort_without_new_tokens_is_a_cancel_whatever_logprobs_it_repeats() -> None:
+    """vLLM slices a delta's logprobs as [-len(token_ids):], so a final delta with no new tokens carries all
+    of the choice's logprobs again."""
+    c = _Choice()
+    c.extend(_delta([1], [{1: _lp(-0.2, 1)}], "a"), 0)
+    c.extend(_delta([], [{1: _lp(-0.2, 1)}], "", "abort"), 0)
+    assert c.ids == [1] and c.logprobs == [-0.2]
+    with pytest.raises(asyncio.CancelledError):
+        c.completion()
+
+
 def test_a_delta_without_logprobs_is_an_error_not_a_silent_gap() -> None:
     with pytest.raises(ValueError):
         _Choice().extend(_delta([1, 2], [{1: _lp(-0.2, 1)}], "ab"), 0)
@@ -96,3 +109,69 @@ def test_top_orders_by_rank_and_keeps_k() -> None:
     entry = {7: _lp(-1.5, 3), 3: _lp(-0.5, 1), 4: _lp(-1.0, 2)}
     assert _top(entry, 2) == [(3, -0.5), (4, -1.0)]
     assert _top(entry, 5) == [(3, -0.5), (4, -1.0), (7, -1.5)]
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {
+                "type": "object",
+                "properties": {"c": {"type": "string", "enum": ["A", "B"]}},
+                "required": ["c"],
+            },
+        },
+    }
+]
+
+
+def _accepts(tokenizer, lt, grammar: str, text: str) -> bool:
+    import llguidance
+
+    m = llguidance.LLMatcher(lt, grammar)
+    return (
+        all(m.consume_token(i) for i in tokenizer.encode(text, add_special_tokens=False)) and m.is_accepting()
+    )
+
+
+def test_grammars_reach_vllm_as_the_lark_its_guidance_backend_reads(tokenizer) -> None:
+    """vLLM's guidance backend passes `grammar=` through `llguidance.grammar_from("grammar", ...)` (Lark or
+    GBNF text), which refuses llguidance's serialized form of a JSON schema; unwrapped, the grammar admits
+    what ours does (compact JSON) and refuses what ours refuses."""
+    import llguidance
+    import llguidance.hf
+
+    lt = llguidance.hf.from_tokenizer(tokenizer)
+    schema_grammar = grammar_from_response_format(
+        {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
+    )
+    assert schema_grammar is not None
+    with pytest.raises(ValueError):
+        llguidance.grammar_from("grammar", schema_grammar)  # why the unwrapping is needed
+    for ours in (schema_grammar, grammar_for_tool_choice(TOOLS, ["f"])):
+        theirs = llguidance.grammar_from("grammar", vllm_grammar(ours))
+        assert not llguidance.LLMatcher.validate_grammar(theirs, lt)
+    theirs = llguidance.grammar_from("grammar", vllm_grammar(schema_grammar))
+    for text, ok in (('{"a":5}', True), ('{"a": 5}', False), ('{"b":5}', False)):
+        assert _accepts(tokenizer, lt, schema_grammar, text) is ok
+        assert _accepts(tokenizer, lt, theirs, text) is ok
+
+
+def test_the_eos_vllm_samples_after_a_completed_grammar_is_dropped(tokenizer) -> None:
+    grammars = GrammarCompiler(tokenizer, len(tokenizer))
+    grammar = grammar_for_tool_choice(TOOLS, ["f"])
+    call = tokenizer.encode(
+        '<tool_call>\n{"name": "f", "arguments": {"c": "A"}}\n</tool_call>', add_special_tokens=False
+    )
+    eos = tokenizer.eos_token_id
+    c = Completion([*call, eos], [-0.5] * len(call) + [0.0], "...", "stop")
+    VLLMEngine._settle_grammar(SimpleNamespace(grammars=grammars, stop_token_ids=[eos]), grammar, c)  # type: ignore[arg-type]
+    assert c.token_ids == call and len(c.logprobs) == len(call) and c.finish_reason == "stop"
+    assert c.forced and max(c.forced) < len(call)  # e.g. the keys and braces of the call
+    kept = Completion(
+        list(call), [-0.5] * len(call), "...", "stop"
+    )  # a grammar that ended the request itself
+    VLLMEngine._settle_grammar(SimpleNamespace(grammars=grammars, stop_token_ids=[eos]), grammar, kept)  # type: ignore[arg-type]
+    assert kept.token_ids == call and kept.forced == c.forced

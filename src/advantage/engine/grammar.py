@@ -14,7 +14,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -268,17 +268,23 @@ class GrammarCompiler:
 
         return Constraint(llguidance.LLMatcher(self._tokenizer(), grammar), enum_values(grammar))
 
-    def forced_positions(self, grammar: str, token_ids: list[int]) -> list[int]:
-        """The indices of `token_ids` (a completion sampled under `grammar`, from its start) where the grammar
-        allowed exactly one token: `Completion.forced`, for an engine that does not report it."""
-        constraint, forced = self.matcher(grammar), []
+    def replay(self, grammar: str, token_ids: list[int]) -> Replay:
+        """Feed a completion sampled under `grammar` (from its start) back through the grammar: where it
+        allowed exactly one token (`Completion.forced`, for an engine that does not report it), and how many
+        tokens it took to complete, for an engine that samples on past the grammar's end (an EOS)."""
+        constraint, forced = self.matcher(grammar), list[int]()
         for i, tok in enumerate(token_ids):
             if constraint.done:
-                break
+                return Replay(forced, i)
             if int(allowed_tokens([constraint], self.vocab_size).sum()) == 1:
                 forced.append(i)
             constraint.consume(tok)
-        return forced
+        return Replay(forced, len(token_ids))
+
+
+class Replay(NamedTuple):
+    forced: list[int]  # indices of the tokens the grammar left no choice on
+    end: int  # the tokens before the grammar was complete (all of them, if it never was)
 
 
 class Constraint:
@@ -328,4 +334,3 @@ def allowed_tokens(constraints: list[Constraint | None], vocab_size: int) -> tor
             c.fill(bitmask, row)
     bits = (bitmask.unsqueeze(-1) >> _BITS) & 1  # bit i of word w is token 32 * w + i
     return bits.reshape(len(constraints), -1)[:, :vocab_size].bool()
-

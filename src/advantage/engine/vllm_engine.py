@@ -24,8 +24,8 @@ What differs from `TorchEngine`, by design or for lack of a hook:
 - With a grammar, vLLM may mask the logits before it takes the logprobs (its source suggests so), and then
   the logprobs it returns are of the masked distribution, not the model's. `Completion.forced` (the tokens
   the grammar left no choice on) is found afterwards, by replaying the grammar over the sampled tokens
-  (`GrammarCompiler.forced_positions`). `TorchEngine`'s `enum_lookahead` (enum values chosen whole) has no
-  counterpart.
+  (`GrammarCompiler.replay`), and the EOS that vLLM samples after a grammar completes is dropped.
+  `TorchEngine`'s `enum_lookahead` (enum values chosen whole) has no counterpart.
 - Greedy requests (temperature 0) with n > 1 are sampled once and copied (vLLM refuses n > 1 greedy).
 - The trainer loads its own copy of the base weights (no storage shared with the engine): leave it GPU
   memory with `gpu_memory_utilization` (0.45 by default).
@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
 import threading
 import uuid
 from collections import Counter
@@ -129,6 +130,7 @@ class VLLMEngine:
         self._users: Counter[int] = Counter()  # LoRA id -> requests running on it
         self._retired: set[int] = set()  # replaced or removed versions, removed from vLLM once unused
         self._ids = itertools.count(1)  # vLLM's LoRA ids start at 1
+        self._tasks: set[asyncio.Task[Any]] = set()  # requests running on the loop
 
     # ---------------------------------------------------------------- the contract
     def check_fits(self, prompt_len: int, max_tokens: int | None) -> int:
@@ -194,9 +196,11 @@ class VLLMEngine:
             self._closed = True
 
         async def cancel_all() -> None:  # fail whatever is running: their futures end cancelled
-            for task in asyncio.all_tasks():
-                if task is not asyncio.current_task():
-                    task.cancel()
+            tasks = list(self._tasks)  # ours only: vLLM's own tasks end in its shutdown
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks, timeout=10)  # their aborts reach vLLM before it shuts down
 
         self._call(cancel_all())
         self._llm.shutdown()
@@ -225,9 +229,19 @@ class VLLMEngine:
             return lora
 
     def _schedule(self, coro: Coroutine[Any, Any, R], lora: Any) -> concurrent.futures.Future[R]:
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        fut = asyncio.run_coroutine_threadsafe(self._tracked(coro), self._loop)
         fut.add_done_callback(lambda _: self._release(lora))
         return fut
+
+    async def _tracked(self, coro: Coroutine[Any, Any, R]) -> R:
+        """Run a request's coroutine as a task `close` can find (touched on the loop's thread only)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            return await coro
+        finally:
+            self._tasks.discard(task)
 
     def _release(self, lora: Any) -> None:
         with self._lock:
@@ -273,15 +287,22 @@ class VLLMEngine:
         done = [ch.completion() for ch in choices]
         if params.grammar is not None:
             for c in done:
-                c.forced = await asyncio.to_thread(
-                    self.grammars.forced_positions, params.grammar, c.token_ids
-                )
+                await asyncio.to_thread(self._settle_grammar, params.grammar, c)
         if copies > 1:
             for i in range(1, copies):
                 if on_token is not None and done[0].text:
                     on_token(i, done[0].text)
             done = [done[0]] + [_copy(done[0]) for _ in range(copies - 1)]
         return done
+
+    def _settle_grammar(self, grammar: str, c: Completion) -> None:
+        """`c.forced` from a replay of the grammar; and where vLLM sampled on past the grammar's end (it stops
+        only on a stop token, so it samples the EOS that the finished grammar alone allows, at logprob 0 under
+        the mask), drop that tail, as `TorchEngine` ends a row when its grammar does."""
+        c.forced, end = self.grammars.replay(grammar, c.token_ids)
+        if end < len(c.token_ids) and all(t in self.stop_token_ids for t in c.token_ids[end:]):
+            del c.token_ids[end:], c.logprobs[end:], c.top_logprobs[end:]
+            c.finish_reason = "stop"
 
     def _sampling_params(self, params: SamplingParams, max_new: int, n: int) -> Any:
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
@@ -301,7 +322,7 @@ class VLLMEngine:
             # a fresh one per request: vLLM's backends rewrite it in place
             structured_outputs=None
             if params.grammar is None
-            else StructuredOutputsParams(grammar=params.grammar),
+            else StructuredOutputsParams(grammar=vllm_grammar(params.grammar)),
         )
 
     async def _score(self, sequences: list[list[int]], lora: Any, top_k: int) -> Scores:
@@ -350,7 +371,10 @@ class _Choice:
 
     def extend(self, out: Any, top_logprobs: int) -> None:
         new = list(out.token_ids)
-        for tok, entry in zip(new, out.logprobs or [], strict=True):
+        # vLLM slices a delta's logprobs as [-len(new):]: with no new tokens (an abort, an error) that is all
+        # of them, not none
+        entries = list(out.logprobs or [])[-len(new) :] if new else []
+        for tok, entry in zip(new, entries, strict=True):
             self.logprobs.append(float(entry[tok].logprob))
             if top_logprobs:
                 self.top.append(_top(entry, top_logprobs))
@@ -367,6 +391,17 @@ class _Choice:
         return Completion(
             self.ids, self.logprobs, self.text, "length" if self.finish == "length" else "stop", self.top
         )
+
+
+def vllm_grammar(grammar: str) -> str:
+    """Our llguidance grammar as vLLM's guidance backend reads `grammar=` (Lark or GBNF text, through
+    `llguidance.grammar_from("grammar", ...)`): a tool-call grammar is Lark already; a response_format's is
+    llguidance's serialized {"grammars": [...]} form, unwrapped here to the Lark `%json` rule it stands for
+    (its options, e.g. compact whitespace, ride in the schema's "x-guidance")."""
+    if not grammar.lstrip().startswith("{"):
+        return grammar
+    (g,) = json.loads(grammar)["grammars"]
+    return str(g["lark_grammar"]) if g.get("lark_grammar") else "start: %json " + json.dumps(g["json_schema"])
 
 
 def _top(entry: dict[int, Any], k: int) -> list[tuple[int, float]]:
