@@ -10,7 +10,8 @@ setting (`--compare`):
   that does to the update as well);
 - `attention`: cascade attention's two parts in torch's CPU flash kernel, merged by their log-sum-exps (the
   default), and under one fp32 softmax (`two_part_attention`, the reference, which upcasts every key it
-  reads).
+  reads);
+- `batch`: the engine decoding up to 64 rows at once with 64 rollouts in flight, against 32 and 32.
 
 Each round runs the demo's rollouts for one training step (G scenarios x N rollouts, T=0.7, multi-turn,
 first call forced, seeded so both sides sample alike) on both, alternating which goes first, and prints the
@@ -50,13 +51,18 @@ COMPARE = {  # label -> engine settings, the feature on first
     "cascade": {"cascade": {"cascade": True}, "no cascade": {"cascade": False}},
     "dtype": {"bf16": {"dtype": "bfloat16"}, "fp32": {"dtype": "float32"}},
     "attention": {"flash parts": {}, "fp32 two-part": {}},
+    # rows decoded together, and rollouts in flight (gather's concurrency) to fill them
+    "batch": {
+        "64 rows": {"max_batch_size": 64, "concurrency": 64},
+        "32 rows": {"max_batch_size": 32, "concurrency": 32},
+    },
 }
 ATTENTION = {"fp32 two-part": CASCADE_TWO_PART}  # a side's attention implementation, where not the default
 TRAIN = train_config(DemoConfig(), lr=1e-3)  # the demo's loss settings
 
 
 async def one_step(
-    model: adv.TrainableModel, seed: int, groups: int, group_size: int, train: bool
+    model: adv.TrainableModel, seed: int, groups: int, group_size: int, train: bool, concurrency: int = 32
 ) -> tuple[float, float, float]:
     """Seconds to gather (and to train on, with `train`; else nan) one demo step, and its completion tokens."""
     scenarios = make_scenarios(groups, seed=seed, split="train")
@@ -71,6 +77,7 @@ async def one_step(
         ],
         max_exceptions=0,
         progress=False,
+        concurrency=concurrency,
     )
     seconds = time.perf_counter() - t0
     tokens = sum(
@@ -90,7 +97,10 @@ async def one_step(
 async def main(args: argparse.Namespace) -> dict[str, object]:
     with TemporaryDirectory() as tmp:
         sides = {}
-        for label, kwargs in COMPARE[args.compare].items():
+        concurrency = {}
+        for label, setting in COMPARE[args.compare].items():
+            kwargs = {k: v for k, v in setting.items() if k != "concurrency"}
+            concurrency[label] = int(setting.get("concurrency", 32))
             backend = adv.LocalBackend(
                 Path(tmp) / label.replace(" ", "-"), progress=False, **{"dtype": args.dtype, **kwargs}
             )
@@ -106,7 +116,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             order = list(sides) if r % 2 == 0 else list(reversed(sides))
             for label in order:
                 s, n, ts = await one_step(
-                    sides[label][1], seed=r, groups=args.groups, group_size=args.group_size, train=args.train
+                    sides[label][1], r, args.groups, args.group_size, args.train, concurrency[label]
                 )
                 times[label].append(s)
                 tokens[label].append(n)
@@ -119,10 +129,17 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     on, off = COMPARE[args.compare]
     ratio = med[off] / med[on]
     print(f"median s per demo step: {on} {med[on]:.1f}, {off} {med[off]:.1f}; speed-up {ratio:.2f}x")
-    result: dict[str, object] = {"seconds": times, "completion_tokens": tokens, "median_seconds": med, "speedup": ratio}
+    result: dict[str, object] = {
+        "seconds": times,
+        "completion_tokens": tokens,
+        "median_seconds": med,
+        "speedup": ratio,
+    }
     if args.train:
         tmed = {k: statistics.median(v) for k, v in train_times.items()}
-        print(f"median s per train step: {on} {tmed[on]:.1f}, {off} {tmed[off]:.1f}; speed-up {tmed[off] / tmed[on]:.2f}x")
+        print(
+            f"median s per train step: {on} {tmed[on]:.1f}, {off} {tmed[off]:.1f}; speed-up {tmed[off] / tmed[on]:.2f}x"
+        )
         result |= {"train_seconds": train_times, "median_train_seconds": tmed}
     return result
 

@@ -34,7 +34,12 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     args = ap.parse_args()
     lines = args.groups.read_text().splitlines()
-    groups = [TrajectoryGroup.from_dict(json.loads(x)) for x in lines if x.strip()]
+    # each line as tracking.py writes it: {"group": index, **TrajectoryGroup.to_dict()}
+    groups = [
+        TrajectoryGroup.from_dict({k: v for k, v in json.loads(x).items() if k != "group"})
+        for x in lines
+        if x.strip()
+    ]
     trainer = Trainer(resolve_model_path(args.model), LoRAConfig())
     config = TrainConfig(learning_rate=1e-7, micro_batch_size=args.micro_batch_size)
     shared_len = primitives.shared_prefix_len

@@ -12,6 +12,12 @@ from .config import DemoConfig
 from .env import TOOL_NAMES, Scenario, equal_mix, make_scenarios
 from .rollout import rollout
 
+# Rollouts gathered at once, and the engine's rows to decode them together (LocalBackend(max_batch_size=)):
+# all of a step's 12 x 4, where gather's and the engine's default of 32 left 16 to start as others finished
+# and run their two turns at the end, in small batches. 1.08x on a step's rollouts
+# (`benchmarks/rollout_gen.py --compare batch --groups 12`, BENCHMARKS.md).
+ROLLOUTS_IN_FLIGHT = 64
+
 
 def train_config(
     cfg: DemoConfig, lr: float, groups: list[adv.TrajectoryGroup] | None = None
@@ -94,7 +100,11 @@ async def step_rollouts(
             desc=desc,
         )
     return await adv.gather_trajectory_groups(
-        [group(k) for k in range(first)], max_exceptions=0.25, after_each=after_each, desc=desc
+        [group(k) for k in range(first)],
+        max_exceptions=0.25,
+        after_each=after_each,
+        desc=desc,
+        concurrency=ROLLOUTS_IN_FLIGHT,
     )
 
 

@@ -17,7 +17,7 @@ import advantage as adv
 from .config import DemoConfig
 from .env import TOOL_NAMES
 from .evaluation import evaluate, held_out
-from .steps import step_rollouts, tool_results, train_config
+from .steps import ROLLOUTS_IN_FLIGHT, step_rollouts, tool_results, train_config
 
 __all__ = ["DemoConfig", "main", "run"]
 
@@ -74,7 +74,11 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     hides behind the rollouts instead of adding to the step. The verdict is read before that step trains:
     a stop or a roll-back drops the rollouts, which came from the weights it judged."""
     start = time.perf_counter()
-    backend: adv.Backend = adv.RemoteBackend(cfg.backend) if cfg.backend else adv.LocalBackend(cfg.root)
+    backend: adv.Backend = (
+        adv.RemoteBackend(cfg.backend)
+        if cfg.backend
+        else adv.LocalBackend(cfg.root, max_batch_size=ROLLOUTS_IN_FLIGHT)
+    )
     model = adv.TrainableModel(cfg.name, project="demo", base_model=cfg.base_model)
     await model.register(backend)
     first_step = await model.get_step()
