@@ -621,6 +621,7 @@ class TorchEngine:
             if not fut.done():
                 fut.set_exception(exc)
 
+
 def _unshare(cache: GrowingCache, shared: SharedPrefix | None, keep: int, attn: torch.Tensor) -> torch.Tensor:
     """Copy the shared prefix's tokens from `keep` on into every row's own columns; returns the new mask."""
     if shared is None or len(shared) == keep:
