@@ -13,7 +13,6 @@ the kernel (VmHWM, reset before each step through /proc/self/clear_refs).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -21,11 +20,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from shared_prefix import load_step  # noqa: E402  (benchmarks/, the script's own folder)
+
 from advantage.config import LoRAConfig, TrainConfig  # noqa: E402
 from advantage.engine.models import resolve_model_path  # noqa: E402
 from advantage.training import grpo  # noqa: E402
 from advantage.training.trainer import Trainer  # noqa: E402
-from advantage.trajectory import TrajectoryGroup  # noqa: E402
 
 
 def peak_gib() -> float:
@@ -46,13 +46,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     args = ap.parse_args()
-    lines = args.groups.read_text().splitlines()
-    # each line as tracking.py writes it: {"group": index, **TrajectoryGroup.to_dict()}
-    groups = [
-        TrajectoryGroup.from_dict({k: v for k, v in json.loads(x).items() if k != "group"})
-        for x in lines
-        if x.strip()
-    ]
+    groups = load_step(args.groups)
     trainer = Trainer(resolve_model_path(args.model), LoRAConfig())
     configs = {n: TrainConfig(learning_rate=1e-7, micro_batch_size=n) for n in args.sizes}
     grpo.train_step(trainer, groups, configs[args.sizes[0]])  # warm-up

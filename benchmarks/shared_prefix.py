@@ -26,6 +26,16 @@ from advantage.training.trainer import Trainer  # noqa: E402
 from advantage.trajectory import TrajectoryGroup  # noqa: E402
 
 
+def load_step(path: Path) -> list[TrajectoryGroup]:
+    """One recorded step's groups, each line as tracking.py writes it: {"group": index, **to_dict()}."""
+    lines = path.read_text().splitlines()
+    return [
+        TrajectoryGroup.from_dict({k: v for k, v in json.loads(x).items() if k != "group"})
+        for x in lines
+        if x.strip()
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("groups", type=Path, help="a trajectories/train/NNNN.jsonl file of a run")
@@ -33,13 +43,7 @@ def main() -> None:
     ap.add_argument("--micro-batch-size", type=int, default=8)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     args = ap.parse_args()
-    lines = args.groups.read_text().splitlines()
-    # each line as tracking.py writes it: {"group": index, **TrajectoryGroup.to_dict()}
-    groups = [
-        TrajectoryGroup.from_dict({k: v for k, v in json.loads(x).items() if k != "group"})
-        for x in lines
-        if x.strip()
-    ]
+    groups = load_step(args.groups)
     trainer = Trainer(resolve_model_path(args.model), LoRAConfig())
     config = TrainConfig(learning_rate=1e-7, micro_batch_size=args.micro_batch_size)
     shared_len = primitives.shared_prefix_len

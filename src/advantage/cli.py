@@ -453,7 +453,7 @@ def export(
     typer.echo(path)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmark any model on an example task's test set.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmark any model on a task's test set.")
 app.add_typer(bench_app, name="bench")
 
 
