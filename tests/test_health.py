@@ -15,6 +15,10 @@ def test_healthy_step_has_no_warnings() -> None:
 def test_each_band_warns_by_name() -> None:
     # The collapsed demo run of issue 20: drift 0.073 at its last step.
     assert health_warnings({**HEALTHY, "logprob_drift_mean_abs": 0.073}, [HEALTHY]) == ["drift 0.073 > 0.05"]
+    # Samples one update behind (overlap): 0.05 + 0.15 x 1; half of them behind: 0.05 + 0.15 x 0.5
+    lagged = {**HEALTHY, "logprob_drift_mean_abs": 0.129, "policy_lag_mean": 1.0}
+    assert health_warnings(lagged, [HEALTHY]) == []
+    assert health_warnings({**lagged, "policy_lag_mean": 0.5}, [HEALTHY]) == ["drift 0.129 > 0.125"]
     low = health_warnings({**HEALTHY, "entropy": 0.1}, [HEALTHY])  # 0.1 < 0.25 x 0.8 = 0.2
     assert low == ["entropy 0.100 < 0.25x first (0.800)"]
     assert health_warnings({**HEALTHY, "entropy": 2.5}, [HEALTHY])[0].startswith("entropy 2.500 > 3x")

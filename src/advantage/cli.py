@@ -110,6 +110,15 @@ def serve(
             "needs requirements-gpu.txt in its own virtualenv: README, 'Scaling out')."
         ),
     ] = "torch",
+    engine_threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="torch threads of the torch engine (default: torch's). 1 leaves the other cores to the "
+            "trainer, for clients that train one step while the next one's rollouts gather (README, "
+            "'Training while the next rollouts gather').",
+        ),
+    ] = None,
 ) -> None:
     """Serve base models and trained adapters through an OpenAI-compatible API."""
     from advantage import cluster
@@ -124,7 +133,13 @@ def serve(
         cluster.join(
             ray_address, trainer_workers * cpus_per_trainer + engine_replicas * cpus_per_engine, serve
         )
-    engine_kwargs = {"max_pending": max_pending}
+    engine_kwargs: dict[str, object] = {"max_pending": max_pending}
+    if engine_threads is not None:
+        if engine != "torch":
+            raise typer.BadParameter(
+                "only the torch engine takes a thread count", param_hint="--engine-threads"
+            )
+        engine_kwargs["threads"] = engine_threads
     try:
         engines = engine_factory(replicas, engine_kwargs, engine)
     except (ImportError, ValueError) as e:

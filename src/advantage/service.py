@@ -33,13 +33,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from advantage.config import LoRAConfig, TrainConfig
 from advantage.engine.base import Engine, EngineFactory, QueueFull
 from advantage.engine.models import allowed_base_model, resolve_model_path
 from advantage.files import write_text_atomic
 from advantage.online.store import FILENAME as TRAFFIC_FILE
 from advantage.online.store import Retention, SQLiteTrafficStore, TrafficStore
-from advantage.tracking import RunLog, group_metrics
+from advantage.tracking import RunLog, group_metrics, policy_lag
 from advantage.training import checkpoints as ckpt
 from advantage.training import fork
 from advantage.training.grpo import Progress, train_step
@@ -156,7 +158,15 @@ class Service:
         # Every train step runs on this one thread. Steps spread over a thread pool each left their peak
         # (~6 GiB) in a different glibc malloc arena, and RSS grew by that much per step until the OOM killer
         # stepped in; one thread reuses one arena.
-        self._train_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="advantage-train")
+        # torch's intra-op thread count is kept per thread, and a new thread starts with the last count set on
+        # any thread: after an engine on threads of its own (`TorchEngine(threads=1)`) the training thread
+        # would start on one as well. It takes the count this service was created under.
+        self._train_thread = concurrent.futures.ThreadPoolExecutor(
+            1,
+            thread_name_prefix="advantage-train",
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        )
 
     # ------------------------------------------------------------------ engines and names
     def engine(self, base_model: str) -> Engine:
@@ -367,11 +377,12 @@ class Service:
         """One training step; the new adapter is checkpointed and served before this returns."""
         entry, trainer = self.trainable(name)
         with entry.lock:
+            lag = policy_lag(groups, name, entry.latest)
             if isinstance(trainer, RayTrainerGroup):  # data-parallel workers run the step
                 metrics = trainer.train_step(groups, config, progress, step=entry.latest)
             else:
                 metrics = train_step(trainer, groups, config, progress, step=entry.latest)
-            metrics.update(group_metrics(groups, "train"))
+            metrics.update(group_metrics(groups, "train"), **lag)
             step = entry.latest
             if not metrics.get("skipped_step"):
                 step = self.save_step(name, {"metrics": metrics, "config": config.model_dump()})

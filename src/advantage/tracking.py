@@ -21,7 +21,7 @@ from typing import Any
 from advantage.trajectory import TrajectoryGroup
 from advantage.wire.ops import RESERVED, check_metric_names
 
-__all__ = ["RESERVED", "RunLog", "check_metric_names", "group_metrics"]
+__all__ = ["RESERVED", "RunLog", "check_metric_names", "group_metrics", "policy_lag"]
 _append_lock = threading.Lock()  # one writer at a time, so rows from two threads never interleave
 
 
@@ -42,6 +42,22 @@ def group_metrics(groups: list[TrajectoryGroup], prefix: str) -> dict[str, float
         vals = [float(t.metrics[k]) for t in trajs if k in t.metrics]
         out[f"{prefix}/{k}"] = statistics.mean(vals)
     return out
+
+
+def policy_lag(groups: list[TrajectoryGroup], model: str, step: int) -> dict[str, float]:
+    """How many updates behind the weights being trained (`model` at `step`) the groups' completions were
+    sampled: the mean and the most over the completions that say they came from `model` (none: {}). 0 is
+    on-policy; a step trained while the next step's rollouts gathered gives its successor about 1."""
+    lags = [
+        step - int(w["step"])
+        for g in groups
+        for t in g.trajectories
+        for c in t.choices()
+        if (w := (c.model_extra or {}).get("weights") or {}).get("model") == model and "step" in w
+    ]
+    if not lags:
+        return {}
+    return {"policy_lag_mean": float(statistics.mean(lags)), "policy_lag_max": float(max(lags))}
 
 
 _wandb_runs: dict[Path, Any] = {}  # run dir -> its W&B run, or None when W&B could not start (per process)

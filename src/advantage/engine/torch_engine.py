@@ -72,7 +72,13 @@ class TorchEngine:
         merge_lora: bool | None = None,
         cascade: bool | None = None,
         enum_lookahead: int = 4,
+        threads: int | None = None,
     ) -> None:
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 (or None: torch's default), got {threads}.")
+        # torch's intra-op threads on the engine thread. The count is kept per thread, and a new thread starts
+        # with the last one set on any thread: None takes the creating thread's, not another engine's.
+        self.threads = threads or torch.get_num_threads()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._new_detokenizer = detokenizer_factory(self.tokenizer)
@@ -244,6 +250,7 @@ class TorchEngine:
                     self.model.set_adapter(self._batch_adapter)
 
     def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
         while True:
             with self._cv:
                 while not (self._pending or self._rows or self._commands or self._closed):
