@@ -24,22 +24,23 @@ REPO = Path(__file__).resolve().parents[1]
 def curves(run_dir: Path) -> str:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     dev = {r["step"]: r.get("dev/success") for r in rows if r.get("split") == "dev"}
-    lines = ["| step | lr | train reward | train success | entropy | drift | clip frac | grad norm | dev success |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| step | lr | train reward | train success | entropy | drift | lag | clip frac | grad norm | dev success |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         if r.get("split") == "train" and r.get("skipped_step"):
             lines.append(f"| {r['step']} | not trained: every group tied | {r.get('train/reward', float('nan')):.3f} "
-                         f"| {r.get('train/success', float('nan')):.2f} | | | | | |")  # fmt: skip
+                         f"| {r.get('train/success', float('nan')):.2f} | | | | | | |")  # fmt: skip
         elif r.get("split") == "train":
             d = dev.get(r["step"])
             lines.append(
                 f"| {r['step']} | {r.get('lr', float('nan')):.1e} | {r.get('train/reward', float('nan')):.3f} "
                 f"| {r.get('train/success', float('nan')):.2f} | {r.get('entropy', float('nan')):.3f} "
-                f"| {r.get('logprob_drift_mean_abs', float('nan')):.3f} | {r.get('loss/clip_frac', 0):.3f} "
+                f"| {r.get('logprob_drift_mean_abs', float('nan')):.3f} | {r.get('policy_lag_mean', float('nan')):.2f} "
+                f"| {r.get('loss/clip_frac', 0):.3f} "
                 f"| {r.get('grad_norm', float('nan')):.2f} | {'' if d is None else f'{d:.0%}'} |"
             )
         elif r.get("split") == "restore":
-            lines.append(f"| {r['step']} | restore: step {int(r['restored_from'])} | | | | | | | |")
+            lines.append(f"| {r['step']} | restore: step {int(r['restored_from'])} | | | | | | | | |")
     return "\n".join(lines)
 
 

@@ -21,17 +21,22 @@ def _rows(root: Path) -> list[dict]:
 
 
 @pytest.mark.slow  # ~2 min and a model + trainer in the test process; CI's wheel check runs a one-step demo
+@pytest.mark.parametrize("overlap", [False, True])
 async def test_shortened_demo_with_dynamic_sampling_and_overlapped_evaluations(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], overlap: bool
 ) -> None:
     cfg = DemoConfig(
         root=tmp_path, steps=2, val_size=2, dev_size=2, eval_every=1, groups_per_step=1, group_size=2,
-        focus_groups=1, min_informative_groups=2, max_groups_per_step=3, micro_batch_size=4,
+        focus_groups=1, min_informative_groups=2, max_groups_per_step=3, micro_batch_size=4, overlap=overlap,
     )  # fmt: skip
     out = await run(cfg)
     rows = _rows(tmp_path)
     trains = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in trains] == [1, 2]
+    # With overlap, step 2 trained on rollouts gathered while step 1 trained: from step 0's weights, or
+    # step 1's for a request that came after the swap.
+    assert trains[0]["policy_lag_mean"] == 0.0
+    assert 0.0 < trains[1]["policy_lag_mean"] <= 1.0 if overlap else trains[1]["policy_lag_mean"] == 0.0
     # Dynamic sampling: each step gathered 2 groups (1 + 1 focus group), then one more while fewer than 2
     # carried signal.
     assert all(2 <= r["n_groups"] <= 3 for r in trains)

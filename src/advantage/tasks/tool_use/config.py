@@ -47,6 +47,14 @@ class DemoConfig(BaseModel):
     max_groups_per_step: int = Field(
         16, ge=1, description="With min_informative_groups: the most scenarios one step gathers."
     )
+    overlap: bool = Field(
+        False,
+        description="Gather the next step's rollouts while this step trains (the engine on one torch thread, "
+        "the trainer on the rest), so each step trains on rollouts sampled mostly by the weights one update "
+        "behind (policy_lag_mean ~1). A step took ~60 s instead of ~80, but on this task it learnt worse: "
+        "seed 0 went 62 -> 69 % held-out in 16.8 min, where on-policy runs of it reached 91-100 % "
+        "(BENCHMARKS.md). Off: every step gathers, then trains on its own rollouts.",
+    )
     val_size: int = Field(32, ge=1, description="Held-out scenarios for the baseline and final evaluation.")
     dev_size: int = Field(
         16,

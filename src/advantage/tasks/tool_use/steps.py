@@ -17,6 +17,10 @@ from .rollout import rollout
 # and run their two turns at the end, in small batches. 1.08x on a step's rollouts
 # (`benchmarks/rollout_gen.py --compare batch --groups 12`, BENCHMARKS.md).
 ROLLOUTS_IN_FLIGHT = 64
+# The engine's torch threads when the next step's rollouts gather while a step trains (DemoConfig.overlap):
+# decoding a few dozen rows gains little from a second core (1.08x), the update ~1.4x, and the two on
+# threads of their own took 60-63 s where one after the other took 84-88 s (BENCHMARKS.md).
+ENGINE_THREADS = 1
 
 
 def train_config(

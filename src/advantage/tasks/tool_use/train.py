@@ -9,15 +9,17 @@ dir with checkpoints, metrics.jsonl and trajectories. Only the public API is use
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
+from typing import Literal
 
 import advantage as adv
 
 from .config import DemoConfig
 from .env import TOOL_NAMES
 from .evaluation import evaluate, held_out
-from .steps import ROLLOUTS_IN_FLIGHT, step_rollouts, tool_results, train_config
+from .steps import ENGINE_THREADS, ROLLOUTS_IN_FLIGHT, step_rollouts, tool_results, train_config
 
 __all__ = ["DemoConfig", "main", "run"]
 
@@ -58,6 +60,8 @@ def step_line(
             f"entropy {m.get('entropy', nan):.2f}  drift {m.get('logprob_drift_mean_abs', nan):.3f}  "
             f"lr {m.get('lr', nan):.1e}  "
         )
+        if cfg.overlap:  # how many updates behind the sampling weights were (tracking.policy_lag)
+            parts.append(f"lag {m.get('policy_lag_mean', nan):.1f}  ")
     parts.append(
         f"gen {t_gen:.0f}s  train {m.get('seconds', 0):.0f}s  elapsed {elapsed:.0f}s  rss {_rss_gib():.1f} GiB"
     )
@@ -72,12 +76,18 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     An evaluation runs alongside the next step's rollouts: both use the same weights, so the engine decodes
     them in one batch, and the evaluation's latency (a few long greedy episodes decoding alone at the end)
     hides behind the rollouts instead of adding to the step. The verdict is read before that step trains:
-    a stop or a roll-back drops the rollouts, which came from the weights it judged."""
+    a stop or a roll-back drops the rollouts, which came from the weights it judged.
+
+    With `cfg.overlap` the next step's rollouts gather while this step trains (the engine on one thread, the
+    trainer on the rest), so each step trains on rollouts one step behind; a stop or a roll-back drops
+    those in flight too."""
     start = time.perf_counter()
     backend: adv.Backend = (
         adv.RemoteBackend(cfg.backend)
         if cfg.backend
-        else adv.LocalBackend(cfg.root, max_batch_size=ROLLOUTS_IN_FLIGHT)
+        else adv.LocalBackend(
+            cfg.root, max_batch_size=ROLLOUTS_IN_FLIGHT, threads=ENGINE_THREADS if cfg.overlap else None
+        )
     )
     model = adv.TrainableModel(cfg.name, project="demo", base_model=cfg.base_model)
     await model.register(backend)
@@ -117,46 +127,74 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     history: list[dict[str, float]] = []
     mix = adv.TaskMix(TOOL_NAMES) if cfg.focus_groups else None
     at_target = 0  # dev evaluations in a row at stop_at
+    upcoming: asyncio.Future[list[adv.TrajectoryGroup]] | None = None  # the next step's rollouts (overlap)
+
+    async def verdict() -> Literal["stop", "rollback"] | None:
+        """Read the last dev evaluation, if one is due: stop early, roll back (dropping the rollouts in
+        flight, which came from the weights rolled back from), or go on."""
+        nonlocal dev_eval, at_target, lr, upcoming
+        if dev_eval is None:
+            return None
+        rate, _ = await dev_eval
+        dev_eval = None
+        dev_scores[dev_step] = rate
+        action = guard.update(dev_step, rate)
+        print(
+            f"  dev success {rate:.0%} (step {dev_step}; best {guard.best_score:.0%} at step {guard.best_step})"
+        )
+        at_target = at_target + 1 if rate >= cfg.stop_at and dev_step != first_step else 0
+        if at_target >= cfg.stop_after:
+            print(f"  dev success at {cfg.stop_at:.0%} {at_target} times in a row: stopping early")
+            return "stop"
+        if action == "rollback" and cfg.guard:
+            await _dropped(upcoming)
+            upcoming = None
+            lr *= guard.lr_factor
+            step = await model.restore(guard.best_step, metric="dev/success")
+            print(
+                f"  rolled back to step {guard.best_step} (now step {step}); learning rate x{guard.lr_factor}; "
+                "the rollouts of the weights rolled back from are dropped"
+            )
+            return "rollback"
+        if action == "stop" and cfg.guard:
+            print("  dev success fell again after the last roll-back: stopping")
+            return "stop"
+        return None
+
     try:
         for i in range(cfg.steps):
             t0 = time.perf_counter()
-            groups = await step_rollouts(model, cfg, first_step + i, after_each, mix)
+            groups = await (upcoming or step_rollouts(model, cfg, first_step + i, after_each, mix))
+            upcoming = None
             t_gen = time.perf_counter() - t0
-            await read_baseline()
-            if dev_eval is not None:  # the evaluation of the weights these rollouts came from
-                rate, _ = await dev_eval
-                dev_eval = None
-                dev_scores[dev_step] = rate
-                action = guard.update(dev_step, rate)
-                print(
-                    f"  dev success {rate:.0%} (step {dev_step}; best {guard.best_score:.0%} at step {guard.best_step})"
-                )
-                at_target = at_target + 1 if rate >= cfg.stop_at and dev_step != first_step else 0
-                if at_target >= cfg.stop_after:
-                    print(f"  dev success at {cfg.stop_at:.0%} {at_target} times in a row: stopping early")
-                    break
-                if action == "rollback" and cfg.guard:
-                    lr *= guard.lr_factor
-                    step = await model.restore(guard.best_step, metric="dev/success")
-                    print(
-                        f"  rolled back to step {guard.best_step} (now step {step}); learning rate "
-                        f"x{guard.lr_factor}; this step's rollouts, from the weights rolled back from, are dropped"
-                    )
-                    continue
-                if action == "stop" and cfg.guard:
-                    print("  dev success fell again after the last roll-back: stopping")
-                    break
-            result = await model.train(groups, config=train_config(cfg, lr, groups))
             if mix:
                 mix.update(tool_results(groups))
+            if cfg.overlap and i + 1 < cfg.steps:  # gathers while this step trains
+                upcoming = asyncio.ensure_future(
+                    step_rollouts(model, cfg, first_step + i + 1, after_each, mix)
+                )
+            await read_baseline()
+            # Without overlap, the evaluation of the weights these rollouts came from is read before they
+            # train; with it, after (it ran beside the update; the trainer does not wait for it).
+            if not cfg.overlap and (action := await verdict()):
+                if action == "stop":
+                    break
+                continue
+            result = await model.train(groups, config=train_config(cfg, lr, groups))
             warnings = adv.health_warnings(result.metrics, history)
             history.append(result.metrics)
             print(step_line(cfg, result, groups, t_gen, time.perf_counter() - start, warnings))
+            if cfg.overlap and (action := await verdict()):
+                if action == "stop":
+                    break
+                continue
             if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
                 dev_step = result.step
                 dev_eval = asyncio.ensure_future(
                     evaluate(model, dev, f"dev eval step {dev_step}", force, "dev")
                 )
+        await _dropped(upcoming)  # a stop left the next step's rollouts in flight
+        upcoming = None
         await read_baseline()
         if dev_eval is not None:  # no step came after it (steps=0, or a roll-back at the end)
             rate, _ = await dev_eval
@@ -186,6 +224,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
                 best_note = f", the last step: {drop}, within {guard.tolerance:.0%} of it"
         final_rate, final_reward = await final
     finally:
+        await _dropped(upcoming)  # an error left them in flight
         for task in (baseline, dev_eval):
             if task is not None and not task.done():
                 task.cancel()
@@ -199,6 +238,14 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     return {"baseline_success": base_rate, "final_success": final_rate, "baseline_reward": base_reward,
             "final_reward": final_reward, "seconds": elapsed, "best_step": float(guard.best_step),
             "served_step": float(served)}  # fmt: skip
+
+
+async def _dropped(task: asyncio.Future[list[adv.TrajectoryGroup]] | None) -> None:
+    """Cancel a step's rollouts in flight and wait until they are gone (their requests leave the engine)."""
+    if task is not None and not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def main(cfg: DemoConfig | None = None) -> dict[str, float]:
