@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from advantage.health import CollapseGuard, health_warnings
+import pytest
+
+from advantage.health import CollapseGuard, health_warnings, paired_drop_p
 
 HEALTHY = {"logprob_drift_mean_abs": 0.02, "entropy": 0.8, "loss/clip_frac": 0.01, "grad_norm": 0.5,
            "frac_truncated_completions": 0.0}  # fmt: skip
@@ -57,6 +59,41 @@ def test_guard_ends_on_the_last_step_unless_it_fell_past_the_tolerance() -> None
     assert g.end_step(11, 0.50) == 3
     g.update(14, 0.80)
     assert g.end_step(14, 0.80) == 14  # the last is the best
+
+
+def test_paired_drop_p_is_an_exact_sign_test() -> None:
+    # Seed 3 of session 36, dev questions at steps 6 and 12: three lost, none gained -> (1/2)^3.
+    step6 = [1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    step12 = [1, 1, 1, 1, 0, 0, 0, 1, 0, 1, 1, 1, 1, 1, 1, 1]
+    assert paired_drop_p(step6, step12) == 0.125
+    assert paired_drop_p(step12, step6) == 1.0  # no item lost: no evidence of a drop
+    assert paired_drop_p([1] * 5, [0] * 5) == 1 / 32
+    # 4 lost, 1 gained: P(X >= 4 | n = 5) = (C(5,4) + C(5,5)) / 32 = 6/32
+    assert paired_drop_p([1, 1, 1, 1, 0], [0, 0, 0, 0, 1]) == 6 / 32
+    assert paired_drop_p([1, 0], [1, 0]) == 1.0  # nothing changed
+    # read as right at >= 0.5: one lost, one gained -> P(X >= 1 | n = 2) = 3/4
+    assert paired_drop_p([0.9, 0.2], [0.4, 0.7]) == 0.75
+    with pytest.raises(ValueError, match="same items"):
+        paired_drop_p([1, 1], [1])
+
+
+def test_guard_with_outcomes_keeps_the_last_step_unless_the_drop_is_significant() -> None:
+    g = CollapseGuard(tolerance=0.15)
+    best = [1.0] * 15 + [0.0]
+    g.update(0, 12 / 16, [1.0] * 12 + [0.0] * 4)
+    g.update(6, 15 / 16, best)
+    three_lost = [0.0] * 3 + [1.0] * 12 + [0.0]  # 12/16: 19 points below, p = 1/8
+    g.update(12, 12 / 16, three_lost)
+    assert g.drop_p(12) == 0.125 and g.end_step(12, 12 / 16) == 12
+    five_lost = [0.0] * 5 + [1.0] * 10 + [0.0]  # 10/16, p = 1/32 < 0.05
+    g.update(15, 10 / 16, five_lost)
+    assert g.end_step(15, 10 / 16) == 6
+    g.update(18, 10 / 16)  # no outcomes for the last step: the tolerance alone decides
+    assert g.drop_p(18) is None and g.end_step(18, 10 / 16) == 6
+    strict = CollapseGuard(tolerance=0.15, alpha=0.2)
+    strict.update(6, 15 / 16, best)
+    strict.update(12, 12 / 16, three_lost)
+    assert strict.end_step(12, 12 / 16) == 6  # p = 0.125 < 0.2
 
 
 def test_guard_patience() -> None:

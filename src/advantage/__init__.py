@@ -24,7 +24,7 @@ from advantage.gather import (
     gather_trajectory_groups,
     is_informative,
 )
-from advantage.health import CollapseGuard, HealthBands, health_warnings
+from advantage.health import CollapseGuard, HealthBands, health_warnings, paired_drop_p
 from advantage.lowlevel import TrainingClient
 from advantage.model import Model, TrainableModel
 from advantage.rewards import JudgeVerdict, RulerError, RulerJudge, ruler, ruler_score_group
@@ -58,6 +58,7 @@ __all__ = [
     "CollapseGuard",
     "HealthBands",
     "health_warnings",
+    "paired_drop_p",
     "Model",
     "OnlineConfig",
     "RolloutError",

@@ -13,8 +13,10 @@ rate (`model.restore(step)` does the roll-back). Both are pure: no I/O, no model
 
 from __future__ import annotations
 
+import math
 import statistics
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -70,24 +72,47 @@ def health_warnings(
 Action = Literal["continue", "rollback", "stop"]
 
 
+def paired_drop_p(before: Sequence[float], after: Sequence[float]) -> float:
+    """One-sided p-value that `after` is worse than `before` on the same items (an exact sign test, the exact
+    McNemar test): of the items whose outcome changed, how unlikely it is that at least as many went from
+    right to wrong as did, if a change were as likely either way. Outcomes are read as right when >= 0.5.
+
+    On 16 questions, 15 right then 12 (three lost, none gained) gives p = 1/8: three coin flips all landing one
+    way. Five lost and none gained gives 1/32."""
+    if len(before) != len(after):
+        raise ValueError(f"paired outcomes need the same items: {len(before)} before, {len(after)} after")
+    lost = sum(1 for b, a in zip(before, after, strict=True) if b >= 0.5 > a)
+    gained = sum(1 for b, a in zip(before, after, strict=True) if a >= 0.5 > b)
+    n = lost + gained
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2**n
+
+
 @dataclass
 class CollapseGuard:
     """Keeps the best held-out score and says when to roll back to it.
 
     `update(step, score)` after each evaluation returns "continue", "rollback" (the score stayed more than
     `tolerance` below the best for `patience` evaluations: restore `best_step`, multiply the learning rate by
-    `lr_factor`), or "stop" (that happened `max_rollbacks` times already). Ties keep the later step."""
+    `lr_factor`), or "stop" (that happened `max_rollbacks` times already). Ties keep the later step.
+
+    Pass each evaluation's per-item outcomes too (`update(step, score, outcomes)`, the same items in the same
+    order every time) and `end_step` asks for evidence before it gives up the last step: a drop larger than
+    `tolerance` must also be significant in a paired sign test (`paired_drop_p` < `alpha`)."""
 
     tolerance: float = 0.1
     patience: int = 1
     lr_factor: float = 0.5
     max_rollbacks: int = 2
+    alpha: float = 0.05
     best_step: int = 0
     best_score: float = float("-inf")
     rollbacks: int = 0
     _bad: int = 0
+    _outcomes: dict[int, list[float]] = field(default_factory=dict, repr=False)
 
-    def update(self, step: int, score: float) -> Action:
+    def update(self, step: int, score: float, outcomes: Sequence[float] | None = None) -> Action:
+        if outcomes is not None:
+            self._outcomes[step] = list(outcomes)
         if score >= self.best_score:
             self.best_step, self.best_score, self._bad = step, score, 0
             return "continue"
@@ -105,7 +130,18 @@ class CollapseGuard:
 
     def end_step(self, last_step: int, last_score: float) -> int:
         """The step to end a run on: the last one, unless its score is more than `tolerance` below the best
-        (the drop `update` counts as a collapse); then the best. A smaller drop is within the noise of a
-        small evaluation set, and the last step has trained the most. Call `update` with the last step's
-        score first."""
-        return last_step if last_score >= self.best_score - self.tolerance else self.best_step
+        (the drop `update` counts as a collapse) and, where both steps' outcomes were given, the drop is
+        significant (`drop_p` < `alpha`); then the best. A smaller or unproven drop is within the noise of
+        a small evaluation set, and the last step has trained the most. Call `update` with the last step's
+        score (and outcomes) first."""
+        if last_score >= self.best_score - self.tolerance:
+            return last_step
+        p = self.drop_p(last_step)
+        return last_step if p is not None and p >= self.alpha else self.best_step
+
+    def drop_p(self, step: int) -> float | None:
+        """`paired_drop_p` from the best step to `step`, or None without both steps' outcomes."""
+        best, last = self._outcomes.get(self.best_step), self._outcomes.get(step)
+        if best is None or last is None:
+            return None
+        return paired_drop_p(best, last)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import advantage as adv
 
 from .env import make_scenarios
@@ -9,15 +11,22 @@ from .reward import success
 from .rollout import ChatModel, rollout
 
 
+class Evaluation(NamedTuple):
+    success: float  # the rate over the scenarios (an episode that failed to run counts as a miss)
+    reward: float  # the mean over the episodes that ran
+    outcomes: list[float]  # 1.0 / 0.0 per scenario, in the scenarios' order (CollapseGuard's paired test)
+
+
 async def evaluate(
     model: adv.TrainableModel, scenarios: list, desc: str, force: bool, split: str = "val"
-) -> tuple[float, float]:
-    """Greedy held-out evaluation: (success rate, mean reward), logged as `split` at the current step."""
+) -> Evaluation:
+    """Greedy held-out evaluation, logged as `split` at the current step."""
     groups = await greedy_episodes(model, scenarios, desc, force)
     trajs = [t for g in groups for t in g.trajectories]
     await model.log(groups, split=split)
-    rate = sum(success(t) for t in trajs) / len(scenarios)
-    return rate, sum(t.reward for t in trajs) / max(len(trajs), 1)
+    right = {t.metadata["scenario_id"]: float(success(t)) for t in trajs}
+    outcomes = [right.get(s.id, 0.0) for s in scenarios]
+    return Evaluation(sum(outcomes) / len(scenarios), sum(t.reward for t in trajs) / max(len(trajs), 1), outcomes)
 
 
 async def greedy_episodes(

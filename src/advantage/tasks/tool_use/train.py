@@ -18,7 +18,7 @@ import advantage as adv
 
 from .config import DemoConfig
 from .env import TOOL_NAMES
-from .evaluation import evaluate, held_out
+from .evaluation import Evaluation, evaluate, held_out
 from .steps import ENGINE_THREADS, ROLLOUTS_IN_FLIGHT, step_rollouts, tool_results, train_config
 
 __all__ = ["DemoConfig", "main", "run"]
@@ -112,7 +112,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     baseline = asyncio.ensure_future(evaluate(model, val, "baseline eval", force))
     guard = adv.CollapseGuard(tolerance=0.15, patience=2)
     dev_scores: dict[int, float] = {}  # dev success of the steps evaluated
-    dev_eval: asyncio.Future[tuple[float, float]] | None = None
+    dev_eval: asyncio.Future[Evaluation] | None = None
     dev_step = first_step
     if cfg.eval_every:
         dev_eval = asyncio.ensure_future(evaluate(model, dev, "dev eval", force, split="dev"))
@@ -121,7 +121,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     async def read_baseline() -> None:
         nonlocal base_rate, base_reward
         if math.isnan(base_rate):
-            base_rate, base_reward = await baseline
+            base_rate, base_reward, _ = await baseline
             print(f"baseline held-out success {base_rate:.0%}  reward {base_reward:.3f}")
 
     history: list[dict[str, float]] = []
@@ -135,10 +135,10 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         nonlocal dev_eval, at_target, lr, upcoming
         if dev_eval is None:
             return None
-        rate, _ = await dev_eval
+        rate, _, outcomes = await dev_eval
         dev_eval = None
         dev_scores[dev_step] = rate
-        action = guard.update(dev_step, rate)
+        action = guard.update(dev_step, rate, outcomes)
         print(
             f"  dev success {rate:.0%} (step {dev_step}; best {guard.best_score:.0%} at step {guard.best_step})"
         )
@@ -197,32 +197,38 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         upcoming = None
         await read_baseline()
         if dev_eval is not None:  # no step came after it (steps=0, or a roll-back at the end)
-            rate, _ = await dev_eval
+            rate, _, outcomes = await dev_eval
             dev_eval = None
             dev_scores[dev_step] = rate
-            guard.update(dev_step, rate)
+            guard.update(dev_step, rate, outcomes)
 
         best_note = ""
         last = await model.get_step()
-        final: asyncio.Future[tuple[float, float]] = asyncio.ensure_future(
+        final: asyncio.Future[Evaluation] = asyncio.ensure_future(
             evaluate(model, val, "final eval", force)
         )  # of the last step, which is usually the best: alongside its dev evaluation
-        if cfg.eval_every:  # end on the last step, or on the best by dev success if the last fell too far
+        if cfg.eval_every:  # end on the last step, or on the best by dev success if the last fell far and surely
             if last not in dev_scores:
-                dev_scores[last], _ = await evaluate(model, dev, "dev eval (last step)", force, "dev")
-                guard.update(last, dev_scores[last])
+                dev_scores[last], _, outcomes = await evaluate(model, dev, "dev eval (last step)", force, "dev")
+                guard.update(last, dev_scores[last], outcomes)
             end = guard.end_step(last, dev_scores[last])
             drop = f"dev success {dev_scores[last]:.0%} against the best, {guard.best_score:.0%} at step {guard.best_step}"
+            p = guard.drop_p(last)
+            sign_test = "" if p is None else f"; a paired sign test gives p = {p:.2g} against {guard.alpha:g}"
             if end != last:
                 await final  # held-out success of the last step, logged; the best one is evaluated below
                 await model.restore(end, metric="dev/success")
-                best_note = f", rolled back to step {end}: {drop}, more than {guard.tolerance:.0%} below it"
+                best_note = (
+                    f", rolled back to step {end}: {drop}, more than {guard.tolerance:.0%} below it{sign_test}"
+                )
                 final = asyncio.ensure_future(evaluate(model, val, "final eval", force))
             elif guard.best_step == last:
                 best_note = f", the best by dev success {guard.best_score:.0%}"
-            else:
+            elif dev_scores[last] >= guard.best_score - guard.tolerance:
                 best_note = f", the last step: {drop}, within {guard.tolerance:.0%} of it"
-        final_rate, final_reward = await final
+            else:
+                best_note = f", the last step: {drop}, more than {guard.tolerance:.0%} below it but not a significant drop{sign_test}"
+        final_rate, final_reward, _ = await final
     finally:
         await _dropped(upcoming)  # an error left them in flight
         for task in (baseline, dev_eval):
