@@ -52,6 +52,11 @@ from advantage.trajectory import TrajectoryGroup, check_groups
 T = TypeVar("T")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_FILE = "default_step.json"  # in the run dir: the step `name` serves, once a promotion gate set one
+# A train step frees its peak (~5 GiB on the demo) into glibc's arena, which keeps it for the next step unless
+# less than this share of the machine's memory is available; then it goes back to the OS. Handing it back
+# after every step cost the next ~1.5 million page faults, and the update ran 1.25x slower
+# (benchmarks/trim.py, BENCHMARKS.md).
+TRIM_BELOW_AVAILABLE = 0.25
 TRAIN_RETRY_AFTER_S = 5  # what a full training queue advises: a job takes seconds to minutes
 
 
@@ -388,7 +393,8 @@ class Service:
                 step = self.save_step(name, {"metrics": metrics, "config": config.model_dump()})
             entry.log.append(step, "train", metrics)
             entry.log.write_trajectories("train", step, groups)
-        _release_freed_memory()
+        if memory_short():
+            _release_freed_memory()
         return step, metrics
 
     def save_step(self, name: str, state: dict[str, Any]) -> int:
@@ -602,7 +608,16 @@ def _read_default(mdir: Path, steps: list[int]) -> int | None:
     return step if step in steps else None
 
 
+def memory_short(meminfo: Path = Path("/proc/meminfo"), below: float = TRIM_BELOW_AVAILABLE) -> bool:
+    """Whether less than `below` of the machine's memory is available (False where /proc/meminfo is not)."""
+    try:
+        kib = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in meminfo.read_text().splitlines())}
+        return kib["MemAvailable"] < below * kib["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return False
+
+
 def _release_freed_memory() -> None:
-    """Hand the train step's freed peak back to the OS (glibc keeps it in its arenas otherwise)."""
+    """Hand freed memory back to the OS (glibc keeps it in its arenas otherwise)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
