@@ -23,7 +23,6 @@ import os
 import resource
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +44,9 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("groups", type=Path, help="a trajectories/train/NNNN.jsonl file of a demo run")
     ap.add_argument("--rounds", type=int, default=3, help="updates on each side")
-    ap.add_argument("--groups", dest="n_groups", type=int, default=12, help="scenarios of each round's rollouts")
+    ap.add_argument(
+        "--groups", dest="n_groups", type=int, default=12, help="scenarios of each round's rollouts"
+    )
     args = ap.parse_args()
     groups = load_step(args.groups)
     cfg = DemoConfig(groups_per_step=args.n_groups, focus_groups=0)
@@ -71,7 +72,9 @@ async def main() -> None:
     await backend.close()
     trim, keep = statistics.median(seconds["trim"]), statistics.median(seconds["keep"])
     n = sum(len(g.trajectories) for g in groups)
-    print(f"\n{n} trajectories; median update: trim {trim:.1f} s, keep {keep:.1f} s: keeping is {trim / keep:.2f}x")
+    print(
+        f"\n{n} trajectories; median update: trim {trim:.1f} s, keep {keep:.1f} s: keeping is {trim / keep:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ async def evaluate(
     await model.log(groups, split=split)
     right = {t.metadata["scenario_id"]: float(success(t)) for t in trajs}
     outcomes = [right.get(s.id, 0.0) for s in scenarios]
-    return Evaluation(sum(outcomes) / len(scenarios), sum(t.reward for t in trajs) / max(len(trajs), 1), outcomes)
+    return Evaluation(
+        sum(outcomes) / len(scenarios), sum(t.reward for t in trajs) / max(len(trajs), 1), outcomes
+    )
 
 
 async def greedy_episodes(

@@ -207,9 +207,11 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         final: asyncio.Future[Evaluation] = asyncio.ensure_future(
             evaluate(model, val, "final eval", force)
         )  # of the last step, which is usually the best: alongside its dev evaluation
-        if cfg.eval_every:  # end on the last step, or on the best by dev success if the last fell far and surely
+        if cfg.eval_every:  # the last step, or the best by dev success if the last fell far and surely
             if last not in dev_scores:
-                dev_scores[last], _, outcomes = await evaluate(model, dev, "dev eval (last step)", force, "dev")
+                dev_scores[last], _, outcomes = await evaluate(
+                    model, dev, "dev eval (last step)", force, "dev"
+                )
                 guard.update(last, dev_scores[last], outcomes)
             end = guard.end_step(last, dev_scores[last])
             drop = f"dev success {dev_scores[last]:.0%} against the best, {guard.best_score:.0%} at step {guard.best_step}"
@@ -218,9 +220,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             if end != last:
                 await final  # held-out success of the last step, logged; the best one is evaluated below
                 await model.restore(end, metric="dev/success")
-                best_note = (
-                    f", rolled back to step {end}: {drop}, more than {guard.tolerance:.0%} below it{sign_test}"
-                )
+                best_note = f", rolled back to step {end}: {drop}, more than {guard.tolerance:.0%} below it{sign_test}"
                 final = asyncio.ensure_future(evaluate(model, val, "final eval", force))
             elif guard.best_step == last:
                 best_note = f", the best by dev success {guard.best_score:.0%}"
