@@ -5,12 +5,12 @@ every step, handing that memory back to the OS, so the next step took it again p
 page faults, each a few microseconds of kernel time on these VMs). Now it trims only when the machine runs
 short of memory (`service.memory_short`). This measures what the trim costs.
 
-One backend, one model, one recorded step's groups (a demo run's `trajectories/train/NNNN.jsonl`). Each
-round gathers a demo step's rollouts (the engine's allocations between two updates, as in the demo), then,
-for the "trim" side, hands the freed memory back before the timed update; the "keep" side does not. The sides
-alternate (the first update, which finds no freed memory either way, is a warm-up and not counted). The lr
-is tiny, so the weights barely move between rounds. Printed: each update's seconds, page faults and kernel
-time, and the medians' ratio.
+One backend, one model, one recorded step's groups (a demo run's `trajectories/train/NNNN.jsonl`). Each round
+gathers a demo step's rollouts (the engine's allocations between two updates, as in the demo) and trains one
+step on the recorded groups; on the "trim" side the freed memory is handed back first, before the rollouts,
+where the service used to do it; the "keep" side leaves it. The sides alternate; the first round finds no
+freed memory either way and is a warm-up. The lr is tiny, so the weights barely move between rounds. Printed:
+each round's rollout and update seconds, the update's page faults and kernel time, and the medians' ratios.
 
     .venv/bin/python benchmarks/trim.py RUN/trajectories/train/0003.jsonl [--rounds 3] [--groups 12]
 """
@@ -23,6 +23,7 @@ import os
 import resource
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,22 +57,28 @@ async def main() -> None:
     model = adv.TrainableModel("trim", project="bench", base_model=cfg.base_model)
     await model.register(backend)
     seconds: dict[str, list[float]] = {"trim": [], "keep": []}
+    gen: dict[str, list[float]] = {"trim": [], "keep": []}
     sides = ["warm-up"] + [s for _ in range(args.rounds) for s in ("trim", "keep")]
     for i, side in enumerate(sides):
-        await step_rollouts(model, cfg, i, None)
-        if side == "trim":
+        if side == "trim":  # where the service trimmed: after the last update, before these rollouts
             service._release_freed_memory()
+        t0 = time.perf_counter()
+        await step_rollouts(model, cfg, i, None)
+        t_gen = time.perf_counter() - t0
         faults, sys_s = usage()
         result = await model.train(groups, config=config)
         faults2, sys2 = usage()
         s = result.metrics["seconds"]
-        print(f"{side:8s} update {s:5.1f} s  page faults {faults2 - faults:9,d}  kernel {sys2 - sys_s:4.1f} s CPU",
-              flush=True)  # fmt: skip
+        print(f"{side:8s} rollouts {t_gen:5.1f} s  update {s:5.1f} s  page faults {faults2 - faults:9,d}  "
+              f"kernel {sys2 - sys_s:4.1f} s CPU", flush=True)  # fmt: skip
         if side in seconds:
             seconds[side].append(s)
+            gen[side].append(t_gen)
     await backend.close()
     trim, keep = statistics.median(seconds["trim"]), statistics.median(seconds["keep"])
+    g_trim, g_keep = statistics.median(gen["trim"]), statistics.median(gen["keep"])
     n = sum(len(g.trajectories) for g in groups)
+    print(f"median rollouts: trim {g_trim:.1f} s, keep {g_keep:.1f} s: keeping is {g_trim / g_keep:.2f}x")
     print(
         f"\n{n} trajectories; median update: trim {trim:.1f} s, keep {keep:.1f} s: keeping is {trim / keep:.2f}x"
     )

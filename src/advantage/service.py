@@ -54,8 +54,8 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_FILE = "default_step.json"  # in the run dir: the step `name` serves, once a promotion gate set one
 # A train step frees its peak (~5 GiB on the demo) into glibc's arena, which keeps it for the next step unless
 # less than this share of the machine's memory is available; then it goes back to the OS. Handing it back
-# after every step cost the next ~1.5 million page faults, and the update ran 1.25x slower
-# (benchmarks/trim.py, BENCHMARKS.md).
+# after every step cost the next ~1.5 million page faults (~0.15 million without), and the update ran 1.11x
+# slower (benchmarks/trim.py, BENCHMARKS.md).
 TRIM_BELOW_AVAILABLE = 0.25
 TRAIN_RETRY_AFTER_S = 5  # what a full training queue advises: a job takes seconds to minutes
 
