@@ -11,7 +11,9 @@ setting (`--compare`):
 - `attention`: cascade attention's two parts in torch's CPU flash kernel, merged by their log-sum-exps (the
   default), and under one fp32 softmax (`two_part_attention`, the reference, which upcasts every key it
   reads);
-- `batch`: the engine decoding up to 64 rows at once with 64 rollouts in flight, against 32 and 32.
+- `batch`: the engine decoding up to 64 rows at once with 64 rollouts in flight, against 32 and 32;
+- `head`: the vocabulary head in the form the engine timed fastest here (`engine/head.py`), against
+  `F.linear` on the weight as laid out (`head_form="linear"`, what the engine did before it timed them).
 
 Each round runs the demo's rollouts for one training step (G scenarios x N rollouts, T=0.7, multi-turn,
 first call forced, seeded so both sides sample alike) on both, alternating which goes first, and prints the
@@ -55,6 +57,10 @@ COMPARE = {  # label -> engine settings, the feature on first
     "batch": {
         "64 rows": {"max_batch_size": 64, "concurrency": 64},
         "32 rows": {"max_batch_size": 32, "concurrency": 32},
+    },
+    "head": {  # at the demo's 64 rows
+        "tuned head": {"head_form": "auto", "max_batch_size": 64, "concurrency": 64},
+        "linear head": {"head_form": "linear", "max_batch_size": 64, "concurrency": 64},
     },
 }
 ATTENTION = {"fp32 two-part": CASCADE_TWO_PART}  # a side's attention implementation, where not the default
@@ -109,6 +115,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             if label in ATTENTION:
                 backend.service.engine(model.base_model).model.set_attn_implementation(ATTENTION[label])
             sides[label] = (backend, model)
+        if args.compare == "head":  # the form each engine computes its head in (timed on its first request)
+            for label, (_, model) in sides.items():
+                await one_step(model, 99, 1, 1, False)
+                engine = sides[label][0].service.engine(model.base_model)
+                print(f"{label}: head plan {getattr(engine, 'head_plan', None)}", flush=True)
         times: dict[str, list[float]] = {k: [] for k in sides}
         tokens: dict[str, list[int]] = {k: [] for k in sides}
         train_times: dict[str, list[float]] = {k: [] for k in sides}

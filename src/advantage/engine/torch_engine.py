@@ -5,6 +5,7 @@ waiting request that uses the running batch's adapter, prefills them (identical 
 rollouts of a GRPO group share one prefill; a prefix that an earlier prompt already computed, such as the
 system prompt and tool schemas, or the previous turn of the conversation, comes from the prefix cache),
 left-pads them into the running KV cache and decodes all rows together (a row's own bookkeeping: `rows.py`).
+On a CPU the vocabulary head runs in whichever form is fastest there (`head.py`).
 The KV cache grows in place (see `kv.py`). Finished rows leave the batch at once, and columns that no row
 needs any more are cropped.
 
@@ -30,7 +31,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,6 +41,8 @@ from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
 from advantage.engine.detokenize import detokenizer_factory
 from advantage.engine.enum_choice import choose_values
 from advantage.engine.grammar import GrammarCompiler, allowed_tokens
+from advantage.engine.head import FORMS as HEAD_FORMS
+from advantage.engine.head import HeadForm, tune_head
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
 from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
@@ -73,9 +76,14 @@ class TorchEngine:
         cascade: bool | None = None,
         enum_lookahead: int = 4,
         threads: int | None = None,
+        head_form: HeadForm | Literal["auto"] = "auto",
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 (or None: torch's default), got {threads}.")
+        if head_form != "auto" and head_form not in HEAD_FORMS:
+            raise ValueError(
+                f"head_form must be 'auto' or one of {', '.join(HEAD_FORMS)}, got {head_form!r}."
+            )
         # torch's intra-op threads on the engine thread. The count is kept per thread, and a new thread starts
         # with the last one set on any thread: None takes the creating thread's, not another engine's.
         self.threads = threads or torch.get_num_threads()
@@ -95,6 +103,10 @@ class TorchEngine:
         self.model: Any = own_memory(column_major_linears(model.to(self.device).eval()))  # type: ignore[arg-type]
         # Taken before any adapter: an in-process Trainer of this model builds on these (engine/weights.py).
         self.base_weights = BaseWeights.of(self.model, model_path)
+        self._head_form = head_form
+        # rows -> the head's form from that many rows up, once the engine thread has timed them (_loop);
+        # None: the head is left as loaded (CUDA, bf16, a bias)
+        self.head_plan: dict[int, HeadForm] | None = None
         cfg_len = int(getattr(model.config, "max_position_embeddings", 2048))
         self.context_len = min(max_context or cfg_len, cfg_len)
         self.max_batch_size = max_batch_size
@@ -251,6 +263,11 @@ class TorchEngine:
 
     def _loop(self) -> None:
         torch.set_num_threads(self.threads)
+        try:  # timed on this thread, at its thread count, before the first request (head.py)
+            rows = sorted({1, 8, min(self.max_batch_size, 64)})
+            self.head_plan = tune_head(self.model, rows=rows, form=self._head_form)
+        except Exception:  # the head as loaded computes the same logits
+            log.exception("timing the vocabulary head's forms failed; it stays as loaded")
         while True:
             with self._cv:
                 while not (self._pending or self._rows or self._commands or self._closed):
