@@ -18,7 +18,9 @@ class DemoConfig(BaseModel):
     )
     root: Path = Field(Path(".advantage"), description="Checkpoint and run root.")
     base_model: str = Field("smollm2-135m-instruct", description="Bundled model name or HF model dir.")
-    steps: int = Field(12, ge=0, description="Training steps (40-90 s each on 2 CPU cores).")
+    steps: int = Field(
+        12, ge=0, description="Training steps (40-90 s each on a 2-core Xeon; 2-3 min on an AVX2-only EPYC)."
+    )
     groups_per_step: int = Field(
         8,
         ge=1,
