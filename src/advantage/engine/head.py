@@ -7,11 +7,11 @@ on W's layout and on which operand it sees first, and the best form differs from
 
 - a 2-core AMX Xeon: `F.linear` on column-major W (`precision.column_major_linears`) 13 ms, on row-major
   W 26 ms (32 rows);
-- a 2-core EPYC (Zen 3, AVX2 only): `F.linear` 89 ms on column-major W, 70 ms on row-major, and
-  (W @ hᵀ)ᵀ on row-major W 55 ms; at 8 rows 61 / 44 / 19 ms.
+- a 2-core EPYC (Zen 3, AVX2 only): `F.linear` 88 ms on column-major W, 74 ms on row-major, and
+  (W @ hᵀ)ᵀ on row-major W 61 ms; at 8 rows 65 / 45 / 21 ms (`benchmarks/head_forms.py`).
 
-At one row (a single request decoding) `F.linear` runs as a matrix-vector product and wins everywhere
-(9 ms against 17 there). So the engine times the forms once per process, on its own weight, at a few row
+At one row (a single request decoding) `F.linear` on the column-major W runs as a matrix-vector product and
+won on the EPYC too (9 ms against 17). So the engine times the forms once per process, on its own weight, at a few row
 counts (1, 8 and its batch's), and uses at each row count the form that was fastest at the nearest count
 timed below it (`TunedHead`). The forms give the same logits up to fp32 rounding (~1e-6: the order of one sum).
 A row-major copy of W, where a form needs one and the model's W is not, costs one more copy of the head
