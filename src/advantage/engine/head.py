@@ -40,6 +40,12 @@ Plan = dict[int, HeadForm]  # rows -> the form used from that many rows up (to t
 _CHOSEN: dict[tuple[object, ...], Plan] = {}
 
 
+def check_form(form: str) -> None:
+    """Raise, saying what is allowed, unless `form` is "auto" or one of FORMS."""
+    if form != "auto" and form not in FORMS:
+        raise ValueError(f"head_form must be 'auto' or one of {', '.join(FORMS)}, got {form!r}.")
+
+
 def _matmul(
     form: HeadForm, weight: torch.Tensor, row_major: torch.Tensor
 ) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -104,8 +110,7 @@ def tune_head(
     """Give `model` (a causal LM on the CPU) a `TunedHead`: in `form`, or ("auto") in the form timed fastest
     here at each of `rows`, used from that many rows up. Returns the plan, or None where the head is left
     alone: not a bias-free fp32 `nn.Linear` on the CPU."""
-    if form != "auto" and form not in FORMS:
-        raise ValueError(f"head_form must be 'auto' or one of {', '.join(FORMS)}, got {form!r}.")
+    check_form(form)
     head = getattr(model, "lm_head", None)
     if (
         type(head) is not nn.Linear

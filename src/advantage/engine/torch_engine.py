@@ -41,8 +41,8 @@ from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
 from advantage.engine.detokenize import detokenizer_factory
 from advantage.engine.enum_choice import choose_values
 from advantage.engine.grammar import GrammarCompiler, allowed_tokens
-from advantage.engine.head import FORMS as HEAD_FORMS
 from advantage.engine.head import HeadForm, tune_head
+from advantage.engine.head import check_form as check_head_form
 from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
 from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
@@ -80,10 +80,7 @@ class TorchEngine:
     ) -> None:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 (or None: torch's default), got {threads}.")
-        if head_form != "auto" and head_form not in HEAD_FORMS:
-            raise ValueError(
-                f"head_form must be 'auto' or one of {', '.join(HEAD_FORMS)}, got {head_form!r}."
-            )
+        check_head_form(head_form)
         # torch's intra-op threads on the engine thread. The count is kept per thread, and a new thread starts
         # with the last one set on any thread: None takes the creating thread's, not another engine's.
         self.threads = threads or torch.get_num_threads()
