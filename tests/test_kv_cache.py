@@ -219,16 +219,23 @@ def test_allowed_tokens_unpacks_llguidance_bitmasks(tokenizer):
     vocab = len(tokenizer)
     compiler = GrammarCompiler(tokenizer, vocab)
     grammar = grammar_from_response_format({"type": "json_object"})
-    constraint = compiler.matcher(grammar)
-    mask = allowed_tokens([None, constraint], vocab)
+    # Rows in different states (so different masks), computed together in llguidance's thread pool.
+    constraints = [compiler.matcher(grammar) for _ in range(3)]
+    for n, c in enumerate(constraints):
+        for tok in tokenizer.encode('{"a": "b', add_special_tokens=False)[:n]:
+            c.consume(tok)
+    mask = allowed_tokens([None, *constraints], vocab)
     assert mask[0].all()
-    # The reference: llguidance's own masking of logits.
-    bitmask = llt.allocate_token_bitmask(1, vocab)
-    constraint.fill(bitmask, 0)
-    logits = torch.zeros(1, vocab)
-    llt.apply_token_bitmask_inplace(logits, bitmask)
-    assert torch.equal(mask[1], logits[0] == 0)
-    assert 0 < int(mask[1].sum()) < vocab
+    for row, c in enumerate(constraints, start=1):
+        # The reference: llguidance's own masking of logits, one row at a time.
+        bitmask = llt.allocate_token_bitmask(1, vocab)
+        llt.fill_next_token_bitmask(c.matcher, bitmask, 0)
+        logits = torch.zeros(1, vocab)
+        llt.apply_token_bitmask_inplace(logits, bitmask)
+        assert torch.equal(mask[row], logits[0] == 0)
+        assert 0 < int(mask[row].sum()) < vocab
+    assert not torch.equal(mask[1], mask[2])
+    assert torch.equal(allowed_tokens([constraints[1]], vocab)[0], mask[2])  # one row: on this thread
 
 
 def test_rows_that_finish_early_ride_along_without_changing_the_others(engines, tokenizer):

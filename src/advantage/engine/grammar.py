@@ -306,11 +306,10 @@ class Constraint:
         function = text[at + len(_NAME) :].partition('"')[0]
         return self._values.get((function, key))
 
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into row `row` of an llguidance token bitmask."""
-        import llguidance.torch as llt
-
-        llt.fill_next_token_bitmask(self._m, bitmask, row)
+    @property
+    def matcher(self) -> Any:
+        """The llguidance `LLMatcher`."""
+        return self._m
 
     def consume(self, token: int) -> None:
         self._m.consume_token(token)
@@ -320,17 +319,38 @@ class Constraint:
         return bool(self._m.is_stopped())
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
+_BIT_VALUES = (1 << torch.arange(32, dtype=torch.int64)).to(
+    torch.int32
+)  # bit i of a word; bit 31 is the sign
+_executor: Any = None
+_executor_lock = threading.Lock()
+
+
+def _mask_executor() -> Any:
+    """llguidance's thread pool for computing many rows' masks at once (without the GIL), one per process,
+    with as many threads as torch uses."""
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            import llguidance
+
+            _executor = llguidance.LLExecutor(num_threads=max(1, torch.get_num_threads()))
+        return _executor
 
 
 def allowed_tokens(constraints: list[Constraint | None], vocab_size: int) -> torch.Tensor:
-    """(B, V) bool: which tokens each row may sample next (every token for a row without a constraint)."""
+    """(B, V) bool: which tokens each row may sample next (every token for a row without a constraint).
+
+    Two or more rows' masks are computed in llguidance's thread pool, outside the GIL (one row's on this
+    thread): measured at 48 rows of the demo, see BENCHMARKS.md."""
     import llguidance.torch as llt
 
     bitmask = llt.allocate_token_bitmask(len(constraints), vocab_size)
     bitmask.fill_(-1)
-    for row, c in enumerate(constraints):
-        if c is not None:
-            c.fill(bitmask, row)
-    bits = (bitmask.unsqueeze(-1) >> _BITS) & 1  # bit i of word w is token 32 * w + i
-    return bits.reshape(len(constraints), -1)[:, :vocab_size].bool()
+    jobs = [(c.matcher, row) for row, c in enumerate(constraints) if c is not None]
+    if len(jobs) > 1:
+        llt.fill_next_token_bitmask_par(_mask_executor(), jobs, bitmask)
+    elif jobs:
+        llt.fill_next_token_bitmask(jobs[0][0], bitmask, jobs[0][1])
+    bits = (bitmask.unsqueeze(-1) & _BIT_VALUES).ne(0)  # bit i of word w is token 32 * w + i
+    return bits.reshape(len(constraints), -1)[:, :vocab_size]
