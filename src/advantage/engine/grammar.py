@@ -319,9 +319,8 @@ class Constraint:
         return bool(self._m.is_stopped())
 
 
-_BIT_VALUES = (1 << torch.arange(32, dtype=torch.int64)).to(
-    torch.int32
-)  # bit i of a word; bit 31 is the sign
+# Each bit's value in an int32 word of a bitmask (bit 31's is the sign bit).
+_BIT_VALUES = (1 << torch.arange(32, dtype=torch.int64)).to(torch.int32)
 _executor: Any = None
 _executor_lock = threading.Lock()
 
