@@ -32,7 +32,7 @@ from rollout_gen import one_step  # noqa: E402
 
 import advantage as adv  # noqa: E402
 import advantage.engine.torch_engine as torch_engine  # noqa: E402
-from advantage.engine.grammar import Constraint, _mask_executor  # noqa: E402
+from advantage.engine.grammar import Constraint, allowed_tokens  # noqa: E402
 
 _SHIFTS = torch.arange(32, dtype=torch.int32)
 
@@ -49,14 +49,8 @@ def serial(matchers: list[object | None], vocab: int) -> torch.Tensor:
 
 
 def pooled(matchers: list[object | None], vocab: int) -> torch.Tensor:
-    """As `grammar.allowed_tokens` does it now (on the copies given)."""
-    bitmask = llt.allocate_token_bitmask(len(matchers), vocab)
-    bitmask.fill_(-1)
-    llt.fill_next_token_bitmask_par(
-        _mask_executor(), [(m, row) for row, m in enumerate(matchers) if m is not None], bitmask
-    )
-    bits = (bitmask.unsqueeze(-1) & (1 << torch.arange(32, dtype=torch.int64)).to(torch.int32)).ne(0)
-    return bits.reshape(len(matchers), -1)[:, :vocab]
+    """As the engine does it now: `grammar.allowed_tokens` (on the copies given)."""
+    return allowed_tokens([Constraint(m) if m is not None else None for m in matchers], vocab)
 
 
 def main(args: argparse.Namespace) -> None:
