@@ -15,6 +15,7 @@ from openai.types.chat.chat_completion import Choice
 
 import advantage as adv
 from advantage.engine.torch_engine import TorchEngine
+from advantage.service import Service
 from advantage.tracking import RunLog, policy_lag
 
 pytestmark = pytest.mark.integration
@@ -30,6 +31,35 @@ def test_the_engine_sets_its_own_threads_only(tiny_model_dir: Path) -> None:
         assert torch.get_num_threads() == before  # this thread keeps its own
     finally:
         engine.close()
+
+
+def test_the_engine_decodes_on_fewer_threads_while_the_trainer_runs(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match="threads_while_training must be >= 1"):
+        TorchEngine(tiny_model_dir, threads_while_training=0)
+    service = Service(tmp_path, {"dtype": "float32", "threads": 2})
+    engine = service.engine(str(tiny_model_dir))
+
+    def engine_threads() -> int:
+        return engine._command(torch.get_num_threads).result(timeout=30)
+
+    ours = torch.get_num_threads()  # what the training thread takes (the count the service was made under)
+    try:
+        assert engine_threads() == 2
+        service.submit_train(lambda: None).result(timeout=30)  # the training thread exists, has run no op
+
+        def during_a_job() -> tuple[int, int]:
+            return engine_threads(), torch.get_num_threads()
+
+        # A job on the training thread (a train step, or any other use of the trainer): the engine's next
+        # step runs on threads_while_training (default: half of its threads), then on its own again. torch
+        # sets a thread's count at its first op to the last count set on any thread: the training thread,
+        # which had run none when the engine set 1, keeps its own all the same.
+        assert service.submit_train(during_a_job).result(timeout=30) == (1, ours)
+        assert not service.trainer_busy.is_set() and engine_threads() == 2
+    finally:
+        service.close()
 
 
 async def test_a_step_trains_while_the_next_rollouts_gather(tiny_model_dir: Path, tmp_path: Path) -> None:

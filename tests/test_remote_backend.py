@@ -8,6 +8,7 @@ tiny random Llama keeps each train step well under a second.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import queue
@@ -134,10 +135,18 @@ async def test_same_user_code_trains_over_http(
         val = adv.TrajectoryGroup([adv.Trajectory(PROMPT, reward=0.25), adv.Trajectory(PROMPT, reward=0.75)])
         logged = await model.log([val], split="val")
         assert logged["val/reward"] == pytest.approx(0.5)
-        assert await model.delete_checkpoints(keep="latest") == [1]
+        # An evaluation of remote@1 that ended after step 2 was trained is logged at the step it evaluated.
+        await model.log([val], split="dev", step=1)
         mdir = ckpt.model_dir(tmp_path, "t", "remote")
+        rows = [json.loads(x) for x in (mdir / "metrics.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["split"]) for r in rows if "/reward" in str(list(r))][-2:] == [
+            (2, "val"),
+            (1, "dev"),
+        ]
+        assert await model.delete_checkpoints(keep="latest") == [1]
         assert ckpt.list_steps(mdir) == [0, 2]
         assert (mdir / "trajectories" / "val" / "0002.jsonl").exists()
+        assert (mdir / "trajectories" / "dev" / "0001.jsonl").exists()
     finally:
         await backend.close()
 
@@ -210,6 +219,9 @@ async def test_bad_input_is_a_4xx_that_says_what_to_do(
             await model.train(groups)
         with pytest.raises(BackendRequestError, match="Invalid split"):
             await model.log([adv.TrajectoryGroup([adv.Trajectory(PROMPT)])], split="../x")
+        with pytest.raises(BackendRequestError, match="Cannot log at step 7 .*no such step") as info:
+            await model.log([adv.TrajectoryGroup([adv.Trajectory(PROMPT, reward=1.0)])], split="dev", step=7)
+        assert info.value.status == 400
         # Found while training, after the stream started: an error event, raised the same way.
         groups = await _groups(model, n_groups=1, size=2)
         groups[0].trajectories[0].reward, groups[0].trajectories[1].reward = 0.0, 1.0

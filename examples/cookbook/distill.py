@@ -112,7 +112,7 @@ async def run(r: Recipe) -> dict[str, float]:
         if r.eval_every:
             target = await success_rate(served, dev, "teacher dev eval")
             out["teacher_dev_success"] = target
-            rate, _ = await evaluate(student, dev, "dev eval", True, "dev")
+            rate = await success_at_latest(student, dev, "dev eval", "dev")
             out["dev_success_0"] = rate
             print(f"teacher dev success {target:.0%}; student dev success {rate:.0%} (step 0)")
         if r.val_size and r.val_every:
@@ -178,13 +178,13 @@ async def run(r: Recipe) -> dict[str, float]:
                 f"{time.perf_counter() - start:.0f} s)"
             )
             if r.eval_every and (i + 1) % r.eval_every == 0:
-                rate, _ = await evaluate(student, dev, f"dev eval {name}", True, "dev")
+                rate = await success_at_latest(student, dev, f"dev eval {name}", "dev")
                 out[f"dev_success_{first + i + 1}"] = rate
                 line += f"  dev success {rate:.0%}"
                 if target is not None and rate >= target and "steps_to_teacher" not in out:
                     out["steps_to_teacher"] = float(i + 1)
             if r.val_size and r.val_every and (i + 1) % r.val_every == 0 and i + 1 < r.steps:
-                rate, _ = await evaluate(student, val, f"held-out eval {name}", True, "val")
+                rate = await success_at_latest(student, val, f"held-out eval {name}", "val")
                 out[f"val_success_{first + i + 1}"] = rate
                 line += f"  held-out success {rate:.0%}"
             print(line)
@@ -192,12 +192,17 @@ async def run(r: Recipe) -> dict[str, float]:
                 print(f"dev success reached the teacher's ({target:.0%}) after {i + 1} steps: stopping")
                 break
         if r.val_size:
-            out["val_success"], _ = await evaluate(student, val, "final eval", True, "val")
+            out["val_success"] = await success_at_latest(student, val, "final eval", "val")
             print(f"held-out success {out['val_success']:.0%} at {student.get_inference_name()}")
         out["seconds"] = time.perf_counter() - start
     finally:
         await backend.close()
     return out
+
+
+async def success_at_latest(model: adv.TrainableModel, scenarios: list, desc: str, split: str) -> float:
+    """The student's greedy success at its latest step, logged as `split` at that step."""
+    return (await evaluate(model, scenarios, desc, True, split, step=await model.get_step())).success
 
 
 async def success_rate(model: adv.Model, scenarios: list, desc: str) -> float:

@@ -180,9 +180,14 @@ class TrainableModel(Model):
 
         return await train_online(self, config, evaluate=evaluate, stop=stop, judge=judge, on_step=on_step)
 
-    async def log(self, groups: list[TrajectoryGroup], split: str = "val") -> dict[str, Any]:
-        """Record evaluation groups (metrics `<split>/reward` etc. at the current step, and the trajectories)."""
-        return await self.backend.log(self.spec, list(groups), split)
+    async def log(
+        self, groups: list[TrajectoryGroup], split: str = "val", *, step: int | None = None
+    ) -> dict[str, Any]:
+        """Record evaluation groups (metrics `<split>/reward` etc., and the trajectories) at `step`: the step
+        whose weights (`get_inference_name(step)`) the groups came from, when a later step has been trained
+        since (an evaluation run beside the next update); default, the latest step. (W&B, if on, drops a row
+        logged at an earlier step than it has seen; metrics.jsonl keeps every row.)"""
+        return await self.backend.log(self.spec, list(groups), split, step)
 
     async def delete_checkpoints(self, keep: str = "best+latest", metric: str = "val/reward") -> list[int]:
         """Delete checkpoints except the latest and the best by `metric`; returns the deleted steps."""

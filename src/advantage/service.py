@@ -41,6 +41,7 @@ from advantage.engine.models import allowed_base_model, resolve_model_path
 from advantage.files import write_text_atomic
 from advantage.online.store import FILENAME as TRAFFIC_FILE
 from advantage.online.store import Retention, SQLiteTrafficStore, TrafficStore
+from advantage.threads import set_torch_threads
 from advantage.tracking import RunLog, group_metrics, policy_lag
 from advantage.training import checkpoints as ckpt
 from advantage.training import fork
@@ -169,9 +170,12 @@ class Service:
         self._train_thread = concurrent.futures.ThreadPoolExecutor(
             1,
             thread_name_prefix="advantage-train",
-            initializer=torch.set_num_threads,
+            initializer=set_torch_threads,
             initargs=(torch.get_num_threads(),),
         )
+        # Set while a job runs on the training thread: the in-process engines decode on fewer threads then
+        # (`TorchEngine(threads_while_training=)`), leaving the cores to the update.
+        self.trainer_busy = threading.Event()
 
     # ------------------------------------------------------------------ engines and names
     def engine(self, base_model: str) -> Engine:
@@ -185,7 +189,7 @@ class Service:
             return self.engine_factory(model_dir)
         from advantage.engine.torch_engine import TorchEngine
 
-        return TorchEngine(model_dir, **self.engine_kwargs)
+        return TorchEngine(model_dir, **{"trainer_busy": self.trainer_busy, **self.engine_kwargs})
 
     def _local_trainer(self, model_dir: Path, lora: LoRAConfig) -> Trainer:
         """An in-process trainer, on the base weights of the engine that serves `model_dir` where there is one
@@ -504,24 +508,41 @@ class Service:
                     TRAIN_RETRY_AFTER_S,
                 )
             self._train_jobs += 1
-        fut = self._train_thread.submit(functools.partial(fn, *args))
+        fut = self._train_thread.submit(self._busy, functools.partial(fn, *args))
         fut.add_done_callback(self._train_job_done)
         return fut
+
+    def _busy(self, job: Callable[[], T]) -> T:
+        """Run `job` on the training thread with `trainer_busy` set (one job at a time runs there)."""
+        self.trainer_busy.set()
+        try:
+            return job()
+        finally:
+            self.trainer_busy.clear()
 
     def _train_job_done(self, _: concurrent.futures.Future[Any]) -> None:
         with self._train_jobs_lock:
             self._train_jobs -= 1
 
-    def log_groups(self, name: str, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
-        """Record evaluation groups under `split` at the latest step; under the model's lock, so the step
-        it is recorded at cannot move under it (a train step publishing the next one)."""
+    def log_groups(
+        self, name: str, groups: list[TrajectoryGroup], split: str, step: int | None = None
+    ) -> dict[str, float]:
+        """Record evaluation groups under `split` at `step`: an earlier one (0, or a step on disk), for an
+        evaluation of `name@step` that finished after a later step was trained; or, with None, the latest
+        step, read under the model's lock, so it cannot move under it (a train step publishing the next)."""
         check_name("split", split)  # it becomes a directory name
         entry = self.model_entry(name)
         check_groups(groups, "log")  # any model's trajectories: no vocabulary to check their ids against
         metrics = group_metrics(groups, split)
         with entry.lock:
-            entry.log.append(entry.latest, split, metrics)
-            entry.log.write_trajectories(split, entry.latest, groups)
+            at = entry.latest if step is None else step
+            if step is not None and step != 0 and step not in entry.steps:
+                raise ValueError(
+                    f"Cannot log at step {step} of {name!r}: no such step. Steps: {sorted({0, *entry.steps})}; "
+                    "log at the step whose weights (`name@step`) were evaluated, or leave step out for the latest."
+                )
+            entry.log.append(at, split, metrics)
+            entry.log.write_trajectories(split, at, groups)
         return metrics
 
     def delete_checkpoints(

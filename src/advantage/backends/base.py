@@ -67,7 +67,9 @@ class Backend(Protocol):
 
     async def get_step(self, model: ModelSpec) -> int: ...
 
-    async def log(self, model: ModelSpec, groups: list[TrajectoryGroup], split: str) -> dict[str, float]: ...
+    async def log(
+        self, model: ModelSpec, groups: list[TrajectoryGroup], split: str, step: int | None = None
+    ) -> dict[str, float]: ...
 
     async def feedback(self, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
         """Feedback on a recorded completion (`POST /v1/feedback`'s body and answer)."""

@@ -136,8 +136,10 @@ class LocalBackend:
     async def get_step(self, model: ModelSpec) -> int:
         return self.service.model_entry(model.name).latest
 
-    async def log(self, model: ModelSpec, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
-        return await asyncio.to_thread(self.service.log_groups, model.name, groups, split)
+    async def log(
+        self, model: ModelSpec, groups: list[TrajectoryGroup], split: str, step: int | None = None
+    ) -> dict[str, float]:
+        return await asyncio.to_thread(self.service.log_groups, model.name, groups, split, step)
 
     async def feedback(self, model: ModelSpec, body: dict[str, Any]) -> dict[str, Any]:
         from advantage.online.feedback import give_feedback

@@ -182,8 +182,10 @@ class RemoteBackend:
         data = await self._call_registered(model, "GET", "step", None, idempotent=True)
         return int(data["step"])
 
-    async def log(self, model: ModelSpec, groups: list[TrajectoryGroup], split: str) -> dict[str, float]:
-        body = {"groups": [g.to_dict() for g in groups], "split": split}
+    async def log(
+        self, model: ModelSpec, groups: list[TrajectoryGroup], split: str, step: int | None = None
+    ) -> dict[str, float]:
+        body = {"groups": [g.to_dict() for g in groups], "split": split, "step": step}
         data = await self._call_registered(model, "POST", "log", body, idempotent=False)
         return {k: float(v) for k, v in data["metrics"].items()}
 

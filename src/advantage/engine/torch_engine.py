@@ -50,6 +50,7 @@ from advantage.engine.rows import Request, Row, check_fits, check_sequences, set
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 from advantage.engine.scoring import sequence_logprobs
 from advantage.engine.weights import BaseWeights, own_memory
+from advantage.threads import set_torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,23 @@ class TorchEngine:
         enum_lookahead: int = 4,
         threads: int | None = None,
         head_form: HeadForm | Literal["auto"] = "auto",
+        trainer_busy: threading.Event | None = None,
+        threads_while_training: int | None = None,
     ) -> None:
-        if threads is not None and threads < 1:
-            raise ValueError(f"threads must be >= 1 (or None: torch's default), got {threads}.")
+        for what, n in (("threads", threads), ("threads_while_training", threads_while_training)):
+            if n is not None and n < 1:
+                raise ValueError(f"{what} must be >= 1 (or None: the default), got {n}.")
         check_head_form(head_form)
         # torch's intra-op threads on the engine thread. The count is kept per thread, and a new thread starts
         # with the last one set on any thread: None takes the creating thread's, not another engine's.
         self.threads = threads or torch.get_num_threads()
+        # While `trainer_busy` is set (an in-process trainer is running a step on the same cores), the engine
+        # decodes on fewer threads: on 2 cores a few dozen rows decode only ~1.08x faster on the second one,
+        # and an update beside an engine on one thread went 1.3-1.4x faster than the two one after the other
+        # (BENCHMARKS.md, session 36). The count is switched between decode steps.
+        self.trainer_busy = trainer_busy
+        self.threads_while_training = min(threads_while_training or max(1, self.threads // 2), self.threads)
+        self._threads_now = self.threads
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._new_detokenizer = detokenizer_factory(self.tokenizer)
@@ -259,7 +270,7 @@ class TorchEngine:
                     self.model.set_adapter(self._batch_adapter)
 
     def _loop(self) -> None:
-        torch.set_num_threads(self.threads)
+        set_torch_threads(self._threads_now)
         try:  # timed on this thread, at its thread count, before the first request (head.py)
             rows = sorted({1, 8, min(self.max_batch_size, 64)})
             self.head_plan = tune_head(self.model, rows=rows, form=self._head_form)
@@ -273,6 +284,7 @@ class TorchEngine:
                     self._fail_all(RuntimeError("engine closed"))
                     return
             batch: list[Request] = []
+            self._share_cores()
             try:
                 self._run_commands()
                 self._drop_cancelled()
@@ -287,6 +299,14 @@ class TorchEngine:
                 self._fail_rows(exc)
                 for req in batch:  # a prefill that failed before its rows joined: fail those requests too
                     settle(req.future, exc)
+
+    def _share_cores(self) -> None:
+        """Decode on `threads_while_training` threads while the trainer runs, on `threads` otherwise."""
+        busy = self.trainer_busy is not None and self.trainer_busy.is_set()
+        want = self.threads_while_training if busy else self.threads
+        if want != self._threads_now:
+            set_torch_threads(want)
+            self._threads_now = want
 
     def _run_commands(self) -> None:
         while self._commands:

@@ -143,7 +143,7 @@ async def log_groups(name: str, body: LogRequest, request: Request) -> Response:
     _trainable(service, name)
     groups = await asyncio.to_thread(_groups, service, name, body.groups, None)
     try:
-        metrics = await asyncio.to_thread(service.log_groups, name, groups, body.split)
+        metrics = await asyncio.to_thread(service.log_groups, name, groups, body.split, body.step)
     except Exception as exc:
         raise api_error(exc) from exc
     return _json({"name": name, "metrics": metrics})

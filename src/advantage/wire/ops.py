@@ -84,6 +84,9 @@ class TrainRequest(_Wire):
 class LogRequest(_Wire):
     groups: list[GroupRecord]
     split: str = "val"
+    step: int | None = Field(
+        None, ge=0, description="The step whose weights were evaluated (default: the latest step)."
+    )
 
 
 class DeleteCheckpointsRequest(_Wire):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
+
+import openai
 
 import advantage as adv
 
@@ -17,13 +20,28 @@ class Evaluation(NamedTuple):
     outcomes: list[float]  # 1.0 / 0.0 per scenario, in the scenarios' order (CollapseGuard's paired test)
 
 
+@dataclass(frozen=True)
+class AtStep:
+    """A model as rollouts see it (`ChatModel`), answering with one step's weights (`name@step`) whatever is
+    trained meanwhile: an evaluation that runs beside the next update stays on the weights it evaluates."""
+
+    model: adv.TrainableModel
+    step: int
+
+    def openai_client(self) -> openai.AsyncOpenAI:
+        return self.model.openai_client()
+
+    def get_inference_name(self) -> str:
+        return self.model.get_inference_name(self.step)
+
+
 async def evaluate(
-    model: adv.TrainableModel, scenarios: list, desc: str, force: bool, split: str = "val"
+    model: adv.TrainableModel, scenarios: list, desc: str, force: bool, split: str = "val", *, step: int
 ) -> Evaluation:
-    """Greedy held-out evaluation, logged as `split` at the current step."""
-    groups = await greedy_episodes(model, scenarios, desc, force)
+    """Greedy held-out evaluation of `step`'s weights, logged as `split` at that step."""
+    groups = await greedy_episodes(AtStep(model, step), scenarios, desc, force)
     trajs = [t for g in groups for t in g.trajectories]
-    await model.log(groups, split=split)
+    await model.log(groups, split=split, step=step)
     right = {t.metadata["scenario_id"]: float(success(t)) for t in trajs}
     outcomes = [right.get(s.id, 0.0) for s in scenarios]
     return Evaluation(

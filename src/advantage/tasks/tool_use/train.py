@@ -76,7 +76,10 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     An evaluation runs alongside the next step's rollouts: both use the same weights, so the engine decodes
     them in one batch, and the evaluation's latency (a few long greedy episodes decoding alone at the end)
     hides behind the rollouts instead of adding to the step. The verdict is read before that step trains:
-    a stop or a roll-back drops the rollouts, which came from the weights it judged.
+    a stop or a roll-back drops the rollouts, which came from the weights it judged. The base weights'
+    evaluations (the baseline and step 0's dev) run beside the first update instead, on `name@0`: the engine
+    sits idle then otherwise, and decodes on fewer threads while the trainer runs (48 greedy episodes added
+    ~30 s to the update, where beside the first rollouts they had added ~90 s to the step).
 
     With `cfg.overlap` the next step's rollouts gather while this step trains (the engine on one thread, the
     trainer on the rest), so each step trains on rollouts one step behind; a stop or a roll-back drops
@@ -109,18 +112,23 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             return await adv.ruler_score_group(g, judge=judge, swallow_exceptions=True)
 
     force = cfg.force_first_call
-    baseline = asyncio.ensure_future(evaluate(model, val, "baseline eval", force))
     guard = adv.CollapseGuard(tolerance=0.15, patience=2)
     dev_scores: dict[int, float] = {}  # dev success of the steps evaluated
+    baseline: asyncio.Future[Evaluation] | None = None
     dev_eval: asyncio.Future[Evaluation] | None = None
     dev_step = first_step
-    if cfg.eval_every:
-        dev_eval = asyncio.ensure_future(evaluate(model, dev, "dev eval", force, split="dev"))
     base_rate = base_reward = float("nan")
+
+    def evaluate_base() -> None:
+        """Start the base weights' evaluations: the held-out baseline, and dev success at step 0."""
+        nonlocal baseline, dev_eval
+        baseline = asyncio.ensure_future(evaluate(model, val, "baseline eval", force, step=first_step))
+        if cfg.eval_every:
+            dev_eval = asyncio.ensure_future(evaluate(model, dev, "dev eval", force, "dev", step=first_step))
 
     async def read_baseline() -> None:
         nonlocal base_rate, base_reward
-        if math.isnan(base_rate):
+        if math.isnan(base_rate) and baseline is not None:
             base_rate, base_reward, _ = await baseline
             print(f"baseline held-out success {base_rate:.0%}  reward {base_reward:.3f}")
 
@@ -173,10 +181,12 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
                 upcoming = asyncio.ensure_future(
                     step_rollouts(model, cfg, first_step + i + 1, after_each, mix)
                 )
-            await read_baseline()
+            if baseline is None:
+                evaluate_base()  # beside this first update
             # Without overlap, the evaluation of the weights these rollouts came from is read before they
-            # train; with it, after (it ran beside the update; the trainer does not wait for it).
-            if not cfg.overlap and (action := await verdict()):
+            # train (step 0's, beside this update, before the next); with overlap, after (it ran beside the
+            # update; the trainer does not wait for it).
+            elif not cfg.overlap and (action := await verdict()):
                 if action == "stop":
                     break
                 continue
@@ -184,6 +194,7 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             warnings = adv.health_warnings(result.metrics, history)
             history.append(result.metrics)
             print(step_line(cfg, result, groups, t_gen, time.perf_counter() - start, warnings))
+            await read_baseline()
             if cfg.overlap and (action := await verdict()):
                 if action == "stop":
                     break
@@ -191,10 +202,12 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             if cfg.eval_every and (i + 1) % cfg.eval_every == 0 and i + 1 < cfg.steps:
                 dev_step = result.step
                 dev_eval = asyncio.ensure_future(
-                    evaluate(model, dev, f"dev eval step {dev_step}", force, "dev")
+                    evaluate(model, dev, f"dev eval step {dev_step}", force, "dev", step=dev_step)
                 )
         await _dropped(upcoming)  # a stop left the next step's rollouts in flight
         upcoming = None
+        if baseline is None:  # steps=0
+            evaluate_base()
         await read_baseline()
         if dev_eval is not None:  # no step came after it (steps=0, or a roll-back at the end)
             rate, _, outcomes = await dev_eval
@@ -205,12 +218,12 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
         best_note = ""
         last = await model.get_step()
         final: asyncio.Future[Evaluation] = asyncio.ensure_future(
-            evaluate(model, val, "final eval", force)
+            evaluate(model, val, "final eval", force, step=last)
         )  # of the last step, which is usually the best: alongside its dev evaluation
         if cfg.eval_every:  # the last step, or the best by dev success if the last fell far and surely
             if last not in dev_scores:
                 dev_scores[last], _, outcomes = await evaluate(
-                    model, dev, "dev eval (last step)", force, "dev"
+                    model, dev, "dev eval (last step)", force, "dev", step=last
                 )
                 guard.update(last, dev_scores[last], outcomes)
             end = guard.end_step(last, dev_scores[last])
@@ -219,9 +232,9 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
             sign_test = "" if p is None else f"; a paired sign test gives p = {p:.2g} against {guard.alpha:g}"
             if end != last:
                 await final  # held-out success of the last step, logged; the best one is evaluated below
-                await model.restore(end, metric="dev/success")
+                restored = await model.restore(end, metric="dev/success")
                 best_note = f", rolled back to step {end}: {drop}, more than {guard.tolerance:.0%} below it{sign_test}"
-                final = asyncio.ensure_future(evaluate(model, val, "final eval", force))
+                final = asyncio.ensure_future(evaluate(model, val, "final eval", force, step=restored))
             elif guard.best_step == last:
                 best_note = f", the best by dev success {guard.best_score:.0%}"
             elif dev_scores[last] >= guard.best_score - guard.tolerance:
