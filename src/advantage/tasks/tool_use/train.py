@@ -78,8 +78,9 @@ async def run(cfg: DemoConfig) -> dict[str, float]:
     hides behind the rollouts instead of adding to the step. The verdict is read before that step trains:
     a stop or a roll-back drops the rollouts, which came from the weights it judged. The base weights'
     evaluations (the baseline and step 0's dev) run beside the first update instead, on `name@0`: the engine
-    sits idle then otherwise, and decodes on fewer threads while the trainer runs (48 greedy episodes added
-    ~30 s to the update, where beside the first rollouts they had added ~90 s to the step).
+    sits idle then otherwise, and decodes on fewer threads while the trainer runs (the first step's work
+    1.03-1.07x faster, `benchmarks/base_evals.py`). Later dev evaluations stay beside rollouts: 16 greedy
+    episodes beside an update added more to it than beside rollouts.
 
     With `cfg.overlap` the next step's rollouts gather while this step trains (the engine on one thread, the
     trainer on the rest), so each step trains on rollouts one step behind; a stop or a roll-back drops
