@@ -36,6 +36,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "advantage.tracking",
             "advantage.scaling",
             "advantage.health",
+            "advantage.threads",
             "advantage.online",  # the traffic store, feedback and groups (the online *trainer* is on top)
         ],
     ),
