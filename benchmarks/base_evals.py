@@ -32,30 +32,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from overlap import gather  # noqa: E402  (benchmarks/, the script's own folder)
+
 import advantage as adv  # noqa: E402
 from advantage.tasks.tool_use.config import DemoConfig  # noqa: E402
-from advantage.tasks.tool_use.env import make_scenarios  # noqa: E402
 from advantage.tasks.tool_use.evaluation import AtStep, greedy_episodes, held_out  # noqa: E402
-from advantage.tasks.tool_use.rollout import rollout  # noqa: E402
 from advantage.tasks.tool_use.steps import ROLLOUTS_IN_FLIGHT, train_config  # noqa: E402
 
 TRAIN = train_config(DemoConfig(), lr=1e-9)  # the demo's loss settings; the weights stay the base's
-
-
-async def gather(base: AtStep, seed: int) -> list[adv.TrajectoryGroup]:
-    scenarios = make_scenarios(12, seed=seed, split="train")
-    return await adv.gather_trajectory_groups(
-        [
-            [
-                rollout(base, s, temperature=0.7, force_first_call=True, seed=1000 * seed + 10 * g + i)
-                for i in range(4)
-            ]
-            for g, s in enumerate(scenarios)
-        ],
-        max_exceptions=0,
-        progress=False,
-        concurrency=ROLLOUTS_IN_FLIGHT,
-    )
 
 
 async def evaluations(base: AtStep) -> None:
@@ -68,7 +52,7 @@ async def one_round(model: adv.TrainableModel, seed: int, beside_update: bool) -
     base = AtStep(model, 0)
     t0 = time.perf_counter()
     evals = None if beside_update else asyncio.ensure_future(evaluations(base))
-    groups = await gather(base, seed)
+    groups = await gather(base, seed, 12)  # type: ignore[arg-type]  # a ChatModel is all a rollout needs
     t1 = time.perf_counter()
     if beside_update:
         evals = asyncio.ensure_future(evaluations(base))
