@@ -6,13 +6,16 @@ import inspect
 from collections.abc import Callable
 from pathlib import Path
 from types import GenericAlias, UnionType
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import typer
 from pydantic import BaseModel
 
 from advantage.config import SFTConfig
 from advantage.environment import set_engine_defaults
+from advantage.server.config import ServeConfig
+
+M = TypeVar("M", bound=BaseModel)
 
 set_engine_defaults()  # every command may start an engine: before any of them loads torch
 
@@ -21,149 +24,12 @@ app = typer.Typer(
 )
 
 
-@app.command()
-def serve(
-    host: Annotated[
-        str, typer.Option(help="Interface to bind; keep 127.0.0.1 unless behind a proxy.")
-    ] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7999,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="ADVANTAGE_API_KEY", help="Require 'Authorization: Bearer KEY'.")
-    ] = None,
-    base_model: Annotated[
-        list[str], typer.Option(help="Base model(s) to load at start: a bundled name or an HF model dir.")
-    ] = ["smollm2-135m-instruct"],  # noqa: B006 - typer needs a literal default
-    root: Annotated[Path, typer.Option(help="Checkpoint root.")] = Path(".advantage"),
-    model_dir: Annotated[
-        list[Path],
-        typer.Option(
-            help="A directory of model directories that clients may register as base_model (by path, or by "
-            "path relative to it); repeat for several. Besides these, only bundled names and the --base-model "
-            "models load."
-        ),
-    ] = [],  # noqa: B006 - typer needs a literal default
-    max_pending: Annotated[
-        int,
-        typer.Option(min=1, help="Requests that may wait for the engine's batch; more are answered 429."),
-    ] = 256,
-    max_train_queue: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            help="Train steps and low-level ops that may wait for the training thread besides the one "
-            "running; more are answered 429.",
-        ),
-    ] = 16,
-    record: Annotated[
-        bool,
-        typer.Option(
-            help="Record the chat completions of every trainable model (each in traffic.sqlite in its run "
-            "dir), for POST /v1/feedback and online training. Without it, only models registered with "
-            "record_traffic=True record."
-        ),
-    ] = False,
-    background_samples: Annotated[
-        int,
-        typer.Option(
-            min=0,
-            max=16,
-            help="Background samples per recorded request: this many more choices of every chat completion a "
-            "recording model serves, sampled in the same batch and recorded beside the caller's, never "
-            "returned, so an online judge can score each request as a group. For models whose register "
-            "asks for none; 0: off.",
-        ),
-    ] = 0,
-    trainer_workers: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Data-parallel trainer workers per trainable model, placed as Ray actors (needs the "
-            "optional ray extra); 1 trains in this process.",
-        ),
-    ] = 1,
-    engine_replicas: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            help="Engine replicas per base model, placed as Ray actors (needs the optional ray extra); "
-            "requests are routed by prompt prefix, else to the least loaded. 1 serves from this process.",
-        ),
-    ] = 1,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            help="A Ray cluster to place trainer workers and engine replicas on; default: a local one."
-        ),
-    ] = None,
-    cpus_per_trainer: Annotated[float, typer.Option(help="CPUs each trainer worker reserves.")] = 1.0,
-    gpus_per_trainer: Annotated[
-        float, typer.Option(help="GPUs each trainer worker reserves (> 0: CUDA and NCCL).")
-    ] = 0.0,
-    cpus_per_engine: Annotated[float, typer.Option(help="CPUs each engine replica reserves.")] = 1.0,
-    gpus_per_engine: Annotated[
-        float, typer.Option(help="GPUs each engine replica reserves (> 0: CUDA).")
-    ] = 0.0,
-    engine: Annotated[
-        Literal["torch", "vllm"],
-        typer.Option(
-            help="The inference engine: torch (CPU or CUDA), or vllm (NVIDIA GPUs; untested so far, and it "
-            "needs requirements-gpu.txt in its own virtualenv: README, 'Scaling out')."
-        ),
-    ] = "torch",
-    engine_threads: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="torch threads of the torch engine (default: torch's). 1 leaves the other cores to the "
-            "trainer, for clients that train one step while the next one's rollouts gather (README, "
-            "'Training while the next rollouts gather').",
-        ),
-    ] = None,
-) -> None:
-    """Serve base models and trained adapters through an OpenAI-compatible API."""
-    from advantage import cluster
-    from advantage.engine.replicas import ReplicaPlacement, engine_factory
-    from advantage.server.runner import serve_forever
-    from advantage.service import Service
-    from advantage.training.ray_workers import Placement, trainer_factory
-
-    trainers = Placement(trainer_workers, ray_address, cpus_per_trainer, gpus_per_trainer)
-    replicas = ReplicaPlacement(engine_replicas, ray_address, cpus_per_engine, gpus_per_engine)
-    if trainers.uses_ray or replicas.uses_ray:  # one cluster with room for both, held until the process exits
-        cluster.join(
-            ray_address, trainer_workers * cpus_per_trainer + engine_replicas * cpus_per_engine, serve
-        )
-    engine_kwargs: dict[str, object] = {"max_pending": max_pending}
-    if engine_threads is not None:
-        if engine != "torch":
-            raise typer.BadParameter(
-                "only the torch engine takes a thread count", param_hint="--engine-threads"
-            )
-        engine_kwargs["threads"] = engine_threads
-    try:
-        engines = engine_factory(replicas, engine_kwargs, engine)
-    except (ImportError, ValueError) as e:
-        raise typer.BadParameter(str(e), param_hint="--engine") from None
-    service = Service(
-        root,
-        engine_kwargs=engine_kwargs,
-        model_dirs=model_dir,
-        max_train_queue=max_train_queue,
-        record_traffic=record,
-        background_samples=background_samples,
-        engine_factory=engines,
-        trainer_factory=trainer_factory(trainers),
-    )
-    for name in base_model:
-        service.engine(name)
-    serve_forever(service, host, port, api_key)
-
-
 def _options_from(*configs: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command one --option per field of a pydantic config, with the field's description as its help:
     the config is the single place where a knob and its documentation live. The command's own named
     parameters come first; the config's fields arrive in its `**given`. With several configs, a field that
-    two of them share is one option, documented by the first."""
+    two of them share is one option, documented by the first. A field whose `json_schema_extra` names an
+    `envvar` is read from it when the option is not given."""
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
         own = inspect.signature(fn, eval_str=True).parameters.values()
@@ -198,7 +64,11 @@ def _options_from(*configs: type[BaseModel]) -> Callable[[Callable[..., None]], 
             if ann is bool:
                 dashed = name.replace("_", "-")
                 decls = (f"--{dashed}/--no-{dashed}",)
-            option = typer.Option(*decls, help=help_, show_default=False)
+            extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+            envvar = extra.get("envvar")  # e.g. a key read from the environment when not given
+            option = typer.Option(
+                *decls, help=help_, show_default=False, envvar=envvar if isinstance(envvar, str) else None
+            )
             params.append(
                 inspect.Parameter(
                     name,
@@ -211,6 +81,35 @@ def _options_from(*configs: type[BaseModel]) -> Callable[[Callable[..., None]], 
         return fn
 
     return wrap
+
+
+@app.command()
+@_options_from(ServeConfig)
+def serve(**given: Any) -> None:
+    """Serve base models and trained adapters through an OpenAI-compatible API.
+
+    Every option is a field of advantage.server.config:ServeConfig."""
+    from advantage.server.runner import serve_forever, service_of
+
+    cfg = _config(ServeConfig, given)
+    try:
+        service = service_of(cfg)
+    except (ImportError, ValueError) as e:  # a placement or engine that cannot run here, a bad base model
+        raise typer.BadParameter(str(e)) from None
+    serve_forever(service, cfg.host, cfg.port, cfg.api_key)
+
+
+def _config(config: type[M], given: dict[str, Any]) -> M:
+    """`config` from the options given (None: not given); a value it refuses is a usage error that names
+    the option."""
+    from pydantic import ValidationError
+
+    try:
+        return config(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as e:
+        hints = sorted({"--" + str(err["loc"][0]).replace("_", "-") for err in e.errors() if err["loc"]})
+        said = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
+        raise typer.BadParameter(said, param_hint=", ".join(hints) or None) from None
 
 
 def _demo_configs() -> tuple[type[BaseModel], type[BaseModel]]:
@@ -238,8 +137,6 @@ def demo(
 
     Every option is a field of advantage.tasks.tool_use.config:DemoConfig, or with --online of
     advantage.tasks.tool_use.online:OnlineDemoConfig."""
-    from pydantic import ValidationError
-
     config = _demo_configs()[1 if online else 0]
     given = {k: v for k, v in given.items() if v is not None}
     other = sorted(set(given) - set(config.model_fields))
@@ -247,10 +144,7 @@ def demo(
         mode = "the online demo (--online)" if online else "the offline demo (without --online)"
         flags = ", ".join("--" + k.replace("_", "-") for k in other)
         raise typer.BadParameter(f"{flags}: not an option of {mode}.")
-    try:
-        cfg = config(**given)
-    except ValidationError as e:
-        raise typer.BadParameter(str(e)) from None
+    cfg = _config(config, given)
     if online:
         from advantage.tasks.tool_use import online as module
     else:
@@ -280,14 +174,9 @@ def sft(
     Every other option is a field of advantage.SFTConfig."""
     import asyncio
 
-    from pydantic import ValidationError
-
     from advantage.sft import train_sft_file
 
-    try:
-        cfg = SFTConfig(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as e:
-        raise typer.BadParameter(str(e)) from None
+    cfg = _config(SFTConfig, given)
     try:
         result = asyncio.run(
             train_sft_file(
@@ -341,19 +230,20 @@ def online(
     import asyncio
     import json
 
-    from pydantic import ValidationError
-
     from advantage.config import OnlineConfig
     from advantage.online.trainer import check_gate, load_evaluate, run_online
 
-    fields = {k: v for k, v in given.items() if v is not None}
-    try:
-        if "train" in fields:
+    fields = dict(given)
+    if fields.get("train") is not None:
+        try:
             fields["train"] = json.loads(fields["train"])
-        cfg = OnlineConfig(**fields)
+        except ValueError as e:
+            raise typer.BadParameter(f"not JSON: {e}", param_hint="--train") from None
+    cfg = _config(OnlineConfig, fields)
+    try:
         evaluate_fn = load_evaluate(evaluate) if evaluate is not None else None
         check_gate(cfg, evaluate_fn)
-    except (ValidationError, ValueError, ImportError) as e:
+    except (ValueError, ImportError) as e:
         raise typer.BadParameter(str(e)) from None
     result = asyncio.run(
         run_online(

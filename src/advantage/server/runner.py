@@ -18,6 +18,7 @@ from urllib.parse import quote, quote_plus, unquote_plus
 import uvicorn
 
 from advantage.server.app import create_app
+from advantage.server.config import ServeConfig
 from advantage.service import Service
 
 SECRET_PARAMS = frozenset({"api_key", "api-key", "apikey", "key", "token", "access_token"})
@@ -101,3 +102,41 @@ class BackgroundServer:
 
 def serve_forever(service: Service, host: str, port: int, api_key: str | None) -> None:
     uvicorn.Server(_config(service, api_key, host, port, "info")).run()
+
+
+def service_of(config: ServeConfig) -> Service:
+    """The `Service` that `advantage serve` runs for `config`: its engines (in this process, as Ray replicas,
+    or vLLM) and trainers (in this process, or data-parallel Ray workers), the base models loaded. Raises
+    ValueError (or ImportError, naming the extra to install) for a placement that cannot run here."""
+    from advantage import cluster
+    from advantage.engine.replicas import ReplicaPlacement, engine_factory
+    from advantage.training.ray_workers import Placement, trainer_factory
+
+    c = config
+    trainers = Placement(c.trainer_workers, c.ray_address, c.cpus_per_trainer, c.gpus_per_trainer)
+    replicas = ReplicaPlacement(c.engine_replicas, c.ray_address, c.cpus_per_engine, c.gpus_per_engine)
+    if c.uses_ray:  # one cluster with room for both, held until the process exits
+        cpus = c.trainer_workers * c.cpus_per_trainer + c.engine_replicas * c.cpus_per_engine
+        cluster.join(c.ray_address, cpus, service_of)
+    engine_kwargs: dict[str, object] = {"max_pending": c.max_pending}
+    if c.engine_threads is not None:
+        engine_kwargs["threads"] = c.engine_threads
+    service = Service(
+        c.root,
+        engine_kwargs=engine_kwargs,
+        model_dirs=c.model_dir,
+        max_train_queue=c.max_train_queue,
+        record_traffic=c.record,
+        background_samples=c.background_samples,
+        engine_factory=engine_factory(replicas, engine_kwargs, c.engine),
+        trainer_factory=trainer_factory(trainers),
+    )
+    for name in c.base_model:
+        service.engine(name)
+    return service
+
+
+def serve(config: ServeConfig) -> None:
+    """`advantage serve`: serve `config.base_model` and every adapter trained on it through the
+    OpenAI-compatible API and the training routes, in the foreground until interrupted."""
+    serve_forever(service_of(config), config.host, config.port, config.api_key)

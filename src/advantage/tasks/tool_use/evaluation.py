@@ -52,11 +52,13 @@ async def evaluate(
 async def greedy_episodes(
     model: ChatModel, scenarios: list, desc: str, force: bool = True
 ) -> list[adv.TrajectoryGroup]:
-    """One greedy episode per scenario, as the demo evaluates (a failed episode is counted, not raised)."""
+    """One greedy episode per scenario, as the demo evaluates (a failed episode is counted, not raised).
+    An empty `desc` shows no progress bar."""
     return await adv.gather_trajectory_groups(
         [[rollout(model, s, temperature=0.0, force_first_call=force)] for s in scenarios],
         max_exceptions=len(scenarios),
-        desc=desc,
+        desc=desc or "gather",
+        progress=bool(desc),
     )
 
 
