@@ -23,7 +23,7 @@ STEPS: list[tuple[int, float]] = []  # (rows, seconds) of every decode step
 
 
 def _timed_decode_step(self: torch_engine.TorchEngine, _orig=torch_engine.TorchEngine._decode_step) -> None:
-    rows, t = len(self._rows), time.perf_counter()
+    rows, t = len(self._batch.rows), time.perf_counter()
     _orig(self)
     STEPS.append((rows, time.perf_counter() - t))
 

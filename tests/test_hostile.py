@@ -727,11 +727,11 @@ def test_a_cancelled_request_leaves_the_batch_at_the_next_decode_step(
     engine = _base_engine(service)
     _slow_decoding(engine, monkeypatch)
     fut = engine.submit([1, 2, 3], SamplingParams(max_tokens=200, temperature=0.0))
-    assert _until(lambda: engine.stats["decode_steps"] > 0 and engine._rows)
+    assert _until(lambda: engine.stats["decode_steps"] > 0 and engine._batch.rows)
     cancelled = engine.stats["cancelled_rows"]
     at = engine.stats["decode_steps"]
     assert fut.cancel()
-    assert _until(lambda: not engine._rows)
+    assert _until(lambda: not engine._batch.rows)
     assert engine.stats["decode_steps"] - at <= 1  # the step under way when it was cancelled, no more
     assert engine.stats["cancelled_rows"] == cancelled + 1
 
@@ -757,7 +757,7 @@ def test_a_client_that_goes_away_leaves_the_batch(
                 client.post(root + CHAT, json=body, headers=headers)
     # The connection is closed: the server cancels the request and its row leaves the batch.
     assert _until(lambda: engine.stats["cancelled_rows"] == cancelled + 1)
-    assert _until(lambda: not engine._rows)
+    assert _until(lambda: not engine._batch.rows)
     assert engine.stats["decode_steps"] - steps < 100  # far from the 200 asked for
 
 

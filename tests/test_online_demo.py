@@ -19,7 +19,7 @@ from advantage.tasks.tool_use.online import OnlineDemoConfig, main
 
 def test_online_demo_trains_and_judges_steps_from_rated_traffic(tmp_path: Path) -> None:
     cfg = OnlineDemoConfig(
-        root=tmp_path, minutes=15, max_steps=1, users=8, askers=2, min_groups=1, val_size=2, dev_size=2
+        root=tmp_path, minutes=15, max_steps=1, users=4, askers=2, min_groups=1, val_size=2, dev_size=2
     )
     result = main(cfg)
     run = tmp_path / "demo" / "models" / cfg.name

@@ -4,7 +4,8 @@ One background thread owns the model. Requests queue up; between decode steps th
 waiting request that uses the running batch's adapter, prefills them (identical prompts once: the 8
 rollouts of a GRPO group share one prefill; a prefix that an earlier prompt already computed, such as the
 system prompt and tool schemas, or the previous turn of the conversation, comes from the prefix cache),
-left-pads them into the running KV cache and decodes all rows together (a row's own bookkeeping: `rows.py`).
+left-pads them into the running KV cache and decodes all rows together (the running batch: `batch.py`; a
+row's own bookkeeping: `rows.py`).
 On a CPU the vocabulary head runs in whichever form is fastest there (`head.py`).
 The KV cache grows in place (see `kv.py`). Finished rows leave the batch at once, and columns that no row
 needs any more are cropped.
@@ -37,6 +38,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, Scores, TokenCallback
+from advantage.engine.batch import Batch, prefix_kwargs
 from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
 from advantage.engine.detokenize import detokenizer_factory
 from advantage.engine.enum_choice import choose_values
@@ -138,12 +140,8 @@ class TorchEngine:
         self._pending: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = deque()
         self._cv = threading.Condition()
-        self._rows: list[Row] = []
+        self._batch = Batch()  # the running batch (batch.py)
         self._batch_adapter: str | None = None
-        self._cache: GrowingCache | None = None
-        self._shared: SharedPrefix | None = None  # the batch's prompt prefix, kept once for all rows
-        self._attn: torch.Tensor | None = None  # (B, L) 1 where the cache holds a real token (after _shared)
-        self._last: torch.Tensor | None = None  # (B,) token to feed at the next decode step
         self._closed = False
         self.stats = {
             "decode_steps": 0,
@@ -278,7 +276,7 @@ class TorchEngine:
             log.exception("timing the vocabulary head's forms failed; it stays as loaded")
         while True:
             with self._cv:
-                while not (self._pending or self._rows or self._commands or self._closed):
+                while not (self._pending or self._batch.rows or self._commands or self._closed):
                     self._cv.wait()
                 if self._closed:
                     self._fail_all(RuntimeError("engine closed"))
@@ -292,7 +290,7 @@ class TorchEngine:
                 with torch.inference_mode(), self._adapter_context():
                     if batch:
                         self._prefill(batch)
-                    if self._rows:
+                    if self._batch.rows:
                         self._decode_step()
             except Exception as exc:  # a failed forward fails its rows, never the engine
                 log.exception("engine step failed")
@@ -350,7 +348,7 @@ class TorchEngine:
     def _remove_adapter(self, name: str) -> None:
         if name not in self._adapters:
             return
-        if self._rows and self._batch_adapter == name:
+        if self._batch.rows and self._batch_adapter == name:
             raise RuntimeError(f"adapter {name!r} is serving requests; retry when they finish")
         if self._merged is not None:
             if self._merged.active == name:
@@ -370,12 +368,12 @@ class TorchEngine:
     def _take_admissible(self) -> list[Request]:
         """Pop the waiting requests that can join the running batch (same adapter, room left, FIFO)."""
         with self._cv:
-            if not self._rows and self._pending:
+            if not self._batch.rows and self._pending:
                 self._batch_adapter = self._pending[0].adapter
                 if self._batch_adapter is not None and self._merged is None:
                     self.model.set_adapter(self._batch_adapter)
             batch: list[Request] = []
-            n_rows = sum(r.finish is None for r in self._rows)
+            n_rows = sum(r.finish is None for r in self._batch.rows)
             while self._pending and self._pending[0].adapter == self._batch_adapter:
                 req = self._pending[0]
                 if n_rows + req.params.n > self.max_batch_size and (n_rows or batch):
@@ -409,11 +407,10 @@ class TorchEngine:
         logits_RV = out.logits[:, -1, :][src_t]
         self.stats["prefill_prompts"] += len(unique)
         self.stats["prefill_rows"] += len(rows)
-        self._compact()  # finished rows would only be copied along
-        self._merge(cache, shared, attn_RP)
-        self._rows.extend(rows)
-        first = len(self._rows) - len(rows)
-        self._sample_and_advance(logits_RV, range(first, len(self._rows)))
+        self._batch.compact()  # finished rows would only be copied along
+        self._batch.merge(rows, cache, shared, attn_RP, self.prefix_cache.min_reuse)
+        first = len(self._batch.rows) - len(rows)
+        self._sample_and_advance(logits_RV, range(first, len(self._batch.rows)))
 
     def _forward_prompts(
         self, unique: list[list[int]]
@@ -456,7 +453,7 @@ class TorchEngine:
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
-            **self._prefix_kwargs(shared),
+            **prefix_kwargs(shared),
         )
         held = len(shared) if shared else 0  # columns of attn_UP that the cache does not hold
         one = self.cascade and rows == 1  # all of the prompt becomes the shared prefix of its rows
@@ -477,65 +474,24 @@ class TorchEngine:
                     layer.update(k[None, :, :0], v[None, :, :0])  # no columns of its own yet
         return cache, shared, attn_UP[:, held:], out
 
-    @staticmethod
-    def _prefix_kwargs(shared: SharedPrefix | None) -> dict[str, Any]:
-        return {"shared_prefix": shared.kv} if shared else {}
-
-    def _full_mask(self, attn: torch.Tensor) -> torch.Tensor:
-        """The attention mask over the shared prefix and the rows' own columns."""
-        if self._shared is None:
-            return attn
-        return torch.cat([attn.new_ones((attn.shape[0], len(self._shared))), attn], dim=1)
-
-    def _merge(self, cache: GrowingCache, shared: SharedPrefix | None, attn_RP: torch.Tensor) -> None:
-        """Append freshly prefilled rows to the running batch, left-padding whichever side is shorter.
-
-        The batch keeps the part of its shared prefix that the new rows share too (if still worth it); the
-        rest of each side's prefix is copied into its rows' own columns."""
-        if self._cache is None or self._attn is None or not self._rows:
-            self._cache, self._shared, self._attn = cache, shared, attn_RP
-            self._last = torch.zeros(attn_RP.shape[0], dtype=torch.long, device=self.device)
-            return
-        keep = shared.common_len(self._shared) if shared else 0
-        if keep < self.prefix_cache.min_reuse:
-            keep = 0
-        self._attn = _unshare(self._cache, self._shared, keep, self._attn)
-        attn_RP = _unshare(cache, shared, keep, attn_RP)
-        self._shared = shared.head(keep) if shared and keep else None
-        old_len, new_len = self._attn.shape[1], attn_RP.shape[1]
-        width = max(old_len, new_len)
-        for old_layer, new_layer in zip(self._cache.layers, cache.layers, strict=True):
-            for attr in ("keys", "values"):
-                a = _left_pad(getattr(old_layer, attr), width - old_len, dim=-2)
-                b = _left_pad(getattr(new_layer, attr), width - new_len, dim=-2)
-                setattr(old_layer, attr, torch.cat([a, b], dim=0))
-        self._attn = torch.cat(
-            [_left_pad(self._attn, width - old_len, dim=1), _left_pad(attn_RP, width - new_len, dim=1)], dim=0
-        )
-        assert self._last is not None
-        self._last = torch.cat(
-            [self._last, torch.zeros(attn_RP.shape[0], dtype=torch.long, device=self.device)]
-        )
-
     def _decode_step(self) -> None:
-        assert self._cache is not None and self._attn is not None and self._last is not None
-        held = len(self._shared) if self._shared else 0
-        pos_B1 = self._attn.sum(-1, keepdim=True) + held  # real tokens so far = position of the fed token
-        self._attn = torch.cat([self._attn, self._attn.new_ones((self._attn.shape[0], 1))], dim=1)
+        b = self._batch
+        assert b.last is not None
+        pos_B1, mask = b.grow()
         out = self.model(
-            input_ids=self._last.unsqueeze(1),
-            attention_mask=self._full_mask(self._attn),
+            input_ids=b.last.unsqueeze(1),
+            attention_mask=mask,
             position_ids=pos_B1,
-            past_key_values=self._cache,
+            past_key_values=b.cache,
             use_cache=True,
-            **self._prefix_kwargs(self._shared),
+            **b.prefix_kwargs(),
         )
         self.stats["decode_steps"] += 1
-        self.stats["shared_prefix_steps"] += held > 0
-        self._sample_and_advance(out.logits[:, -1, :], range(len(self._rows)))
+        self.stats["shared_prefix_steps"] += b.held > 0
+        self._sample_and_advance(out.logits[:, -1, :], range(len(b.rows)))
 
     def _sample_and_advance(self, logits_RV: torch.Tensor, row_ids: range) -> None:
-        rows = [self._rows[i] for i in row_ids]
+        rows = [self._batch.rows[i] for i in row_ids]
         temp = torch.tensor([r.req.params.temperature for r in rows], device=logits_RV.device)
         top_p = torch.tensor([r.req.params.top_p for r in rows], device=logits_RV.device)
         allowed_RV = None
@@ -554,8 +510,8 @@ class TorchEngine:
         top_vals = top_idx = None
         if k:
             top_vals, top_idx = torch.log_softmax(logits_RV.float(), -1).topk(k, dim=-1)
-        assert self._last is not None
-        self._last[row_ids.start : row_ids.stop] = tokens_R
+        assert self._batch.last is not None
+        self._batch.last[row_ids.start : row_ids.stop] = tokens_R
         live = 0
         for j, row in enumerate(rows):
             if row.finish is not None:
@@ -574,27 +530,27 @@ class TorchEngine:
         """`enum_choice.ScoreRests` for rows `first + j`: the logprob of each candidate's tokens after its
         first, in its row's context (the cache as of now), from one forward of the candidates, right-padded,
         on copies of their rows' KV."""
-        assert self._cache is not None and self._attn is not None
+        b = self._batch
+        assert b.cache is not None and b.attn is not None
         seqs = [seq for _, seq in jobs]
         idx = torch.tensor([first + j for j, _ in jobs], device=self.device)
         width = max(len(s) for s in seqs) - 1
         ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
         for i, seq in enumerate(seqs):
             ids[i, : len(seq) - 1] = torch.tensor(seq[:-1])
-        held = len(self._shared) if self._shared else 0
-        attn = self._attn.index_select(0, idx)
-        pos = attn.sum(-1, keepdim=True) + held + torch.arange(width, device=self.device)
+        attn = b.attn.index_select(0, idx)
+        pos = attn.sum(-1, keepdim=True) + b.held + torch.arange(width, device=self.device)
         attn = torch.cat([attn, attn.new_ones((len(seqs), width))], dim=1)
-        cache = GrowingCache(len(self._cache.layers), offset=held)
-        for layer, (k, v) in zip(cache.growing_layers, layer_kv(self._cache), strict=True):
+        cache = GrowingCache(len(b.cache.layers), offset=b.held)
+        for layer, (k, v) in zip(cache.growing_layers, layer_kv(b.cache), strict=True):
             layer.update(k.index_select(0, idx), v.index_select(0, idx))
         out = self.model(
             input_ids=ids.to(self.device),
-            attention_mask=self._full_mask(attn),
+            attention_mask=b.full_mask(attn),
             position_ids=pos,
             past_key_values=cache,
             use_cache=True,
-            **self._prefix_kwargs(self._shared),
+            **b.prefix_kwargs(),
         )
         lp_BTV = torch.log_softmax(out.logits.float(), dim=-1)
         self.stats["lookahead_rows"] += len(seqs)
@@ -611,47 +567,25 @@ class TorchEngine:
         """Answer the requests whose rows just finished. Finished rows leave the batch (a copy of the whole
         KV cache) only once they are a quarter of it, or when new rows join: until then they ride along,
         which costs little (decoding is bound by reading the weights, not by the rows) and saves a copy."""
-        finished = [r for r in self._rows if r.finish is not None]
+        finished = [r for r in self._batch.rows if r.finish is not None]
         for r in finished:
             if r.req.results[r.index] is None:
                 r.req.results[r.index] = r.completion()
                 if all(c is not None for c in r.req.results):
                     settle(r.req.future, [c for c in r.req.results if c is not None])
-        if finished and len(finished) * 4 >= len(self._rows):
-            self._compact()
+        if finished and len(finished) * 4 >= len(self._batch.rows):
+            self._batch.compact()
 
     def _drop_cancelled(self) -> None:
         """Rows of a cancelled request (its client went away) leave the batch now, not when they finish."""
-        cancelled = sum(r.finish is None and r.req.future.cancelled() for r in self._rows)
+        cancelled = sum(r.finish is None and r.req.future.cancelled() for r in self._batch.rows)
         if cancelled:
             self.stats["cancelled_rows"] += cancelled
-            self._compact()
-
-    def _compact(self) -> None:
-        """Drop finished and cancelled rows from the batch, and the cache columns no remaining row attends to."""
-        keep = [i for i, r in enumerate(self._rows) if r.finish is None and not r.req.future.cancelled()]
-        if len(keep) == len(self._rows):
-            return
-        self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
-            self._cache = self._attn = self._last = self._shared = None
-            return
-        assert self._cache is not None and self._attn is not None and self._last is not None
-        idx = torch.tensor(keep, device=self.device)
-        self._cache.batch_select_indices(idx)
-        self._attn, self._last = self._attn[idx], self._last[idx]
-        used = self._attn.any(dim=0).nonzero()  # none: the rows hold only the shared prefix so far
-        first_used = int(used[0]) if used.numel() else self._attn.shape[1]
-        if first_used:  # columns no remaining row attends to
-            for layer in self._cache.growing_layers:
-                layer.keys = layer.keys[..., first_used:, :]
-                layer.values = layer.values[..., first_used:, :]
-            self._attn = self._attn[:, first_used:]
+            self._batch.compact()
 
     def _fail_rows(self, exc: Exception) -> None:
-        for r in self._rows:
+        for r in self._batch.clear():
             settle(r.req.future, exc)
-        self._rows, self._cache, self._attn, self._last, self._shared = [], None, None, None, None
 
     def _fail_all(self, exc: Exception) -> None:
         self._fail_rows(exc)
@@ -661,22 +595,6 @@ class TorchEngine:
             _, fut = self._commands.popleft()
             if not fut.done():
                 fut.set_exception(exc)
-
-
-def _unshare(cache: GrowingCache, shared: SharedPrefix | None, keep: int, attn: torch.Tensor) -> torch.Tensor:
-    """Copy the shared prefix's tokens from `keep` on into every row's own columns; returns the new mask."""
-    if shared is None or len(shared) == keep:
-        return attn
-    cache.prepend(shared.tail(keep))
-    return torch.cat([attn.new_ones((attn.shape[0], len(shared) - keep)), attn], dim=1)
-
-
-def _left_pad(t: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    if k == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = k
-    return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
 
 
 __all__ = ["Completion", "ContextLengthError", "QueueFull", "SamplingError", "SamplingParams", "TorchEngine"]
