@@ -62,7 +62,8 @@ class Batch:
         tokens); the rest of each side's prefix is copied into its rows' own columns."""
         last = torch.zeros(attn_RP.shape[0], dtype=torch.long, device=attn_RP.device)
         if self.cache is None or self.attn is None or self.last is None or not self.rows:
-            self.rows, self.cache, self.shared, self.attn, self.last = list(rows), cache, shared, attn_RP, last
+            self.rows, self.cache, self.shared = list(rows), cache, shared
+            self.attn, self.last = attn_RP, last
             return
         keep = shared.common_len(self.shared) if shared else 0
         if keep < min_reuse:

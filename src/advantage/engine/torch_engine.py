@@ -1,14 +1,13 @@
 """A continuous-batching inference engine on plain torch + transformers (CPU or CUDA).
 
 One background thread owns the model. Requests queue up; between decode steps the loop admits every
-waiting request that uses the running batch's adapter, prefills them (identical prompts once: the 8
-rollouts of a GRPO group share one prefill; a prefix that an earlier prompt already computed, such as the
-system prompt and tool schemas, or the previous turn of the conversation, comes from the prefix cache),
-left-pads them into the running KV cache and decodes all rows together (the running batch: `batch.py`; a
-row's own bookkeeping: `rows.py`).
-On a CPU the vocabulary head runs in whichever form is fastest there (`head.py`).
-The KV cache grows in place (see `kv.py`). Finished rows leave the batch at once, and columns that no row
-needs any more are cropped.
+waiting request that uses the running batch's adapter, prefills them (`prefill.py`: identical prompts once,
+so the 8 rollouts of a GRPO group share one prefill; a prefix that an earlier prompt already computed, such
+as the system prompt and tool schemas, or the previous turn of the conversation, comes from the prefix
+cache), left-pads them into the running batch's KV cache (`batch.py`) and decodes all rows together (a row's
+own bookkeeping: `rows.py`). On a CPU the vocabulary head runs in whichever form is fastest there
+(`head.py`). The KV cache grows in place (see `kv.py`). Finished rows leave the batch at once, and columns
+that no row needs any more are cropped.
 
 Rows in one batch share one LoRA adapter: merged into the weights for fp32 models on CPU (`lora.py`), else
 peft's active adapter. A request for another adapter waits until the rows ahead of it drain, so FIFO order
@@ -26,7 +25,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -38,16 +36,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from advantage.engine.base import Completion, ContextLengthError, QueueFull, Scores, TokenCallback
-from advantage.engine.batch import Batch, prefix_kwargs
-from advantage.engine.cascade import CASCADE, SharedPrefix, supports_cascade
+from advantage.engine.batch import Batch
+from advantage.engine.cascade import CASCADE, supports_cascade
 from advantage.engine.detokenize import detokenizer_factory
 from advantage.engine.enum_choice import choose_values
 from advantage.engine.grammar import GrammarCompiler, allowed_tokens
 from advantage.engine.head import HeadForm, tune_head
 from advantage.engine.head import check_form as check_head_form
-from advantage.engine.kv import GrowingCache, PrefixCache, cache_from, layer_kv
+from advantage.engine.kv import GrowingCache, PrefixCache, layer_kv
 from advantage.engine.lora import LoraWeights, MergedLora, load_lora
 from advantage.engine.precision import column_major_linears, resolve_dtype, use_fp32_head
+from advantage.engine.prefill import Prefill
 from advantage.engine.rows import Request, Row, check_fits, check_sequences, settle, stop_token_ids
 from advantage.engine.sampling import SamplingError, SamplingParams, sample_next
 from advantage.engine.scoring import sequence_logprobs
@@ -400,7 +399,14 @@ class TorchEngine:
                 rows.append(Row(req, i, gen, self._new_detokenizer(), constraint))
                 src.append(u)
         unique = [list(p) for p in prompts]
-        cache, shared, attn_UP, out = self._forward_prompts(unique)
+        cache, shared, attn_UP, out = Prefill(
+            self.model,
+            self.prefix_cache,
+            self._batch_adapter,
+            self.cascade,
+            self.tokenizer.pad_token_id or 0,
+            self.device,
+        ).forward(unique)
         src_t = torch.tensor(src, device=self.device)
         cache.batch_select_indices(src_t)
         attn_RP = attn_UP.to(self.device)[src_t]
@@ -411,68 +417,6 @@ class TorchEngine:
         self._batch.merge(rows, cache, shared, attn_RP, self.prefix_cache.min_reuse)
         first = len(self._batch.rows) - len(rows)
         self._sample_and_advance(logits_RV, range(first, len(self._batch.rows)))
-
-    def _forward_prompts(
-        self, unique: list[list[int]]
-    ) -> tuple[GrowingCache, SharedPrefix | None, torch.Tensor, Any]:
-        """Prefill distinct prompts in one left-padded batch, starting from the longest cached prefix they
-        share; each prompt's KV then goes into the prefix cache. Returns (cache, shared prefix, attention
-        mask, output): with cascade attention the cached prefix stays one shared copy, and the cache and
-        mask cover only the columns after it; without, the cache holds it for every prompt.
-
-        Distinct prompts that start alike (one system prompt, different questions) have that start computed
-        once: it is prefilled on its own first, into the prefix cache, and the batch starts from it."""
-        if len(unique) > 1 and self.prefix_cache.max_bytes:
-            common = min(len(os.path.commonprefix(unique)), min(len(p) for p in unique) - 1)
-            cached = self.prefix_cache.cached_len(self._batch_adapter, unique)
-            if common - cached >= self.prefix_cache.min_reuse:
-                self._forward_prompts([unique[0][:common]])
-        hit = self.prefix_cache.lookup(self._batch_adapter, unique)
-        m = hit[1] if hit else 0
-        rows = len(unique)
-        shared: SharedPrefix | None = None
-        if hit and self.cascade:
-            shared = SharedPrefix(tuple(unique[0][:m]), [(k[0], v[0]) for k, v in hit[0]])
-            cache = GrowingCache(int(self.model.config.num_hidden_layers), offset=m)
-        elif hit:
-            cache = cache_from([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in hit[0]])
-        else:
-            cache = GrowingCache(int(self.model.config.num_hidden_layers))
-        width = max(len(p) for p in unique) - m
-        ids_UP = torch.full((len(unique), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        attn_UP = torch.zeros((len(unique), m + width), dtype=torch.long)
-        attn_UP[:, :m] = 1
-        for u, p in enumerate(unique):  # the rest of each prompt, left-padded
-            ids_UP[u, width - (len(p) - m) :] = torch.tensor(p[m:])
-            attn_UP[u, m + width - (len(p) - m) :] = 1
-        pos_UP = (attn_UP.cumsum(-1) - 1).clamp_min(0)[:, m:]
-        out = self.model(
-            input_ids=ids_UP.to(self.device),
-            attention_mask=attn_UP.to(self.device),
-            position_ids=pos_UP.to(self.device),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **prefix_kwargs(shared),
-        )
-        held = len(shared) if shared else 0  # columns of attn_UP that the cache does not hold
-        one = self.cascade and rows == 1  # all of the prompt becomes the shared prefix of its rows
-        if self.prefix_cache.max_bytes or one:
-            for u, p in enumerate(unique):
-                cols = attn_UP[u, held:].nonzero().squeeze(1).to(self.device)
-                kv = [(k[u].index_select(1, cols), v[u].index_select(1, cols)) for k, v in layer_kv(cache)]
-                if shared:
-                    kv = [
-                        (torch.cat([sk, k], 1), torch.cat([sv, v], 1))
-                        for (sk, sv), (k, v) in zip(shared.kv, kv, strict=True)
-                    ]
-                self.prefix_cache.insert(self._batch_adapter, p, kv)
-            if one:
-                shared, held = SharedPrefix(tuple(unique[0]), kv), len(unique[0])
-                cache = GrowingCache(len(kv), offset=held)
-                for layer, (k, v) in zip(cache.growing_layers, kv, strict=True):
-                    layer.update(k[None, :, :0], v[None, :, :0])  # no columns of its own yet
-        return cache, shared, attn_UP[:, held:], out
 
     def _decode_step(self) -> None:
         b = self._batch
