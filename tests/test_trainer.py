@@ -229,3 +229,41 @@ def test_train_step_honours_the_configs_gradient_checkpointing(tiny_model_dir, m
     assert seen == [True, False]
     embed = trainer.model.get_base_model().get_input_embeddings()
     assert not embed._forward_hooks  # the input-grad hook HF adds on enabling is not left behind
+
+
+def test_the_adapter_starts_from_its_seed_whatever_the_global_generator_did(
+    tiny_model_dir, monkeypatch
+) -> None:
+    """The LoRA's first weights come from the trainer's seed alone, and are the ones peft draws under
+    `torch.manual_seed(seed)`: an engine sampling on another thread while a trainer is built (it moves the
+    global generator) must not change where training starts."""
+    import peft
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora = LoRAConfig()
+
+    def adapter(trainer: Trainer) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+
+    torch.manual_seed(123)
+    first = adapter(Trainer(tiny_model_dir, lora, seed=3))
+    real = peft.get_peft_model
+
+    def another_thread_samples_first(*args, **kwargs):  # as an engine thread drawing a token in between
+        torch.rand(1000)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft, "get_peft_model", another_thread_samples_first)
+    second = adapter(Trainer(tiny_model_dir, lora, seed=3))
+    monkeypatch.undo()
+    other = adapter(Trainer(tiny_model_dir, lora, seed=4))
+    torch.manual_seed(3)  # what peft gave a trainer of seed 3 when the trainer seeded the global generator
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules, task_type="CAUSAL_LM")  # fmt: skip
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), cfg)
+    expected = {k: v.detach() for k, v in peft_model.named_parameters() if "lora_" in k}
+    assert first.keys() == expected.keys() and any("lora_A" in k for k in first)
+    for k, v in expected.items():
+        assert torch.equal(first[k], second[k]) and torch.equal(first[k], v), k
+    assert any(not torch.equal(first[k], other[k]) for k in first if "lora_A" in k)

@@ -83,8 +83,9 @@ def _inverse_cdf(probs_BV: torch.Tensor, generators: list[torch.Generator | None
     resolves probabilities down to ~1e-7 (a rarer token is drawn at that rate or not at all); the logprobs
     reported are those of the logits, unaffected."""
     cdf_BV = probs_BV.float().cumsum(dim=-1)
-    if all(g is None for g in generators):
-        u_B = torch.rand(probs_BV.shape[0], device=probs_BV.device)
+    first = generators[0] if generators else None
+    if all(g is first for g in generators):  # one generator (or torch's global one) for every row
+        u_B = torch.rand(probs_BV.shape[0], generator=first).to(cdf_BV.device)
     else:
         u_B = torch.cat([torch.rand(1, generator=g) for g in generators]).to(cdf_BV.device)
     u_B1 = (u_B * cdf_BV[:, -1]).unsqueeze(1)  # the rows' sums are 1 only up to rounding

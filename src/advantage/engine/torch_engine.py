@@ -97,6 +97,10 @@ class TorchEngine:
         self.threads_while_training = min(threads_while_training or max(1, self.threads // 2), self.threads)
         self._threads_now = self.threads
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Rows without a seed draw from this generator, not torch's global one: that one is the whole
+        # process's, and a trainer being built on another thread draws its adapter's first weights from it.
+        self._rng = torch.Generator()
+        self._rng.seed()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self._new_detokenizer = detokenizer_factory(self.tokenizer)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=resolve_dtype(dtype, self.device))
@@ -392,7 +396,7 @@ class TorchEngine:
             key = tuple(req.prompt_ids)
             u = prompts.setdefault(key, len(prompts))
             for i in range(req.params.n):
-                gen = None
+                gen = self._rng
                 if req.params.seed is not None:
                     gen = torch.Generator().manual_seed(req.params.seed + i)
                 constraint = self.grammars.matcher(req.params.grammar) if req.params.grammar else None

@@ -48,6 +48,30 @@ class Batch:
     teacher_logp: torch.Tensor | None = None  # (B, S, K) the datums' target_logprobs
 
 
+def init_lora(model: torch.nn.Module, seed: int) -> None:
+    """Give every LoRA layer of `model` the initial weights peft gives it under `torch.manual_seed(seed)`
+    (A kaiming-uniform, B zero), drawn from a generator of its own.
+
+    peft draws from torch's global generator, which every thread of the process shares: an engine sampling
+    on its own thread while a trainer was built moved that generator between the trainer's seed and peft's
+    draws, and two trainers of the same seed started from different adapters (two tests that compare updates
+    failed when the box was loaded). The draws are replayed in peft's order (per layer: A's and B's
+    `nn.Linear` inits, then A's reset), so a seed starts from the same adapter it always did."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def kaiming(shape: torch.Size) -> torch.Tensor:
+        return torch.nn.init.kaiming_uniform_(torch.empty(shape), a=math.sqrt(5), generator=gen)
+
+    with torch.no_grad():
+        for module in model.modules():
+            loras: Any = module  # peft's LoraLayer: lora_A and lora_B are ModuleDicts of nn.Linear by adapter
+            for name, lin_a in getattr(loras, "lora_A", {}).items():
+                lin_b = loras.lora_B[name]
+                kaiming(lin_a.weight.shape), kaiming(lin_b.weight.shape)  # the nn.Linear inits
+                lin_a.weight.copy_(kaiming(lin_a.weight.shape))
+                lin_b.weight.zero_()
+
+
 class Trainer:
     def __init__(
         self,
@@ -83,7 +107,6 @@ class Trainer:
             # the same order, and a step is bit for bit the same with or without sharing.
             own_memory(column_major_linears(base))  # both in place
         base.config.use_cache = True
-        torch.manual_seed(seed)
         peft_cfg = LoraConfig(
             r=lora.r,
             lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scale is valid
@@ -92,6 +115,7 @@ class Trainer:
             task_type="CAUSAL_LM",
         )
         self.model: Any = get_peft_model(base, peft_cfg)
+        init_lora(self.model, seed)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
