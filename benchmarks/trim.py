@@ -61,7 +61,7 @@ async def main() -> None:
     sides = ["warm-up"] + [s for _ in range(args.rounds) for s in ("trim", "keep")]
     for i, side in enumerate(sides):
         if side == "trim":  # where the service trimmed: after the last update, before these rollouts
-            service._release_freed_memory()
+            service.release_freed_memory()
         t0 = time.perf_counter()
         await step_rollouts(model, cfg, i, None)
         t_gen = time.perf_counter() - t0

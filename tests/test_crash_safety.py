@@ -19,7 +19,8 @@ import pytest
 
 from advantage import tracking
 from advantage.files import write_text_atomic
-from advantage.service import ModelEntry, Service
+from advantage.registry import ModelEntry
+from advantage.service import Service
 from advantage.tracking import RunLog, group_metrics
 from advantage.training import checkpoints as ckpt
 from advantage.trajectory import Trajectory, TrajectoryGroup

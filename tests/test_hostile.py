@@ -683,7 +683,7 @@ def test_a_full_engine_queue_is_a_429_with_retry_after(
 def test_a_full_training_queue_is_a_429_with_retry_after(
     root: str, service: Service, choice: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service, "max_train_queue", 1)
+    monkeypatch.setattr(service.training, "max_queue", 1)
     gate, started = threading.Event(), threading.Event()
     running = service.submit_train(lambda: (started.set(), gate.wait(60)))
     assert started.wait(30)

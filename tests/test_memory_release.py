@@ -1,5 +1,5 @@
 """A train step's freed memory stays in the process for the next step, unless the machine runs short of memory:
-then it goes back to the OS (`service.memory_short`, read from /proc/meminfo)."""
+then it goes back to the OS (`training/thread.py`: `memory_short`, read from /proc/meminfo)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ async def test_a_train_step_hands_memory_back_only_when_short(
 ) -> None:
     released: list[bool] = []
     monkeypatch.setattr(service, "memory_short", lambda: short)
-    monkeypatch.setattr(service, "_release_freed_memory", lambda: released.append(True))
+    monkeypatch.setattr(service, "release_freed_memory", lambda: released.append(True))
     backend = adv.LocalBackend(tmp_path, progress=False)
     model = adv.TrainableModel("mem", project="t", base_model=str(tiny_model_dir))
     await model.register(backend)

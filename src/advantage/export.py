@@ -19,7 +19,7 @@ from pathlib import Path
 
 from advantage.engine.models import resolve_model_path
 from advantage.files import write_dir_atomic
-from advantage.service import check_name
+from advantage.registry import check_name
 from advantage.training import checkpoints as ckpt
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -7,8 +7,8 @@ Both the HTTP server and `LocalBackend` wrap one `Service`. Served names are:
 Step 0 of a trainable model is the empty adapter, i.e. the base weights (or, for a fork, a copy of another
 model's checkpoint).
 
-Every use of a trainer runs on one training thread; at most `max_train_queue` jobs wait for it, and past
-that `submit_train` raises `QueueFull` (the server answers 429 with Retry-After). With `model_dirs` set (as
+Every use of a trainer runs on one training thread (`training/thread.py`); at most `max_train_queue` jobs
+wait for it, and past that `submit_train` raises `QueueFull` (the server answers 429 with Retry-After). With `model_dirs` set (as
 `advantage serve` does), `register` loads only bundled models, models already loaded, and model directories
 under those dirs; without it (the embedded LocalBackend), any local model directory.
 
@@ -22,98 +22,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
-import functools
 import json
 import re
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 from advantage.config import LoRAConfig, TrainConfig
-from advantage.engine.base import Engine, EngineFactory, QueueFull
+from advantage.engine.base import Engine, EngineFactory
 from advantage.engine.models import allowed_base_model, resolve_model_path
 from advantage.files import write_text_atomic
 from advantage.online.store import FILENAME as TRAFFIC_FILE
 from advantage.online.store import Retention, SQLiteTrafficStore, TrafficStore
-from advantage.threads import set_torch_threads
+from advantage.registry import ModelEntry, UnknownServedModel, Weights, check_name
 from advantage.tracking import RunLog, group_metrics, policy_lag
 from advantage.training import checkpoints as ckpt
 from advantage.training import fork
 from advantage.training.grpo import Progress, train_step
 from advantage.training.ray_workers import RayTrainerGroup
+from advantage.training.thread import TrainingThread, memory_short, release_freed_memory
 from advantage.training.trainer import Trainer
 from advantage.trajectory import TrajectoryGroup, check_groups
 
 T = TypeVar("T")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 DEFAULT_FILE = "default_step.json"  # in the run dir: the step `name` serves, once a promotion gate set one
-# A train step frees its peak (~5 GiB on the demo) into glibc's arena, which keeps it for the next step unless
-# less than this share of the machine's memory is available; then it goes back to the OS. Handing it back
-# after every step cost the next ~1.5 million page faults (~0.15 million without), and the update ran 1.11x
-# slower (benchmarks/trim.py, BENCHMARKS.md).
-TRIM_BELOW_AVAILABLE = 0.25
-TRAIN_RETRY_AFTER_S = 5  # what a full training queue advises: a job takes seconds to minutes
-
-
-class UnknownServedModel(KeyError):
-    pass
-
-
-def check_name(kind: str, value: str) -> str:
-    """Model and project names become directory names: refuse anything that could escape the root."""
-    if not _NAME_RE.match(value) or ".." in value:
-        raise ValueError(
-            f"Invalid {kind} {value!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit."
-        )
-    return value
-
-
-@dataclass
-class Weights:
-    """Which weights answer a request: an engine, and a LoRA adapter on it (None: the base weights)."""
-
-    engine: Engine
-    adapter: str | None
-    model: str
-    step: int
-
-    def info(self) -> dict[str, Any]:
-        return {"model": self.model, "step": self.step}
-
-
-@dataclass
-class ModelEntry:
-    project: str
-    name: str
-    base_model: str
-    steps: dict[int, Path] = field(default_factory=dict)  # step -> adapter dir (step 0 has none)
-    trainer: Trainer | None = None
-    run_dir: Path | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)  # one train step at a time per model
-    record: bool = False  # record the chat completions it serves in `traffic`
-    background: int = 0  # background samples recorded with each served request (`server/background.py`)
-    traffic: TrafficStore | None = None  # opened when recording is first on, or for feedback on old traffic
-    default: int | None = None  # the step `name` serves (None: the latest), set by `Service.promote`
-
-    @property
-    def latest(self) -> int:
-        return max(self.steps, default=0)
-
-    @property
-    def served(self) -> int:
-        """The step `name` without `@` answers with."""
-        return self.latest if self.default is None else self.default
-
-    @property
-    def log(self) -> RunLog:
-        assert self.run_dir is not None
-        return RunLog(self.run_dir)
 
 
 class Service:
@@ -147,35 +81,19 @@ class Service:
         self.trainer_factory = trainer_factory or self._local_trainer
         self.share_base_weights = share_base_weights
         self.model_dirs = None if model_dirs is None else [Path(d) for d in model_dirs]
-        if max_train_queue < 0:
-            raise ValueError(f"max_train_queue must be >= 0, got {max_train_queue}.")
-        self.max_train_queue = max_train_queue
         self.record_traffic = record_traffic
         self.traffic_retention = traffic_retention or Retention()
         if not 0 <= background_samples <= 16:
             raise ValueError(f"background_samples must be in [0, 16], got {background_samples}.")
         self.background_samples = background_samples
-        self._train_jobs = 0  # submitted to the training thread and not finished
-        self._train_jobs_lock = threading.Lock()
+        # Every use of a trainer runs there; while a job runs, `busy` is set and the in-process engines
+        # decode on fewer threads (`TorchEngine(threads_while_training=)`), leaving the cores to the update.
+        self.training = TrainingThread(max_train_queue)
+        self.trainer_busy = self.training.busy
         self._engines: dict[str, Engine] = {}
         self._models: dict[str, ModelEntry] = {}
         self._lock = threading.RLock()
         self._register_gates: dict[str, threading.Lock] = {}  # name -> lock: one register of a name at a time
-        # Every train step runs on this one thread. Steps spread over a thread pool each left their peak
-        # (~6 GiB) in a different glibc malloc arena, and RSS grew by that much per step until the OOM killer
-        # stepped in; one thread reuses one arena.
-        # torch's intra-op thread count is kept per thread, and a new thread starts with the last count set on
-        # any thread: after an engine on threads of its own (`TorchEngine(threads=1)`) the training thread
-        # would start on one as well. It takes the count this service was created under.
-        self._train_thread = concurrent.futures.ThreadPoolExecutor(
-            1,
-            thread_name_prefix="advantage-train",
-            initializer=set_torch_threads,
-            initargs=(torch.get_num_threads(),),
-        )
-        # Set while a job runs on the training thread: the in-process engines decode on fewer threads then
-        # (`TorchEngine(threads_while_training=)`), leaving the cores to the update.
-        self.trainer_busy = threading.Event()
 
     # ------------------------------------------------------------------ engines and names
     def engine(self, base_model: str) -> Engine:
@@ -398,7 +316,7 @@ class Service:
             entry.log.append(step, "train", metrics)
             entry.log.write_trajectories("train", step, groups)
         if memory_short():
-            _release_freed_memory()
+            release_freed_memory()
         return step, metrics
 
     def save_step(self, name: str, state: dict[str, Any]) -> int:
@@ -494,35 +412,11 @@ class Service:
     async def on_train_thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on the training thread (where every use of the trainer happens), awaitable.
         Cancelling the await drops the job if it has not started yet."""
-        return await asyncio.wrap_future(self.submit_train(fn, *args))
+        return await self.training.run(fn, *args)
 
     def submit_train(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
         """Queue `fn(*args)` for the training thread, or raise `QueueFull` if `max_train_queue` jobs wait."""
-        with self._train_jobs_lock:
-            waiting = max(self._train_jobs - 1, 0)
-            if waiting >= self.max_train_queue:
-                raise QueueFull(
-                    f"The training queue is full: {waiting} jobs are waiting for the training thread (at "
-                    f"most {self.max_train_queue}). Retry in {TRAIN_RETRY_AFTER_S} s, or send one step at a "
-                    "time.",
-                    TRAIN_RETRY_AFTER_S,
-                )
-            self._train_jobs += 1
-        fut = self._train_thread.submit(self._busy, functools.partial(fn, *args))
-        fut.add_done_callback(self._train_job_done)
-        return fut
-
-    def _busy(self, job: Callable[[], T]) -> T:
-        """Run `job` on the training thread with `trainer_busy` set (one job at a time runs there)."""
-        self.trainer_busy.set()
-        try:
-            return job()
-        finally:
-            self.trainer_busy.clear()
-
-    def _train_job_done(self, _: concurrent.futures.Future[Any]) -> None:
-        with self._train_jobs_lock:
-            self._train_jobs -= 1
+        return self.training.submit(fn, *args)
 
     def log_groups(
         self, name: str, groups: list[TrajectoryGroup], split: str, step: int | None = None
@@ -604,7 +498,7 @@ class Service:
             return names
 
     def close(self) -> None:
-        self._train_thread.shutdown(wait=True)
+        self.training.close()
         for engine in self._engines.values():
             engine.close()
         for entry in self._models.values():
@@ -617,7 +511,7 @@ class Service:
         with self._lock:
             self._engines.clear()
             self._models.clear()
-        _release_freed_memory()
+        release_freed_memory()
 
 
 def _read_default(mdir: Path, steps: list[int]) -> int | None:
@@ -627,18 +521,3 @@ def _read_default(mdir: Path, steps: list[int]) -> int | None:
         return None
     step = int(json.loads(path.read_text())["default"])
     return step if step in steps else None
-
-
-def memory_short(meminfo: Path = Path("/proc/meminfo"), below: float = TRIM_BELOW_AVAILABLE) -> bool:
-    """Whether less than `below` of the machine's memory is available (False where /proc/meminfo is not)."""
-    try:
-        kib = {k: int(v.split()[0]) for k, v in (ln.split(":", 1) for ln in meminfo.read_text().splitlines())}
-        return kib["MemAvailable"] < below * kib["MemTotal"]
-    except (OSError, KeyError, ValueError, IndexError):
-        return False
-
-
-def _release_freed_memory() -> None:
-    """Hand freed memory back to the OS (glibc keeps it in its arenas otherwise)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 from advantage.engine.chat import encode_prompt
 from advantage.engine.sampling import SamplingParams
 from advantage.online.records import Feedback, rewarded_to_dict
-from advantage.service import Service, UnknownServedModel, Weights, check_name
+from advantage.registry import UnknownServedModel, Weights, check_name
+from advantage.service import Service
 from advantage.training import primitives
 from advantage.training.grpo import build_datums
 from advantage.training.ray_workers import RayTrainerGroup

@@ -38,7 +38,7 @@ from advantage.engine.base import Completion, QueueFull
 from advantage.engine.sampling import SamplingParams
 from advantage.online.records import RecordedChoice
 from advantage.online.store import TrafficStore
-from advantage.service import Weights
+from advantage.registry import Weights
 
 log = logging.getLogger(__name__)
 

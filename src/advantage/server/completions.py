@@ -49,6 +49,7 @@ from advantage.engine.renderers import renderer_for
 from advantage.engine.sampling import SamplingError, SamplingParams
 from advantage.online.records import RecordedChoice, RecordedCompletion
 from advantage.online.store import TrafficStore
+from advantage.registry import UnknownServedModel, Weights
 from advantage.server.background import (
     BackgroundFuture,
     attach_background,
@@ -56,7 +57,7 @@ from advantage.server.background import (
     submit_background,
 )
 from advantage.server.schemas import APIError, ChatCompletionRequest, queue_full
-from advantage.service import Service, UnknownServedModel, Weights
+from advantage.service import Service
 
 log = logging.getLogger(__name__)
 

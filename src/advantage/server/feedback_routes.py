@@ -19,10 +19,11 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from advantage.online.feedback import FeedbackError, give_feedback
+from advantage.registry import check_name
 from advantage.server.parsing import OffLoopRoute
 from advantage.server.schemas import APIError, ErrorType
 from advantage.server.training_routes import api_error
-from advantage.service import Service, check_name
+from advantage.service import Service
 
 router = APIRouter(prefix="/v1", route_class=OffLoopRoute)
 

@@ -28,7 +28,7 @@ old weights finishes on them.
 
 If the client goes away mid-step the step still completes on the server (a thread cannot be cancelled) and
 becomes the new latest step; a client that reconnects learns it from `get_step`. An op (below) whose client
-goes away before the training thread took it up is dropped. At most `Service.max_train_queue` jobs wait for
+goes away before the training thread took it up is dropped. At most `Service(max_train_queue=)` jobs wait for
 the training thread; past that a train step or an op is answered 429 with Retry-After, before anything runs. If the server dies
 mid-step, the partly written checkpoint is a `.tmp-*` dir that the next `register` sweeps: the newest
 complete step stays the latest.
@@ -52,9 +52,10 @@ from pydantic import BaseModel
 
 from advantage import service_ops as ops
 from advantage.engine.base import QueueFull
+from advantage.registry import ModelEntry, UnknownServedModel, check_name
 from advantage.server.parsing import OffLoopRoute
 from advantage.server.schemas import INTERNAL_ERROR, APIError, queue_full
-from advantage.service import ModelEntry, Service, UnknownServedModel, check_name
+from advantage.service import Service
 from advantage.trajectory import InvalidGroups, TrajectoryGroup, read_groups
 from advantage.wire.ops import (
     DatumsRequest,
