@@ -23,8 +23,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/advantage demo
 
+# Two pytest-xdist workers, each test file wholly on one (its module-scoped servers start once); most tests
+# wait on servers, subprocesses and Ray as much as they compute. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # mypy on src/advantage, as configured in pyproject.toml ([tool.mypy]); CI runs it after the tests.
 typecheck: $(STAMP)
