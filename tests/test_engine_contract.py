@@ -227,6 +227,17 @@ def test_seed_reproduces_and_n_gives_distinct_choices(engine: Engine) -> None:
     assert len({tuple(c.token_ids) for c in first}) > 1  # n choices are n draws, not one copied
 
 
+def test_unseeded_choices_leave_torchs_global_generator_alone(engine: Engine, spec: EngineSpec) -> None:
+    """Rows without a seed draw from the engine's own generator. torch's global one is the whole process's:
+    a trainer built on another thread meanwhile must start from its seed's adapter (`trainer.init_lora`)."""
+    if spec.device != "cpu":
+        pytest.skip("the CPU generator is the one an in-process CPU trainer shares")
+    state = torch.get_rng_state()
+    choices = _run(engine, PROMPT, max_tokens=12, n=4, temperature=1.0)
+    assert len({tuple(c.token_ids) for c in choices}) > 1  # drawn, not copied
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_concurrent_requests_each_match_the_forward_pass(engine: Engine, spec: EngineSpec, reference: Any) -> None:
     """Requests batched together (different prompts, lengths and params) each answer as if alone."""
     alone = _run(engine, OTHER, max_tokens=10, temperature=0.0)[0]
