@@ -40,7 +40,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "advantage.online",  # the traffic store, feedback and groups (the online *trainer* is on top)
         ],
     ),
-    ("service", ["advantage.service", "advantage.service_ops"]),
+    ("service", ["advantage.service", "advantage.service_ops", "advantage.registry"]),
     ("server and backends", ["advantage.server", "advantage.backends"]),
     (
         "public API and CLI",
