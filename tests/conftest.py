@@ -4,6 +4,7 @@ random Llama that reuses its tokenizer, for tests that need speed rather than qu
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,18 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
     mods, mb = _live_weights()
     with open(path, "a") as f:
         f.write(f"{item.path.name}\trss_mb={_rss_mb():.0f}\tlive_lms={mods}\tlive_lm_mb={mb:.0f}\n")
+
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each schemathesis operation's item (tests/test_fuzz.py) gets its operation in its node id.
+
+    schemathesis names them `test_no_server_error[POST /v1/chat/completions]`, but pytest 9 builds a node id
+    from a test's original name and parametrization only, so all 25 had the function's id, and pytest-xdist's
+    `--dist loadfile` (`make test`) queues tests by node id: it ran one operation of the 25."""
+    for item in items:
+        if type(item).__name__ == "SchemathesisFunction" and "[" not in item.nodeid:
+            item._id = item._id.with_params(item.name.partition("[")[2].removesuffix("]"))  # type: ignore[attr-defined]
+    twice = sorted(nodeid for nodeid, n in Counter(item.nodeid for item in items).items() if n > 1)
+    if twice:  # pytest-xdist would run one of each and report nothing about the rest
+        raise pytest.UsageError(f"Tests share a node id, and make test's workers would run only one: {twice}")
