@@ -120,7 +120,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     `--dist loadfile` (`make test`) queues tests by node id: it ran one operation of the 25."""
     for item in items:
         if type(item).__name__ == "SchemathesisFunction" and "[" not in item.nodeid:
-            item._id = item._id.with_params(item.name.partition("[")[2].removesuffix("]"))  # type: ignore[attr-defined]
+            item._id = item._id.with_params(item.name.partition("[")[2].removesuffix("]"))  # pytest 9's NodeId
     twice = sorted(nodeid for nodeid, n in Counter(item.nodeid for item in items).items() if n > 1)
     if twice:  # pytest-xdist would run one of each and report nothing about the rest
         raise pytest.UsageError(f"Tests share a node id, and make test's workers would run only one: {twice}")

@@ -8,9 +8,10 @@ Step 0 of a trainable model is the empty adapter, i.e. the base weights (or, for
 model's checkpoint).
 
 Every use of a trainer runs on one training thread (`training/thread.py`); at most `max_train_queue` jobs
-wait for it, and past that `submit_train` raises `QueueFull` (the server answers 429 with Retry-After). With `model_dirs` set (as
-`advantage serve` does), `register` loads only bundled models, models already loaded, and model directories
-under those dirs; without it (the embedded LocalBackend), any local model directory.
+wait for it, and past that `submit_train` raises `QueueFull` (the server answers 429 with Retry-After).
+With `model_dirs` set (as `advantage serve` does), `register` loads only bundled models, models already
+loaded, and model directories under those dirs; without it (the embedded LocalBackend), any local model
+directory.
 
 A trainable model registered with `record_traffic=True` (or every one, with `Service(record_traffic=True)`,
 i.e. `advantage serve --record`) has the chat completions it serves recorded in its run dir
